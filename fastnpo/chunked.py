@@ -1,0 +1,84 @@
+"""Vocabulary-chunked PyTorch implementation: the same math as the Triton kernels, no full logits.
+
+Works on any device; it is the CPU path. Logits exist one [rows, chunk] block at a time, in
+fp32; the backward recomputes each block from hidden and weight, as the kernels do.
+Memory beyond inputs and gradients: O(CHUNK_ELEMENTS) + O(N * D) fp32 for dH.
+"""
+
+import torch
+
+# About 16 MiB of fp32 logits per block: big enough for efficient matmuls, small enough
+# that the block (and its exp) never dominate memory.
+CHUNK_ELEMENTS = 1 << 22
+MIN_VOCAB_CHUNK = 256
+
+
+def _blocks(num_rows: int, vocab_size: int) -> tuple[int, int]:
+    row_block = max(1, min(num_rows, CHUNK_ELEMENTS // MIN_VOCAB_CHUNK))
+    vocab_chunk = max(MIN_VOCAB_CHUNK, CHUNK_ELEMENTS // row_block)
+    return row_block, min(vocab_chunk, vocab_size)
+
+
+def chunked_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp and target logit (fp32 [N]) of hidden[row_ids] @ weight.T; see kernels.logprobs_forward."""
+    n, vocab_size = row_ids.numel(), weight.shape[0]
+    rows = hidden.index_select(0, row_ids).float()
+    running_max = rows.new_full((n,), float("-inf"))
+    running_sum = rows.new_zeros(n)
+    target = rows.new_zeros(n)
+    row_block, vocab_chunk = _blocks(n, vocab_size)
+    for v0 in range(0, vocab_size, vocab_chunk):
+        w = weight[v0 : v0 + vocab_chunk].float()
+        for r0 in range(0, n, row_block):
+            r = slice(r0, r0 + row_block)
+            logits = rows[r] @ w.T
+            new_max = torch.maximum(running_max[r], logits.amax(dim=1))
+            running_sum[r] = running_sum[r] * torch.exp(running_max[r] - new_max) + torch.exp(
+                logits - new_max[:, None]
+            ).sum(dim=1)
+            running_max[r] = new_max
+            local = labels[r] - v0
+            inside = (local >= 0) & (local < logits.shape[1])
+            picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+            target[r] += torch.where(inside, picked, 0.0)
+    return running_max + torch.log(running_sum), target
+
+
+def chunked_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    filter_eps: float,
+    compute_dh: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp32 dH [N, D] (compact rows) and dW [V, D] of sum_n grad[n] * logp[n]; see kernels.logprobs_backward.
+
+    filter_eps is accepted for a uniform signature; on CPU skipping blocks saves nothing
+    worth its branch, so this path is always exact.
+    """
+    del filter_eps
+    n, (vocab_size, dim) = row_ids.numel(), weight.shape
+    rows = hidden.index_select(0, row_ids).float()
+    dh = rows.new_zeros(n, dim) if compute_dh else None
+    dw = rows.new_zeros(vocab_size, dim) if compute_dw else None
+    row_block, vocab_chunk = _blocks(n, vocab_size)
+    for v0 in range(0, vocab_size, vocab_chunk):
+        w = weight[v0 : v0 + vocab_chunk].float()
+        for r0 in range(0, n, row_block):
+            r = slice(r0, r0 + row_block)
+            dlogits = torch.exp(rows[r] @ w.T - lse[r, None]).mul_(-grad[r, None])
+            local = labels[r] - v0
+            inside = ((local >= 0) & (local < w.shape[0])).nonzero()[:, 0]
+            dlogits[inside, local[inside]] += grad[r][inside]
+            if dh is not None:
+                dh[r] += dlogits @ w
+            if dw is not None:
+                dw[v0 : v0 + vocab_chunk] += dlogits.T @ rows[r]
+    return dh, dw

@@ -1,0 +1,223 @@
+"""Unlearning losses.
+
+Two layers:
+- losses of per-sequence log-probs (`*_from_logprobs`), reusable wherever the log-probs come
+  from (the trainer, the Hugging Face integration, U2A);
+- `npo_loss` and `ga_loss`, the public contract, which go from hidden states and the lm_head
+  weight to the scalar loss through the fused log-prob op.
+
+Every loss takes optional per-example `weights` [B] (>= 0, default 1) and returns a scalar.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .logprobs import aligned_labels, sequence_logprobs
+from .ops import fused_sequence_loss, token_logprobs_flat
+from .validation import (
+    check_finite_number,
+    check_hidden_and_weight,
+    check_labels,
+    check_per_sequence,
+    check_positive,
+)
+
+
+def _vector(name: str, value: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+        raise ValueError(
+            f"{name} must be a 1-D tensor [B], got {getattr(value, 'shape', type(value).__name__)}"
+        )
+    return value
+
+
+def _weights(weights, like: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return torch.ones_like(like)
+    return check_per_sequence("weights", weights, like.shape[0], like.device, nonnegative=True).to(like.dtype)
+
+
+def _same_length(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    return check_per_sequence(name, value, like.shape[0], like.device).to(like.dtype)
+
+
+def npo_from_logprobs(logps, ref_logps, *, beta: float = 0.1, weights=None) -> torch.Tensor:
+    """NPO: mean_b w_b * (2/beta) * softplus(beta * (logp_b - ref_logp_b)).
+
+    = -(2/beta) log sigmoid(-beta (logp - ref)). Its gradient weight 2 pi^beta / (pi^beta + ref^beta)
+    starts at 1 and fades once an example is forgotten; beta -> 0 recovers gradient ascent.
+    Summed (NPO paper) or token-mean (MUSE, U2A) log-probs both work: pass the same kind for
+    logps and ref_logps.
+    """
+    logps = _vector("logps", logps)
+    beta = check_positive("beta", beta)
+    ref_logps = _same_length("ref_logps", ref_logps, logps)
+    return (_weights(weights, logps) * (2.0 / beta) * F.softplus(beta * (logps - ref_logps))).mean()
+
+
+def simnpo_from_logprobs(
+    logps, token_counts, *, beta: float = 2.5, gamma: float = 0.0, weights=None
+) -> torch.Tensor:
+    """SimNPO (no reference model): mean_b w_b * -(2/beta) log sigmoid(-(beta/|y_b|) logp_b - gamma).
+
+    logps summed over the |y_b| = token_counts[b] answer tokens.
+    """
+    logps = _vector("logps", logps)
+    beta = check_positive("beta", beta)
+    gamma = check_finite_number("gamma", gamma)
+    counts = _same_length("token_counts", token_counts, logps)
+    if bool((counts <= 0).any()):
+        raise ValueError("token_counts must be > 0 for every sequence (an answer with no tokens)")
+    margin = -(beta / counts) * logps - gamma
+    return (_weights(weights, logps) * -(2.0 / beta) * F.logsigmoid(margin)).mean()
+
+
+def dpo_from_logprobs(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    scale: float | None = None,
+    weights=None,
+) -> torch.Tensor:
+    """DPO: mean_b w_b * -scale * log sigmoid(beta * [(chosen - ref_chosen) - (rejected - ref_rejected)]).
+
+    scale defaults to 2/beta (the NPO authors' IdkDPO; the legacy TOFU code and the usual DPO
+    loss use scale=1). IdkDPO: chosen = an "I don't know" answer, rejected = the forget answer.
+    """
+    chosen = _vector("chosen_logps", chosen_logps)
+    beta = check_positive("beta", beta)
+    scale = 2.0 / beta if scale is None else check_positive("scale", scale)
+    rejected = _same_length("rejected_logps", rejected_logps, chosen)
+    ref_chosen = _same_length("ref_chosen_logps", ref_chosen_logps, chosen)
+    ref_rejected = _same_length("ref_rejected_logps", ref_rejected_logps, chosen)
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return (_weights(weights, chosen) * -scale * F.logsigmoid(margin)).mean()
+
+
+def nll_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
+    """Token-mean negative log-likelihood: -sum_b w_b logp_b / sum_b |y_b| (retain loss).
+
+    With unit weights this is what a Hugging Face causal LM returns as `loss` for the batch.
+    """
+    logps = _vector("logps", logps)
+    counts = _same_length("token_counts", token_counts, logps)
+    total = counts.sum()
+    if not bool(total > 0):
+        raise ValueError("token_counts sums to 0: the batch has no target tokens")
+    return -(_weights(weights, logps) * logps).sum() / total
+
+
+def ga_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
+    """Gradient ascent: minus the token-mean NLL, sum_b w_b logp_b / sum_b |y_b|."""
+    return -nll_from_logprobs(logps, token_counts, weights=weights)
+
+
+def npo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    shift: bool = True,
+    ignore_index: int = -100,
+    weights: torch.Tensor | None = None,
+    impl: str = "auto",
+    filter_eps="auto",
+    fused: bool = True,
+) -> torch.Tensor:
+    """NPO loss from hidden states: mean_b w_b (2/beta) softplus(beta (logp_b - ref_logps_b)).
+
+    logp_b = sequence_logprobs(hidden, weight, labels, shift=shift)[b], summed over the target
+    tokens as in the NPO paper's code. hidden [B, T, D], labels [B, T] (Hugging Face
+    convention), ref_logps [B] the frozen reference model's summed log-probs of the same
+    targets, weights [B] >= 0 (default 1).
+
+    fused=True computes the gradients in the forward call (see ops.FusedSequenceLossFunction);
+    fused=False runs the usual forward, then backward. Both give the same values and gradients.
+    """
+    check_hidden_and_weight(hidden, weight, exact_dim=3)
+    check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
+    beta = check_positive("beta", beta)
+    batch = hidden.shape[0]
+    ref_logps = check_per_sequence("ref_logps", ref_logps, batch, hidden.device)
+    if weights is not None:
+        weights = check_per_sequence("weights", weights, batch, hidden.device, nonnegative=True)
+
+    def loss_from_logprobs(logps):
+        return npo_from_logprobs(logps, ref_logps, beta=beta, weights=weights)
+
+    if fused and not (ref_logps.requires_grad or (weights is not None and weights.requires_grad)):
+        return _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps)
+    logps = sequence_logprobs(
+        hidden, weight, labels, shift=shift, ignore_index=ignore_index, impl=impl, filter_eps=filter_eps
+    )
+    return loss_from_logprobs(logps)
+
+
+def ga_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    filter_eps="auto",
+    fused: bool = True,
+) -> torch.Tensor:
+    """Gradient-ascent loss: minus the token-mean cross-entropy over all target tokens of the batch.
+
+    Equal to -(the `loss` a Hugging Face causal LM returns for these labels), so minimising it
+    is gradient ascent on the targets. hidden [B, T, D] with shift=True ([..., D] without),
+    labels aligned as in sequence_logprobs / token_logprobs. Raises if no token is a target.
+    """
+    check_hidden_and_weight(hidden, weight, exact_dim=3 if shift else None)
+    check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
+    targets = aligned_labels(labels, shift, ignore_index) if shift else labels.long()
+    count = int((targets != ignore_index).sum())
+    if count == 0:
+        raise ValueError(
+            "labels has no target token (all are ignore_index): the token-mean loss is undefined"
+        )
+
+    def loss_from_logprobs(logps):
+        return logps.sum() / count
+
+    dim = hidden.shape[-1]
+    if fused:
+        flat = hidden.reshape(-1, dim)
+        return _fused(
+            flat.unsqueeze(0),
+            weight,
+            targets.reshape(1, -1),
+            loss_from_logprobs,
+            False,
+            ignore_index,
+            impl,
+            filter_eps,
+        )
+    return (
+        token_logprobs_flat(
+            hidden.reshape(-1, dim), weight, targets.reshape(-1), ignore_index, impl, filter_eps
+        ).sum()
+        / count
+    )
+
+
+def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps):
+    batch, length, dim = hidden.shape
+    targets = aligned_labels(labels, shift, ignore_index)
+    return fused_sequence_loss(
+        hidden.reshape(batch * length, dim),
+        weight,
+        targets.reshape(-1),
+        length,
+        loss_from_logprobs,
+        ignore_index=ignore_index,
+        impl=impl,
+        filter_eps=filter_eps,
+    )

@@ -1,0 +1,153 @@
+"""Backward kernel: dH and dW of per-row log-probs for a per-row upstream gradient g.
+
+d logp_n / d logit_nv = onehot(v == label_n) - softmax_nv, so
+    dlogits = g[:, None] * (onehot - exp(logits - lse[:, None]))
+    dH[rows] += dlogits @ W[cols],   dW[cols] += dlogits.T @ H[rows].
+Each program recomputes one [BLOCK_N, BLOCK_V] logits tile (nothing of size N x V is ever
+stored) and adds its share of dH and dW into fp32 buffers with atomics.
+
+Gradient filtering: a tile whose every probability is below `filter_eps` and that holds no
+target contributes less than filter_eps * |g| * |W| per element; skipping its two matmuls
+is where most of the backward time goes for peaked distributions. filter_eps <= 0 is exact.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import INTERPRET, autotune_configs, logits_tile, tile_dot
+
+BACKWARD_CANDIDATES = [
+    (64, 128, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+]
+
+
+@triton.autotune(
+    configs=autotune_configs(BACKWARD_CANDIDATES),
+    key=["V", "D"],
+    # Autotuning runs the kernel several times; atomics must start from zero each time.
+    reset_to_zero=["DH", "DW"],
+)
+@triton.jit
+def logprobs_backward_kernel(
+    H, W, ROW_IDS, LABELS, LSE, GRAD, DH, DW,
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    filter_eps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, FILTER: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    # Grouped order: GROUP_N row blocks sweep the vocabulary together, so a weight tile
+    # is read from L2 by several programs in a row.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_mask = offs_n < N
+    row_ids = tl.load(ROW_IDS + offs_n, mask=rows_mask, other=0).to(tl.int64)
+    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
+    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols_mask = cols < V
+
+    logits = logits_tile(
+        H, W, row_ids, rows_mask, cols, cols_mask,
+        stride_hn, stride_hd, stride_wv, stride_wd, D,
+        BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, IEEE,
+    )
+    live = rows_mask & (g != 0.0)
+    valid = live[:, None] & cols_mask[None, :]
+    probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+    is_target = (cols[None, :] == labels[:, None]) & valid
+
+    if FILTER:
+        largest = tl.max(tl.max(probs, axis=1), axis=0)
+        targets_here = tl.sum(tl.sum(is_target.to(tl.int32), axis=1), axis=0)
+        if (largest < filter_eps) & (targets_here == 0):
+            return
+
+    dlogits = g[:, None] * (is_target.to(tl.float32) - probs)
+    dlogits = dlogits.to(H.dtype.element_ty)
+
+    rows64 = offs_n.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if COMPUTE_DH:
+            w = tl.load(
+                W + cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                mask=cols_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            dh = tile_dot(dlogits, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), UPCAST, IEEE)
+            tl.atomic_add(
+                DH + rows64[:, None] * D + offs_d[None, :], dh,
+                mask=rows_mask[:, None] & d_mask[None, :],
+            )
+        if COMPUTE_DW:
+            h = tl.load(
+                H + row_ids[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                mask=rows_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            dw = tile_dot(tl.trans(dlogits), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), UPCAST, IEEE)
+            tl.atomic_add(
+                DW + cols[:, None] * D + offs_d[None, :], dw,
+                mask=cols_mask[:, None] & d_mask[None, :],
+            )
+
+
+def logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    filter_eps: float,
+    compute_dh: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp32 gradients of sum_n grad[n] * logp[n]: dH [len(row_ids), D] (compact rows) and dW [V, D].
+
+    Arguments as in logprobs_forward, plus lse (fp32 [N], from the forward) and grad (fp32 [N]).
+    filter_eps <= 0 disables gradient filtering. A gradient not asked for is returned as None.
+    """
+    n, (vocab_size, dim) = row_ids.numel(), weight.shape
+    dh = torch.zeros(n, dim, device=hidden.device, dtype=torch.float32) if compute_dh else None
+    dw = torch.zeros(vocab_size, dim, device=hidden.device, dtype=torch.float32) if compute_dw else None
+    if n == 0 or not (compute_dh or compute_dw):
+        return dh, dw
+    # A placeholder keeps the kernel signature fixed (the constexpr flags skip its use); it
+    # must be its own buffer because the autotuner zeroes DH and DW between trials.
+    placeholder = torch.zeros(1, device=hidden.device, dtype=torch.float32)
+    dh_arg = dh if dh is not None else placeholder
+    dw_arg = dw if dw is not None else placeholder
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab_size, meta["BLOCK_V"]),)
+
+    logprobs_backward_kernel[grid](
+        hidden, weight, row_ids, labels, lse, grad, dh_arg, dw_arg,
+        n, vocab_size, dim,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(filter_eps),
+        GROUP_N=8,
+        UPCAST=INTERPRET and hidden.dtype != torch.float32,
+        IEEE=hidden.dtype == torch.float32,
+        FILTER=filter_eps > 0,
+        COMPUTE_DH=compute_dh,
+        COMPUTE_DW=compute_dw,
+    )
+    return dh, dw
