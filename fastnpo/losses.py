@@ -41,6 +41,13 @@ def _same_length(name: str, value, like: torch.Tensor) -> torch.Tensor:
     return check_per_sequence(name, value, like.shape[0], like.device).to(like.dtype)
 
 
+def _counts(value, like: torch.Tensor) -> torch.Tensor:
+    """Target-token counts [B], integer or float."""
+    if isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool:
+        value = value.to(like.dtype)
+    return _same_length("token_counts", value, like)
+
+
 def npo_from_logprobs(logps, ref_logps, *, beta: float = 0.1, weights=None) -> torch.Tensor:
     """NPO: mean_b w_b * (2/beta) * softplus(beta * (logp_b - ref_logp_b)).
 
@@ -65,7 +72,7 @@ def simnpo_from_logprobs(
     logps = _vector("logps", logps)
     beta = check_positive("beta", beta)
     gamma = check_finite_number("gamma", gamma)
-    counts = _same_length("token_counts", token_counts, logps)
+    counts = _counts(token_counts, logps)
     if bool((counts <= 0).any()):
         raise ValueError("token_counts must be > 0 for every sequence (an answer with no tokens)")
     margin = -(beta / counts) * logps - gamma
@@ -103,7 +110,7 @@ def nll_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
     With unit weights this is what a Hugging Face causal LM returns as `loss` for the batch.
     """
     logps = _vector("logps", logps)
-    counts = _same_length("token_counts", token_counts, logps)
+    counts = _counts(token_counts, logps)
     total = counts.sum()
     if not bool(total > 0):
         raise ValueError("token_counts sums to 0: the batch has no target tokens")
@@ -113,6 +120,24 @@ def nll_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
 def ga_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
     """Gradient ascent: minus the token-mean NLL, sum_b w_b logp_b / sum_b |y_b|."""
     return -nll_from_logprobs(logps, token_counts, weights=weights)
+
+
+def kl_from_logits(logits, ref_logits, labels, *, ignore_index: int = -100) -> torch.Tensor:
+    """Token-mean KL(pi_theta || pi_ref) over the full vocabulary at the target positions.
+
+    logits / ref_logits [B, T, V] (position t predicts labels[:, t+1], as in a causal LM);
+    the mean runs over the target tokens of the batch. Needs full logits: NPO+KL's cost.
+    """
+    if logits.shape != ref_logits.shape or logits.dim() != 3:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must be equal [B, T, V]"
+        )
+    mask = aligned_labels(labels, True, ignore_index) != ignore_index
+    if not bool(mask.any()):
+        raise ValueError("labels has no target token: the KL term is undefined")
+    logp = logits[mask].float().log_softmax(-1)
+    ref = ref_logits[mask].float().log_softmax(-1)
+    return F.kl_div(ref, logp, log_target=True, reduction="batchmean")
 
 
 def npo_loss(

@@ -34,3 +34,26 @@ def peak_memory_during(fn: Callable[[], object], device: torch.device | str) -> 
         raise RuntimeError(f"CPU peak memory needs Linux /proc: {error}") from error
     result = fn()
     return result, max(0, _status_bytes("VmHWM") - before)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator peak, or the process's peak resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since the last reset_peak_memory: allocated bytes on CUDA, resident set on CPU
+    (the whole process's, so it includes the model and the interpreter), 0 where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, AttributeError):
+        return 0

@@ -1,0 +1,88 @@
+"""A causal LM seen as a per-sequence log-prob function: backbone -> hidden -> fused log-prob op.
+
+`SequenceLogprobModel` wraps a Hugging Face causal LM so that the fused log-prob computation
+runs inside the ROOT module's forward. Under FSDP2 that matters: the root's pre-forward hook
+gathers the lm_head weight, and its gradient is reduce-scattered like any other parameter
+(calling the backbone directly, or using lm_head.weight.full_tensor() outside the root
+forward, silently skips that reduction).
+"""
+
+import torch
+from torch import nn
+
+from .data import packed_sequence_logprobs
+from .logprobs import aligned_labels, sequence_logprobs
+
+IGNORE_INDEX = -100
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The lm_head weight [V, D] of a Hugging Face causal LM (tied embeddings included)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(
+            f"{type(model).__name__} has no output embedding (get_output_embeddings() returned "
+            f"{type(head).__name__}): fastnpo needs the lm_head weight; pass a *ForCausalLM model"
+        )
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s lm_head has a bias, which the fused op does not support")
+    return head.weight
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The backbone whose last_hidden_state feeds the lm_head (final norm applied)."""
+    get = getattr(model, "get_decoder", None)
+    body = get() if callable(get) else getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if body is None or body is model:
+        raise ValueError(f"cannot find the decoder backbone of {type(model).__name__}")
+    return body
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse models whose logits are not plain hidden @ lm_head.T."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(model).__name__} rescales its logits ({name}={value}); not supported yet"
+            )
+
+
+class SequenceLogprobModel(nn.Module):
+    """forward(batch) -> (summed log-probs [E], target-token counts [E], logits) of each example.
+
+    A batch is either padded (`input_ids`, `attention_mask`, `labels` [B, T]: E = B) or packed
+    by data.collate_packed (`input_ids`, `position_ids`, `labels`, `segment_ids`, `index`:
+    E = number of examples). Packed rows have no attention_mask: with use_cache=False,
+    transformers builds the block-diagonal causal mask from the restarting position_ids.
+    """
+
+    def __init__(self, causal_lm: nn.Module, *, impl: str = "auto"):
+        super().__init__()
+        check_supported(causal_lm)
+        output_weight(causal_lm)
+        decoder(causal_lm)
+        self.lm = causal_lm
+        self.impl = impl
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return decoder(self.lm)(**inputs, use_cache=False).last_hidden_state
+
+    def forward(self, batch: dict, logits_rows: slice | None = None):
+        """(logps [E], counts [E], logits): logits are the full [rows, T, V] logits of the
+        padded batch's `logits_rows` (only NPO+KL asks, for its KL term), else None."""
+        hidden = self.hidden_states(batch)
+        weight = output_weight(self.lm)
+        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
+            weight = weight.to(hidden.dtype)
+        labels = batch["labels"]
+        targets = aligned_labels(labels, True, IGNORE_INDEX)
+        logits = None if logits_rows is None else (hidden[logits_rows] @ weight.T).float()
+        if "segment_ids" not in batch:
+            logps = sequence_logprobs(hidden, weight, labels, impl=self.impl)
+            return logps, (targets != IGNORE_INDEX).sum(dim=1), logits
+        logps, counts = packed_sequence_logprobs(hidden, weight, batch, impl=self.impl)
+        return logps, counts, logits

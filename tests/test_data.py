@@ -1,0 +1,497 @@
+"""fastnpo.data: loading, answer-only labels, batching, packing (checked against a real Llama),
+forget/retain/idk pairing and resumption. Offline: tokenizers are trained in code and the hub
+branch is exercised through a monkeypatched datasets.load_dataset."""
+
+import copy
+import json
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from fastnpo import sequence_logprobs
+from fastnpo.data import (
+    DEFAULT_IDK_ANSWERS,
+    DataConfig,
+    PairedBatches,
+    QADataset,
+    add_idk_answers,
+    build_unlearning_data,
+    collate,
+    collate_packed,
+    encode_qa,
+    idk_answers,
+    length_grouped_batches,
+    load_qa_split,
+    pack,
+    packed_model_inputs,
+    packed_sequence_logprobs,
+    tokenize_split,
+)
+from fastnpo.minitofu import build_tokenizer
+
+WORDS = "alpha beta gamma delta author book city river born wrote novel prize year north south".split()
+
+
+def make_rows(n, seed=0, min_words=1, max_words=12):
+    rng = random.Random(seed)
+    return [
+        {
+            "question": f"What did author {i} write about "
+            + " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
+            + "?",
+            "answer": " ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) + ".",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["[INST]", "[/INST]", *(r["question"] + " " + r["answer"] for r in make_rows(50))]
+    return build_tokenizer(texts, vocab_size=300)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def bos_prompt(tokenizer, text):
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def test_load_local_forms(tmp_path):
+    rows = make_rows(5)
+    write_jsonl(tmp_path / "forget10.jsonl", rows)
+    (tmp_path / "array.json").write_text(json.dumps(rows), encoding="utf-8")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "forget10.parquet"))
+    parquet_dir = tmp_path / "pq"
+    parquet_dir.mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet_dir / "retain90.parquet"))
+
+    for source, split in [
+        (str(tmp_path / "forget10.jsonl"), "ignored"),
+        (str(tmp_path / "array.json"), "ignored"),
+        (str(tmp_path / "forget10.parquet"), "ignored"),
+        (str(tmp_path), "forget10"),  # the directory form prefers .jsonl
+        (str(parquet_dir), "retain90"),
+    ]:
+        data = load_qa_split(source, split)
+        assert data["question"] == [r["question"] for r in rows], source
+        assert data["answer"] == [r["answer"] for r in rows], source
+
+
+def test_load_hub_branch_calls_load_dataset_with_config_name(monkeypatch):
+    rows = make_rows(3)
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_qa_split("locuslab/TOFU", "forget10")
+    assert calls == [(("locuslab/TOFU", "forget10"), {"split": "train"})]
+    assert len(data) == 3 and data["answer"][2] == rows[2]["answer"]
+
+
+def test_load_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_qa_split(str(tmp_path / "nope.jsonl"), "forget10")
+    with pytest.raises(FileNotFoundError, match="forget05"):
+        load_qa_split(str(tmp_path), "forget05")
+    with pytest.raises(ValueError, match="source"):
+        load_qa_split("", "forget10")
+    bad = tmp_path / "x.csv"
+    bad.write_text("question,answer\n")
+    with pytest.raises(ValueError, match=r"\.csv"):
+        load_qa_split(str(bad), "forget10")
+
+    no_answer = write_jsonl(tmp_path / "noanswer.jsonl", [{"question": "q", "reply": "a"}])
+    with pytest.raises(ValueError, match=r"'answer'.*columns") as info:
+        load_qa_split(str(no_answer), "forget10", what="forget set")
+    assert "noanswer.jsonl" in str(info.value)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"forget set .*empty\.jsonl.* is empty"):
+        load_qa_split(str(empty), "forget10", what="forget set")
+    datasets.Dataset.from_dict({"question": [], "answer": []}).to_parquet(str(tmp_path / "e.parquet"))
+    with pytest.raises(ValueError, match=r"retain set .* is empty"):
+        load_qa_split(str(tmp_path / "e.parquet"), "retain90", what="retain set")
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"question": [], "answer": []})
+    )
+    with pytest.raises(ValueError, match=r"forget set 'locuslab/TOFU' .* is empty"):
+        load_qa_split("locuslab/TOFU", "forget10", what="forget set")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="template"):
+        DataConfig(template="no placeholder")
+    with pytest.raises(ValueError, match="template"):
+        DataConfig(template="{question} {answer}")
+    with pytest.raises(ValueError, match="batch_size"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        DataConfig(packing=True, pack_tokens=64, max_length=128)
+    DataConfig(template="chat")
+    DataConfig(template="Q: {question} {{literal}}")
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+
+def test_encode_qa_masks_exactly_the_prompt(tokenizer):
+    question, answer = "Where was author 3 born?", "author 3 was born in north city."
+    template = "[INST] {question} [/INST]"
+    ex = encode_qa(tokenizer, question, answer, template=template, answer_prefix=" ", max_length=256)
+    prompt = bos_prompt(tokenizer, template.format(question=question))
+    reply = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ex["input_ids"] == prompt + reply
+    assert ex["labels"] == [-100] * len(prompt) + reply
+    assert ex["input_ids"][0] == tokenizer.bos_token_id and ex["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ex["labels"][len(prompt) : -1]) == " " + answer
+
+
+def test_encode_qa_truncation(tokenizer):
+    question, answer = "Where was author 3 born?", "author 3 was born in north city by the river."
+    full = encode_qa(tokenizer, question, answer, max_length=256)
+    n_prompt = full["labels"].count(-100)
+    with pytest.warns(UserWarning, match="truncated"):
+        cut = encode_qa(tokenizer, question, answer, max_length=n_prompt + 2)
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 2]
+    assert cut["labels"] == full["labels"][: n_prompt + 2]
+    with pytest.raises(ValueError, match="no answer token"):
+        encode_qa(tokenizer, question, answer, max_length=n_prompt)
+
+
+def test_tokenize_split_warns_once_and_names_the_example(tokenizer):
+    rows = [
+        {"question": "q", "answer": "a"},
+        {"question": "q", "answer": "long " * 80},
+        {"question": "q?", "answer": "b."},
+    ]
+    data = datasets.Dataset.from_list(rows)
+    long_question = datasets.Dataset.from_list([rows[0], {"question": "q " * 80, "answer": "a"}])
+    with pytest.raises(ValueError, match="example 1"):
+        tokenize_split(long_question, tokenizer, DataConfig(max_length=60))
+    config = DataConfig(max_length=60)
+    with pytest.warns(UserWarning) as record:
+        ds = tokenize_split(data.select([0, 1, 2]), tokenizer, config)
+    messages = [str(w.message) for w in record if "truncated" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("1 of 3")
+    assert [item["index"] for item in ds] == [0, 1, 2]
+    assert max(ds.lengths) == 60
+    for k in (0, 2):
+        single = encode_qa(tokenizer, rows[k]["question"], rows[k]["answer"], max_length=60)
+        assert ds[k]["input_ids"] == single["input_ids"] and ds[k]["labels"] == single["labels"]
+    with pytest.raises(ValueError, match="'idk_answer'"):
+        tokenize_split(data, tokenizer, config, answer_column="idk_answer")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}user: {{ m['content'] }}\n"
+    "{% else %}assistant:\n{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:\n{% endif %}"
+)
+
+
+def test_chat_template(tokenizer):
+    chat_tok = copy.deepcopy(tokenizer)
+    with pytest.raises(ValueError, match="chat_template"):
+        encode_qa(chat_tok, "q", "a", template="chat")
+    chat_tok.chat_template = CHAT_TEMPLATE
+    question, answer = "Where was author 3 born?", "north city."
+    ex = encode_qa(chat_tok, question, answer, template="chat", max_length=256)
+    prompt = chat_tok(f"user: {question}\nassistant:\n", add_special_tokens=False)["input_ids"]
+    n = len(prompt)
+    assert ex["input_ids"][:n] == prompt and ex["labels"][:n] == [-100] * n
+    assert ex["labels"][n:] == ex["input_ids"][n:]
+    assert chat_tok.decode(ex["input_ids"][n:]) == answer + "<eos>\n"
+    assert chat_tok.eos_token_id in ex["labels"]
+    ds = tokenize_split(
+        datasets.Dataset.from_list([{"question": question, "answer": answer}]),
+        chat_tok,
+        DataConfig(template="chat"),
+    )
+    assert ds[0]["input_ids"] == ex["input_ids"] and ds[0]["labels"] == ex["labels"]
+
+    chat_tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    )
+    with pytest.raises(ValueError, match="prefix"):
+        encode_qa(chat_tok, question, answer, template="chat")
+
+
+# ---------------------------------------------------------------------------------- batching
+
+
+def padding_waste(batches, lengths):
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=1000).tolist()
+    a = length_grouped_batches(lengths, 8, seed=3, epoch=0)
+    assert a == length_grouped_batches(lengths, 8, seed=3, epoch=0)
+    assert a != length_grouped_batches(lengths, 8, seed=3, epoch=1)
+    assert a != length_grouped_batches(lengths, 8, seed=4, epoch=0)
+    for epoch in range(3):
+        batches = length_grouped_batches(lengths, 8, seed=3, epoch=epoch)
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert all(len(b) == 8 for b in batches)
+        waste = padding_waste(batches, lengths)
+        perm = rng.permutation(1000).tolist()
+        random_waste = padding_waste([perm[i : i + 8] for i in range(0, 1000, 8)], lengths)
+        assert waste < 0.2 * random_waste
+    # 1003 = 125 full batches + one of 3, dropped with drop_last.
+    lengths = [*lengths, 7, 8, 9]
+    assert sorted(len(b) for b in length_grouped_batches(lengths, 8, seed=0, epoch=0))[0] == 3
+    kept = length_grouped_batches(lengths, 8, seed=0, epoch=0, drop_last=True)
+    assert len(kept) == 125 and all(len(b) == 8 for b in kept)
+    with pytest.raises(ValueError, match="batch_size"):
+        length_grouped_batches(lengths, 0, seed=0, epoch=0)
+
+
+def test_collate():
+    items = [
+        {"index": 7, "input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"index": 2, "input_ids": [4, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8]},
+    ]
+    batch = collate(items, pad_token_id=99)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 99, 99], [4, 5, 6, 7, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, -100], [-100, -100, 6, 7, 8]]
+    assert batch["index"].tolist() == [7, 2]
+    assert all(t.dtype == torch.long for t in batch.values())
+    with pytest.raises(ValueError, match="pad_token_id"):
+        collate(items, None)
+
+
+# ----------------------------------------------------------------------------------- packing
+
+
+def tiny_llama(attn, vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(config).float().eval()
+    assert model.config._attn_implementation == attn
+    return model
+
+
+def random_items(n, vocab_size, seed):
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        n_prompt, n_answer = rng.randint(1, 6), rng.randint(1, 9)
+        ids = [rng.randrange(vocab_size) for _ in range(n_prompt + n_answer)]
+        items.append({"index": 100 + i, "input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return items
+
+
+def unpacked_logprobs(model, items):
+    batch = collate(items, pad_token_id=0)
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    logps = sequence_logprobs(hidden, model.lm_head.weight, batch["labels"], impl="torch")
+    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    return dict(zip(batch["index"].tolist(), zip(logps, counts.tolist(), strict=True), strict=True))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("explicit_mask", [False, True])
+def test_packing_equals_unpacked(attn, explicit_mask):
+    vocab_size = 61
+    model = tiny_llama(attn, vocab_size)
+    items = random_items(9, vocab_size, seed=1)
+    expected = unpacked_logprobs(model, items)
+
+    rows = pack(items, pack_tokens=32, pad_token_id=0, pad_to_full=explicit_mask)
+    assert len(rows) > 1 and all(r["input_ids"].shape[1] <= 32 for r in rows)
+    assert sorted(i for r in rows for i in r["index"].tolist()) == sorted(expected)
+    row_batches = [*rows, collate_packed(items, pack_tokens=32, pad_token_id=0)]  # single rows, then [R, L]
+    for batch in row_batches:
+        starts = (batch["position_ids"] == 0) & (batch["segment_ids"] >= 0)
+        assert (batch["labels"][starts] == -100).all()
+        hidden = model.model(**packed_model_inputs(batch, explicit_mask=explicit_mask)).last_hidden_state
+        logps, counts = packed_sequence_logprobs(hidden, model.lm_head.weight, batch, impl="torch")
+        assert logps.shape == counts.shape == batch["index"].shape
+        for k, index in enumerate(batch["index"].tolist()):
+            torch.testing.assert_close(logps[k], expected[index][0], atol=1e-5, rtol=0)
+            assert counts[k].item() == expected[index][1]
+
+
+def test_packed_gradients_match_unpacked():
+    vocab_size = 53
+    model = tiny_llama("sdpa", vocab_size)
+    items = random_items(5, vocab_size, seed=2)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in (model.lm_head.weight, model.model.layers[0].self_attn.q_proj.weight)]
+
+    weights = torch.randn(len(items))
+    unpacked = unpacked_logprobs(model, items)
+    ref = grads(sum(w * unpacked[it["index"]][0] for w, it in zip(weights, items, strict=True)))
+    batch = collate_packed(items, pack_tokens=24, pad_token_id=0)
+    hidden = model.model(**packed_model_inputs(batch)).last_hidden_state
+    logps, _ = packed_sequence_logprobs(hidden, model.lm_head.weight, batch, impl="torch")
+    order = {index: k for k, index in enumerate(batch["index"].tolist())}
+    got = grads(sum(w * logps[order[it["index"]]] for w, it in zip(weights, items, strict=True)))
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_errors_and_order():
+    items = random_items(6, 40, seed=3)
+    rows = pack(items, pack_tokens=20, pad_token_id=0)
+    assert [i for r in rows for i in r["index"].tolist()] == [it["index"] for it in items]
+    row = rows[0]
+    n = len(items[0]["input_ids"])
+    assert row["segment_ids"][0, :n].eq(0).all() and row["position_ids"][0, :n].tolist() == list(range(n))
+    full = pack(items, pack_tokens=20, pad_token_id=5, pad_to_full=True)
+    assert all(r["input_ids"].shape == (1, 20) for r in full)
+    tail = full[0]["segment_ids"][0] == -1
+    assert (full[0]["input_ids"][0][tail] == 5).all() and (full[0]["labels"][0][tail] == -100).all()
+    with pytest.raises(ValueError, match=r"example 100 has .* pack_tokens=4"):
+        pack(items, pack_tokens=4, pad_token_id=0)
+
+
+# ----------------------------------------------------------------------------------- pairing
+
+
+def make_qa(lengths, offset=0):
+    return QADataset(
+        [
+            {"index": i, "input_ids": [offset + i] * n, "labels": [-100] + [offset + i] * (n - 1)}
+            for i, n in enumerate(lengths)
+        ]
+    )
+
+
+def assert_same_steps(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key] is None:
+            assert b[key] is None
+            continue
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_paired_batches_resume_and_epochs():
+    rng = np.random.default_rng(0)
+    forget = make_qa(rng.integers(2, 30, size=37).tolist())
+    retain = make_qa(rng.integers(2, 30, size=23).tolist(), offset=1000)
+    kwargs = dict(batch_size=4, retain_batch_size=5, pad_token_id=0, seed=7)
+    a = PairedBatches(forget, retain, **kwargs)
+    assert len(a) == 10
+
+    epoch0 = list(a)
+    assert a.state_dict()["epoch"] == 1 and a.state_dict()["step"] == 0
+    assert sorted(i for s in epoch0 for i in s["forget"]["index"].tolist()) == list(range(37))
+    expected = length_grouped_batches(forget.lengths, 4, seed=7, epoch=0)
+    assert [s["forget"]["index"].tolist() for s in epoch0] == expected
+    assert all(s["retain"]["index"].numel() == 5 for s in epoch0)
+    # The 4 full retain batches of a cycle cover 20 distinct examples.
+    first_cycle = [i for s in epoch0[:4] for i in s["retain"]["index"].tolist()]
+    assert len(set(first_cycle)) == 20
+
+    it = iter(a)
+    epoch1_head = [next(it) for _ in range(3)]
+    state = a.state_dict()
+    rest_a = list(it)
+    epoch2_a = list(a)
+
+    b = PairedBatches(forget, retain, **kwargs)
+    b.load_state_dict(state)
+    b.set_epoch(1)  # a trainer's per-epoch call must not undo the resume
+    rest_b = list(b)
+    epoch2_b = list(b)
+    assert len(rest_a) == len(rest_b) == 7
+    for x, y in zip(rest_a + epoch2_a, rest_b + epoch2_b, strict=True):
+        assert_same_steps(x, y)
+    assert [s["forget"]["index"].tolist() for s in epoch0] != [
+        s["forget"]["index"].tolist() for s in epoch1_head + rest_a
+    ]
+
+    c = PairedBatches(forget, None, **kwargs)
+    c.set_epoch(2)
+    steps = list(c)
+    assert all(s["retain"] is None for s in steps)
+    for x, y in zip(steps, epoch2_a, strict=True):
+        assert torch.equal(x["forget"]["input_ids"], y["forget"]["input_ids"])
+
+    with pytest.raises(ValueError, match="seed"):
+        PairedBatches(forget, retain, **{**kwargs, "seed": 8}).load_state_dict(state)
+    with pytest.raises(ValueError, match="step"):
+        PairedBatches(forget, retain, **kwargs).load_state_dict({**state, "step": 11})
+
+
+def test_idk_answers_and_alignment(tmp_path, tokenizer):
+    rows = make_rows(21, seed=5)
+    write_jsonl(tmp_path / "forget10.jsonl", rows)
+    write_jsonl(tmp_path / "retain90.jsonl", make_rows(30, seed=6))
+
+    assert idk_answers(DataConfig()) == list(DEFAULT_IDK_ANSWERS) and len(DEFAULT_IDK_ANSWERS) >= 20
+    custom = tmp_path / "idk.txt"
+    custom.write_text("No idea.\n\n  Can't say.  \n")
+    assert idk_answers(DataConfig(idk_answers=str(custom))) == ["No idea.", "Can't say."]
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
+        idk_answers(DataConfig(idk_answers=str(tmp_path / "missing.txt")))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match=r"blank\.txt"):
+        idk_answers(DataConfig(idk_answers=str(tmp_path / "blank.txt")))
+
+    picked = add_idk_answers(datasets.Dataset.from_list(rows), DEFAULT_IDK_ANSWERS, seed=1)["idk_answer"]
+    assert (
+        picked == add_idk_answers(datasets.Dataset.from_list(rows), DEFAULT_IDK_ANSWERS, seed=1)["idk_answer"]
+    )
+    assert len(set(picked)) > 5 and set(picked) <= set(DEFAULT_IDK_ANSWERS)
+
+    with pytest.raises(ValueError, match="forget"):
+        build_unlearning_data(DataConfig(), tokenizer)
+    for packing in (False, True):
+        config = DataConfig(
+            forget=str(tmp_path),
+            retain=str(tmp_path),
+            batch_size=4,
+            retain_batch_size=3,
+            packing=packing,
+            pack_tokens=256,
+            seed=1,
+        )
+        data = build_unlearning_data(config, tokenizer, idk=True)
+        assert len(data.forget) == len(data.idk) == 21 and len(data.retain) == 30
+        steps = list(data.batches)
+        assert len(steps) == 6
+        for step in steps:
+            assert set(step) == {"forget", "retain", "idk"}
+            assert torch.equal(step["forget"]["index"], step["idk"]["index"])
+        for f, k in zip(data.forget, data.idk, strict=True):
+            n_prompt = f["labels"].count(-100)
+            assert f["input_ids"][:n_prompt] == k["input_ids"][:n_prompt]  # same question
+            answer = tokenizer.decode(k["input_ids"][n_prompt:-1])
+            assert answer.strip() in DEFAULT_IDK_ANSWERS
+    with pytest.raises(ValueError, match="aligned"):
+        PairedBatches(data.forget, idk=QADataset(list(data.idk)[::-1]))

@@ -1,0 +1,354 @@
+"""The trainer end to end on a tiny offline setup (Mini-TOFU, a random 2-layer Llama)."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from fastnpo.config import ConfigError, load_config
+from fastnpo.methods import METHODS
+from fastnpo.tiny import TinyModelSpec, prepare_tiny
+from fastnpo.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return prepare_tiny(
+        root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
+    )
+
+
+def overrides(tiny, out, **extra):
+    values = {
+        "model.name_or_path": tiny["base"],
+        "data.forget": tiny["data"],
+        "data.retain": tiny["data"],
+        "data.batch_size": 4,
+        "data.retain_batch_size": 4,
+        "data.max_length": 64,
+        "run.output_dir": out,
+        "run.progress": False,
+        "run.checkpoint_every": 0,
+        "optim.lr": 1e-3,
+        "optim.max_steps": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def config_for(tiny, out, **extra):
+    return load_config(REPO / "configs" / "tiny_cpu.yaml", overrides(tiny, out, **extra))
+
+
+def final_weights(out) -> dict:
+    return load_file(Path(out) / "final" / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_and_exports(tiny, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    result = train(config_for(tiny, tmp_path / "run", **{"method.name": method}))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_memory_mib", "mean_forget_logp"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in records), key
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["reference_cache_hit"] is (False if METHODS[method].ref_sets else None)
+    exported = AutoModelForCausalLM.from_pretrained(result["final"])
+    initial = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    changed = [
+        not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters(), strict=True)
+    ]
+    assert all(changed), "every parameter should move after two AdamW steps"
+
+
+# ----------------------------------------------------------------------------- first-step gradients
+
+
+class CaptureGradients(torch.optim.SGD):
+    """Stands in for AdamW: records the first step's gradients, then stops the run."""
+
+    captured: typing.ClassVar[list[torch.Tensor]] = []
+
+    def __init__(self, params, lr, betas=None, eps=None, weight_decay=None):
+        super().__init__(params, lr=lr)
+
+    def step(self, closure=None):
+        CaptureGradients.captured = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+        raise StopIteration
+
+
+def naive_sequence_logprobs(model, items, pad_id):
+    """Through the Hugging Face forward with full logits, one set at a time."""
+    from fastnpo.data import collate
+
+    batch = collate(items, pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    mask = labels != -100
+    return (logp * mask).sum(1), mask.sum(1), logits, batch["labels"]
+
+
+def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0):
+    """Each method's loss written from its paper formula, with a LIVE reference model."""
+    out = {k: naive_sequence_logprobs(model, v, pad_id) for k, v in items.items() if v}
+    with torch.no_grad():
+        ref = {k: naive_sequence_logprobs(reference, v, pad_id) for k, v in items.items() if v}
+    forget, forget_counts = out["forget"][0], out["forget"][1]
+    retain_nll = -out["retain"][0].sum() / out["retain"][1].sum() if "retain" in out else None
+    if name == "finetune":
+        return -forget.sum() / forget_counts.sum()
+    if name == "ga":
+        return forget.sum() / forget_counts.sum()
+    if name == "graddiff":
+        return forget.sum() / forget_counts.sum() + retain_nll
+    npo = ((2 / beta) * F.softplus(beta * (forget - ref["forget"][0]))).mean()
+    if name == "npo":
+        return npo
+    if name == "npo_rt":
+        return npo + retain_nll
+    if name == "npo_kl":
+        logits, ref_logits, labels = out["retain"][2], ref["retain"][2], out["retain"][3]
+        mask = labels[:, 1:] != -100
+        p, log_p, log_q = (
+            logits[:, :-1].softmax(-1),
+            logits[:, :-1].log_softmax(-1),
+            ref_logits[:, :-1].log_softmax(-1),
+        )
+        kl = (p * (log_p - log_q)).sum(-1)
+        return npo + (kl * mask).sum() / mask.sum()
+    if name == "simnpo":
+        return (-(2 / beta) * F.logsigmoid(-(beta / forget_counts) * forget - gamma)).mean() + retain_nll
+    if name == "idkdpo":
+        idk = out["idk"][0]
+        margin = beta * ((idk - ref["idk"][0]) - (forget - ref["forget"][0]))
+        return (-(2 / beta) * F.logsigmoid(margin)).mean() + retain_nll
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, monkeypatch, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastnpo.methods import method_for
+    from fastnpo.train import load_data
+
+    beta = 0.7
+    config = config_for(
+        tiny, tmp_path / "run", **{"method.name": method, "method.beta": beta, "optim.max_grad_norm": 0}
+    )
+    monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
+    with pytest.raises(StopIteration):
+        train(config)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    reference = copy.deepcopy(model).eval()
+    _, batches = load_data(config, tokenizer, method_for(method), 1)
+    items = batches.next_items()
+    loss = naive_method_loss(method, model, reference, items, tokenizer.pad_token_id, beta)
+    loss.backward()
+    expected = [p.grad for p in model.parameters()]
+    assert len(expected) == len(CaptureGradients.captured)
+    for got, want in zip(CaptureGradients.captured, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def test_reference_cache_hit_then_miss_on_changed_input(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    train(config_for(tiny, tmp_path / "a", **{"method.name": "npo", "run.cache_dir": cache}))
+    train(config_for(tiny, tmp_path / "b", **{"method.name": "npo", "run.cache_dir": cache}))
+    changed = {"method.name": "npo", "run.cache_dir": cache, "data.template": '"Q: {question} A:"'}
+    train(config_for(tiny, tmp_path / "c", **changed))
+    hits = [json.loads((tmp_path / r / "run_info.json").read_text())["reference_cache_hit"] for r in "abc"]
+    assert hits == [False, True, False]
+    assert len(list(cache.glob("ref-logprobs-*.safetensors"))) == 2
+
+
+# ----------------------------------------------------------------------------- processes and resume
+
+
+def run_cli(args, *, torchrun=False, env=None):
+    base = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        [*base, "-m", "fastnpo.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_two_processes_match_one_process(tiny, tmp_path):
+    # Same global batch (8 forget + 8 retain examples per step): 2 ranks x 4, or 1 process x 8.
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": tmp_path / "cache"}
+    two = run_cli(args + overrides(tiny, tmp_path / "two", **common), torchrun=True)
+    assert two.wait(timeout=300) == 0, two.stdout.read()
+    one = run_cli(
+        args
+        + overrides(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8})
+    )
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["fsdp"] is True
+    sharded, single = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    assert sharded.keys() == single.keys()
+    for key in single:
+        moved = (single[key] - initial[key]).abs().max().item()
+        assert moved > 1e-3, key
+        # Gradients are reduced in another order across ranks. Adam divides each gradient entry
+        # by its own magnitude, so that ~1e-9 noise is amplified where an entry is near Adam's
+        # eps; 1% of the distance each parameter moved bounds it with a wide margin.
+        torch.testing.assert_close(sharded[key], single[key], atol=0.01 * moved, rtol=0, msg=key)
+
+
+def test_killed_run_resumes_to_the_same_parameters(tiny, tmp_path):
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    common = {
+        "optim.max_steps": 40,
+        "run.checkpoint_every": 3,
+        "method.name": "npo_rt",
+        "run.cache_dir": tmp_path / "cache",
+    }
+    straight = run_cli(args + overrides(tiny, tmp_path / "straight", **common))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    interrupted = run_cli(args + overrides(tiny, tmp_path / "killed", **common))
+    marker = tmp_path / "killed" / "checkpoints" / "step_6" / "trainer.json"
+    deadline = time.time() + 240
+    while not marker.exists() and interrupted.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run must have been killed before the end"
+    resumed = run_cli(args + overrides(tiny, tmp_path / "killed", **common))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_file", "(?i)no such file"),
+        ("missing_column", "answer"),
+        ("empty_forget", "empty"),
+        ("answer_truncated", "no answer token|zero answer|truncat"),
+    ],
+)
+def test_bad_data_fails_before_any_work(tiny, tmp_path, case, match):
+    out = tmp_path / "run"
+    extra = {"method.name": "npo"}
+    if case == "missing_file":
+        extra["data.forget"] = tmp_path / "nope.jsonl"
+    elif case == "missing_column":
+        extra["data.forget"] = write_jsonl(tmp_path / "f.jsonl", [{"question": "q?", "reply": "a"}])
+    elif case == "empty_forget":
+        extra["data.forget"] = write_jsonl(tmp_path / "f.jsonl", [])
+    else:
+        long_question = "Who wrote the book? " * 40
+        extra["data.forget"] = write_jsonl(
+            tmp_path / "f.jsonl", [{"question": long_question, "answer": "Ann."}]
+        )
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train(config_for(tiny, out, **extra))
+    assert not out.exists(), "nothing may be written before the inputs are known good"
+
+
+def test_resume_with_another_config_is_refused_and_nothing_is_touched(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(
+        config_for(
+            tiny,
+            out,
+            **{"method.name": "npo", "optim.max_steps": 4, "run.checkpoint_every": 2, "run.export": False},
+        )
+    )
+    (out / "final").exists() and pytest.fail("export was off")
+    # Pretend the run was interrupted after its checkpoint: drop the end-of-run marker.
+    (out / "run_info.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ConfigError, match=r"method.beta: 0.1 -> 0.5"):
+        train(config_for(tiny, out, **{"method.name": "npo", "method.beta": 0.5, "optim.max_steps": 4}))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_existing_finished_run_is_not_overwritten(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(config_for(tiny, out, **{"method.name": "ga"}))
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config_for(tiny, out, **{"method.name": "ga"}))
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.lrate=1", "optim.lrate"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.lr=-1", "optim.lr: must be > 0"),
+        ("method.name=npo2", "method.name: must be one of"),
+        ("data.batch_size=0", "batch_size"),
+        ("noequals", "key=value"),
+        ("model.lora.r=0", None),
+    ],
+)
+def test_config_rejects_bad_keys_and_values(override, match):
+    base = ["model.name_or_path=x", "data.forget=y", "data.retain=z"]
+    if match is None:  # lora.r is only checked when LoRA is on
+        load_config(None, [*base, override])
+        with pytest.raises(ConfigError, match=r"model\.lora\.r"):
+            load_config(None, [*base, override, "model.lora.enabled=true"])
+        return
+    with pytest.raises((ConfigError, ValueError), match=match):
+        load_config(None, [*base, override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("model:\n  nam_or_path: x\n")
+    with pytest.raises(ConfigError, match=r"model\.nam_or_path"):
+        load_config(tmp_path / "bad.yaml")
