@@ -34,15 +34,14 @@ def chunked_forward(
         for r0 in range(0, n, row_block):
             r = slice(r0, r0 + row_block)
             logits = rows[r] @ w.T
-            new_max = torch.maximum(running_max[r], logits.amax(dim=1))
-            running_sum[r] = running_sum[r] * torch.exp(running_max[r] - new_max) + torch.exp(
-                logits - new_max[:, None]
-            ).sum(dim=1)
-            running_max[r] = new_max
             local = labels[r] - v0
             inside = (local >= 0) & (local < logits.shape[1])
             picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
             target[r] += torch.where(inside, picked, 0.0)
+            new_max = torch.maximum(running_max[r], logits.amax(dim=1))
+            chunk_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+            running_sum[r] = running_sum[r] * torch.exp(running_max[r] - new_max) + chunk_sum
+            running_max[r] = new_max
     return running_max + torch.log(running_sum), target
 
 
@@ -68,17 +67,19 @@ def chunked_backward(
     rows = hidden.index_select(0, row_ids).float()
     dh = rows.new_zeros(n, dim) if compute_dh else None
     dw = rows.new_zeros(vocab_size, dim) if compute_dw else None
+    neg_lse = -lse[:, None]
     row_block, vocab_chunk = _blocks(n, vocab_size)
     for v0 in range(0, vocab_size, vocab_chunk):
         w = weight[v0 : v0 + vocab_chunk].float()
         for r0 in range(0, n, row_block):
             r = slice(r0, r0 + row_block)
-            dlogits = torch.exp(rows[r] @ w.T - lse[r, None]).mul_(-grad[r, None])
+            # dlogits = g * (onehot - exp(logits - lse)), built in place in one [rows, chunk] buffer.
+            dlogits = torch.addmm(neg_lse[r], rows[r], w.T).exp_().mul_(-grad[r, None])
             local = labels[r] - v0
             inside = ((local >= 0) & (local < w.shape[0])).nonzero()[:, 0]
             dlogits[inside, local[inside]] += grad[r][inside]
             if dh is not None:
-                dh[r] += dlogits @ w
+                dh[r].addmm_(dlogits, w)
             if dw is not None:
-                dw[v0 : v0 + vocab_chunk] += dlogits.T @ rows[r]
+                dw[v0 : v0 + vocab_chunk].addmm_(dlogits.T, rows[r])
     return dh, dw

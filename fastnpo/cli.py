@@ -23,19 +23,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache.add_argument("overrides", nargs="*")
 
+    demo = commands.add_parser("demo", help="the TOFU unlearning study on Mini-TOFU and a tiny model (CPU)")
+    demo.add_argument("--preset", default="default", help="quick (smoke test), default (~10 min on 2 cores), full")
+    demo.add_argument("--out", default="runs/demo", help="work folder (replaced)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    evaluate = commands.add_parser("eval", help="TOFU metrics of a model on TOFU-schema data")
+    evaluate.add_argument("--model", required=True, help="model folder or hub name")
+    evaluate.add_argument("--data", required=True, help="folder of <split>.jsonl files, or a hub name (locuslab/TOFU)")
+    evaluate.add_argument("--forget-split", default="forget10")
+    evaluate.add_argument("--retain-stats", help="JSON written by an earlier `fastnpo eval` of the retain model")
+    evaluate.add_argument("--template", default="[INST] {question} [/INST]")
+    evaluate.add_argument("--out", help="write the full report (per-example values included) here")
+
+    prepare = commands.add_parser("prepare-tiny", help="write Mini-TOFU data and a random tiny model (offline)")
+    prepare.add_argument("--out", default="runs/tiny")
+    prepare.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     from .config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, args.overrides)
-        if args.command == "train":
+        if args.command in ("demo", "eval", "prepare-tiny"):
+            result = run_other(args)
+        elif args.command == "train":
+            config = load_config(args.config, args.overrides)
             from .train import train as run_training
 
             result = run_training(config)
         else:
             from .train import build_reference_cache
 
-            result = build_reference_cache(config, verify=args.verify)
+            result = build_reference_cache(load_config(args.config, args.overrides), verify=args.verify)
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as error:
         if os.environ.get("FASTNPO_DEBUG"):
             raise
@@ -45,6 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
+
+
+def run_other(args) -> dict:
+    if args.command == "prepare-tiny":
+        from .tiny import prepare_tiny
+
+        return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed).items()}
+    if args.command == "demo":
+        from .demo import run_demo
+
+        results = run_demo(args.out, args.preset, args.seed)
+        return {"out": args.out, "timings_s": results["timings_s"]}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("fastnpo eval runs on one process: launch it without torchrun")
+    from .evaluation import EvalConfig, evaluate_path, summary
+
+    retain = json.loads(open(args.retain_stats).read()) if args.retain_stats else None
+    config = EvalConfig(data=args.data, forget_split=args.forget_split, template=args.template)
+    report = evaluate_path(args.model, config, retain)
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(report, out, indent=1)
+    return summary(report)
 
 
 if __name__ == "__main__":

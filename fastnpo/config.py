@@ -171,7 +171,7 @@ def check_config(config: Config) -> None:
         "must be >= 0 (0: only at the end)",
         r.checkpoint_every,
     )
-    _require(r.log_every >= 1, "run.log_every", "must be >= 1", r.log_every)
+    _require(r.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", r.log_every)
     _require(
         config.distributed.fsdp in ("auto", "on", "off"),
         "distributed.fsdp",

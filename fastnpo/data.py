@@ -211,15 +211,27 @@ def load_qa_split(source: str, split: str, *, what: str = "data set") -> dataset
 # ------------------------------------------------------------------------------ tokenisation
 
 
-def _encode(tokenizer, question: str, answer: str, template: str, answer_prefix: str) -> tuple[list, list]:
-    """(prompt ids, answer ids), tokenised separately so the boundary is exact."""
+def encode_prompt(tokenizer, question: str, *, template: str) -> list[int]:
+    """The prompt ids an answer follows (bos + template, or the chat template's user turn with
+    the generation prompt): where greedy generation starts, identical to encode_qa's prompt."""
     if template == "chat":
         user = [{"role": "user", "content": question}]
         prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(template.format(question=question), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids = [bos, *prompt_ids]
+    return prompt_ids
+
+
+def _encode(tokenizer, question: str, answer: str, template: str, answer_prefix: str) -> tuple[list, list]:
+    """(prompt ids, answer ids), tokenised separately so the boundary is exact."""
+    prompt_ids = encode_prompt(tokenizer, question, template=template)
+    if template == "chat":
         full_text = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": answer}], tokenize=False
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False
         )
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         # Some templates render the question differently once an answer follows (or strip the
         # generation prompt); then "the rest" would not be the answer.
@@ -229,10 +241,6 @@ def _encode(tokenizer, question: str, answer: str, template: str, answer_prefix:
                 "prompt) as a prefix of the full conversation; use a format-string template instead"
             )
         return prompt_ids, full_ids[len(prompt_ids) :]
-    prompt_ids = tokenizer(template.format(question=question), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
-        prompt_ids = [bos, *prompt_ids]
     answer_ids = tokenizer(answer_prefix + answer, add_special_tokens=False)["input_ids"]
     return prompt_ids, [*answer_ids, tokenizer.eos_token_id]
 

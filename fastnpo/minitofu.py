@@ -3,7 +3,7 @@
 TOFU (locuslab/TOFU) fine-tunes a 7B model on 4,000 QA pairs about 200 invented
 authors and asks it to forget the last 1/5/10% of them. Mini-TOFU keeps the
 schema, the split names and the "forget = last authors" rule, but shrinks the
-data so a ~1M-parameter, 2-layer model can memorise ``full`` in minutes:
+data so a ~1M-parameter, 2-layer model can memorise ``full`` on a CPU:
 
 * every answer is one short sentence built from a template, and is fully
   determined by (author, fact kind), so it is learnable;
@@ -13,8 +13,8 @@ data so a ~1M-parameter, 2-layer model can memorise ``full`` in minutes:
   ``perturbed_answer`` uses the paraphrase's wording with a *different* value,
   as in TOFU, so the truth ratio compares facts, not phrasing;
 * forget sets are whole authors: 100 authors x 4 QA gives forget01/05/10 of
-  4/20/40 QA (1% of 100 authors is one author), as small as memorisation on a
-  CPU allows while forget05/10 stay large enough for a KS test.
+  4/20/40 QA (1% of 100 authors is one author): few enough facts to memorise
+  on a CPU, while forget05/10 stay large enough for a KS test.
 
 ``real_authors_perturbed`` and ``world_facts_perturbed`` are not in ``full``;
 they stand in for the knowledge a pre-trained model brings to TOFU, so they do

@@ -39,15 +39,23 @@ def decoder(model: nn.Module) -> nn.Module:
     return body
 
 
+LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                   "output_multiplier", "output_multiplier_scale")
+
+
 def check_supported(model: nn.Module) -> None:
-    """Refuse models whose logits are not plain hidden @ lm_head.T."""
+    """Refuse models whose logits are not plain hidden @ lm_head.T (soft-capping, logit scaling),
+    looking at the config and, for multimodal models, its text config."""
     config = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} rescales its logits ({name}={value}); not supported yet"
-            )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for cfg in {id(c): c for c in (config, text) if c is not None}.values():
+        for name in LOGIT_RESCALING:
+            value = getattr(cfg, name, None)
+            if value not in (None, 1, 1.0):
+                raise NotImplementedError(
+                    f"{type(model).__name__} rescales its logits ({name}={value}): its logits are not "
+                    "hidden @ lm_head.weight.T, so fastnpo's fused log-prob op cannot reproduce them"
+                )
 
 
 class SequenceLogprobModel(nn.Module):

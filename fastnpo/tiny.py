@@ -24,7 +24,7 @@ class TinyModelSpec:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
-    vocab_size: int = 512  # of the BPE tokenizer trained on the data
+    vocab_size: int = 1024  # of the BPE tokenizer: large enough that every surname is one token
 
 
 def build_tiny_model(tokenizer, spec: TinyModelSpec, seed: int = 0):

@@ -223,15 +223,18 @@ def target_tokens(items: list[dict]) -> int:
 # ----------------------------------------------------------------------------- the run
 
 
-def train(config: Config) -> dict:
+def train(config: Config, on_epoch_end=None) -> dict:
+    """Run the config. on_epoch_end(epoch, model) is called on rank 0 after each full epoch
+    with the Hugging Face model (single process only: the demo evaluates there); a dict it
+    returns is written to epochs.jsonl and returned under "epochs"."""
     info = distributed.setup(config.run.device)
     try:
-        return _train(config, info)
+        return _train(config, info, on_epoch_end)
     finally:
         distributed.teardown()
 
 
-def _train(config: Config, info: distributed.ProcessInfo) -> dict:
+def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> dict:
     def log(message: str) -> None:
         if info.is_main:
             tqdm.write(message)
@@ -334,6 +337,9 @@ def _train(config: Config, info: distributed.ProcessInfo) -> dict:
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
+    if on_epoch_end is not None and sharded:
+        raise ConfigError("on_epoch_end needs the unsharded model: run in one process")
+    epoch_reports = []
     metrics_file = open(out / "metrics.jsonl", "a") if info.is_main else None
     bar = tqdm(
         total=total_steps,
@@ -443,10 +449,17 @@ def _train(config: Config, info: distributed.ProcessInfo) -> dict:
                 for key, value in record.items():
                     if key != "step":
                         writer.add_scalar(key, value, step)
-            if step % config.run.log_every == 0 or step == total_steps:
+            if config.run.log_every and (step % config.run.log_every == 0 or step == total_steps):
                 shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
                 log(f"step {step}/{total_steps} epoch {record['epoch']:.2f} {shown}")
         bar.update(1)
+        if on_epoch_end is not None and step % steps_per_epoch == 0:
+            report = on_epoch_end(step // steps_per_epoch, model)
+            if report is not None:
+                epoch_reports.append({"epoch": step // steps_per_epoch, **report})
+                with open(out / "epochs.jsonl", "a") as epochs_file:
+                    epochs_file.write(json.dumps(epoch_reports[-1]) + "\n")
+            wrapper.train()
         if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < total_steps:
             distributed.save_checkpoint(
                 out / "checkpoints",
@@ -469,6 +482,7 @@ def _train(config: Config, info: distributed.ProcessInfo) -> dict:
         log(f"exported {final}")
     distributed.barrier(info)
     return {
+        "epochs": epoch_reports,
         "output_dir": str(out),
         "steps": step,
         "reference_cache_hit": cache_hit,

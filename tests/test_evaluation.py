@@ -1,0 +1,124 @@
+"""TOFU evaluation against a naive Hugging Face computation, and the demo end to end at toy size."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastnpo.evaluation import EvalConfig, Evaluator, add_forget_quality, summary
+from fastnpo.tiny import TinyModelSpec, prepare_tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = prepare_tiny(
+        tmp_path_factory.mktemp("eval"),
+        num_authors=10,
+        qa_per_author=2,
+        spec=TinyModelSpec(hidden_size=32, intermediate_size=64),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+    model = AutoModelForCausalLM.from_pretrained(paths["base"])
+    evaluator = Evaluator(
+        EvalConfig(data=str(paths["data"]), forget_split="forget10", max_new_tokens=6, batch_size=5),
+        tokenizer,
+    )
+    return paths, tokenizer, model, evaluator
+
+
+def naive_mean_logprob(model, tokenizer, question, answer):
+    prompt = [tokenizer.bos_token_id, *tokenizer(f"[INST] {question} [/INST]")["input_ids"]]
+    reply = [*tokenizer(" " + answer)["input_ids"], tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(1, torch.tensor(reply)[:, None]).mean().item()
+
+
+def test_report_matches_naive_computation(setup):
+    paths, tokenizer, model, evaluator = setup
+    report = evaluator.evaluate(model)
+    rows = [
+        json.loads(line) for line in (paths["data"] / "forget10_perturbed.jsonl").read_text().splitlines()
+    ]
+    probabilities = [math.exp(naive_mean_logprob(model, tokenizer, r["question"], r["answer"])) for r in rows]
+    assert report["forget"]["probability"] == pytest.approx(sum(probabilities) / len(rows), rel=1e-4)
+    first = rows[0]
+    para = naive_mean_logprob(model, tokenizer, first["question"], first["paraphrased_answer"])
+    pert = [naive_mean_logprob(model, tokenizer, first["question"], a) for a in first["perturbed_answer"]]
+    assert report["forget"]["truth_ratios"][0] == pytest.approx(
+        math.exp(sum(pert) / len(pert) - para), rel=1e-4
+    )
+
+    world = [
+        json.loads(line) for line in (paths["data"] / "world_facts_perturbed.jsonl").read_text().splitlines()
+    ]
+    normalised = []
+    for r in world:
+        true = math.exp(naive_mean_logprob(model, tokenizer, r["question"], r["answer"]))
+        wrong = sum(
+            math.exp(naive_mean_logprob(model, tokenizer, r["question"], a)) for a in r["perturbed_answer"]
+        )
+        normalised.append(true / (true + wrong))
+    assert report["world_facts"]["probability"] == pytest.approx(sum(normalised) / len(world), rel=1e-4)
+    for key in ("forget/rouge", "retain/truth_ratio", "real_authors/probability"):
+        assert 0 <= summary(report)[key] <= 1
+    assert 0 <= report["model_utility"] <= 1
+
+
+def test_batched_generation_equals_one_by_one(setup):
+    _, tokenizer, model, evaluator = setup
+    prompts = evaluator.sets["retain"]["prompts"][:7]
+    batched = evaluator.generate(model, prompts)
+    for prompt, text in zip(prompts, batched, strict=True):
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        assert tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip() == text
+
+
+def test_forget_quality_of_a_model_against_itself_is_one(setup):
+    _, _, model, evaluator = setup
+    report = evaluator.evaluate(model)
+    assert add_forget_quality(report, report)["forget_quality"] == pytest.approx(1.0)
+    other = {"forget": {"truth_ratios": report["forget"]["truth_ratios"][:-1]}}
+    with pytest.raises(ValueError, match="same forget split"):
+        add_forget_quality(report, other)
+
+
+def test_missing_columns_and_data_are_reported(tmp_path, setup):
+    _, tokenizer, _, _ = setup
+    with pytest.raises(ValueError, match=r"EvalConfig\.data is required"):
+        Evaluator(EvalConfig(), tokenizer)
+    for split in (
+        "forget10_perturbed",
+        "retain_perturbed",
+        "real_authors_perturbed",
+        "world_facts_perturbed",
+    ):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="paraphrased_answer"):
+        Evaluator(EvalConfig(data=str(tmp_path)), tokenizer)
+
+
+def test_demo_end_to_end_at_toy_size(tmp_path):
+    from fastnpo.demo import PRESETS, run_demo
+
+    results = run_demo(tmp_path / "demo", "quick", log=lambda message: None)
+    for name in ("results.json", "results.md", "forget_quality_vs_utility.png", "memorisation.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    preset = PRESETS["quick"]
+    for split in preset.splits:
+        for method in preset.methods:
+            epochs = saved["runs"][split][method]
+            assert [e["epoch"] for e in epochs] == list(range(int(preset.unlearn_epochs) + 1))
+            assert all(0 <= e["forget_quality"] <= 1 and 0 <= e["model_utility"] <= 1 for e in epochs)
+    assert results["retain_models"][preset.splits[0]]["forget_quality"] == pytest.approx(1.0)
