@@ -37,8 +37,12 @@ METHOD_LABELS = {
 
 @dataclass
 class DemoPreset:
+    """Sizes and recipe. 40 authors x 8 QA: forget01 / 05 / 10 = 1 / 2 / 4 authors = 8 / 16 / 32
+    questions, enough for the KS test to separate a memorised set (8 vs 8 fully separated: p ~ 2e-4).
+    30 epochs at lr 3e-3 memorise `full` (answer NLL ~0.03 / token) on this model."""
+
     num_authors: int = 40
-    qa_per_author: int = 4
+    qa_per_author: int = 8
     model: TinyModelSpec = field(default_factory=TinyModelSpec)
     pretrain_epochs: float = 30
     finetune_epochs: float = 30

@@ -288,7 +288,11 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
             ),
         )
     if config.distributed.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; keep working on 4.x.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapper = SequenceLogprobModel(model, impl=config.model.impl)
     sharded = distributed.use_fsdp(config.distributed, info)
     if sharded:

@@ -26,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(
-        root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
-    )
+    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
 
 
 def overrides(tiny, out, **extra):
@@ -73,9 +71,7 @@ def test_every_method_trains_and_exports(tiny, tmp_path, method):
     assert info["reference_cache_hit"] is (False if METHODS[method].ref_sets else None)
     exported = AutoModelForCausalLM.from_pretrained(result["final"])
     initial = AutoModelForCausalLM.from_pretrained(tiny["base"])
-    changed = [
-        not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters(), strict=True)
-    ]
+    changed = [not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters(), strict=True)]
     assert all(changed), "every parameter should move after two AdamW steps"
 
 
@@ -190,11 +186,7 @@ def test_reference_cache_hit_then_miss_on_changed_input(tiny, tmp_path):
 
 
 def run_cli(args, *, torchrun=False, env=None):
-    base = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-        if torchrun
-        else [sys.executable]
-    )
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
     return subprocess.Popen(
         [*base, "-m", "fastnpo.cli", *args],
         cwd=REPO,
@@ -212,8 +204,7 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     two = run_cli(args + overrides(tiny, tmp_path / "two", **common), torchrun=True)
     assert two.wait(timeout=300) == 0, two.stdout.read()
     one = run_cli(
-        args
-        + overrides(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8})
+        args + overrides(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8})
     )
     assert one.wait(timeout=300) == 0, one.stdout.read()
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["fsdp"] is True
@@ -285,9 +276,7 @@ def test_bad_data_fails_before_any_work(tiny, tmp_path, case, match):
         extra["data.forget"] = write_jsonl(tmp_path / "f.jsonl", [])
     else:
         long_question = "Who wrote the book? " * 40
-        extra["data.forget"] = write_jsonl(
-            tmp_path / "f.jsonl", [{"question": long_question, "answer": "Ann."}]
-        )
+        extra["data.forget"] = write_jsonl(tmp_path / "f.jsonl", [{"question": long_question, "answer": "Ann."}])
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         train(config_for(tiny, out, **extra))
     assert not out.exists(), "nothing may be written before the inputs are known good"
@@ -352,3 +341,77 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  nam_or_path: x\n")
     with pytest.raises(ConfigError, match=r"model\.nam_or_path"):
         load_config(tmp_path / "bad.yaml")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
+    grads = {}
+    for packing in (False, True):
+        config = config_for(
+            tiny,
+            tmp_path / f"run{packing}",
+            **{"method.name": "npo_rt", "data.packing": packing, "data.pack_tokens": 128, "optim.max_grad_norm": 0},
+        )
+        with pytest.raises(StopIteration):
+            train(config)
+        grads[packing] = CaptureGradients.captured
+    for packed, padded in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(packed, padded, atol=2e-5, rtol=2e-4)
+
+
+def test_lora_trains_adapters_only_and_exports_them(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(
+        config_for(tiny, tmp_path / "run", **{"method.name": "npo", "model.lora.enabled": True, "model.lora.r": 4})
+    )
+    final = Path(result["final"])
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), final)
+    lora = {k: v for k, v in adapted.state_dict().items() if "lora_B" in k}
+    assert lora and all(v.abs().max() > 0 for v in lora.values()), "lora_B starts at 0 and must have moved"
+    merged = adapted.merge_and_unload()
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight), "the lm_head stays frozen"
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_bf16_autocast_and_activation_checkpointing_run(tiny, tmp_path):
+    result = train(
+        config_for(
+            tiny,
+            tmp_path / "run",
+            **{
+                "method.name": "npo_rt",
+                "distributed.mixed_precision": "bf16",
+                "distributed.activation_checkpointing": True,
+            },
+        )
+    )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert result["final"]
+
+
+def test_cache_ref_command_builds_verifies_then_hits(tiny, tmp_path):
+    args = [
+        "cache-ref",
+        "--config",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "--verify",
+        "3",
+        *overrides(tiny, tmp_path / "run", **{"method.name": "idkdpo", "run.cache_dir": tmp_path / "cache"}),
+    ]
+    outputs = []
+    for _ in range(2):
+        process = run_cli(args)
+        out = process.communicate(timeout=300)[0]
+        assert process.returncode == 0, out
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    assert [o["hit"] for o in outputs] == [False, True]
+    assert outputs[0]["verify"]["ok"] and set(outputs[0]["verify"]["sets"]) == {"forget", "idk"}
+    assert not (tmp_path / "run").exists(), "cache-ref writes the cache only"
