@@ -152,16 +152,21 @@ class FusedSequenceLossFunction(torch.autograd.Function):
             compute_dh=hidden.requires_grad,
             compute_dw=weight.requires_grad,
         )
+        ctx.consumed = False
         ctx.dh = _scatter_rows(dh, row_ids, hidden)
         ctx.dw = dw.to(weight.dtype) if dw is not None else None
         return loss.detach()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.consumed:
+            raise RuntimeError("a fused loss can be back-propagated once; use fused=False to backward twice")
         dh, dw = ctx.dh, ctx.dw
-        ctx.dh = ctx.dw = None  # the stored gradients are used once
-        dh = dh * grad_loss.to(dh.dtype) if dh is not None else None
-        dw = dw * grad_loss.to(dw.dtype) if dw is not None else None
+        ctx.dh = ctx.dw = None  # used once, so they can be scaled in place: no second [V, D] copy
+        ctx.consumed = True
+        if not bool(grad_loss == 1):
+            dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
+            dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
         return dh, dw, None, None, None, None, None, None, None, None
 
 

@@ -190,3 +190,12 @@ def test_npo_to_ga_as_beta_vanishes():
     logps = torch.tensor([-3.0, -8.0], requires_grad=True)
     losses.npo_from_logprobs(logps, torch.tensor([-2.0, -9.0]), beta=1e-6).backward()
     torch.testing.assert_close(logps.grad, torch.full((2,), 0.5), atol=1e-5, rtol=0)
+
+
+def test_fused_loss_refuses_a_second_backward():
+    hidden, weight, labels = batch()
+    hidden.requires_grad_()
+    loss = fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), fused=True, impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        loss.backward()

@@ -1,0 +1,1011 @@
+#!/usr/bin/env python
+"""Per-token log-probs from hidden states and the lm_head, every implementation and peer side by side.
+
+One process, one command:
+
+    .venv/bin/python benchmarks/bench_logprobs.py            # CPU: 3 shapes, fp32, ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_logprobs.py --quick    # the small shapes only, 1 timed repeat
+    python benchmarks/bench_logprobs.py --device cuda        # GPU: N=8192, 4 real (D, V), bf16
+
+Contenders (see README.md): naive PyTorch (full logits), torch.compile of naive, fastnpo impl="torch",
+fastnpo impl="triton", Liger-Kernel's fused linear cross-entropy (reduction="none") and its chunked
+selective log-prob op, Cut Cross-Entropy (reduction="none"), and the NPO loss (naive / unfused / fused).
+A contender that cannot run here is recorded as skipped with the reason, never dropped.
+
+Modes: "fwd" (under no_grad: reference log-probs, evaluation) and "fwd+bwd" (gradients for hidden and
+weight from a random per-token upstream gradient; the NPO rows use the loss's own gradient).
+
+Writes benchmarks/results/logprobs_<device>[_<dtype>][_randn][_quick].{csv,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime
+import functools
+import gc
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastnpo
+from fastnpo.losses import npo_from_logprobs
+from fastnpo.profiling import peak_memory_during
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CUDA_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 2304, 256000), (8192, 2048, 128256)]
+CPU_SHAPES = [(2048, 256, 131072), (1024, 256, 32768), (512, 128, 32000)]  # the first is the CPU target
+CPU_QUICK_SHAPES = [(1024, 256, 32768), (512, 128, 32000)]
+CUDA_QUICK_SHAPES = [(8192, 2048, 128256)]
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+MODES = ("fwd", "fwd+bwd")
+NPO_SEQ_LEN = 512
+NPO_BETA = 0.1
+MIB = 2**20
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that look like a trained model's final hidden states and lm_head
+# ---------------------------------------------------------------------------------------------
+
+# Spread of the logits' random part: 0.02 (the usual lm_head init std) x sqrt(4096) for RMS-1 rows.
+LOGIT_STD = 0.02 * math.sqrt(4096)
+
+
+def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, kind: str, seed: int = 0):
+    """hidden [n, d], weight [v, d] (dtype) and labels [n] int64 on device.
+
+    kind="randn": hidden ~ N(0, 1), weight ~ N(0, 0.02^2), uniform labels: flat logits, the usual
+    micro-benchmark input and an unrealistic one (every probability is ~1/V).
+
+    kind="realistic" (default), built to have the properties that matter for these kernels:
+    - labels drawn from a Zipf(1.07) unigram over the vocabulary, low ids most frequent (as BPE
+      merge order makes them);
+    - weight = N(0, (1.28/sqrt(d))^2) (std 0.02 at d=4096, the lm_head init) plus a shared
+      "frequency" direction u whose coefficient is the token's log unigram frequency, so every row
+      gets the unigram prior in its logits (frequent tokens are likely everywhere, as in a trained LM);
+    - hidden rows = gamma * RMS-normalised(r): RMS 1 like a final RMSNorm output, gamma a learned-like
+      per-channel scale (log-normal, sigma 0.2), r a mix of the frequency direction, a few outlier
+      channels shared by all rows (+-4 before normalisation: the "massive activations" of real
+      LLMs), noise, and a component along the target token's own weight row whose size sets the
+      target's logit margin over the rest of the vocabulary: 45% of rows confident (margin 2..7 nats),
+      35% medium (-2..2), 20% wrong (-7..-2).
+    The result (printed by logit_profile): mean target probability ~0.55, top-1 accuracy ~0.8,
+    NLL ~1.5 nats, entropy ~3.5 nats, ~0.1% of the probabilities above 2^-12 (what gradient filtering
+    cannot skip). A random-init transformers model would not do: its final norm has unit scale and
+    its logits are flat like randn's.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, device=device)
+
+    if kind == "randn":
+        hidden = randn(n, d)
+        weight = randn(v, d) * 0.02
+        labels = torch.randint(0, v, (n,), generator=gen, device=device)
+        return hidden.to(dtype), weight.to(dtype), labels
+    if kind != "realistic":
+        raise ValueError(f"unknown hidden kind {kind!r}")
+    log_freq = -1.07 * torch.log(torch.arange(v, device=device, dtype=torch.float32) + 10)
+    log_freq -= torch.logsumexp(log_freq, 0)
+    labels = torch.multinomial(log_freq.exp(), n, replacement=True, generator=gen)
+    base = randn(v, d) * (LOGIT_STD / math.sqrt(d))
+    u = randn(d)
+    u /= u.norm()
+    prior = log_freq - log_freq.mean()
+    beta = 0.25 * math.sqrt(d)  # the rows' component along u
+    target_rows = base[labels]
+    weight = base.addr_(prior / beta, u)  # in place: base is weight from here on
+    k = max(2, d // 1024)
+    outliers = torch.zeros(d, device=device)
+    magnitude = 4.0 * min(1.0, math.sqrt(d / 256))  # keep the outliers a fixed share of tiny rows
+    outliers[torch.randperm(d, generator=gen, device=device)[:k]] = magnitude * torch.sign(randn(k))
+    gamma = torch.exp(0.2 * randn(d))
+    # Target margin over the log-sum-exp of the rest of the vocabulary.
+    lse_rest = torch.logsumexp(prior, 0) + 0.5 * LOGIT_STD**2
+    pick, uniform = rand(n), rand(n)
+    margin = torch.where(pick < 0.45, 2 + 5 * uniform, torch.where(pick < 0.8, -2 + 4 * uniform, -7 + 5 * uniform))
+    target_norm = target_rows.norm(dim=1)
+    budget = max(float(d - outliers.square().sum() - beta**2), 0.5 * d)
+    alpha = ((lse_rest - prior[labels] + margin) / target_norm).clamp(0, math.sqrt(0.9 * budget))
+    noise = randn(n, d)
+    noise_norm = torch.sqrt((budget - alpha**2).clamp(min=0.05 * d))
+    r = (outliers + beta * u) + alpha[:, None] * target_rows / target_norm[:, None]
+    r += noise * (noise_norm / noise.norm(dim=1))[:, None]
+    hidden = gamma * (r * (math.sqrt(d) / r.norm(dim=1, keepdim=True)))
+    del base, target_rows, noise, r
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+def logit_profile(hidden, weight, labels, rows: int = 256) -> dict:
+    """Statistics of the softmax over a sample of rows (fp32 logits)."""
+    logits = hidden[:rows].float() @ weight.float().T
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    target = probs.gather(1, labels[:rows, None])[:, 0]
+    return {
+        "mean p(target)": float(target.mean()),
+        "rows p(target)>0.9": float((target > 0.9).float().mean()),
+        "top-1 acc": float((logits.argmax(1) == labels[:rows]).float().mean()),
+        "NLL": float(-logp.gather(1, labels[:rows, None]).mean()),
+        "entropy": float(-(probs * logp).sum(1).mean()),
+        "probs >= 2^-12": float((probs >= 2.0**-12).float().mean()),
+        "logit std": float(logits.std(1).mean()),
+        "max |logit|": float(logits.abs().max()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    fn: Callable | None  # token kind: (h, w, y) -> fp32 [N] log-probs; npo kind: (h, w, y) -> scalar loss
+    kind: str = "token"  # "token" or "npo"
+    skip: str | None = None
+    note: str = ""
+    modes: tuple = MODES
+    mode_skip: dict = field(default_factory=dict)
+    impl: str = "auto"  # npo kind only
+    fused: bool = False  # npo kind only
+
+
+def naive_logprobs(hidden, weight, labels):
+    """What torch.compile sees: matmul, upcast, log_softmax, gather (labels never ignored here)."""
+    logits = (hidden @ weight.T).float()
+    return logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+
+
+def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: bool) -> list[Contender]:
+    on_cuda = device.type == "cuda"
+    cuda_only = f"CUDA-only Triton kernel; device is {device.type}"
+    out = [
+        Contender(
+            "naive",
+            lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="naive"),
+            note="fastnpo impl='naive': full [N, V] logits",
+        ),
+    ]
+    if skip_compile:
+        out.append(Contender("compile(naive)", None, skip="--no-compile"))
+    else:
+        out.append(Contender("compile(naive)", None, note="torch.compile(matmul, float, log_softmax, gather)"))
+    out.append(
+        Contender(
+            "fastnpo-torch",
+            lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="torch"),
+            note="vocab-chunked PyTorch",
+        )
+    )
+    out.append(
+        Contender(
+            "fastnpo-triton",
+            lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="triton"),
+            skip=None
+            if on_cuda
+            else "needs CUDA (TRITON_INTERPRET=1 runs ~1 ms per program iteration: far too slow to benchmark)",
+            note="filter_eps='auto' (2^-12 for bf16/fp16, exact for fp32)",
+        )
+    )
+
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger_ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        out.append(
+            Contender(
+                "liger-flce",
+                lambda h, w, y: -liger_ce(w, h, y).float(),
+                skip=None if on_cuda else cuda_only,
+                note="LigerFusedLinearCrossEntropyLoss(reduction='none'), defaults (accum_dtype=None)",
+            )
+        )
+    except Exception as error:
+        out.append(Contender("liger-flce", None, skip=f"liger-kernel not importable: {error}"))
+    try:
+        from liger_kernel.chunked_loss.fused_linear_ppo import _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE as chunk
+        from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction as SelLogp
+
+        out.append(
+            Contender(
+                "liger-selective-logprob",
+                lambda h, w, y: SelLogp.apply(h, w, y, None, 1.0, chunk),
+                note="liger_kernel.chunked_loss.fused_linear_ppo._ChunkedSelectiveLogProbFunction "
+                "(private; chunked PyTorch, its GRPO/PPO per-token log-prob op)",
+            )
+        )
+    except Exception as error:
+        out.append(
+            Contender(
+                "liger-selective-logprob",
+                None,
+                skip=f"not in this liger-kernel (needs the 0.8.x chunked selective log-prob op): {error}",
+            )
+        )
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        out.append(
+            Contender(
+                "cce",
+                lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none").float(),
+                skip=None if on_cuda else cuda_only,
+                note="cut_cross_entropy.linear_cross_entropy(reduction='none'), filter_eps='high'",
+            )
+        )
+    except Exception as error:
+        out.append(Contender("cce", None, skip=f"cut-cross-entropy not importable: {error}"))
+
+    fwd_only_reason = "forward-only NPO is token_logprobs + a sum; fused differs only when gradients are needed"
+    for name, impl, fused in (
+        ("npo-naive", "naive", False),
+        ("npo-unfused", "auto", False),
+        ("npo-fused", "auto", True),
+    ):
+        out.append(
+            Contender(
+                name,
+                None,
+                kind="npo",
+                note=f"npo_loss(impl='{impl}', fused={fused}), T={NPO_SEQ_LEN}",
+                modes=("fwd+bwd",),
+                mode_skip={"fwd": fwd_only_reason},
+                impl=impl,
+                fused=fused,
+            )
+        )
+    return out
+
+
+def make_npo_fn(contender: Contender, seq_len: int, ref_logps: torch.Tensor):
+    def fn(h, w, y):
+        batch = h.shape[0] // seq_len
+        return fastnpo.npo_loss(
+            h.view(batch, seq_len, -1),
+            w,
+            y.view(batch, seq_len),
+            ref_logps,
+            beta=NPO_BETA,
+            impl=contender.impl,
+            fused=contender.fused,
+        )
+
+    return fn
+
+
+def npo_labels(labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """HF-convention labels whose shifted targets are the token-level labels: hidden[b, t] predicts
+    labels[b, t] for t < T-1 (the last position of each row predicts nothing)."""
+    rows = labels.view(-1, seq_len)
+    return torch.cat([rows.new_full((rows.shape[0], 1), -100), rows[:, :-1]], dim=1).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clean_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:  # return freed heap pages to the OS so that the resident-set peak starts clean
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def median_ms(call, device, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median, min) ms of call() after warm-up."""
+    if device.type == "cuda":
+        try:
+            import triton.testing
+
+            times = triton.testing.do_bench(call, warmup=100, rep=400, return_mode="all")
+            return float(statistics.median(times)), float(min(times))
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def matmul_call(n, d, v, dtype, device):
+    """(call, FLOPs) of a plain [N, D] x [D, Vc] matmul into a preallocated output, the rate reference
+    (Vc = V on CUDA; on CPU up to 8192, a 64 MiB output at N=2048)."""
+    vc = v if device.type == "cuda" else min(v, 8192)
+    a = torch.randn(n, d, device=device).to(dtype)
+    b = torch.randn(vc, d, device=device).to(dtype)
+    c = torch.empty(n, vc, device=device, dtype=dtype)
+    return (lambda: torch.matmul(a, b.T, out=c)), 2 * n * d * vc
+
+
+def copy_call(device):
+    """(call, bytes moved) of a large tensor copy (read + write), the bandwidth reference."""
+    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * nbytes
+
+
+class Runner:
+    """Runs one contender in one mode on fixed inputs; returns outputs (values, dH, dW)."""
+
+    def __init__(self, hidden, weight, labels, upstream):
+        self.hidden, self.weight, self.labels, self.upstream = hidden, weight, labels, upstream
+        self.h_leaf = hidden.detach().clone().requires_grad_()
+        self.w_leaf = weight.detach().clone().requires_grad_()
+
+    def call(self, fn, mode, kind, labels=None):
+        labels = self.labels if labels is None else labels
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(self.hidden, self.weight, labels), None, None
+        self.h_leaf.grad = self.w_leaf.grad = None
+        out = fn(self.h_leaf, self.w_leaf, labels)
+        if kind == "npo":
+            out.backward()
+        else:
+            out.backward(self.upstream)
+        dh, dw = self.h_leaf.grad, self.w_leaf.grad
+        self.h_leaf.grad = self.w_leaf.grad = None
+        return out.detach(), dh, dw
+
+
+def reference_hp(hidden, weight, labels, upstream, ref_dtype):
+    """Log-probs and dH / dW of sum(upstream * logp) in ref_dtype (float64 for fp32 inputs, float32 for
+    bf16 / fp16), in row blocks of <= 256 MiB of logits, without autograd."""
+    w = weight.to(ref_dtype)
+    n = hidden.shape[0]
+    rows = max(1, (256 * MIB) // (w.shape[0] * w.element_size()))
+    logps = torch.empty(n, device=hidden.device, dtype=ref_dtype)
+    dh = torch.empty(hidden.shape, device=hidden.device, dtype=ref_dtype)
+    dw = torch.zeros(w.shape, device=hidden.device, dtype=ref_dtype)
+    for r0 in range(0, n, rows):
+        h = hidden[r0 : r0 + rows].to(ref_dtype)
+        y = labels[r0 : r0 + rows]
+        g = upstream[r0 : r0 + rows].to(ref_dtype)
+        logp = (h @ w.T).log_softmax(-1)
+        logps[r0 : r0 + rows] = logp.gather(1, y[:, None])[:, 0]
+        dlogits = logp.exp_().mul_(-g[:, None])
+        dlogits[torch.arange(len(y), device=y.device), y] += g
+        dh[r0 : r0 + rows] = dlogits @ w
+        dw += dlogits.T @ h
+    return logps, dh, dw
+
+
+def rel_maxdiff(x, ref):
+    if x is None or ref is None:
+        return float("nan")
+    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
+
+
+def abs_maxdiff(x, ref):
+    return float((x.float() - ref.float()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info(device) -> dict:
+    info = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastnpo": fastnpo.__version__,
+    }
+    for module in ("triton", "liger_kernel", "cut_cross_entropy"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:
+            try:
+                from importlib.metadata import version
+
+                info[module] = version(module.replace("_", "-"))
+            except Exception:
+                info[module] = "not installed"
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            found = re.search(r"model name\s*:\s*(.+)", handle.read())
+            cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    info["cpu"] = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    try:
+        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().replace("*", "x").split("x")
+        if len(parts) != 3:
+            raise SystemExit(f"--shapes wants NxDxV items separated by commas, got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def tolerance(dtype) -> dict:
+    """Allowed error beyond naive's own error vs the high-precision reference (DESIGN.md's test rule)."""
+    return {"value": 1e-4, "grad": 1e-4} if dtype == torch.float32 else {"value": 1e-2, "grad": 2e-2}
+
+
+def fail(row, name, error, device, log):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    if name == "compile(naive)":
+        message = "torch.compile failed on this machine: " + message
+    row.update(status="failed", note=message)
+    log(f"    {row['mode']:7s} {name:24s} FAILED: {message}")
+
+
+def time_round_robin(ready, extra, device, args, log) -> dict:
+    """{name: [ms, ...]} for the contenders in ready [(row, call)] and the reference calls in extra
+    [(name, call)]. CUDA: do_bench per entry. CPU: the timed calls of all entries interleaved
+    round-robin (after --warmup untimed rounds), so that load from other processes on a shared machine
+    shifts every entry alike, the matmul and copy references included."""
+    entries = [(row, row["contender"], call) for row, call in ready] + [(None, name, call) for name, call in extra]
+    times = {name: [] for _, name, _ in entries}
+    if device.type == "cuda":
+        import triton.testing
+
+        for row, name, call in entries:
+            try:
+                times[name] = list(triton.testing.do_bench(call, warmup=100, rep=400, return_mode="all"))
+            except Exception as error:
+                if row is None:
+                    raise
+                fail(row, name, error, device, log)
+        return times
+    for round_index in range(args.warmup + args.repeats):
+        for row, name, call in entries:
+            if row is not None and row.get("status") == "failed":
+                continue
+            try:
+                t0 = time.perf_counter()
+                call()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            except Exception as error:
+                if row is None:
+                    raise
+                fail(row, name, error, device, log)
+                continue
+            if round_index >= args.warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def run_shape(shape, args, device, dtype, contenders, rows, log):
+    n, d, v = shape
+    t0 = time.perf_counter()
+    hidden, weight, labels = make_inputs(n, d, v, dtype, device, args.hidden, seed=args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    upstream = (torch.rand(n, generator=gen, device=device) + 0.5) * torch.where(
+        torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0
+    )
+    profile = logit_profile(hidden, weight, labels)
+    log(
+        f"\n=== N={n} D={d} V={v} {str(dtype).replace('torch.', '')} {args.hidden} on {device.type}"
+        f" (inputs in {time.perf_counter() - t0:.1f} s)"
+    )
+    log("    logits: " + ", ".join(f"{k} {val:.3g}" for k, val in profile.items()))
+    mm_call, mm_flops = matmul_call(n, d, v, dtype, device)
+    cp_call, cp_bytes = copy_call(device)
+    mm_call(), cp_call()
+    synchronize(device)
+    samples = {"matmul": [], "copy": []}
+    runner = Runner(hidden, weight, labels, upstream)
+    seq_len = min(NPO_SEQ_LEN, n)
+    npo_y = npo_labels(labels, seq_len) if n % seq_len == 0 else None
+    tol = tolerance(dtype)
+    reference = {}  # mode -> (values, dh, dw) of naive; "npo" -> of npo-naive
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    t_ref = time.perf_counter()
+    exact = {"token": reference_hp(hidden, weight, labels, upstream, ref_dtype)}
+    log(f"    {str(ref_dtype).replace('torch.', '')} reference in {time.perf_counter() - t_ref:.1f} s")
+    shape_info = {"N": n, "D": d, "V": v, "profile": profile}
+    compiled = None
+    if not args.no_compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(naive_logprobs, dynamic=False)
+
+    for mode in MODES:
+        ready = []  # (row, call, peak) of the contenders that ran and passed their first call
+        for c in contenders:
+            row = {
+                "device": device.type,
+                "dtype": str(dtype).replace("torch.", ""),
+                "hidden": args.hidden,
+                "N": n,
+                "D": d,
+                "V": v,
+                "mode": mode,
+                "contender": c.name,
+                "note": c.note,
+            }
+            rows.append(row)
+            reason = c.skip or c.mode_skip.get(mode)
+            if c.kind == "npo" and npo_y is None and not reason:
+                reason = f"N={n} is not a multiple of T={seq_len}"
+            if reason:
+                row.update(status="skipped", note=reason)
+                log(f"    {mode:7s} {c.name:24s} skipped: {reason}")
+                continue
+            kind, y = c.kind, (npo_y if c.kind == "npo" else labels)
+            if c.name == "compile(naive)":
+                fn = compiled
+            elif kind == "npo":
+                if "ref_logps" not in shape_info:
+                    base = reference["fwd"][0] if "fwd" in reference else runner.call(naive_logprobs, "fwd", "token")[0]
+                    seq = base.view(-1, seq_len)[:, :-1].sum(1)
+                    shape_info["ref_logps"] = seq + torch.randn(seq.shape, generator=gen, device=device)
+                fn = make_npo_fn(c, seq_len, shape_info["ref_logps"])
+            else:
+                fn = c.fn
+            call = functools.partial(runner.call, fn, mode, kind, y)
+            try:
+                clean_memory(device)
+                if c.name == "compile(naive)":  # the first call compiles: measure memory on the second
+                    t_first = time.perf_counter()
+                    outputs = call()
+                    synchronize(device)
+                    row["note"] += f"; first call (compile) {time.perf_counter() - t_first:.1f} s"
+                    del outputs
+                    clean_memory(device)
+                outputs, peak = peak_memory_during(call, device)  # the warm-up call, checked and measured
+                if kind == "npo" and "npo" not in exact:
+                    exact["npo"] = npo_reference(
+                        exact["token"][0], hidden, weight, labels, seq_len, shape_info["ref_logps"], ref_dtype
+                    )
+                key = "npo" if kind == "npo" else mode
+                if (kind == "npo" and c.name == "npo-naive") or (kind == "token" and c.name == "naive"):
+                    reference[key] = outputs
+                row.update(check_outputs(outputs, reference.get(key), exact[kind], tol))
+                del outputs
+                gc.collect()
+            except Exception as error:
+                fail(row, c.name, error, device, log)
+                continue
+            row["peak_mib"] = round(peak / MIB, 1)
+            ready.append((row, call))
+            log(
+                f"    {mode:7s} {c.name:24s} peak {peak / MIB:8.1f} MiB  "
+                f"max|Δ value| {row['value_maxdiff_ref']:.1e}  "
+                f"dH {row.get('dh_rel_maxdiff_ref', float('nan')):.1e} "
+                f"dW {row.get('dw_rel_maxdiff_ref', float('nan')):.1e}  {row['check']}"
+            )
+        times = time_round_robin(ready, [("matmul", mm_call), ("copy", cp_call)], device, args, log)
+        samples["matmul"] += times.pop("matmul")
+        samples["copy"] += times.pop("copy")
+        for row, _ in ready:
+            if row.get("status") == "failed" or not times.get(row["contender"]):
+                continue
+            values = times[row["contender"]]
+            row.update(
+                status="ok",
+                median_ms=round(statistics.median(values), 3),
+                min_ms=round(min(values), 3),
+            )
+            log(f"    {mode:7s} {row['contender']:24s} {row['median_ms']:10.1f} ms (min {row['min_ms']:.1f})")
+    # the references, timed among the contenders: matmul rate, copy bandwidth, floors, fractions
+    rate = mm_flops / (statistics.median(samples["matmul"]) * 1e-3) / 1e12
+    bandwidth = cp_bytes / (statistics.median(samples["copy"]) * 1e-3) / 1e9
+    esize = hidden.element_size()
+    floors = {}
+    for mode, flops, nbytes in (
+        ("fwd", 2 * n * d * v, (n * d + v * d) * esize + 12 * n),
+        ("fwd+bwd", 6 * n * d * v, 2 * (n * d + v * d) * esize + 16 * n),
+    ):
+        floors[mode] = {
+            "flops": flops,
+            "flop_floor_ms": flops / (rate * 1e12) * 1e3,
+            "byte_floor_ms": nbytes / (bandwidth * 1e9) * 1e3,
+            "bytes": nbytes,
+        }
+    shape_info.update(matmul_tflops=rate, bandwidth_gbs=bandwidth, floors=floors)
+    log(
+        f"    matmul {rate:.3f} TFLOP/s, copy {bandwidth:.1f} GB/s (timed among the contenders); floors: "
+        f"fwd {floors['fwd']['flop_floor_ms']:.1f} ms (FLOPs) / {floors['fwd']['byte_floor_ms']:.1f} ms (bytes), "
+        f"fwd+bwd {floors['fwd+bwd']['flop_floor_ms']:.1f} / {floors['fwd+bwd']['byte_floor_ms']:.1f} ms"
+    )
+    for row in rows:
+        if (row["N"], row["D"], row["V"]) != shape:
+            continue
+        row["matmul_tflops"] = round(rate, 4)
+        if row.get("status") == "ok":
+            tflops = floors[row["mode"]]["flops"] / (row["median_ms"] * 1e-3) / 1e12
+            row["tflops"] = round(tflops, 4)
+            row["frac_matmul"] = round(tflops / rate, 3)
+    # speed ratio vs the naive baseline of the same kind (token: naive; npo: npo-naive)
+    for row in rows:
+        if (row["N"], row["D"], row["V"]) != shape or row.get("status") != "ok":
+            continue
+        base_name = "npo-naive" if row["contender"].startswith("npo-") else "naive"
+        base = next(
+            (
+                r
+                for r in rows
+                if (r["N"], r["D"], r["V"]) == shape
+                and r["mode"] == row["mode"]
+                and r["contender"] == base_name
+                and r.get("status") == "ok"
+            ),
+            None,
+        )
+        if base is not None:
+            row["speedup_vs_naive"] = round(base["median_ms"] / row["median_ms"], 3)
+    del runner, hidden, weight, labels
+    clean_memory(device)
+    return shape_info
+
+
+def npo_reference(token_logps, hidden, weight, labels, seq_len, ref_logps, ref_dtype):
+    """NPO loss and gradients in ref_dtype, from the token-level reference log-probs (the NPO targets
+    are the token labels, the last position of each row excluded, see npo_labels)."""
+    batch = hidden.shape[0] // seq_len
+    mask = torch.ones(batch, seq_len, device=hidden.device, dtype=ref_dtype)
+    mask[:, -1] = 0
+    leaf = (token_logps.view(batch, seq_len) * mask).sum(1).requires_grad_()
+    loss = npo_from_logprobs(leaf, ref_logps.to(ref_dtype), beta=NPO_BETA)
+    (grad_seq,) = torch.autograd.grad(loss, leaf)
+    upstream = (grad_seq[:, None] * mask).reshape(-1)
+    _, dh, dw = reference_hp(hidden, weight, labels, upstream, ref_dtype)
+    return loss.detach(), dh, dw
+
+
+def check_outputs(outputs, naive, exact, tol) -> dict:
+    """Differences from naive and from the high-precision reference; the check passes when the
+    contender's error vs the reference is within naive's own error plus tol."""
+    values, dh, dw = outputs
+    result = {}
+    if naive is not None:
+        result["value_maxdiff"] = abs_maxdiff(values, naive[0])
+        if dh is not None:
+            result["dh_rel_maxdiff"] = rel_maxdiff(dh, naive[1])
+            result["dw_rel_maxdiff"] = rel_maxdiff(dw, naive[2])
+    result["value_maxdiff_ref"] = abs_maxdiff(values, exact[0])
+    allowed = (abs_maxdiff(naive[0], exact[0]) if naive else 0.0) + tol["value"]
+    ok = result["value_maxdiff_ref"] <= allowed
+    if dh is not None:
+        for name, mine, theirs, reference in (
+            ("dh", dh, naive[1] if naive else None, exact[1]),
+            ("dw", dw, naive[2] if naive else None, exact[2]),
+        ):
+            err = rel_maxdiff(mine, reference)
+            result[f"{name}_rel_maxdiff_ref"] = err
+            ok = ok and err <= (rel_maxdiff(theirs, reference) if theirs is not None else 0.0) + tol["grad"]
+    for key, value in list(result.items()):
+        result[key] = float(f"{value:.3g}")
+    result["check"] = "pass" if ok else "MISMATCH"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+CSV_FIELDS = [
+    "device",
+    "dtype",
+    "hidden",
+    "N",
+    "D",
+    "V",
+    "mode",
+    "contender",
+    "status",
+    "median_ms",
+    "min_ms",
+    "speedup_vs_naive",
+    "tflops",
+    "frac_matmul",
+    "matmul_tflops",
+    "peak_mib",
+    "value_maxdiff",
+    "dh_rel_maxdiff",
+    "dw_rel_maxdiff",
+    "value_maxdiff_ref",
+    "dh_rel_maxdiff_ref",
+    "dw_rel_maxdiff_ref",
+    "check",
+    "note",
+]
+
+
+def write_csv(path, rows, header_lines):
+    with open(path, "w", newline="") as handle:
+        for line in header_lines:
+            handle.write(f"# {line}\n")
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fmt(value, spec):
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def write_markdown(path, rows, shapes_info, header_lines, title):
+    lines = [f"# {title}", ""] + [f"- {line}" for line in header_lines] + [""]
+    skipped = {}
+    versus = "fp64 reference" if all(row["dtype"] == "float32" for row in rows) else "fp32 reference"
+    for info in shapes_info:
+        n, d, v = info["N"], info["D"], info["V"]
+        fl = info["floors"]
+        lines += [
+            f"## N={n}, D={d}, V={v}",
+            "",
+            "Logits (256-row sample): " + ", ".join(f"{k} {x:.3g}" for k, x in info["profile"].items()),
+            "",
+            f"Matmul rate {info['matmul_tflops']:.3f} TFLOP/s, copy bandwidth {info['bandwidth_gbs']:.1f} GB/s "
+            "(both timed among the contenders). "
+            f"Floors: fwd {fl['fwd']['flop_floor_ms']:.1f} ms "
+            f"(2NDV FLOPs at that rate) / {fl['fwd']['byte_floor_ms']:.1f} ms "
+            f"({fl['fwd']['bytes'] / MIB:.0f} MiB at the copy bandwidth); fwd+bwd "
+            f"{fl['fwd+bwd']['flop_floor_ms']:.1f} ms (6NDV) / {fl['fwd+bwd']['byte_floor_ms']:.1f} ms "
+            f"({fl['fwd+bwd']['bytes'] / MIB:.0f} MiB).",
+            "",
+            "| mode | contender | median ms | min ms | speedup vs naive | TFLOP/s | % of matmul "
+            f"| peak extra MiB | max abs Δ logp/loss vs {versus} | max rel Δ dH | max rel Δ dW | check |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in rows:
+            if (row["N"], row["D"], row["V"]) != (n, d, v):
+                continue
+            if row["status"] != "ok":
+                skipped.setdefault((row["contender"], row["status"], row["note"]), []).append(
+                    f"{n}x{d}x{v} {row['mode']}"
+                )
+                continue
+            suffix = "_ref"
+            lines.append(
+                f"| {row['mode']} | {row['contender']} | {fmt(row['median_ms'], '.1f')} | "
+                f"{fmt(row['min_ms'], '.1f')} | "
+                f"{fmt(row.get('speedup_vs_naive'), '.2f')} | {fmt(row['tflops'], '.3f')} | "
+                f"{fmt(100 * row['frac_matmul'], '.0f')} | {fmt(row['peak_mib'], '.1f')} | "
+                f"{fmt(row.get('value_maxdiff' + suffix), '.1e')} | "
+                f"{fmt(row.get('dh_rel_maxdiff' + suffix), '.1e')} | "
+                f"{fmt(row.get('dw_rel_maxdiff' + suffix), '.1e')} | {row.get('check', '')} |"
+            )
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped or failed", ""]
+        for (name, status, note), where in skipped.items():
+            lines.append(f"- **{name}** ({status}, {', '.join(where)}): {note}")
+        lines.append("")
+    lines += [
+        "Differences are from a high-precision reference computed in row blocks (fp64 for fp32 inputs, fp32 "
+        "for bf16/fp16): value = max abs difference of the log-probs (npo-*: of the loss); dH, dW = max abs "
+        "difference over max abs reference gradient. The check passes when a contender's error is within "
+        "naive's own error plus 1e-4 (fp32) or 1e-2 / 2e-2 (values / gradients, bf16 and fp16). The CSV "
+        "also has the differences from naive (value_maxdiff, dh_rel_maxdiff, dw_rel_maxdiff). Speedup: "
+        "naive ms / contender ms (npo-* rows: vs npo-naive).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path, rows, title):
+    """A grid of horizontal bar charts: one column per shape; rows fwd ms, fwd+bwd ms, and their peak MiB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    shapes = list(dict.fromkeys((r["N"], r["D"], r["V"]) for r in rows))
+    names = list(dict.fromkeys(r["contender"] for r in ok))
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    panels = [
+        ("fwd", "median_ms", "fwd: median ms"),
+        ("fwd+bwd", "median_ms", "fwd+bwd: median ms"),
+        ("fwd", "peak_mib", "fwd: peak extra MiB"),
+        ("fwd+bwd", "peak_mib", "fwd+bwd: peak extra MiB"),
+    ]
+    fig, axes = plt.subplots(len(panels), len(shapes), figsize=(5.2 * len(shapes), 2.6 * len(panels)), squeeze=False)
+    for col, shape in enumerate(shapes):
+        for line, (mode, metric, label) in enumerate(panels):
+            ax = axes[line][col]
+            hits = [r for r in ok if (r["N"], r["D"], r["V"]) == shape and r["mode"] == mode and r.get(metric)]
+            ys = [r[metric] for r in hits]
+            bars = ax.barh(range(len(hits)), ys, color=[colors[r["contender"]] for r in hits])
+            ax.set_yticks(range(len(hits)))
+            ax.set_yticklabels([r["contender"] for r in hits], fontsize=8)
+            ax.invert_yaxis()
+            top = max(ys, default=1.0)
+            for bar, r in zip(bars, hits, strict=True):
+                text = f"{r[metric]:.0f}" if r[metric] >= 10 else f"{r[metric]:.2f}"
+                if metric == "median_ms" and r.get("speedup_vs_naive"):
+                    text += f"  ({r['speedup_vs_naive']:.2f}x)"
+                ax.text(
+                    bar.get_width() + 0.01 * top,
+                    bar.get_y() + bar.get_height() / 2,
+                    text,
+                    va="center",
+                    fontsize=7,
+                )
+            ax.set_xlim(0, top * 1.35)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_title(f"N={shape[0]} D={shape[1]} V={shape[2]} - {label}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title + "\nlabels: ms (speedup vs naive; npo-*: vs npo-naive)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...]; default depends on the device")
+    parser.add_argument("--hidden", choices=("realistic", "randn"), default="realistic")
+    parser.add_argument("--quick", action="store_true", help="small shapes, 1 warm-up + 1 timed repeat on CPU")
+    parser.add_argument("--contenders", default=None, help="comma-separated names to run (default: all)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="extra CPU warm-up calls (the checked first call and the memory call already warm up)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="CPU timed calls (median reported)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(naive)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output stem in benchmarks/results (default from device etc.)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    elif args.quick:
+        shapes = CUDA_QUICK_SHAPES if device.type == "cuda" else CPU_QUICK_SHAPES
+    else:
+        shapes = CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.quick and device.type == "cpu":
+        args.warmup, args.repeats = 0, 1
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    kind = (
+        "cpu"
+        if device.type == "cpu"
+        else "cuda_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    )
+    stem = args.out or "logprobs_" + kind + ("" if dtype == default_dtype else "_" + str(dtype).split(".")[1]) + (
+        "_randn" if args.hidden == "randn" else ""
+    ) + ("_quick" if args.quick else "")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def log(message):
+        print(message, flush=True)
+
+    info = machine_info(device)
+    log("fastnpo log-prob benchmark: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    contenders = build_contenders(device, dtype, args.no_compile)
+    if args.contenders:
+        wanted = set(args.contenders.split(","))
+        unknown = wanted - {c.name for c in contenders}
+        if unknown:
+            raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {[c.name for c in contenders]}")
+        contenders = [c for c in contenders if c.name in wanted or c.name in ("naive", "npo-naive")]
+    rows, shapes_info = [], []
+    start, cpu_start = time.perf_counter(), sum(os.times()[:2])
+    for shape in shapes:
+        shapes_info.append(run_shape(shape, args, device, dtype, contenders, rows, log))
+    elapsed = time.perf_counter() - start
+    cpu_seconds = sum(os.times()[:2]) - cpu_start
+    share = f"{cpu_seconds / elapsed:.2f} of {os.cpu_count()} cores"
+    try:
+        load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load_end = "?"
+    timing = (
+        f"median of {args.repeats} timed calls (time.perf_counter), interleaved round-robin across the "
+        "contenders and the matmul/copy references, after 1 warm-up call (the first call, which is checked "
+        "and memory-measured; compile(naive) also gets its compile call)"
+        + (f" and {args.warmup} untimed rounds" if args.warmup else "")
+        if device.type == "cpu"
+        else "triton.testing.do_bench median (L2 flushed), warm-up 100 ms"
+    )
+    header = [
+        f"date: {info['date']}",
+        f"machine: {info.get('gpu', '')}{'; ' if 'gpu' in info else ''}{info['cpu']}",
+        f"load average at start: {info.get('load average at start', '?')}, at end: {load_end}; "
+        f"this process used {share} on average (CPU time / wall time; on a shared machine the rest went "
+        "to other processes and the timings are inflated)",
+        "versions: "
+        + ", ".join(
+            f"{k} {info[k]}" for k in ("python", "torch", "triton", "fastnpo", "liger_kernel", "cut_cross_entropy")
+        ),
+        f"device {device.type}, dtype {str(dtype).replace('torch.', '')}, hidden states {args.hidden}",
+        f"timing: {timing}; memory: fastnpo.profiling.peak_memory_during after gc"
+        + (
+            " + malloc_trim (peak resident set above the start)"
+            if device.type == "cpu"
+            else " (max_memory_allocated above the start)"
+        ),
+        "copy bandwidth (read + write bytes of a large copy, timed among the contenders): "
+        + ", ".join(f"{i['N']}x{i['D']}x{i['V']}: {i['bandwidth_gbs']:.1f} GB/s" for i in shapes_info)
+        + f"; total run time {elapsed:.0f} s",
+        "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+    ]
+    dtype_name = str(dtype).replace("torch.", "")
+    title = f"fastnpo log-probs benchmark: {kind}, {dtype_name}, {args.hidden} hidden states"
+    csv_path, md_path, png_path = (RESULTS_DIR / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
+    write_csv(csv_path, rows, header)
+    write_markdown(md_path, rows, shapes_info, header, title)
+    written = [csv_path, md_path]
+    if not args.no_plot:
+        write_plot(png_path, rows, title)
+        written.append(png_path)
+    log(f"\ndone in {elapsed:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    bad = [r for r in rows if r.get("check") == "MISMATCH"]
+    if bad:
+        log("MISMATCH: " + ", ".join(f"{r['contender']} {r['mode']} {r['N']}x{r['D']}x{r['V']}" for r in bad))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
