@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache.add_argument("overrides", nargs="*")
 
+    u2a = commands.add_parser("u2a", help="U2A: choose and weight the negatives to unlearn (bi-level)")
+    u2a.add_argument("--config", default=None, help="YAML file, e.g. configs/u2a_synthetic.yaml")
+    u2a.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. bilevel.k=16")
+
     demo = commands.add_parser("demo", help="the TOFU unlearning study on Mini-TOFU and a tiny model (CPU)")
     demo.add_argument("--preset", default="default", help="quick (smoke test), default (~10 min on 2 cores), full")
     demo.add_argument("--out", default="runs/demo", help="work folder (replaced)")
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("demo", "eval", "prepare-tiny"):
             result = run_other(args)
+        elif args.command == "u2a":
+            from .u2a import run_u2a
+
+            result = run_u2a(args.config, args.overrides)
         elif args.command == "train":
             config = load_config(args.config, args.overrides)
             from .train import train as run_training

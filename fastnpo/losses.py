@@ -152,7 +152,7 @@ def npo_loss(
     weights: torch.Tensor | None = None,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool = True,
+    fused: bool = False,
 ) -> torch.Tensor:
     """NPO loss from hidden states: mean_b w_b (2/beta) softplus(beta (logp_b - ref_logps_b)).
 
@@ -161,8 +161,11 @@ def npo_loss(
     convention), ref_logps [B] the frozen reference model's summed log-probs of the same
     targets, weights [B] >= 0 (default 1).
 
-    fused=True computes the gradients in the forward call (see ops.FusedSequenceLossFunction);
-    fused=False runs the usual forward, then backward. Both give the same values and gradients.
+    fused=True computes the gradients in the forward call (see ops.FusedSequenceLossFunction)
+    and allows one backward; fused=False (default) runs the usual forward, then backward. Both
+    give the same values and gradients. Fusing saves no FLOPs (the log-sum-exp must be complete
+    before any probability is known) and measured no faster on CPU (benchmarks/results/
+    logprobs_cpu.md, npo-fused vs npo-unfused); whether it pays on GPU is still to be measured.
     """
     check_hidden_and_weight(hidden, weight, exact_dim=3)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
@@ -192,7 +195,7 @@ def ga_loss(
     ignore_index: int = -100,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool = True,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Gradient-ascent loss: minus the token-mean cross-entropy over all target tokens of the batch.
 
