@@ -13,6 +13,7 @@
 """
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,8 +49,9 @@ class DemoPreset:
     finetune_epochs: float = 30
     finetune_lr: float = 3e-3
     batch_size: int = 16
-    unlearn_epochs: float = 5
+    unlearn_epochs: float = 8
     unlearn_lr: float = 1e-3
+    unlearn_batch_size: int = 4
     beta: float = 0.1
     simnpo_beta: float = 2.5
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
@@ -203,8 +205,8 @@ def run_demo(
                     f"data.retain={data}",
                     f"data.retain_split={SPLIT_PAIRS[split]}",
                     "data.max_length=96",
-                    f"data.batch_size={min(preset.batch_size, 8)}",
-                    f"data.retain_batch_size={min(preset.batch_size, 8)}",
+                    f"data.batch_size={preset.unlearn_batch_size}",
+                    f"data.retain_batch_size={preset.unlearn_batch_size}",
                     f"method.name={method}",
                     f"method.beta={beta}",
                     f"optim.lr={preset.unlearn_lr}",
@@ -322,7 +324,9 @@ def plot_results(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.6), squeeze=False)
     for ax, split in zip(axes[0], splits, strict=True):
         memo = results["memorisation"][split]
-        bins = [10 ** (k / 4) for k in range(-16, 5)]
+        ratios = [r for r in memo["target"] + memo["retain"] if r > 0]
+        low, high = math.log10(min(ratios)), math.log10(max(ratios))
+        bins = [10 ** (low + (high - low) * k / 16) for k in range(17)]
         ax.hist(
             [min(max(r, bins[0]), bins[-1]) for r in memo["target"]], bins=bins, alpha=0.6, label="target"
         )
