@@ -52,19 +52,10 @@ def tiny_problem(args):
 def llama_1b_problem(args):
     """A Llama-3.2-1B-shaped model with random weights and random-token sequences: the scores'
     cost and agreement do not need trained weights (no download on the GPU machines)."""
+    from bench_train import LLAMA_1B  # the shape the trainer benchmark uses (benchmarks/ is on sys.path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    )
+    config = LlamaConfig(**LLAMA_1B)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device=args.device, dtype=u2a.DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(args.seed)

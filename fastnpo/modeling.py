@@ -39,8 +39,14 @@ def decoder(model: nn.Module) -> nn.Module:
     return body
 
 
-LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
-                   "output_multiplier", "output_multiplier_scale")
+LOGIT_RESCALING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "output_multiplier_scale",
+)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -56,6 +62,19 @@ def check_supported(model: nn.Module) -> None:
                     f"{type(model).__name__} rescales its logits ({name}={value}): its logits are not "
                     "hidden @ lm_head.weight.T, so fastnpo's fused log-prob op cannot reproduce them"
                 )
+
+
+def add_lora(model: nn.Module, lora) -> nn.Module:
+    """Wrap `model` with LoRA adapters (peft) from a config with r, alpha, dropout and
+    target_modules (fastnpo.config.LoraConfig); the base weights and the lm_head stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        ),
+    )
 
 
 class SequenceLogprobModel(nn.Module):

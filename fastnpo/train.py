@@ -29,7 +29,7 @@ from .config import Config, ConfigError, to_yaml, trajectory_differences
 from .data import build_unlearning_data, collate, collate_packed
 from .losses import kl_from_logits
 from .methods import loss_terms, method_for
-from .modeling import SequenceLogprobModel
+from .modeling import SequenceLogprobModel, add_lora
 from .profiling import peak_memory_bytes, reset_peak_memory
 from .refcache import (
     fingerprint_examples,
@@ -275,18 +275,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
         ref, cache_hit = reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
 
     if config.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = config.model.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-            ),
-        )
+        model = add_lora(model, config.model.lora)
     if config.distributed.activation_checkpointing:
         # transformers 5 renamed it; keep working on 4.x.
         if hasattr(model, "activation_checkpointing_enable"):

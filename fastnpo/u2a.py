@@ -72,7 +72,7 @@ from .config import ConfigError, LoraConfig
 from .data import collate
 from .logprobs import aligned_labels
 from .losses import dpo_from_logprobs, nll_from_logprobs
-from .modeling import SequenceLogprobModel, output_weight
+from .modeling import SequenceLogprobModel, add_lora, output_weight
 
 IGNORE_INDEX = -100
 UNLEARN_LOSSES = ("npo", "ga", "graddiff")
@@ -912,21 +912,9 @@ def run_prepared(config: U2AConfig, task: PreparedTask, log: Callable[[str], Non
     """The bi-level loop on a prepared task (whose model it trains in place)."""
     model = task.model
     if config.model.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        lora = config.model.lora
         # At initialisation LoRA's B is zero: the wrapped model IS the original, so the
         # reference log-probs computed through it below are the original model's.
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-            ),
-        )
+        model = add_lora(model, config.model.lora)
     d = config.data
     problem = PreferenceUnlearningProblem.from_split(
         model,
