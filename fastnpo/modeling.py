@@ -10,7 +10,7 @@ forward, silently skips that reduction).
 import torch
 from torch import nn
 
-from .data import packed_sequence_logprobs
+from .data import collate, packed_sequence_logprobs
 from .logprobs import aligned_labels, sequence_logprobs
 
 IGNORE_INDEX = -100
@@ -113,3 +113,25 @@ class SequenceLogprobModel(nn.Module):
             return logps, (targets != IGNORE_INDEX).sum(dim=1), logits
         logps, counts = packed_sequence_logprobs(hidden, weight, batch, impl=self.impl)
         return logps, counts, logits
+
+
+@torch.no_grad()
+def item_logprobs(
+    model: SequenceLogprobModel, items: list[dict], pad_token_id: int, batch_size: int, on_batch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (fp32) and target counts (int64) of tokenized items, on CPU, in item order.
+
+    The reference pass of the trainer, the HF integration's add_reference_logprobs and cache-ref:
+    no grad, batches of similar length (least padding), on_batch(size) after each batch.
+    """
+    device = output_weight(model.lm).device
+    logps, counts = torch.zeros(len(items)), torch.zeros(len(items), dtype=torch.long)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = collate([items[i] for i in chosen], pad_token_id)
+        sequence_logps, target_counts, _ = model({k: v.to(device) for k, v in batch.items()})
+        logps[chosen], counts[chosen] = sequence_logps.float().cpu(), target_counts.cpu()
+        if on_batch is not None:
+            on_batch(len(chosen))
+    return logps, counts

@@ -29,14 +29,9 @@ from .config import Config, ConfigError, to_yaml, trajectory_differences
 from .data import build_unlearning_data, collate, collate_packed
 from .losses import kl_from_logits
 from .methods import loss_terms, method_for
-from .modeling import SequenceLogprobModel, add_lora
+from .modeling import SequenceLogprobModel, add_lora, item_logprobs, output_weight
 from .profiling import peak_memory_bytes, reset_peak_memory
-from .refcache import (
-    fingerprint_examples,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    get_or_build_ref_logprobs,
-)
+from .refcache import get_or_build_ref_logprobs, ref_cache_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +123,6 @@ def prepare_output_dir(config: Config, info: distributed.ProcessInfo) -> Path | 
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-@torch.no_grad()
 def compute_sequence_logprobs(
     model: SequenceLogprobModel,
     items: list[dict],
@@ -138,19 +132,13 @@ def compute_sequence_logprobs(
     progress: bool,
     desc: str,
 ):
-    """Summed log-probs and counts of every item, each process doing a strided share."""
+    """Summed log-probs and counts of every item, indexed by item["index"]; each process does a
+    strided share and the shares are gathered."""
     mine = items[info.rank :: info.world_size]
-    results = []
     bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), leave=False)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        batch = {k: v.to(info.device) for k, v in collate(chunk, pad_id).items()}
-        logps, counts, _ = model(batch)
-        results += zip(
-            batch["index"].tolist(), logps.float().cpu().tolist(), counts.cpu().tolist(), strict=True
-        )
-        bar.update(len(chunk))
+    logps, counts = item_logprobs(model, mine, pad_id, batch_size, on_batch=bar.update)
     bar.close()
+    results = list(zip([item["index"] for item in mine], logps.tolist(), counts.tolist(), strict=True))
     gathered = [row for part in distributed.all_gather_objects(results, info) for row in part]
     size = max(item["index"] for item in items) + 1
     logps, counts = torch.zeros(size), torch.zeros(size, dtype=torch.long)
@@ -161,12 +149,15 @@ def compute_sequence_logprobs(
 
 def reference_logprobs(config, model, tokenizer, sets, ref_sets, info, log):
     cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
-    parts = {
-        "model": fingerprint_model(model),
-        "tokenizer": fingerprint_tokenizer(tokenizer),
-        "dtype": config.model.dtype,
-        **{f"examples:{name}": fingerprint_examples(sets[name]) for name in ref_sets},
-    }
+    # The same key parts as add_reference_logprobs and U2A (refcache.ref_cache_parts): weights,
+    # model config, tokenizer, the tokenized examples (data, template, max length), impl, dtype.
+    parts = ref_cache_parts(
+        model=model,
+        tokenizer=tokenizer,
+        examples={name: sets[name] for name in ref_sets},
+        impl=config.model.impl,
+        dtype=str(output_weight(model).dtype),
+    )
     wrapper = SequenceLogprobModel(model, impl=config.model.impl).eval()
 
     def compute():
@@ -246,14 +237,10 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
 
     tokenizer = load_tokenizer(config)
     micro_per_step = config.optim.grad_accum * info.world_size
-    sets, batches = load_data(
-        config, tokenizer, method, micro_per_step
-    )  # raises on bad data, before any work
+    sets, batches = load_data(config, tokenizer, method, micro_per_step)  # raises on bad data, before any work
     weights_by_index = None
     if config.run.example_weights:
-        weights_by_index = torch.tensor(
-            json.loads(Path(config.run.example_weights).read_text()), dtype=torch.float32
-        )
+        weights_by_index = torch.tensor(json.loads(Path(config.run.example_weights).read_text()), dtype=torch.float32)
         if (
             weights_by_index.dim() != 1
             or bool((weights_by_index < 0).any())
@@ -376,16 +363,12 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
             logps = {name: logps_all[r].float() for name, r in rows.items()}
             counts = {name: counts_all[r] for name, r in rows.items()}
             index = batch["index"].cpu()
-            ref_logps = {
-                name: ref.lookup(name, index[rows[name]])[0].to(info.device) for name in method.ref_sets
-            }
+            ref_logps = {name: ref.lookup(name, index[rows[name]])[0].to(info.device) for name in method.ref_sets}
             weights = None
             if weights_by_index is not None:
                 forget_index = index[rows["forget"]]
                 if int(forget_index.max()) >= len(weights_by_index):
-                    raise ConfigError(
-                        f"run.example_weights has {len(weights_by_index)} entries, forget set needs more"
-                    )
+                    raise ConfigError(f"run.example_weights has {len(weights_by_index)} entries, forget set needs more")
                 weights = weights_by_index[forget_index].to(info.device)
             kl = None
             if reference_model is not None:
@@ -524,9 +507,7 @@ def build_reference_cache(config: Config, verify: int = 0) -> dict:
 
             def recompute(name, indices):
                 items = [by_index[name][int(i)] for i in indices]
-                batch = {k: v.to(info.device) for k, v in collate(items, tokenizer.pad_token_id).items()}
-                with torch.no_grad():
-                    return wrapper(batch)[0].float().cpu()
+                return item_logprobs(wrapper, items, tokenizer.pad_token_id, 2 * config.data.batch_size)[0]
 
             report = verify_ref_logprobs(ref, recompute, sample=verify, seed=config.run.seed)
             log(f"verified {verify} examples per set: {report}")

@@ -415,3 +415,30 @@ def test_cache_ref_command_builds_verifies_then_hits(tiny, tmp_path):
     assert [o["hit"] for o in outputs] == [False, True]
     assert outputs[0]["verify"]["ok"] and set(outputs[0]["verify"]["sets"]) == {"forget", "idk"}
     assert not (tmp_path / "run").exists(), "cache-ref writes the cache only"
+
+
+def test_trainer_cache_is_shared_with_the_hf_integration(tiny, tmp_path):
+    # Both routes key the cache with refcache.ref_cache_parts: what `fastnpo train` computed, the
+    # Trainer integration finds (and the other way round), instead of a second reference pass.
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastnpo.integrations.hf import add_reference_logprobs
+    from fastnpo.methods import method_for
+    from fastnpo.train import load_data
+
+    cache = tmp_path / "cache"
+    config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": cache})
+    train(config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
+    sets, _ = load_data(config, tokenizer, method_for("npo"), 1)
+    rows = sorted(sets["forget"], key=lambda item: item["index"])
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    )
+    lines = []
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    out = add_reference_logprobs(data, model, tokenizer, cache_dir=cache, log=lines.append)
+    assert any("cache hit" in line for line in lines), lines
+    assert len(list(cache.glob("ref-logprobs-*.safetensors"))) == 1
+    assert len(out["ref_logp"]) == len(rows)

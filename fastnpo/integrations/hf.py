@@ -36,10 +36,9 @@ from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..data import collate
 from ..logprobs import aligned_labels, token_logprobs
 from ..methods import METHODS, MethodConfig, loss_terms, method_for
-from ..modeling import IGNORE_INDEX, SequenceLogprobModel, check_supported, decoder, output_weight
+from ..modeling import IGNORE_INDEX, SequenceLogprobModel, check_supported, decoder, item_logprobs, output_weight
 from ..ops import IMPLS, fused_sequence_loss
 from ..validation import check_hidden_and_weight, check_labels
 
@@ -191,9 +190,7 @@ def patch_model(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}"
-        )
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     target = _unwrap(model)
     handle = target.__dict__.get(_ATTR)
     if handle is not None:
@@ -483,9 +480,7 @@ def add_reference_logprobs(
     """
     columns = _columns(dataset)
     if columns is None:
-        raise TypeError(
-            f"dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}"
-        )
+        raise TypeError(f"dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
     if sets is None:
         sets = ["forget"] + (["idk"] if "idk_input_ids" in columns else [])
     sets = list(sets)
@@ -519,25 +514,13 @@ def add_reference_logprobs(
             rows.append({"index": i, "input_ids": input_ids, "labels": labels})
         items[name] = rows
 
-    device = output_weight(base).device
-
     def compute():
         logps, counts = {}, {}
         was_training = base.training
         base.eval()
         try:
-            with torch.no_grad():
-                for name, rows in items.items():
-                    values = torch.zeros(len(rows))
-                    numbers = torch.zeros(len(rows), dtype=torch.long)
-                    order = sorted(rows, key=lambda r: -len(r["input_ids"]))
-                    for start in range(0, len(order), batch_size):
-                        batch = collate(order[start : start + batch_size], pad_token_id)
-                        batch = {k: v.to(device) for k, v in batch.items()}
-                        seq, cnt, _ = wrapper(batch)
-                        values[batch["index"].cpu()] = seq.float().cpu()
-                        numbers[batch["index"].cpu()] = cnt.cpu()
-                    logps[name], counts[name] = values, numbers
+            for name, rows in items.items():  # rows[i]["index"] == i: item order is row order
+                logps[name], counts[name] = item_logprobs(wrapper, rows, pad_token_id, batch_size)
         finally:
             base.train(was_training)
         return logps, counts
@@ -577,8 +560,7 @@ def _missing_column(column: str, method: str) -> ValueError:
         )
     elif column.startswith("retain_"):
         fix = (
-            "pair each forget row with a retain row: "
-            "dataset = fastnpo.integrations.hf.pair_with_retain(forget, retain)"
+            "pair each forget row with a retain row: dataset = fastnpo.integrations.hf.pair_with_retain(forget, retain)"
         )
     else:
         fix = "tokenize the data first (input_ids; labels -100 on prompt tokens; see fastnpo.data.encode_qa)"
@@ -733,9 +715,7 @@ class UnlearningTrainer(Trainer):
         counts_all = outputs.token_counts
         logps = {s: sequence_logps[r] for s, r in rows.items()}
         counts = {s: counts_all[r] for s, r in rows.items()}
-        ref_logps = {
-            s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in self.method.ref_sets
-        }
+        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in self.method.ref_sets}
         weights = inputs.get("weight")
         weights = None if weights is None else weights.to(sequence_logps)
         terms = loss_terms(self.method_config, logps, counts, ref_logps, weights=weights)
