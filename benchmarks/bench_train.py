@@ -51,15 +51,14 @@ from bench_logprobs import clean_memory, machine_info
 from fastnpo.data import collate, length_grouped_batches
 from fastnpo.distributed import ProcessInfo
 from fastnpo.losses import npo_from_logprobs
-from fastnpo.modeling import SequenceLogprobModel
+from fastnpo.modeling import DTYPES, SequenceLogprobModel
+from fastnpo.ops import IGNORE_INDEX
 from fastnpo.profiling import peak_memory_during
-from fastnpo.train import compute_sequence_logprobs
+from fastnpo.refcache import sharded_item_logprobs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IGNORE_INDEX = -100
 PAD_ID = 0  # random token ids are drawn from [1, V)
 MIB = 2**20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Llama-3.2-1B's shape (random weights: nothing is downloaded).
 LLAMA_1B = dict(
@@ -244,9 +243,7 @@ class Contender:
         started = time.perf_counter()
         if self.wrapper is not None:
             info = ProcessInfo(rank=0, world_size=1, local_rank=0, device=self.device)
-            self.cache, _ = compute_sequence_logprobs(
-                self.wrapper.eval(), items, PAD_ID, 2 * self.s.batch_size, info, False, "reference"
-            )
+            self.cache, _ = sharded_item_logprobs(self.wrapper.eval(), items, PAD_ID, 2 * self.s.batch_size, info)
             self.wrapper.train()
         else:
             self.model.eval()

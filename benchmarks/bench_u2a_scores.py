@@ -28,7 +28,7 @@ import torch
 from scipy.stats import spearmanr
 
 from fastnpo import u2a
-from fastnpo.preference import synthetic_candidates
+from fastnpo.u2a.preference import synthetic_candidates
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

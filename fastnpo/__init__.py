@@ -4,7 +4,6 @@ Fused linear + log-softmax log-probs (no [tokens x vocab] logits), the NPO famil
 and the tools around them.
 """
 
-from .logprobs import sequence_logprobs, token_logprobs
 from .losses import (
     dpo_from_logprobs,
     ga_from_logprobs,
@@ -14,6 +13,7 @@ from .losses import (
     npo_loss,
     simnpo_from_logprobs,
 )
+from .ops import sequence_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
-    from .config import ConfigError, load_config
+    from .config import ConfigError
+    from .train.config import load_config
 
     try:
         if args.command in ("demo", "eval", "prepare-tiny"):
@@ -76,17 +77,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_other(args) -> dict:
     if args.command == "prepare-tiny":
-        from .tiny import prepare_tiny
+        from .tofu.minitofu import prepare_tiny
 
         return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed).items()}
     if args.command == "demo":
-        from .demo import run_demo
+        from .tofu.demo import run_demo
 
         results = run_demo(args.out, args.preset, args.seed)
         return {"out": args.out, "timings_s": results["timings_s"]}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fastnpo eval runs on one process: launch it without torchrun")
-    from .evaluation import EvalConfig, evaluate_path, summary
+    from .tofu.evaluate import EvalConfig, evaluate_path, summary
 
     retain = json.loads(open(args.retain_stats).read()) if args.retain_stats else None
     config = EvalConfig(data=args.data, forget_split=args.forget_split, template=args.template)

@@ -12,9 +12,8 @@ Every loss takes optional per-example `weights` [B] (>= 0, default 1) and return
 import torch
 import torch.nn.functional as F
 
-from .logprobs import aligned_labels, sequence_logprobs
-from .ops import fused_sequence_loss, token_logprobs_flat
-from .validation import (
+from .ops import IGNORE_INDEX, aligned_labels, fused_sequence_loss, sequence_logprobs, token_logprobs_flat
+from .ops.checks import (
     check_finite_number,
     check_hidden_and_weight,
     check_labels,
@@ -122,7 +121,7 @@ def ga_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
     return -nll_from_logprobs(logps, token_counts, weights=weights)
 
 
-def kl_from_logits(logits, ref_logits, labels, *, ignore_index: int = -100) -> torch.Tensor:
+def kl_from_logits(logits, ref_logits, labels, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Token-mean KL(pi_theta || pi_ref) over the full vocabulary at the target positions.
 
     logits / ref_logits [B, T, V] (position t predicts labels[:, t+1], as in a causal LM);
@@ -148,7 +147,7 @@ def npo_loss(
     *,
     beta: float = 0.1,
     shift: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weights: torch.Tensor | None = None,
     impl: str = "auto",
     filter_eps="auto",
@@ -192,7 +191,7 @@ def ga_loss(
     labels: torch.Tensor,
     *,
     shift: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     filter_eps="auto",
     fused: bool = False,

@@ -7,13 +7,49 @@ gathers the lm_head weight, and its gradient is reduce-scattered like any other 
 forward, silently skips that reduction).
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from .data import collate, packed_sequence_logprobs
-from .logprobs import aligned_labels, sequence_logprobs
+from .ops import IGNORE_INDEX, aligned_labels, packed_sequence_logprobs, sequence_logprobs
 
-IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def load_tokenizer(source: str):
+    """AutoTokenizer from a hub name or folder; a tokenizer without a pad token pads with eos
+    (padding is masked out of every loss and metric)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa", random_init: bool = False
+) -> nn.Module:
+    """A causal LM from a hub name or folder; random_init builds the architecture of its
+    config.json with fresh random weights (benchmarks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    if random_init:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:
@@ -65,8 +101,8 @@ def check_supported(model: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, lora) -> nn.Module:
-    """Wrap `model` with LoRA adapters (peft) from a config with r, alpha, dropout and
-    target_modules (fastnpo.config.LoraConfig); the base weights and the lm_head stay frozen."""
+    """Wrap `model` with LoRA adapters (peft) from a LoraConfig; the base weights and the
+    lm_head stay frozen."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(
@@ -113,25 +149,3 @@ class SequenceLogprobModel(nn.Module):
             return logps, (targets != IGNORE_INDEX).sum(dim=1), logits
         logps, counts = packed_sequence_logprobs(hidden, weight, batch, impl=self.impl)
         return logps, counts, logits
-
-
-@torch.no_grad()
-def item_logprobs(
-    model: SequenceLogprobModel, items: list[dict], pad_token_id: int, batch_size: int, on_batch=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (fp32) and target counts (int64) of tokenized items, on CPU, in item order.
-
-    The reference pass of the trainer, the HF integration's add_reference_logprobs and cache-ref:
-    no grad, batches of similar length (least padding), on_batch(size) after each batch.
-    """
-    device = output_weight(model.lm).device
-    logps, counts = torch.zeros(len(items)), torch.zeros(len(items), dtype=torch.long)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        batch = collate([items[i] for i in chosen], pad_token_id)
-        sequence_logps, target_counts, _ = model({k: v.to(device) for k, v in batch.items()})
-        logps[chosen], counts[chosen] = sequence_logps.float().cpu(), target_counts.cpu()
-        if on_batch is not None:
-            on_batch(len(chosen))
-    return logps, counts

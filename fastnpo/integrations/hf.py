@@ -36,11 +36,11 @@ from torch import nn
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..logprobs import aligned_labels, token_logprobs
 from ..methods import METHODS, MethodConfig, loss_terms, method_for
-from ..modeling import IGNORE_INDEX, SequenceLogprobModel, check_supported, decoder, item_logprobs, output_weight
-from ..ops import IMPLS, fused_sequence_loss
-from ..validation import check_hidden_and_weight, check_labels
+from ..modeling import SequenceLogprobModel, check_supported, decoder, output_weight
+from ..ops import IGNORE_INDEX, IMPLS, aligned_labels, fused_sequence_loss, token_logprobs
+from ..ops.checks import check_hidden_and_weight, check_labels
+from ..refcache import reference_logprobs
 
 __all__ = [
     "FusedCausalLMOutput",
@@ -493,7 +493,7 @@ def add_reference_logprobs(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     base = _unwrap(model) if not type(model).__module__.startswith("peft") else model
-    wrapper = SequenceLogprobModel(base, impl=impl)  # refuses unsupported models
+    SequenceLogprobModel(base, impl=impl)  # refuses unsupported models before any work
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
     if pad_token_id is None:
@@ -514,27 +514,17 @@ def add_reference_logprobs(
             rows.append({"index": i, "input_ids": input_ids, "labels": labels})
         items[name] = rows
 
-    def compute():
-        logps, counts = {}, {}
-        was_training = base.training
-        base.eval()
-        try:
-            for name, rows in items.items():  # rows[i]["index"] == i: item order is row order
-                logps[name], counts[name] = item_logprobs(wrapper, rows, pad_token_id, batch_size)
-        finally:
-            base.train(was_training)
-        return logps, counts
-
-    if cache_dir is not None:
-        from ..refcache import get_or_build_ref_logprobs, ref_cache_parts
-
-        parts = ref_cache_parts(
-            model=base, tokenizer=tokenizer, examples=items, impl=impl, dtype=str(output_weight(base).dtype)
-        )
-        ref, _ = get_or_build_ref_logprobs(cache_dir, parts, compute, log=log or logger.info)
-        logps = ref.logps
-    else:
-        logps, _ = compute()
+    ref, _ = reference_logprobs(
+        base,
+        tokenizer,
+        items,  # rows[i]["index"] == i: row order
+        pad_token_id=pad_token_id,
+        batch_size=batch_size,
+        impl=impl,
+        cache_dir=cache_dir,
+        log=log or logger.info,
+    )
+    logps = ref.logps
 
     out = dataset
     for name in sets:

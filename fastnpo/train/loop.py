@@ -14,50 +14,39 @@
 import dataclasses
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
+from transformers import set_seed
 
-from . import distributed
+from .. import distributed
+from ..data import build_unlearning_data, collate, collate_packed
+from ..losses import kl_from_logits
+from ..methods import loss_terms, method_for
+from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm
+from ..modeling import load_tokenizer as load_tokenizer_from
+from ..ops import IGNORE_INDEX
+from ..profiling import peak_memory_bytes, reset_peak_memory
+from ..refcache import item_logprobs, reference_logprobs
+from . import checkpoint, sharding
 from .config import Config, ConfigError, to_yaml, trajectory_differences
-from .data import build_unlearning_data, collate, collate_packed
-from .losses import kl_from_logits
-from .methods import loss_terms, method_for
-from .modeling import SequenceLogprobModel, add_lora, item_logprobs, output_weight
-from .profiling import peak_memory_bytes, reset_peak_memory
-from .refcache import get_or_build_ref_logprobs, ref_cache_parts
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load_tokenizer(config: Config):
-    from transformers import AutoTokenizer
-
-    source = config.model.tokenizer or config.model.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer_from(config.model.tokenizer or config.model.name_or_path)
 
 
 def load_model(config: Config, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     m = config.model
-    kwargs = dict(dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation)
-    if m.random_init:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(m.name_or_path), **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    model = load_causal_lm(
+        m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation, random_init=m.random_init
+    )
     return model.to(device)
 
 
@@ -86,12 +75,6 @@ def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:
     return collate(items, tokenizer.pad_token_id)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------- output folder
 
 
@@ -100,7 +83,7 @@ def prepare_output_dir(config: Config, info: distributed.ProcessInfo) -> Path | 
 
     Returns the checkpoint to resume from, or None."""
     out = Path(config.run.output_dir)
-    checkpoints = distributed.checkpoint_steps(out / "checkpoints")
+    checkpoints = checkpoint.checkpoint_steps(out / "checkpoints")
     finished = (out / "final").exists() or ((out / "run_info.json").exists() and not checkpoints)
     if config.run.resume and checkpoints:
         saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
@@ -123,68 +106,22 @@ def prepare_output_dir(config: Config, info: distributed.ProcessInfo) -> Path | 
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def compute_sequence_logprobs(
-    model: SequenceLogprobModel,
-    items: list[dict],
-    pad_id: int,
-    batch_size: int,
-    info: distributed.ProcessInfo,
-    progress: bool,
-    desc: str,
-):
-    """Summed log-probs and counts of every item, indexed by item["index"]; each process does a
-    strided share and the shares are gathered."""
-    mine = items[info.rank :: info.world_size]
-    bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), leave=False)
-    logps, counts = item_logprobs(model, mine, pad_id, batch_size, on_batch=bar.update)
-    bar.close()
-    results = list(zip([item["index"] for item in mine], logps.tolist(), counts.tolist(), strict=True))
-    gathered = [row for part in distributed.all_gather_objects(results, info) for row in part]
-    size = max(item["index"] for item in items) + 1
-    logps, counts = torch.zeros(size), torch.zeros(size, dtype=torch.long)
-    for index, logp, count in gathered:
-        logps[index], counts[index] = logp, count
-    return logps, counts
-
-
-def reference_logprobs(config, model, tokenizer, sets, ref_sets, info, log):
+def cached_reference_logprobs(config, model, tokenizer, sets, ref_sets, info, log):
+    """The reference pass (refcache.reference_logprobs), cached in run.cache_dir or, by default,
+    in ref-cache/ beside the output folder (shared by runs beside each other)."""
     cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
-    # The same key parts as add_reference_logprobs and U2A (refcache.ref_cache_parts): weights,
-    # model config, tokenizer, the tokenized examples (data, template, max length), impl, dtype.
-    parts = ref_cache_parts(
-        model=model,
-        tokenizer=tokenizer,
-        examples={name: sets[name] for name in ref_sets},
+    return reference_logprobs(
+        model,
+        tokenizer,
+        {name: sets[name] for name in ref_sets},
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=2 * config.data.batch_size,
         impl=config.model.impl,
-        dtype=str(output_weight(model).dtype),
-    )
-    wrapper = SequenceLogprobModel(model, impl=config.model.impl).eval()
-
-    def compute():
-        logps, counts = {}, {}
-        for name in ref_sets:
-            logps[name], counts[name] = compute_sequence_logprobs(
-                wrapper,
-                sets[name],
-                tokenizer.pad_token_id,
-                2 * config.data.batch_size,
-                info,
-                config.run.progress,
-                f"reference log-probs ({name})",
-            )
-        return logps, counts
-
-    ref, hit = get_or_build_ref_logprobs(
-        cache_dir,
-        parts,
-        compute,
-        rank=info.rank,
-        world_size=info.world_size,
-        barrier=lambda: distributed.barrier(info),
+        cache_dir=cache_dir,
+        info=info,
+        progress=config.run.progress,
         log=log,
     )
-    model.train()
-    return ref, hit
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -208,7 +145,7 @@ def split_micro_batches(items: list[dict] | None, parts: int) -> list[list[dict]
 
 def target_tokens(items: list[dict]) -> int:
     # labels[0] is always a prompt token; after the shift the targets are labels[1:].
-    return sum(sum(1 for label in item["labels"][1:] if label != -100) for item in items)
+    return sum(sum(1 for label in item["labels"][1:] if label != IGNORE_INDEX) for item in items)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -233,7 +170,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
     method = method_for(config.method.name)
     resume_from = prepare_output_dir(config, info)
     out = Path(config.run.output_dir)
-    seed_everything(config.run.seed)
+    set_seed(config.run.seed)
 
     tokenizer = load_tokenizer(config)
     micro_per_step = config.optim.grad_accum * info.world_size
@@ -259,7 +196,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
 
     ref, cache_hit = None, None
     if method.ref_sets:
-        ref, cache_hit = reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
+        ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
 
     if config.model.lora.enabled:
         model = add_lora(model, config.model.lora)
@@ -270,11 +207,11 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapper = SequenceLogprobModel(model, impl=config.model.impl)
-    sharded = distributed.use_fsdp(config.distributed, info)
+    sharded = sharding.use_fsdp(config.distributed, info)
     if sharded:
-        distributed.shard(wrapper, config.distributed, info)
+        sharding.shard(wrapper, config.distributed, info)
         if reference_model is not None:
-            distributed.shard(reference_model, config.distributed, info)
+            sharding.shard(reference_model, config.distributed, info)
     autocast = config.distributed.mixed_precision == "bf16" and not sharded
 
     parameters = [p for p in wrapper.parameters() if p.requires_grad]
@@ -292,7 +229,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
 
     step = 0
     if resume_from is not None:
-        state = distributed.load_checkpoint(resume_from, wrapper, optimizer, info)
+        state = checkpoint.load_checkpoint(resume_from, wrapper, optimizer, info)
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["batches"])
         step = state["step"]
@@ -437,7 +374,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
                     epochs_file.write(json.dumps(epoch_reports[-1]) + "\n")
             wrapper.train()
         if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < total_steps:
-            distributed.save_checkpoint(
+            checkpoint.save_checkpoint(
                 out / "checkpoints",
                 step,
                 wrapper,
@@ -468,7 +405,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end=None) -> 
 
 def export_hf(wrapper, model, tokenizer, path: Path, info, *, lora: bool) -> None:
     """A Hugging Face folder (safetensors) that from_pretrained loads; LoRA runs save the adapter."""
-    state = distributed.full_state_dict(wrapper)
+    state = checkpoint.full_state_dict(wrapper)
     if not info.is_main:
         return
     state = {k.removeprefix("lm."): v for k, v in state.items()}
@@ -497,10 +434,10 @@ def build_reference_cache(config: Config, verify: int = 0) -> dict:
         sets, _ = load_data(config, tokenizer, method, 1)
         model = load_model(config, info.device)
         log = tqdm.write if info.is_main else (lambda message: None)
-        ref, hit = reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
+        ref, hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
         report = None
         if verify:
-            from .refcache import verify_ref_logprobs
+            from ..refcache import verify_ref_logprobs
 
             wrapper = SequenceLogprobModel(model, impl=config.model.impl).eval()
             by_index = {name: {item["index"]: item for item in sets[name]} for name in method.ref_sets}

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .evaluation import EvalConfig, Evaluator, add_forget_quality, summary
-from .tiny import TinyModelSpec, prepare_tiny
-from .train import train
+from ..tiny import TinyModelSpec
+from ..train import load_config, train
+from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
+from .minitofu import prepare_tiny
 
 SPLIT_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 METHOD_LABELS = {

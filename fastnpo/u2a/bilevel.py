@@ -67,12 +67,13 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
+from ..data import collate
+from ..losses import dpo_from_logprobs, nll_from_logprobs
+from ..modeling import LoraConfig, SequenceLogprobModel, add_lora, output_weight
+from ..ops import aligned_labels
+from ..refcache import reference_logprobs
 from . import preference as pref
-from .config import ConfigError, LoraConfig
-from .data import collate
-from .logprobs import aligned_labels
-from .losses import dpo_from_logprobs, nll_from_logprobs
-from .modeling import SequenceLogprobModel, add_lora, output_weight
 
 IGNORE_INDEX = -100
 UNLEARN_LOSSES = ("npo", "ga", "graddiff")
@@ -195,19 +196,19 @@ class PreferenceUnlearningProblem:
         return cls(model, sets, objective, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, **kwargs)
 
     def _reference(self, tokenizer, cache_dir: str) -> dict:
-        if not cache_dir:
-            return self.logprobs_of_sets(self.sets)
-        from .refcache import get_or_build_ref_logprobs, ref_cache_parts
-
-        # The examples' fingerprints cover the template and truncation already.
-        parts = ref_cache_parts(model=self.wrapper.lm, tokenizer=tokenizer, examples=self.sets, purpose="u2a")
-
-        def compute():
-            ref = self.logprobs_of_sets(self.sets)
-            return {k: v[0] for k, v in ref.items()}, {k: v[1] for k, v in ref.items()}
-
-        cache, _ = get_or_build_ref_logprobs(cache_dir, parts, compute, log=lambda message: None)
-        return {k: (cache.logps[k].to(self.device), cache.counts[k].to(self.device)) for k in self.sets}
+        # The same pass and cache key as the trainer and the HF route (refcache.reference_logprobs);
+        # the examples' fingerprints cover the template and truncation.
+        ref, _ = reference_logprobs(
+            self.wrapper.lm,
+            tokenizer,
+            self.sets,
+            pad_token_id=self.pad_id,
+            batch_size=self.batch_size,
+            impl=self.wrapper.impl,
+            cache_dir=cache_dir or None,
+            log=lambda message: None,
+        )
+        return {k: (ref.logps[k].to(self.device), ref.counts[k].to(self.device)) for k in self.sets}
 
     # -- plumbing
     @property
@@ -233,10 +234,6 @@ class PreferenceUnlearningProblem:
             logps.append(lp.float())
             counts.append(ct)
         return torch.cat(logps), torch.cat(counts)
-
-    @torch.no_grad()
-    def logprobs_of_sets(self, sets: dict) -> dict:
-        return {name: tuple(t.detach() for t in self.logprobs(name)) for name in sets}
 
     def _ref(self, name, indices=None):
         logps, counts = self.ref[name]
@@ -840,7 +837,7 @@ def _device(name: str) -> torch.device:
 
 def prepare_task(config: U2AConfig, log: Callable[[str], None] = print) -> PreparedTask:
     """The split, the tokenizer and the starting model (= the reference model)."""
-    from .tiny import TinyModelSpec, build_tiny_model
+    from ..tiny import TinyModelSpec, build_tiny_model
 
     d, m, seed = config.data, config.model, config.run.seed
     synthetic = d.source == "synthetic"

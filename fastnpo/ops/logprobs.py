@@ -2,8 +2,11 @@
 
 import torch
 
-from .ops import token_logprobs_flat
-from .validation import check_hidden_and_weight, check_labels
+from .autograd import token_logprobs_flat
+from .checks import check_hidden_and_weight, check_labels
+
+# Hugging Face's label for "no target here" (prompt, padding): the default everywhere in fastnpo.
+IGNORE_INDEX = -100
 
 
 def token_logprobs(
@@ -11,7 +14,7 @@ def token_logprobs(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     filter_eps="auto",
 ) -> torch.Tensor:
@@ -61,7 +64,7 @@ def sequence_logprobs(
     labels: torch.Tensor,
     *,
     shift: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     average: bool = False,
     impl: str = "auto",
     filter_eps="auto",

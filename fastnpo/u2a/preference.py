@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 
-from .data import encode_qa
+from ..data import encode_qa
 
 __all__ = [
     "PreferenceSplit",
@@ -455,7 +455,7 @@ def synthetic_reward(text: str) -> float:
 
 def tokenizer_for(split: PreferenceSplit, *, template: str, vocab_size: int):
     """A byte-level BPE trained on every prompt + response of the split (milliseconds)."""
-    from .minitofu import PROMPT_MARKERS, build_tokenizer
+    from ..tiny import PROMPT_MARKERS, build_tokenizer
 
     rows = split.j + split.eval + split.candidates + split.retain
     texts = [
@@ -484,9 +484,9 @@ def supervised_finetune(
     the last batch's loss."""
     import torch
 
-    from .data import collate
-    from .losses import nll_from_logprobs
-    from .modeling import SequenceLogprobModel
+    from ..data import collate
+    from ..losses import nll_from_logprobs
+    from ..modeling import SequenceLogprobModel
 
     items = encode_responses(tokenizer, rows, key="response", template=template, max_length=max_length)
     wrapper = SequenceLogprobModel(model)

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from fastnpo.evaluation import EvalConfig, Evaluator, add_forget_quality, summary
-from fastnpo.tiny import TinyModelSpec, prepare_tiny
+from fastnpo.tiny import TinyModelSpec
+from fastnpo.tofu.evaluate import EvalConfig, Evaluator, add_forget_quality, summary
+from fastnpo.tofu.minitofu import prepare_tiny
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_missing_columns_and_data_are_reported(tmp_path, setup):
 
 
 def test_demo_end_to_end_at_toy_size(tmp_path):
-    from fastnpo.demo import PRESETS, run_demo
+    from fastnpo.tofu.demo import PRESETS, run_demo
 
     results = run_demo(tmp_path / "demo", "quick", log=lambda message: None)
     for name in ("results.json", "results.md", "forget_quality_vs_utility.png", "memorisation.png"):

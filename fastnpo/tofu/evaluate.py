@@ -16,9 +16,9 @@ import datasets
 import numpy as np
 import torch
 
+from ..data import DataConfig, collate, encode_prompt, load_qa_split, tokenize_split
+from ..modeling import SequenceLogprobModel
 from . import metrics
-from .data import DataConfig, collate, encode_prompt, load_qa_split, tokenize_split
-from .modeling import SequenceLogprobModel
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 

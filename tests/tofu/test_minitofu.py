@@ -5,11 +5,10 @@ import sys
 
 import pytest
 
-from fastnpo import minitofu
-from fastnpo.minitofu import (
-    PROMPT_MARKERS,
+from fastnpo.tiny import PROMPT_MARKERS, build_tokenizer
+from fastnpo.tofu import minitofu
+from fastnpo.tofu.minitofu import (
     SPLITS,
-    build_tokenizer,
     default_cache_dir,
     ensure_minitofu,
     generate_minitofu,

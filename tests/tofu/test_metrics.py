@@ -12,7 +12,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from fastnpo.metrics import (
+from fastnpo.tofu.metrics import (
     MODEL_UTILITY_KEYS,
     forget_quality,
     forget_truth_ratio_statistic,
@@ -443,7 +443,7 @@ def test_bad_inputs_raise_value_error_naming_argument(fn, args, name):
 
 
 def test_type_errors_are_also_value_errors():
-    from fastnpo.metrics import MetricInputTypeError
+    from fastnpo.tofu.metrics import MetricInputTypeError
 
     assert issubclass(MetricInputTypeError, ValueError) and issubclass(MetricInputTypeError, TypeError)
     with pytest.raises(TypeError, match="predictions"):

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from fastnpo import refcache
-from fastnpo.minitofu import build_tokenizer
 from fastnpo.refcache import (
     RefLogprobs,
     cache_key,
     cache_path,
+    fingerprint,
     fingerprint_config,
     fingerprint_examples,
     fingerprint_model,
@@ -23,8 +23,10 @@ from fastnpo.refcache import (
     load_ref_logprobs,
     ref_cache_parts,
     save_ref_logprobs,
+    store,
     verify_ref_logprobs,
 )
+from fastnpo.tiny import build_tokenizer
 
 TEXTS = ["the author wrote a novel about the sea", "who wrote the book? an author from paris"] * 4
 SIZES = {"forget": 40, "retain": 300}
@@ -128,7 +130,7 @@ def test_fingerprint_model_bf16_and_chunking(monkeypatch):
     fp = fingerprint_model(model)
     assert fp == fingerprint_model(model)
     assert fp != fingerprint_model(TinyLM().to(torch.bfloat16))  # other random weights
-    monkeypatch.setattr(refcache, "_CHUNK_BYTES", 10)  # many tiny device->host pieces: same bytes, same hash
+    monkeypatch.setattr(fingerprint, "_CHUNK_BYTES", 10)  # many tiny device->host pieces: same bytes, same hash
     assert fingerprint_model(model) == fp
     monkeypatch.undo()
     with torch.no_grad():
@@ -334,7 +336,7 @@ def test_recovers_from_flipped_byte(tmp_path, where):
         assert "checksum mismatch" in reason
     else:
         assert any(w in reason for w in ("corrupt", "key mismatch", "checksum", "format")), reason
-    assert refcache._read(path, cache_key(**parts), parts)[0] is not None  # rewritten
+    assert store._read(path, cache_key(**parts), parts)[0] is not None  # rewritten
 
 
 def test_recovers_from_other_key_under_the_same_name(tmp_path):
@@ -351,7 +353,7 @@ def test_recovers_from_nan(tmp_path):
     logps["retain"][17] = float("nan")
     tensors = {**{f"{s}/logps": v for s, v in logps.items()}, **{f"{s}/counts": v for s, v in counts.items()}}
     path = cache_path(tmp_path, cache_key(**parts))
-    path.write_bytes(refcache._serialize(tensors, cache_key(**parts), parts))
+    path.write_bytes(store._serialize(tensors, cache_key(**parts), parts))
     reason = _recovers(tmp_path, parts, "NaN")
     assert "'retain'" in reason and "index 17" in reason
 
@@ -360,7 +362,7 @@ def test_rejects_other_format_version(tmp_path, monkeypatch):
     parts = simple_parts()
     ref = RefLogprobs(*Compute()(), key=cache_key(**parts), parts=parts)
     path = cache_path(tmp_path, ref.key)
-    monkeypatch.setattr(refcache, "FORMAT_VERSION", "0")
+    monkeypatch.setattr(store, "FORMAT_VERSION", "0")
     save_ref_logprobs(path, ref)
     monkeypatch.undo()
     reasons = []
@@ -382,7 +384,7 @@ def test_load_reports_missing_and_garbage(tmp_path, caplog):
     tampered = tmp_path / "tampered.safetensors"
     parts = simple_parts()
     ref = RefLogprobs(*Compute()(), key=key, parts=parts)
-    data = refcache._serialize(
+    data = store._serialize(
         {"forget/logps": ref.logps["forget"], "forget/counts": ref.counts["forget"]},
         key,
         {**parts, "dtype": "other"},
@@ -464,13 +466,13 @@ def test_bad_compute_output_is_not_cached(tmp_path):
 
 def test_two_ranks_with_threads(tmp_path, monkeypatch):
     writers = []
-    real_write = refcache._atomic_write
+    real_write = store.atomic_write
 
     def recording_write(path, data):
         writers.append(threading.current_thread().name)
         real_write(path, data)
 
-    monkeypatch.setattr(refcache, "_atomic_write", recording_write)
+    monkeypatch.setattr(store, "atomic_write", recording_write)
     parts = simple_parts()
     barrier = threading.Barrier(2, timeout=10)
     computes = [Compute(), Compute()]
@@ -520,7 +522,7 @@ def test_rank1_waits_for_rank0_and_never_writes(tmp_path, monkeypatch):
 
     # Rank 1's own compute disagrees: rank 0's file wins, with a warning.
     compute, logs = Compute(shift=0.5), []
-    monkeypatch.setattr(refcache, "_atomic_write", no_write)
+    monkeypatch.setattr(store, "atomic_write", no_write)
     monkeypatch.setattr(refcache, "save_ref_logprobs", lambda p, r: pytest.fail("rank 1 saved"))
     ref, hit = build(tmp_path, parts, compute, logs, rank=1, world_size=2, barrier=barrier)
     monkeypatch.undo()

@@ -5,7 +5,7 @@ import torch
 from conftest import TRITON_DEVICE
 
 import fastnpo
-from fastnpo.reference import naive_token_logprobs
+from fastnpo.ops.naive import naive_token_logprobs
 
 IGNORE = -100
 TOL = {torch.float32: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -142,7 +142,7 @@ def test_all_targets_ignored_and_empty():
 
 def test_chunked_path_crosses_chunk_boundaries(monkeypatch):
     # Force many small row and vocabulary blocks so every boundary case of the loops runs.
-    from fastnpo import chunked
+    from fastnpo.ops import chunked
 
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7 * 5)
     monkeypatch.setattr(chunked, "MIN_VOCAB_CHUNK", 5)

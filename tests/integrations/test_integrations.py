@@ -13,7 +13,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import fastnpo.chunked
+import fastnpo.ops.chunked
 from fastnpo.data import encode_qa
 from fastnpo.integrations.hf import (
     UnlearningCollator,
@@ -25,7 +25,7 @@ from fastnpo.integrations.hf import (
     unpatch_model,
 )
 from fastnpo.losses import dpo_from_logprobs, npo_from_logprobs, simnpo_from_logprobs
-from fastnpo.minitofu import build_tokenizer
+from fastnpo.tiny import build_tokenizer
 
 VOCAB = 1009  # prime: B*T*V is distinctive, and no vocabulary chunk divides it
 COMMON = dict(
@@ -164,7 +164,7 @@ def test_no_tokens_by_vocab_tensor_in_patched_forward_and_backward(monkeypatch, 
     assert (2, 20, VOCAB) in [shape for _, shape in spy.shapes]
 
     model = patch_model(tiny_model(), return_sequence_logprobs=sequence_logprobs).model
-    monkeypatch.setattr(fastnpo.chunked, "CHUNK_ELEMENTS", 1024)  # vocabulary blocks of 4 x 256
+    monkeypatch.setattr(fastnpo.ops.chunked, "CHUNK_ELEMENTS", 1024)  # vocabulary blocks of 4 x 256
     with ShapeSpy() as spy:
         out = model(**batch)
         out.loss.backward()
@@ -450,7 +450,7 @@ def test_peft_lora_trains_adapters_only_without_full_logits(monkeypatch, tmp_pat
                 p.data.normal_(0, 0.3)
     batch = random_batch(length=20)
     stock(**batch).loss.backward()
-    monkeypatch.setattr(fastnpo.chunked, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(fastnpo.ops.chunked, "CHUNK_ELEMENTS", 1024)
     with ShapeSpy() as spy:
         out = model(**batch)
         out.loss.backward()

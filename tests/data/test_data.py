@@ -27,10 +27,10 @@ from fastnpo.data import (
     load_qa_split,
     pack,
     packed_model_inputs,
-    packed_sequence_logprobs,
     tokenize_split,
 )
-from fastnpo.minitofu import build_tokenizer
+from fastnpo.ops import packed_sequence_logprobs
+from fastnpo.tiny import build_tokenizer
 
 WORDS = "alpha beta gamma delta author book city river born wrote novel prize year north south".split()
 

@@ -34,17 +34,16 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+    from ..tiny import TinyModelSpec
+
 __all__ = [
-    "PROMPT_MARKERS",
     "SPLITS",
-    "build_tokenizer",
     "default_cache_dir",
     "ensure_minitofu",
     "generate_minitofu",
@@ -71,9 +70,6 @@ SPLITS: tuple[str, ...] = (
 
 # Bump when the generated content changes, so cached copies are regenerated.
 FORMAT_VERSION = 1
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
-# Byte-level BPE needs all 256 bytes plus the specials before a single merge.
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_AUTHORS = 300  # one distinct surname per author (20 x 15 surname parts)
 NUM_PERTURBED = 5  # TOFU's forget/retain perturbed splits carry 5 wrong answers
 NUM_PERTURBED_GENERAL = 3  # TOFU's real-author/world-fact sets carry 3 wrong options
@@ -368,52 +364,6 @@ def load_minitofu_split(out_dir, split: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def build_tokenizer(
-    texts: Iterable[str], vocab_size: int = 512, extra_tokens: Sequence[str] = ()
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on texts; lossless on any string, adds no special tokens by itself.
-
-    extra_tokens (e.g. prompt markers) are kept whole, as ordinary tokens, within vocab_size.
-    Nothing is added on encode (no automatic <bos>): callers build ``<bos> prompt answer <eos>``
-    themselves, which keeps prompt/answer token boundaries explicit for answer-only losses.
-    """
-    # Imported here so that generating data needs the standard library only (and starts in ms).
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    extra_tokens = list(dict.fromkeys(extra_tokens))
-    least = MIN_VOCAB_SIZE + len(extra_tokens)
-    if not isinstance(vocab_size, int) or vocab_size < least:
-        raise ValueError(f"vocab_size must be an int >= {least}, got {vocab_size!r}")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts must contain at least one string")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(extra_tokens),
-        special_tokens=list(SPECIAL_TOKENS),
-        # The full byte alphabet keeps unseen characters encodable (no <unk> ever produced).
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    # Not special: decode(skip_special_tokens=True) must keep the prompt markers.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="right",
-        # The default clean-up rewrites " ." to "." on decode, which breaks exact round trips.
-        clean_up_tokenization_spaces=False,
-    )
-
-
-PROMPT_MARKERS = ("[INST]", "[/INST]")
 
 
 def minitofu_tokenizer(data: dict, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -429,4 +379,31 @@ def minitofu_tokenizer(data: dict, vocab_size: int = 1024) -> PreTrainedTokenize
             answers = [row["answer"], row.get("paraphrased_answer"), *row.get("perturbed_answer", [])]
             questions = [row["question"], row.get("paraphrased_question")]
             texts += [f"[INST] {q} [/INST] {a}" for q in questions if q for a in answers if a]
+    # Imported here so that generating data needs the standard library only (and starts in ms).
+    from ..tiny import PROMPT_MARKERS, build_tokenizer
+
     return build_tokenizer(texts, vocab_size=vocab_size, extra_tokens=PROMPT_MARKERS)
+
+
+def prepare_tiny(
+    out_dir,
+    *,
+    seed: int = 0,
+    num_authors: int = 100,
+    qa_per_author: int = 4,
+    spec: TinyModelSpec | None = None,
+) -> dict[str, Path]:
+    """Write data and a random tiny model with its tokenizer; returns their paths."""
+    from ..tiny import TinyModelSpec, build_tiny_model
+
+    spec = spec or TinyModelSpec()
+    out = Path(out_dir)
+    data_dir = write_minitofu(out / "data", seed=seed, num_authors=num_authors, qa_per_author=qa_per_author)
+    tokenizer = minitofu_tokenizer(
+        generate_minitofu(seed, num_authors, qa_per_author), vocab_size=spec.vocab_size
+    )
+    model = build_tiny_model(tokenizer, spec, seed)
+    base = out / "base"
+    model.save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    return {"data": data_dir, "base": base}

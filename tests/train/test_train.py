@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fastnpo.config import ConfigError, load_config
 from fastnpo.methods import METHODS
-from fastnpo.tiny import TinyModelSpec, prepare_tiny
+from fastnpo.tiny import TinyModelSpec
+from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
+from fastnpo.train.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastnpo.methods import method_for
-    from fastnpo.train import load_data
+    from fastnpo.train.loop import load_data
 
     beta = 0.7
     config = config_for(
@@ -425,7 +426,7 @@ def test_trainer_cache_is_shared_with_the_hf_integration(tiny, tmp_path):
 
     from fastnpo.integrations.hf import add_reference_logprobs
     from fastnpo.methods import method_for
-    from fastnpo.train import load_data
+    from fastnpo.train.loop import load_data
 
     cache = tmp_path / "cache"
     config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": cache})

@@ -1,76 +1,15 @@
-"""Autograd functions and the choice of implementation for fused linear + log-softmax log-probs.
+"""Autograd functions of the fused linear + log-softmax log-probs, over a backend (backends.py).
 
-Two backends share one interface (see kernels.logprobs_forward / logprobs_backward):
-    forward(hidden2d, weight, row_ids, labels) -> (lse, target_logit)      fp32 [n]
-    backward(..., lse, grad, filter_eps, compute_dh, compute_dw) -> (dh, dw) fp32
-"triton" runs the kernels in kernels/, "torch" the vocabulary-chunked code in chunked.py.
-Rows whose label is ignore_index are dropped before either backend runs (prompts and
-padding often make up most of a batch), and their log-prob is exactly 0.
+Rows whose label is ignore_index are dropped before any backend runs (prompts and padding
+often make up most of a batch), and their log-prob is exactly 0.
 """
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from .chunked import chunked_backward, chunked_forward
-from .reference import naive_token_logprobs
-
-IMPLS = ("auto", "triton", "torch", "naive")
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    forward: Callable
-    backward: Callable
-
-
-def _triton_backend() -> Backend:
-    try:
-        from .kernels.logprobs_backward import logprobs_backward
-        from .kernels.logprobs_forward import logprobs_forward
-    except ImportError as error:  # triton missing (macOS, Windows) or broken
-        raise RuntimeError(f"impl='triton' needs the triton package: {error}") from error
-    return Backend("triton", logprobs_forward, logprobs_backward)
-
-
-TORCH_BACKEND = Backend("torch", chunked_forward, chunked_backward)
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete implementation for `impl` on `device` ("auto": triton on CUDA, torch elsewhere)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"impl='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before importing fastnpo, or use impl='torch'"
-        )
-    return impl
-
-
-def backend_for(impl: str) -> Backend:
-    return _triton_backend() if impl == "triton" else TORCH_BACKEND
-
-
-def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
-    """Gradient-filter threshold. "auto": 2**-12 for bf16 / fp16 (a sixteenth of bf16's
-    precision), exact for fp32. None or 0: exact."""
-    if filter_eps is None:
-        return 0.0
-    if filter_eps == "auto":
-        return 2.0**-12 if dtype in (torch.bfloat16, torch.float16) else 0.0
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not 0 <= filter_eps < 1:
-        raise ValueError(f"filter_eps must be 'auto', None or a number in [0, 1), got {filter_eps!r}")
-    return float(filter_eps)
+from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
+from .naive import naive_token_logprobs
 
 
 def _scatter_rows(compact: torch.Tensor | None, row_ids: torch.Tensor, like: torch.Tensor):

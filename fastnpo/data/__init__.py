@@ -1,0 +1,91 @@
+"""TOFU-schema data for unlearning: loading, prompt templates, answer-only labels, batching, packing.
+
+Every example is ``prompt + answer`` with labels = input ids on answer tokens and -100 elsewhere
+(Hugging Face convention; the model shifts). Each item keeps ``index``, its row number in the
+source split, which is the key into the reference log-prob cache: whatever order batches come
+in, a per-example cached value can always be looked up.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .batching import (
+    PairedBatches,
+    collate,
+    collate_packed,
+    length_grouped_batches,
+    pack,
+    packed_attention_mask,
+    packed_model_inputs,
+)
+from .config import DataConfig, check_template
+from .sources import DEFAULT_IDK_ANSWERS, add_idk_answers, idk_answers, load_qa_split
+from .tokenize import QADataset, _check_tokenizer, encode_prompt, encode_qa, tokenize_split
+
+__all__ = [
+    "DEFAULT_IDK_ANSWERS",
+    "DataConfig",
+    "PairedBatches",
+    "QADataset",
+    "UnlearningData",
+    "add_idk_answers",
+    "build_unlearning_data",
+    "check_template",
+    "collate",
+    "collate_packed",
+    "encode_prompt",
+    "encode_qa",
+    "idk_answers",
+    "length_grouped_batches",
+    "load_qa_split",
+    "pack",
+    "packed_attention_mask",
+    "packed_model_inputs",
+    "tokenize_split",
+]
+
+
+class UnlearningData(NamedTuple):
+    forget: QADataset
+    retain: QADataset | None
+    idk: QADataset | None
+    batches: PairedBatches
+
+
+def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -> UnlearningData:
+    """Load, tokenise and pair the sets named by config. idk=True adds the IdkDPO refusals.
+
+    Padding uses tokenizer.pad_token_id, or eos when there is none (padding is masked anyway).
+    """
+    if not isinstance(config, DataConfig):
+        raise ValueError(f"config must be a DataConfig, got {type(config).__name__}")
+    if not config.forget:
+        raise ValueError("DataConfig.forget is empty: name a forget set (file, directory or hub dataset)")
+    _check_tokenizer(tokenizer, config.template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither pad_token nor eos_token to pad with")
+    answers = idk_answers(config) if idk else None
+    forget_raw = load_qa_split(config.forget, config.forget_split, what="forget set")
+    retain_raw = None
+    if config.retain:
+        retain_raw = load_qa_split(config.retain, config.retain_split, what="retain set")
+    forget = tokenize_split(forget_raw, tokenizer, config)
+    retain = tokenize_split(retain_raw, tokenizer, config) if retain_raw is not None else None
+    idk_set = None
+    if answers is not None:
+        with_idk = add_idk_answers(forget_raw, answers, seed=config.seed)
+        idk_set = tokenize_split(with_idk, tokenizer, config, answer_column="idk_answer")
+    batches = PairedBatches(
+        forget,
+        retain,
+        batch_size=config.batch_size,
+        retain_batch_size=config.retain_batch_size,
+        pad_token_id=pad,
+        seed=config.seed,
+        idk=idk_set,
+        packing=config.packing,
+        pack_tokens=config.pack_tokens,
+    )
+    return UnlearningData(forget, retain, idk_set, batches)

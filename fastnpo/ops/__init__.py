@@ -1,0 +1,31 @@
+"""The fused linear + log-softmax log-prob op: hidden states and the lm_head weight in,
+per-token / per-sequence log-probabilities out, without the [tokens x vocab] logits.
+
+    backends.py  the implementations (Triton kernels, vocabulary-chunked PyTorch) and the choice
+    autograd.py  the autograd functions (two-pass, and the fused loss that does both in one call)
+    chunked.py   the vocabulary-chunked PyTorch backend (the CPU path)
+    naive.py     full logits: the correctness reference and benchmark baseline
+    checks.py    input checks that name the argument
+    logprobs.py  the public token_logprobs / sequence_logprobs
+    packed.py    per-example log-probs of packed rows
+"""
+
+from .autograd import fused_sequence_loss, token_logprobs_flat
+from .backends import IMPLS, resolve_filter_eps, resolve_impl
+from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
+from .naive import naive_token_logprobs
+from .packed import packed_sequence_logprobs
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMPLS",
+    "aligned_labels",
+    "fused_sequence_loss",
+    "naive_token_logprobs",
+    "packed_sequence_logprobs",
+    "resolve_filter_eps",
+    "resolve_impl",
+    "sequence_logprobs",
+    "token_logprobs",
+    "token_logprobs_flat",
+]

@@ -1,0 +1,38 @@
+"""Per-example log-probs of packed rows (several examples per row, data.collate_packed)."""
+
+import torch
+
+from .logprobs import IGNORE_INDEX, aligned_labels, token_logprobs
+
+
+def packed_sequence_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, batch: dict, *, impl: str = "auto", **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed answer log-probs from packed rows.
+
+    hidden: [R, L, D] final hidden states of a packed batch (pack row or collate_packed);
+    batch: its labels, segment_ids and index. Returns (logps [E] float32, counts [E] int64),
+    in index order: divide for the per-token mean. Differentiable like token_logprobs.
+    """
+    for key in ("labels", "segment_ids", "index"):
+        if key not in batch:
+            raise ValueError(f"batch has no {key!r}: pass a batch from pack() or collate_packed()")
+    labels, segments = batch["labels"].to(hidden.device), batch["segment_ids"].to(hidden.device)
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or segments.shape != labels.shape:
+        raise ValueError(
+            f"hidden must be [R, L, D] matching labels/segment_ids [R, L]; got hidden {tuple(hidden.shape)}, "
+            f"labels {tuple(labels.shape)}, segment_ids {tuple(segments.shape)}"
+        )
+    num_examples = batch["index"].numel()
+    targets = aligned_labels(labels, True, IGNORE_INDEX)
+    # The segment of the target token; pack() masked each example's first label, so a target
+    # never crosses into another example.
+    target_segments = aligned_labels(segments, True, -1)
+    tokens = token_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX, impl=impl, **kwargs)
+    keep = (targets != IGNORE_INDEX) & (target_segments >= 0)
+    seg = target_segments[keep]
+    logps = tokens.new_zeros(num_examples).index_add(0, seg, tokens[keep])
+    counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device).index_add(
+        0, seg, torch.ones_like(seg)
+    )
+    return logps, counts

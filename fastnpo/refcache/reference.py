@@ -1,0 +1,120 @@
+"""The reference pass: the initial model's per-sequence log-probs of every example a loss needs,
+computed once and cached by content. The trainer, `fastnpo cache-ref`, the Hugging Face route
+(add_reference_logprobs) and U2A all call reference_logprobs, so they share cache entries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..data import collate
+from ..modeling import SequenceLogprobModel, output_weight
+from .build import get_or_build_ref_logprobs
+from .fingerprint import ref_cache_parts
+from .store import RefLogprobs
+
+
+@torch.no_grad()
+def item_logprobs(
+    model: SequenceLogprobModel, items: list[dict], pad_token_id: int, batch_size: int, on_batch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (fp32) and target counts (int64) of tokenized items, on CPU, in item order.
+
+    No grad, batches of similar length (least padding), on_batch(size) after each batch.
+    """
+    device = output_weight(model.lm).device
+    logps, counts = torch.zeros(len(items)), torch.zeros(len(items), dtype=torch.long)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = collate([items[i] for i in chosen], pad_token_id)
+        sequence_logps, target_counts, _ = model({k: v.to(device) for k, v in batch.items()})
+        logps[chosen], counts[chosen] = sequence_logps.float().cpu(), target_counts.cpu()
+        if on_batch is not None:
+            on_batch(len(chosen))
+    return logps, counts
+
+
+def sharded_item_logprobs(
+    model: SequenceLogprobModel,
+    items: list[dict],
+    pad_token_id: int,
+    batch_size: int,
+    info: distributed.ProcessInfo,
+    *,
+    progress: bool = False,
+    desc: str = "reference log-probs",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """item_logprobs indexed by item["index"]: each process does a strided share and the
+    shares are gathered, so every process ends with every example's numbers."""
+    mine = items[info.rank :: info.world_size]
+    bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), leave=False)
+    logps, counts = item_logprobs(model, mine, pad_token_id, batch_size, on_batch=bar.update)
+    bar.close()
+    results = list(zip([item["index"] for item in mine], logps.tolist(), counts.tolist(), strict=True))
+    gathered = [row for part in distributed.all_gather_objects(results, info) for row in part]
+    size = max(item["index"] for item in items) + 1
+    logps, counts = torch.zeros(size), torch.zeros(size, dtype=torch.long)
+    for index, logp, count in gathered:
+        logps[index], counts[index] = logp, count
+    return logps, counts
+
+
+def reference_logprobs(
+    model: nn.Module,
+    tokenizer,
+    sets: dict[str, list[dict]],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    impl: str = "auto",
+    cache_dir: str | Path | None = None,
+    info: distributed.ProcessInfo | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[RefLogprobs, bool | None]:
+    """(reference log-probs of every set, cache hit) for a Hugging Face causal LM in its
+    initial state; hit is None without a cache_dir.
+
+    sets: tokenized items ({"index", "input_ids", "labels"}) per set name. With cache_dir the
+    numbers are keyed by fingerprints of the weights, the model config, the tokenizer, the
+    tokenized examples (data, template, max length), impl and dtype (refcache.ref_cache_parts).
+    With info (several processes) each computes a share and all load rank 0's file.
+    """
+    info = info or distributed.ProcessInfo(0, 1, 0, output_weight(model).device)
+    wrapper = SequenceLogprobModel(model, impl=impl)
+    was_training = model.training
+
+    def compute():
+        model.eval()
+        try:
+            logps, counts = {}, {}
+            for name, items in sets.items():
+                logps[name], counts[name] = sharded_item_logprobs(
+                    wrapper, items, pad_token_id, batch_size, info, progress=progress,
+                    desc=f"reference log-probs ({name})",
+                )
+            return logps, counts
+        finally:
+            model.train(was_training)
+
+    if cache_dir is None:
+        logps, counts = compute()
+        return RefLogprobs(logps=logps, counts=counts, key=""), None
+    parts = ref_cache_parts(
+        model=model, tokenizer=tokenizer, examples=sets, impl=impl, dtype=str(output_weight(model).dtype)
+    )
+    return get_or_build_ref_logprobs(
+        cache_dir,
+        parts,
+        compute,
+        rank=info.rank,
+        world_size=info.world_size,
+        barrier=lambda: distributed.barrier(info),
+        log=log,
+    )

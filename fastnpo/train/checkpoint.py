@@ -1,0 +1,103 @@
+"""Checkpoints through torch.distributed.checkpoint (sharded; bit-exact resume) and the full
+state dict for the final export."""
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..distributed import ProcessInfo, barrier
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in `directory` (a checkpoint is complete once renamed)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name.split("_")[1]) for p in directory.glob("step_*") if (p / "trainer.json").exists()
+    )
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    trainer_state: dict,
+    info: ProcessInfo,
+    keep: int = 2,
+) -> Path:
+    """Model + optimizer through torch.distributed.checkpoint (sharded, every rank writes its
+    part), trainer state and each rank's RNG. Written under a temporary name and renamed by
+    rank 0 when every rank is done, so a kill mid-save leaves the previous checkpoint usable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = directory / f"step_{step}"
+    partial = directory / f".partial_step_{step}"
+    if info.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(info)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
+    torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
+    barrier(info)
+    if info.is_main:
+        (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in checkpoint_steps(directory)[:-keep] if keep > 0 else []:
+            shutil.rmtree(directory / f"step_{old}", ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, info: ProcessInfo) -> dict:
+    """Restore what save_checkpoint wrote; returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{info.rank}.pt"
+    if not rng_file.exists():
+        raise ValueError(
+            f"checkpoint {path} has no RNG state for rank {info.rank}: saved with another world size?"
+        )
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """Unsharded CPU state dict (on every rank; only rank 0 should write it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

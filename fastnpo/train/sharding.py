@@ -1,0 +1,51 @@
+"""FSDP2 sharding: one unit per decoder layer plus the root, which keeps the embeddings, the
+final norm and the lm_head (so tied weights stay in one unit and the fused loss runs inside
+the root's forward, where the lm_head gradient is reduced like any other)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..distributed import ProcessInfo
+
+
+@dataclass
+class DistributedConfig:
+    """fsdp: "auto" (shard when world_size > 1), "on", "off". mixed_precision: "none" or
+    "bf16" (FSDP2 MixedPrecisionPolicy when sharded, autocast otherwise)."""
+
+    fsdp: str = "auto"
+    mixed_precision: str = "none"
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+
+
+
+def use_fsdp(config: DistributedConfig, info: ProcessInfo) -> bool:
+    if config.fsdp not in ("auto", "on", "off"):
+        raise ValueError(f"distributed.fsdp must be auto, on or off, got {config.fsdp!r}")
+    if config.fsdp == "off" and info.distributed:
+        raise ValueError("distributed.fsdp=off with several processes: data parallelism needs FSDP here")
+    return config.fsdp == "on" or (config.fsdp == "auto" and info.distributed)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a (possibly PEFT-wrapped) HF causal LM."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and module is not model:
+            return list(module)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def shard(root: nn.Module, config: DistributedConfig, info: ProcessInfo) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, norm, lm_head stay in the root)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if config.mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(root):
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+    fully_shard(root, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+    return root
