@@ -55,14 +55,12 @@ def _local_file_is_empty(path: Path, builder: str) -> bool:
     return head.strip() in (b"", b"[]")
 
 
-def load_qa_split(source: str, split: str, *, what: str = "data set") -> datasets.Dataset:
-    """Load one TOFU-schema split (columns ``question`` and ``answer``) through ``datasets``.
-
-    source: a .json/.jsonl/.parquet file (split is ignored), a directory holding
-    ``<split>.jsonl``, ``<split>.json`` or ``<split>.parquet``, or a hub name, loaded as
-    ``load_dataset(source, split)["train"]`` (TOFU keeps each split as a config).
-    what: how error messages name the set, e.g. "forget set".
-    """
+def load_table(source: str, split: str, *, what: str = "data set", hub_split_is_config: bool = True):
+    """One split of a data set through ``datasets``: a .json/.jsonl/.parquet file (split is
+    ignored), a directory holding ``<split>.jsonl``, ``<split>.json`` or ``<split>.parquet``, or a
+    hub name, loaded as ``load_dataset(source, split)["train"]`` when the hub set keeps each split
+    as a config (TOFU), else as ``load_dataset(source, split=split)``.
+    what: how error messages name the set, e.g. "forget set"."""
     if not isinstance(source, str) or not source:
         raise ValueError(f"{what}: source must be a non-empty path or hub dataset name, got {source!r}")
     if not isinstance(split, str) or not split:
@@ -86,13 +84,19 @@ def load_qa_split(source: str, split: str, *, what: str = "data set") -> dataset
         # datasets fails on an empty file with "Instruction 'train' corresponds to no data".
         if _local_file_is_empty(path, builder):
             raise ValueError(f"{what} {source!r} (split {split!r}) is empty")
-        data = datasets.load_dataset(builder, data_files=str(path))["train"]
-    elif _looks_local(source):
+        return datasets.load_dataset(builder, data_files=str(path))["train"]
+    if _looks_local(source):
         raise FileNotFoundError(f"{what}: no such file or directory: {source!r}")
-    else:
-        data = datasets.load_dataset(source, split, split="train")
-        if isinstance(data, datasets.DatasetDict):
-            data = data["train"]
+    if not hub_split_is_config:
+        return datasets.load_dataset(source, split=split)
+    data = datasets.load_dataset(source, split, split="train")
+    return data["train"] if isinstance(data, datasets.DatasetDict) else data
+
+
+def load_qa_split(source: str, split: str, *, what: str = "data set") -> datasets.Dataset:
+    """Load one TOFU-schema split (columns ``question`` and ``answer``): see load_table; TOFU
+    keeps each split as a hub config."""
+    data = load_table(source, split, what=what)
     for column in REQUIRED_COLUMNS:
         if column not in data.column_names:
             raise ValueError(

@@ -1,13 +1,5 @@
-"""Preference data for U2A: loading (prompt, chosen, rejected), the J / candidate split, and a
-bundled synthetic task whose right answer is known.
-
-Two public layouts are mapped onto ``prompt`` / ``chosen`` / ``rejected``:
-
-* PKU-SafeRLHF: ``prompt``, ``response_0``, ``response_1`` and ``better_response_id`` and/or
-  ``safer_response_id`` (0 or 1: which response is preferred);
-* UltraFeedback (binarized) and most DPO sets: ``prompt``, ``chosen``, ``rejected``, where
-  chosen / rejected are strings or chat transcripts (lists of ``{"role", "content"}``); the
-  response is the last assistant turn and a missing prompt is the user turn before it.
+"""Preference data for U2A: the J / candidate split and a bundled synthetic task whose right
+answer is known (loading is fastnpo.data.preference).
 
 U2A needs three disjoint parts (``split_preference``): the J set (a small held-out preference
 set whose DPO loss is the outer objective), an evaluation set (metrics nobody optimised on),
@@ -19,11 +11,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import datasets
 
 from ..data import encode_qa
+from ..data.preference import load_preference_data, normalize_preference
 
 __all__ = [
     "PreferenceSplit",
@@ -37,8 +27,6 @@ __all__ = [
     "synthetic_reward",
 ]
 
-_LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_PKU_KEYS = ("better_response_id", "safer_response_id")
 
 
 @dataclass
@@ -59,97 +47,6 @@ class PreferenceSplit:
             raise ValueError("the J set (held-out preference pairs for the outer DPO loss) is empty")
         if not self.candidates:
             raise ValueError("there are no candidate negatives to unlearn (candidates is empty)")
-
-
-# ------------------------------------------------------------------------------------ loading
-
-
-def load_preference_data(source: str, split: str = "train", *, preference_key: str = "") -> datasets.Dataset:
-    """A preference data set with string columns prompt / chosen / rejected.
-
-    source: a .json/.jsonl/.parquet file, a directory holding ``<split>.jsonl|.json|.parquet``,
-    or a hub name (``load_dataset(source, split=split)``; needs the network). preference_key
-    picks PKU-SafeRLHF's label ("better_response_id" or "safer_response_id"; "" = the first
-    present)."""
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"preference data: source must be a non-empty path or hub name, got {source!r}")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        found = [path / f"{split}{s}" for s in (".jsonl", ".json", ".parquet") if (path / f"{split}{s}").is_file()]
-        if not found:
-            raise FileNotFoundError(f"preference data: directory {source!r} holds no {split}.jsonl/.json/.parquet")
-        path = found[0]
-    if path.is_file():
-        builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"preference data: {source!r} must end in one of {sorted(_LOCAL_SUFFIXES)}")
-        data = datasets.load_dataset(builder, data_files=str(path))["train"]
-    elif source.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_SUFFIXES:
-        raise FileNotFoundError(f"preference data: no such file or directory: {source!r}")
-    else:
-        data = datasets.load_dataset(source, split=split)
-    return normalize_preference(data, preference_key=preference_key, what=f"preference data {source!r}")
-
-
-def _last_turn(value, role: str):
-    """(content of the last `role` turn, content of the user turn before it) of a transcript."""
-    turns = [t for t in value if isinstance(t, dict)]
-    for i in range(len(turns) - 1, -1, -1):
-        if turns[i].get("role") == role:
-            before = [t.get("content") for t in turns[:i] if t.get("role") == "user"]
-            return turns[i].get("content"), (before[-1] if before else None)
-    return None, None
-
-
-def _response(value, where: str) -> tuple[str, str | None]:
-    if isinstance(value, str):
-        return value, None
-    if isinstance(value, list):
-        content, prompt = _last_turn(value, "assistant")
-        if isinstance(content, str):
-            return content, prompt
-    raise ValueError(f"{where}: expected a string or a chat transcript with an assistant turn, got {value!r:.80}")
-
-
-def normalize_preference(data, *, preference_key: str = "", what: str = "preference data") -> datasets.Dataset:
-    """Map PKU-SafeRLHF or chosen/rejected (string or chat) rows onto prompt / chosen / rejected."""
-    columns = set(data.column_names)
-    rows = []
-    if {"response_0", "response_1"} <= columns:
-        keys = [preference_key] if preference_key else [k for k in _PKU_KEYS if k in columns][:1]
-        if not keys or keys[0] not in columns:
-            raise ValueError(
-                f"{what}: needs a {preference_key or ' or '.join(_PKU_KEYS)} column; columns: {sorted(columns)}"
-            )
-        for i, row in enumerate(data):
-            better = row[keys[0]]
-            if better not in (0, 1):
-                raise ValueError(f"{what}: row {i}: {keys[0]} must be 0 or 1, got {better!r}")
-            rows.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": row[f"response_{better}"],
-                    "rejected": row[f"response_{1 - better}"],
-                }
-            )
-    elif {"chosen", "rejected"} <= columns:
-        for i, row in enumerate(data):
-            chosen, prompt_c = _response(row["chosen"], f"{what}: row {i}: chosen")
-            rejected, prompt_r = _response(row["rejected"], f"{what}: row {i}: rejected")
-            prompt = row.get("prompt") or prompt_c or prompt_r
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    else:
-        raise ValueError(
-            f"{what}: unknown layout; need prompt/chosen/rejected or prompt/response_0/response_1/"
-            f"better_response_id; columns: {sorted(columns)}"
-        )
-    for i, row in enumerate(rows):
-        for key, value in row.items():
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{what}: row {i}: {key} must be a non-empty string, got {value!r:.80}")
-    if not rows:
-        raise ValueError(f"{what} is empty")
-    return datasets.Dataset.from_list(rows)
 
 
 def split_preference(data, *, j_size: int, eval_size: int, max_candidates: int = 0, seed: int = 0) -> PreferenceSplit:
