@@ -149,3 +149,28 @@ class SequenceLogprobModel(nn.Module):
             return logps, (targets != IGNORE_INDEX).sum(dim=1), logits
         logps, counts = packed_sequence_logprobs(hidden, weight, batch, impl=self.impl)
         return logps, counts, logits
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy answers (decoded, stripped) to tokenized prompts, batched with left padding."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]

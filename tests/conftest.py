@@ -30,3 +30,29 @@ def pytest_collection_modifyitems(config, items):
 def _seed_per_test(request):
     # Fresh inputs in every test, reproducible from the test's name.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def build_tiny_llama(vocab_size: int, *, seed: int | None = None, **overrides):
+    """A random tiny Llama (2 layers, hidden 32, GQA) in eval mode; overrides go to LlamaConfig.
+    The one builder the test packages share (seed=None keeps the per-test seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    settings.update(overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).float().eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """The factory build_tiny_llama(vocab_size, seed=None, **LlamaConfig overrides)."""
+    return build_tiny_llama
