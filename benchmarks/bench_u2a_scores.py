@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_u2a_compare import machine_info  # benchmarks/ is on sys.path when run as a script
 from scipy.stats import spearmanr
 
 from fastnpo import u2a
@@ -96,6 +97,45 @@ def timed(problem, method, repeats, device, fd_step=0.0):
     return results[-1], statistics.median(seconds), peak
 
 
+def write_results(args, rows: list[dict], what: str) -> None:
+    """<stem>.csv (the rows under a header of the run's settings and machine) and <stem>.md."""
+    info = machine_info()
+    stem = args.out or str(
+        RESULTS_DIR / f"u2a_scores_{'cpu' if args.device == 'cpu' else 'cuda'}"
+        f"{'_1b' if args.model_size == '1b' else ''}"
+    )
+    header = [
+        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"model: {what}",
+        f"candidates: {args.candidates}, J pairs: {args.j_pairs}, unlearning loss: {args.unlearn}, "
+        f"forward batch: {args.batch_size}, timed repeats (central/jvp): {args.repeats}",
+        f"machine: {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']}), "
+        f"GPU: {info['gpu']}, load average at end: {info['load_average']}",
+        f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
+        f"command: {' '.join(sys.argv)}",
+    ]
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        f.writelines(f"# {line}\n" for line in header)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = [
+        "| method | seconds | speed-up vs per-example | Spearman | max rel. error | median rel. error | h (fd_step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['method']} | {r['seconds']:.3f} | {r['speedup_vs_per_example']:.1f}x "
+            f"| {r['spearman']:.5f} | {r['max_rel_error']:.2e} | {r['median_elementwise_rel_error']:.2e} "
+            f"| {r['fd_step']:.0e} |"
+        )
+    text = "# U2A scores: all candidates at once vs one backward per candidate\n\n"
+    text += "\n".join(f"- {line}" for line in header) + "\n\n" + "\n".join(table) + "\n"
+    Path(f"{stem}.md").write_text(text)
+    print(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -154,41 +194,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["speedup_vs_per_example"] = base / row["seconds"]
 
-    info = u2a.machine_info()
-    stem = args.out or str(
-        RESULTS_DIR / f"u2a_scores_{'cpu' if args.device == 'cpu' else 'cuda'}"
-        f"{'_1b' if args.model_size == '1b' else ''}"
-    )
-    header = [
-        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"model: {what}",
-        f"candidates: {args.candidates}, J pairs: {args.j_pairs}, unlearning loss: {args.unlearn}, "
-        f"forward batch: {args.batch_size}, timed repeats (central/jvp): {args.repeats}",
-        f"machine: {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']}), "
-        f"GPU: {info['gpu']}, load average at end: {info['load_average']}",
-        f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"command: {' '.join(sys.argv)}",
-    ]
-    Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in header)
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = [
-        "| method | seconds | speed-up vs per-example | Spearman | max rel. error | median rel. error | h (fd_step) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['method']} | {r['seconds']:.3f} | {r['speedup_vs_per_example']:.1f}x "
-            f"| {r['spearman']:.5f} | {r['max_rel_error']:.2e} | {r['median_elementwise_rel_error']:.2e} "
-            f"| {r['fd_step']:.0e} |"
-        )
-    text = "# U2A scores: all candidates at once vs one backward per candidate\n\n"
-    text += "\n".join(f"- {line}" for line in header) + "\n\n" + "\n".join(table) + "\n"
-    Path(f"{stem}.md").write_text(text)
-    print(text)
+    write_results(args, rows, what)
     return 0
 
 

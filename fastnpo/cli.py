@@ -1,4 +1,4 @@
-"""The `fastnpo` command."""
+"""The `fastnpo` command: one parser per subcommand, one function per subcommand (COMMANDS)."""
 
 import argparse
 import json
@@ -6,7 +6,7 @@ import os
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnpo", description="Fast, memory-lean LLM unlearning.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -43,48 +43,38 @@ def main(argv: list[str] | None = None) -> int:
     prepare = commands.add_parser("prepare-tiny", help="write Mini-TOFU data and a random tiny model (offline)")
     prepare.add_argument("--out", default="runs/tiny")
     prepare.add_argument("--seed", type=int, default=0)
-
-    args = parser.parse_args(argv)
-    from .config import ConfigError
-    from .train.config import load_config
-
-    try:
-        if args.command in ("demo", "eval", "prepare-tiny"):
-            result = run_other(args)
-        elif args.command == "u2a":
-            from .u2a import run_u2a
-
-            result = run_u2a(args.config, args.overrides)
-        elif args.command == "train":
-            config = load_config(args.config, args.overrides)
-            from .train import train as run_training
-
-            result = run_training(config)
-        else:
-            from .train import build_reference_cache
-
-            result = build_reference_cache(load_config(args.config, args.overrides), verify=args.verify)
-    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        if os.environ.get("FASTNPO_DEBUG"):
-            raise
-        print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)
-        print("(set FASTNPO_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
-    return 0
+    return parser
 
 
-def run_other(args) -> dict:
-    if args.command == "prepare-tiny":
-        from .tofu.minitofu import prepare_tiny
+# Each command imports what it needs when it runs: `fastnpo --help` stays fast.
 
-        return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed).items()}
-    if args.command == "demo":
-        from .tofu.demo import run_demo
 
-        results = run_demo(args.out, args.preset, args.seed)
-        return {"out": args.out, "timings_s": results["timings_s"]}
+def run_train(args) -> dict:
+    from .train import load_config, train
+
+    return train(load_config(args.config, args.overrides))
+
+
+def run_cache_ref(args) -> dict:
+    from .train import build_reference_cache, load_config
+
+    return build_reference_cache(load_config(args.config, args.overrides), verify=args.verify)
+
+
+def run_u2a(args) -> dict:
+    from .u2a import run_u2a as u2a
+
+    return u2a(args.config, args.overrides)
+
+
+def run_demo(args) -> dict:
+    from .tofu.demo import run_demo as demo
+
+    results = demo(args.out, args.preset, args.seed)
+    return {"out": args.out, "timings_s": results["timings_s"]}
+
+
+def run_eval(args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fastnpo eval runs on one process: launch it without torchrun")
     from .tofu.evaluate import EvalConfig, evaluate_path, summary
@@ -96,6 +86,39 @@ def run_other(args) -> dict:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=1)
     return summary(report)
+
+
+def run_prepare_tiny(args) -> dict:
+    from .tofu.minitofu import prepare_tiny
+
+    return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed).items()}
+
+
+COMMANDS = {
+    "train": run_train,
+    "cache-ref": run_cache_ref,
+    "u2a": run_u2a,
+    "demo": run_demo,
+    "eval": run_eval,
+    "prepare-tiny": run_prepare_tiny,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        result = COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as error:
+        if os.environ.get("FASTNPO_DEBUG"):
+            raise
+        print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)
+        print("(set FASTNPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":

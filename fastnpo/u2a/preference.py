@@ -1,5 +1,5 @@
 """Preference data for U2A: the J / candidate split and a bundled synthetic task whose right
-answer is known (loading is fastnpo.data.preference).
+answer is known, with its reward (loading is fastnpo.data.preference).
 
 U2A needs three disjoint parts (``split_preference``): the J set (a small held-out preference
 set whose DPO loss is the outer objective), an evaluation set (metrics nobody optimised on),
@@ -13,20 +13,19 @@ import random
 from dataclasses import dataclass, field
 
 from ..data import encode_qa
-from ..data.preference import load_preference_data, normalize_preference
+from ..modeling import greedy_generate
 
 __all__ = [
     "PreferenceSplit",
     "encode_pairs",
     "encode_responses",
-    "load_preference_data",
-    "normalize_preference",
+    "greedy_reward",
     "split_preference",
     "synthetic_candidates",
     "synthetic_preference_task",
     "synthetic_reward",
+    "tokenizer_for",
 ]
-
 
 
 @dataclass
@@ -347,6 +346,19 @@ def synthetic_reward(text: str) -> float:
     return float(good) - float(bad)
 
 
+def greedy_reward(
+    model, tokenizer, prompts, *, template: str, max_new_tokens: int, batch_size: int = 16
+) -> tuple[float, list[str]]:
+    """Mean synthetic_reward of the model's greedy answers to `prompts`, and the answers."""
+    prompt_ids = [
+        [tokenizer.bos_token_id, *tokenizer(template.format(question=p), add_special_tokens=False)["input_ids"]]
+        for p in prompts
+    ]
+    answers = greedy_generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rewards = [synthetic_reward(a) for a in answers]
+    return (sum(rewards) / len(rewards) if rewards else float("nan")), answers
+
+
 # ------------------------------------------------------------ a from-scratch model for the task
 
 
@@ -362,65 +374,3 @@ def tokenizer_for(split: PreferenceSplit, *, template: str, vocab_size: int):
         if r.get(key)
     ]
     return build_tokenizer(texts, vocab_size=vocab_size, extra_tokens=PROMPT_MARKERS)
-
-
-def supervised_finetune(
-    model,
-    tokenizer,
-    rows,
-    *,
-    template: str,
-    max_length: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> float:
-    """Token-mean NLL with AdamW on ``{"prompt", "response"}`` rows: a from-scratch model first
-    learns the chosen AND the rejected texts, so unlearning has something to remove. Returns
-    the last batch's loss."""
-    import torch
-
-    from ..data import collate
-    from ..losses import nll_from_logprobs
-    from ..modeling import SequenceLogprobModel
-
-    items = encode_responses(tokenizer, rows, key="response", template=template, max_length=max_length)
-    wrapper = SequenceLogprobModel(model)
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    generator, loss = torch.Generator().manual_seed(seed), float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(items), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            batch = collate([items[i] for i in order[start : start + batch_size]], tokenizer.pad_token_id)
-            logps, counts, _ = wrapper({k: v.to(device) for k, v in batch.items()})
-            step_loss = nll_from_logprobs(logps, counts)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss.backward()
-            optimizer.step()
-            loss = step_loss.item()
-    return loss
-
-
-def greedy_reward(model, tokenizer, prompts, *, template: str, max_new_tokens: int) -> tuple[float, list[str]]:
-    """Mean synthetic_reward of the model's greedy answers to `prompts`, and the answers."""
-    import torch
-
-    device = next(model.parameters()).device
-    answers = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(template.format(question=prompt), add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([[tokenizer.bos_token_id, *ids]], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    rewards = [synthetic_reward(a) for a in answers]
-    return (sum(rewards) / len(rewards) if rewards else float("nan")), answers

@@ -17,9 +17,9 @@ from scipy.stats import spearmanr
 
 from fastnpo import u2a
 from fastnpo.config import ConfigError
+from fastnpo.data.preference import load_preference_data
 from fastnpo.u2a.preference import (
     PreferenceSplit,
-    load_preference_data,
     split_preference,
     synthetic_preference_task,
     synthetic_reward,
