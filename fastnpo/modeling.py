@@ -41,12 +41,12 @@ def load_causal_lm(
     name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa", random_init: bool = False
 ) -> nn.Module:
     """A causal LM from a hub name or folder; random_init builds the architecture of its
-    config.json with fresh random weights (benchmarks)."""
+    config.json with fresh random weights (benchmarks). dtype "auto": the checkpoint's own."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"dtype must be one of {[*sorted(DTYPES), 'auto']}, got {dtype!r}")
+    kwargs = dict(dtype=DTYPES.get(dtype, "auto"), attn_implementation=attn_implementation)
     if random_init:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from trl import DPOTrainer
 
 from ..losses import dpo_from_logprobs
+from ..ops import IGNORE_INDEX
 from .hf import patch_model
 
 __all__ = ["SUPPORTED_LOSS_TYPES", "FusedDPOTrainer"]
@@ -98,7 +99,7 @@ class FusedDPOTrainer(DPOTrainer):
         self._ensure_patched()
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         outputs = model(**model_kwargs, labels=labels, return_sequence_logprobs=True)
         if getattr(outputs, "sequence_logps", None) is None:
             raise RuntimeError("the model lost its fastnpo patch (no sequence_logps in its output)")
@@ -124,8 +125,7 @@ class FusedDPOTrainer(DPOTrainer):
         if len(present) == 1:
             missing = next(c for c in REF_COLUMNS if c not in columns)
             raise ValueError(
-                f"the {name} dataset has {present[0]!r} but no {missing!r}: "
-                "give both reference columns or neither"
+                f"the {name} dataset has {present[0]!r} but no {missing!r}: give both reference columns or neither"
             )
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
@@ -149,9 +149,7 @@ class FusedDPOTrainer(DPOTrainer):
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sigmoid":
-                term = dpo_from_logprobs(
-                    chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, scale=1.0
-                )
+                term = dpo_from_logprobs(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, scale=1.0)
             elif loss_type == "hinge":
                 term = torch.relu(1 - self.beta * delta).mean()
             elif loss_type in ("ipo", "sigmoid_norm"):
@@ -188,9 +186,7 @@ class FusedDPOTrainer(DPOTrainer):
         rejected_rewards = self.beta * rejected_logratios.detach()
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(
-            gather((chosen_rewards > rejected_rewards).float()).mean().item()
-        )
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())

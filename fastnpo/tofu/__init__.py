@@ -4,4 +4,5 @@
     evaluate.py  a model on the TOFU sets -> the report (per set and summary)
     minitofu.py  Mini-TOFU: a seeded TOFU look-alike, and `fastnpo prepare-tiny`
     demo.py      the TOFU unlearning study at laptop scale (`fastnpo demo`)
+    plots.py     the demo's results table and figures
 """

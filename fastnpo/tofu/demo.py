@@ -13,7 +13,6 @@
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,16 +23,9 @@ from ..tiny import TinyModelSpec
 from ..train import load_config, train
 from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
 from .minitofu import prepare_tiny
+from .plots import METHOD_LABELS, plot_results, results_table
 
 SPLIT_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-METHOD_LABELS = {
-    "ga": "GA",
-    "graddiff": "GradDiff",
-    "npo": "NPO",
-    "npo_rt": "NPO+RT",
-    "simnpo": "SimNPO",
-    "idkdpo": "IdkDPO",
-}
 
 
 @dataclass
@@ -92,9 +84,7 @@ def _write_pretrain_split(data_dir: Path) -> None:
     (data_dir / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _finetune(
-    model: Path, data: Path, split: str, out: Path, preset: DemoPreset, epochs: float, seed: int
-) -> Path:
+def _finetune(model: Path, data: Path, split: str, out: Path, preset: DemoPreset, epochs: float, seed: int) -> Path:
     config = load_config(
         None,
         [
@@ -118,36 +108,29 @@ def _finetune(
     return Path(train(config)["final"])
 
 
-def run_demo(
-    out_dir: str | Path = "runs/demo", preset: str | DemoPreset = "default", seed: int = 0, log=print
-) -> dict:
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        preset_name, preset = preset, PRESETS[preset]
-    else:
-        preset_name = "custom"
-    out = Path(out_dir)
-    timings, started = {}, time.perf_counter()
+class _Stopwatch:
+    """Seconds spent in each stage since the previous one ended."""
 
-    def stage(name):
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
-        log(f"[demo] {name} done ({timings[name]:.0f} s)")
+    def __init__(self, log):
+        self.log, self.timings, self.started = log, {}, time.perf_counter()
 
-    paths = prepare_tiny(
-        out / "setup",
-        seed=seed,
-        num_authors=preset.num_authors,
-        qa_per_author=preset.qa_per_author,
-        spec=preset.model,
-    )
-    data = paths["data"]
-    _write_pretrain_split(data)
-    stage("prepare")
-    pretrained = _finetune(
-        paths["base"], data, "pretrain", out / "pretrained", preset, preset.pretrain_epochs, seed
-    )
-    stage("pretrain")
+    def done(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self.started - sum(self.timings.values()), 1)
+        self.log(f"[demo] {name} done ({self.timings[name]:.0f} s)")
+
+
+def _resolve_preset(preset: str | DemoPreset) -> tuple[str, DemoPreset]:
+    if not isinstance(preset, str):
+        return "custom", preset
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return preset, PRESETS[preset]
+
+
+def _finetune_models(
+    pretrained: Path, data: Path, out: Path, preset: DemoPreset, seed: int
+) -> tuple[Path, dict[str, Path]]:
+    """The target (fine-tuned on `full`) and one retain model per forget split, from the same start."""
     target = _finetune(pretrained, data, "full", out / "target", preset, preset.finetune_epochs, seed)
     retain_models = {
         split: _finetune(
@@ -161,8 +144,11 @@ def run_demo(
         )
         for split in preset.splits
     }
-    stage("finetune")
+    return target, retain_models
 
+
+def _evaluate_before(target: Path, retain_models: dict[str, Path], data: Path, preset: DemoPreset, log):
+    """Evaluators per split, and the reports of the retain models and of the target before unlearning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -174,9 +160,7 @@ def run_demo(
     }
     retain_reports, target_reports = {}, {}
     for split in preset.splits:
-        retain_reports[split] = evaluators[split].evaluate(
-            AutoModelForCausalLM.from_pretrained(retain_models[split])
-        )
+        retain_reports[split] = evaluators[split].evaluate(AutoModelForCausalLM.from_pretrained(retain_models[split]))
         add_forget_quality(retain_reports[split], retain_reports[split])
         target_reports[split] = add_forget_quality(
             evaluators[split].evaluate(AutoModelForCausalLM.from_pretrained(target)), retain_reports[split]
@@ -185,56 +169,94 @@ def run_demo(
             f"[demo] {split}: target forget quality {target_reports[split]['forget_quality']:.3g} "
             f"(retain model 1.0), model utility {target_reports[split]['model_utility']:.3f}"
         )
-    stage("evaluate target and retain models")
+    return evaluators, retain_reports, target_reports
 
-    runs: dict[str, dict[str, list[dict]]] = {}
+
+def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path, preset: DemoPreset, seed: int):
+    beta = preset.simnpo_beta if method == "simnpo" else preset.beta
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={target}",
+            f"data.forget={data}",
+            f"data.forget_split={split}",
+            f"data.retain={data}",
+            f"data.retain_split={SPLIT_PAIRS[split]}",
+            "data.max_length=96",
+            f"data.batch_size={preset.unlearn_batch_size}",
+            f"data.retain_batch_size={preset.unlearn_batch_size}",
+            f"method.name={method}",
+            f"method.beta={beta}",
+            f"optim.lr={preset.unlearn_lr}",
+            f"optim.epochs={preset.unlearn_epochs}",
+            "optim.warmup_epochs=1",
+            f"run.output_dir={out / 'unlearn' / split / method}",
+            f"run.cache_dir={out / 'ref-cache'}",
+            "run.overwrite=true",
+            "run.export=false",
+            "run.progress=false",
+            "run.log_every=0",
+            f"run.seed={seed}",
+        ],
+    )
+
+
+def _unlearn_split(
+    split: str, target: Path, data: Path, out: Path, preset: DemoPreset, seed: int, reports: dict, log
+) -> dict[str, list[dict]]:
+    """Every method on one forget split, evaluated after every epoch; epoch 0 is the target.
+
+    reports: the split's evaluator and the retain / target reports (from _evaluate_before).
+    """
+    evaluator, retain_report = reports["evaluator"], reports["retain"]
+
+    def evaluate(epoch, model):
+        return summary(add_forget_quality(evaluator.evaluate(model), retain_report))
+
+    before = summary(reports["target"])
+    runs = {}
+    for method in preset.methods:
+        result = train(_unlearn_config(target, data, split, method, out, preset, seed), on_epoch_end=evaluate)
+        runs[method] = [{"epoch": 0, **before}, *result["epochs"]]
+        last = runs[method][-1]
+        log(
+            f"[demo] {split} {METHOD_LABELS[method]:8s} forget quality {last['forget_quality']:.3g} "
+            f"model utility {last['model_utility']:.3f}"
+        )
+    return runs
+
+
+def run_demo(out_dir: str | Path = "runs/demo", preset: str | DemoPreset = "default", seed: int = 0, log=print) -> dict:
+    """Run the stages of the module docstring in order and return (and write) the results."""
+    preset_name, preset = _resolve_preset(preset)
+    out = Path(out_dir)
+    stopwatch = _Stopwatch(log)
+    paths = prepare_tiny(
+        out / "setup",
+        seed=seed,
+        num_authors=preset.num_authors,
+        qa_per_author=preset.qa_per_author,
+        spec=preset.model,
+    )
+    data = paths["data"]
+    _write_pretrain_split(data)
+    stopwatch.done("prepare")
+    pretrained = _finetune(paths["base"], data, "pretrain", out / "pretrained", preset, preset.pretrain_epochs, seed)
+    stopwatch.done("pretrain")
+    target, retain_models = _finetune_models(pretrained, data, out, preset, seed)
+    stopwatch.done("finetune")
+    evaluators, retain_reports, target_reports = _evaluate_before(target, retain_models, data, preset, log)
+    stopwatch.done("evaluate target and retain models")
+    runs = {}
     for split in preset.splits:
-        runs[split] = {}
-        for method in preset.methods:
-
-            def evaluate(epoch, model, split=split):
-                return summary(add_forget_quality(evaluators[split].evaluate(model), retain_reports[split]))
-
-            beta = preset.simnpo_beta if method == "simnpo" else preset.beta
-            config = load_config(
-                None,
-                [
-                    f"model.name_or_path={target}",
-                    f"data.forget={data}",
-                    f"data.forget_split={split}",
-                    f"data.retain={data}",
-                    f"data.retain_split={SPLIT_PAIRS[split]}",
-                    "data.max_length=96",
-                    f"data.batch_size={preset.unlearn_batch_size}",
-                    f"data.retain_batch_size={preset.unlearn_batch_size}",
-                    f"method.name={method}",
-                    f"method.beta={beta}",
-                    f"optim.lr={preset.unlearn_lr}",
-                    f"optim.epochs={preset.unlearn_epochs}",
-                    "optim.warmup_epochs=1",
-                    f"run.output_dir={out / 'unlearn' / split / method}",
-                    f"run.cache_dir={out / 'ref-cache'}",
-                    "run.overwrite=true",
-                    "run.export=false",
-                    "run.progress=false",
-                    "run.log_every=0",
-                    f"run.seed={seed}",
-                ],
-            )
-            result = train(config, on_epoch_end=evaluate)
-            runs[split][method] = [{"epoch": 0, **summary(target_reports[split])}, *result["epochs"]]
-            last = runs[split][method][-1]
-            log(
-                f"[demo] {split} {METHOD_LABELS[method]:8s} forget quality {last['forget_quality']:.3g} "
-                f"model utility {last['model_utility']:.3f}"
-            )
-        stage(f"unlearn {split}")
-
+        reports = {"evaluator": evaluators[split], "retain": retain_reports[split], "target": target_reports[split]}
+        runs[split] = _unlearn_split(split, target, data, out, preset, seed, reports, log)
+        stopwatch.done(f"unlearn {split}")
     results = {
         "preset": preset_name,
         "settings": asdict(preset),
         "seed": seed,
-        "timings_s": timings,
+        "timings_s": stopwatch.timings,
         "threads": torch.get_num_threads(),
         "target": {s: summary(r) for s, r in target_reports.items()},
         "retain_models": {s: summary(r) for s, r in retain_reports.items()},
@@ -247,6 +269,12 @@ def run_demo(
         },
         "runs": runs,
     }
+    _write_results(results, out, log)
+    return results
+
+
+def _write_results(results: dict, out: Path, log) -> None:
+    """results.json, results.md (also logged) and the two figures."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
@@ -256,92 +284,3 @@ def run_demo(
         f"[demo] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'forget_quality_vs_utility.png'}, "
         f"{out / 'memorisation.png'}"
     )
-    return results
-
-
-def results_table(results: dict) -> str:
-    """Forget quality / model utility per method and split: final epoch, and the epoch with the
-    best forget quality (ties: higher utility)."""
-    lines = [
-        "| split | method | final FQ | final MU | best-FQ epoch | best FQ | MU there |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for split, methods in results["runs"].items():
-        target, retain = results["target"][split], results["retain_models"][split]
-        lines.append(
-            f"| {split} | target (before) | {target['forget_quality']:.3g} | {target['model_utility']:.3f} | | | |"
-        )
-        lines.append(f"| {split} | retain model | 1 | {retain['model_utility']:.3f} | | | |")
-        for method, epochs in methods.items():
-            final = epochs[-1]
-            best = max(epochs[1:], key=lambda e: (e["forget_quality"], e["model_utility"]))
-            lines.append(
-                f"| {split} | {METHOD_LABELS.get(method, method)} | {final['forget_quality']:.3g} | "
-                f"{final['model_utility']:.3f} | {best['epoch']} | {best['forget_quality']:.3g} | "
-                f"{best['model_utility']:.3f} |"
-            )
-    return "\n".join(lines)
-
-
-def plot_results(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = list(results["runs"])
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.4), squeeze=False)
-    for ax, split in zip(axes[0], splits, strict=True):
-        for method, epochs in results["runs"][split].items():
-            mu = [e["model_utility"] for e in epochs]
-            fq = [max(e["forget_quality"], 1e-30) for e in epochs]
-            ax.plot(mu, fq, marker="o", markersize=3, label=METHOD_LABELS.get(method, method))
-            ax.annotate(str(epochs[-1]["epoch"]), (mu[-1], fq[-1]), fontsize=7)
-        retain = results["retain_models"][split]
-        ax.scatter(
-            [retain["model_utility"]], [1.0], marker="*", s=160, color="black", label="retain model", zorder=5
-        )
-        target = results["target"][split]
-        ax.scatter(
-            [target["model_utility"]],
-            [max(target["forget_quality"], 1e-30)],
-            marker="s",
-            s=60,
-            color="grey",
-            label="target (before)",
-            zorder=5,
-        )
-        ax.axhline(0.05, linestyle="--", color="grey", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("model utility")
-        ax.set_ylabel("forget quality (KS p-value)")
-        ax.set_title(f"Mini-TOFU {split}: one point per epoch")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "forget_quality_vs_utility.png", dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.6), squeeze=False)
-    for ax, split in zip(axes[0], splits, strict=True):
-        memo = results["memorisation"][split]
-        ratios = [r for r in memo["target"] + memo["retain"] if r > 0]
-        low, high = math.log10(min(ratios)), math.log10(max(ratios))
-        bins = [10 ** (low + (high - low) * k / 16) for k in range(17)]
-        ax.hist(
-            [min(max(r, bins[0]), bins[-1]) for r in memo["target"]], bins=bins, alpha=0.6, label="target"
-        )
-        ax.hist(
-            [min(max(r, bins[0]), bins[-1]) for r in memo["retain"]],
-            bins=bins,
-            alpha=0.6,
-            label="retain model",
-        )
-        ax.set_xscale("log")
-        ax.set_xlabel("truth ratio on the forget set (lower: prefers the true answer)")
-        ax.set_title(
-            f"{split}: forget quality of the target {results['target'][split]['forget_quality']:.2g}"
-        )
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "memorisation.png", dpi=120)
-    plt.close(fig)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data import DataConfig, collate, encode_prompt, load_qa_split, tokenize_split
-from ..modeling import SequenceLogprobModel
+from ..modeling import SequenceLogprobModel, greedy_generate, load_causal_lm, load_tokenizer
 from . import metrics
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
@@ -49,9 +49,7 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig, tokenizer):
         if not config.data:
-            raise ValueError(
-                "EvalConfig.data is required: a folder of TOFU-schema files or a hub dataset name"
-            )
+            raise ValueError("EvalConfig.data is required: a folder of TOFU-schema files or a hub dataset name")
         self.config, self.tokenizer = config, tokenizer
         self.data_config = DataConfig(
             forget=config.data,
@@ -109,27 +107,11 @@ class Evaluator:
             out.append((logps.float() / counts.clamp(min=1)).cpu())
         return torch.cat(out).double().numpy()
 
-    @torch.no_grad()
     def generate(self, lm, prompts: list[list[int]]) -> list[str]:
         """Greedy answers, batched with left padding."""
-        device = next(lm.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        texts = []
-        for start in range(0, len(prompts), self.config.batch_size):
-            chunk = prompts[start : start + self.config.batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            generated = lm.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=self.config.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-            texts += self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return greedy_generate(
+            lm, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size
+        )
 
     def evaluate(self, lm) -> dict:
         """Per-set statistics and model utility of a Hugging Face causal LM."""
@@ -159,11 +141,7 @@ class Evaluator:
             report[name] = stats
         if self.config.generate:
             report["model_utility"] = metrics.model_utility(
-                {
-                    f"{s}/{m}": report[s][m]
-                    for s in metrics.MODEL_UTILITY_SPLITS
-                    for m in metrics.MODEL_UTILITY_METRICS
-                }
+                {f"{s}/{m}": report[s][m] for s in metrics.MODEL_UTILITY_SPLITS for m in metrics.MODEL_UTILITY_METRICS}
             )
         lm.train(was_training)
         return report
@@ -193,13 +171,9 @@ def evaluate_path(
     model_path: str | Path, config: EvalConfig, retain_report: dict | None = None, device: str = "auto"
 ) -> dict:
     """`fastnpo eval`: load a model folder (or hub name) and its tokenizer, evaluate it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model_path).to(device)
+    tokenizer = load_tokenizer(str(model_path))
+    lm = load_causal_lm(str(model_path), dtype="auto").to(device)
     report = Evaluator(config, tokenizer).evaluate(lm)
     if retain_report is not None:
         add_forget_quality(report, retain_report)

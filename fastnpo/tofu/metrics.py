@@ -38,7 +38,6 @@ __all__ = [
     "MODEL_UTILITY_SPLITS",
     "MetricInputTypeError",
     "forget_quality",
-    "forget_truth_ratio_statistic",
     "model_utility",
     "normalized_probability",
     "probability",
@@ -245,34 +244,6 @@ def truth_ratio_score(ratios: Any) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - r)))
 
 
-def forget_truth_ratio_statistic(ratios: Any) -> np.ndarray:
-    """The per-example statistic fed to the KS test of forget quality: ``R`` itself.
-
-    ::
-
-        s_i = R_i = exp(mean_j m(b_j) - m(a~))
-
-    Choice and sources: UNLEARNING.md ("TOFU metrics") defines forget quality on the truth
-    ratios ``R``, and ``locuslab/open-unlearning`` feeds ``R = p_wrong / (p_para + 1e-10)``
-    to ``ks_2samp`` (``src/evals/metrics/privacy.py``, ``forget_quality``). The original
-    ``locuslab/tofu`` code (``aggregate_eval_stat.py``, ``get_forget_quality``) instead feeds
-    ``exp(perturbed_loss - paraphrased_loss) = 1/R``, and open-unlearning's
-    ``utils.get_forget_quality`` feeds ``1/(R + 1e-10)``. These choices give the *same* KS
-    statistic and p-value: the two-sample KS statistic ``sup_t |F_1(t) - F_2(t)|`` is
-    invariant under any strictly monotone map (increasing or decreasing) applied to both
-    samples, since it preserves which points of the pooled sample lie on which side of any
-    threshold. So we follow UNLEARNING.md and return ``R`` (the tests check the invariance
-    against ``1/R`` and ``log R``).
-
-    Args:
-        ratios: ``[n]`` truth ratios on the forget set (``>= 0``, ``inf`` allowed).
-
-    Returns:
-        ``[n]`` float64 array (a copy of ``ratios``).
-    """
-    return _check_ratios(ratios, "ratios").copy()
-
-
 def forget_quality(unlearned_ratios: Any, retain_ratios: Any) -> float:
     """Forget quality: p-value of the two-sample KS test on forget-set truth ratios.
 
@@ -280,12 +251,17 @@ def forget_quality(unlearned_ratios: Any, retain_ratios: Any) -> float:
 
         D = sup_t |F_unlearned(t) - F_retain(t)|,   forget_quality = P(D' >= D | H0)
 
-    where ``F`` are the empirical CDFs of :func:`forget_truth_ratio_statistic` (``R``) for the
-    unlearned model and for the retain model (trained without the forget set), on the same
-    forget-set questions. Computed with ``scipy.stats.ks_2samp`` using its defaults
-    (two-sided, ``method="auto"``: exact distribution for samples up to 10000, asymptotic
-    beyond), as in the TOFU and open-unlearning code. Higher is better; > 0.05 is read as
-    meaningful forgetting.
+    where ``F`` are the empirical CDFs of the truth ratios ``R`` for the unlearned model and for
+    the retain model (trained without the forget set), on the same forget-set questions.
+    Computed with ``scipy.stats.ks_2samp`` using its defaults (two-sided, ``method="auto"``:
+    exact distribution for samples up to 10000, asymptotic beyond), as in the TOFU and
+    open-unlearning code. Higher is better; > 0.05 is read as meaningful forgetting.
+
+    The test is fed ``R`` itself (UNLEARNING.md; ``locuslab/open-unlearning``'s
+    ``privacy.forget_quality``), where ``locuslab/tofu`` feeds ``1/R`` and open-unlearning's
+    ``utils.get_forget_quality`` ``1/(R + 1e-10)``: the same statistic and p-value, since the
+    KS statistic is invariant under a strictly monotone map applied to both samples (the tests
+    check this against ``1/R`` and ``log R``).
 
     Args:
         unlearned_ratios: ``[n1]`` truth ratios of the unlearned model on the forget set.
@@ -295,8 +271,8 @@ def forget_quality(unlearned_ratios: Any, retain_ratios: Any) -> float:
     Returns:
         The p-value as a float in ``[0, 1]``.
     """
-    a = forget_truth_ratio_statistic(_check_ratios(unlearned_ratios, "unlearned_ratios"))
-    b = forget_truth_ratio_statistic(_check_ratios(retain_ratios, "retain_ratios"))
+    a = _check_ratios(unlearned_ratios, "unlearned_ratios")
+    b = _check_ratios(retain_ratios, "retain_ratios")
     return float(ks_2samp(a, b).pvalue)
 
 

@@ -15,7 +15,6 @@ from rouge_score import rouge_scorer
 from fastnpo.tofu.metrics import (
     MODEL_UTILITY_KEYS,
     forget_quality,
-    forget_truth_ratio_statistic,
     model_utility,
     normalized_probability,
     probability,
@@ -170,17 +169,6 @@ def test_truth_ratio_score_hand_values():
 def test_truth_ratio_score_end_to_end():
     r = truth_ratio([-1.0, -2.0], [[-2.0, -4.0], [-1.0, -1.0]])  # e^-2, e
     assert truth_ratio_score(r) == pytest.approx((1.0 - EXP(-2.0)) / 2.0, rel=1e-14)
-
-
-def test_forget_truth_ratio_statistic_is_r():
-    r = [EXP(-2.0), 1.0, 3.0, math.inf, 0.0]
-    out = forget_truth_ratio_statistic(r)
-    np.testing.assert_array_equal(out, r)
-    assert out.dtype == np.float64
-    arr = np.array([0.5, 2.0])
-    out2 = forget_truth_ratio_statistic(arr)
-    out2[0] = 99.0
-    assert arr[0] == 0.5  # returns a copy
 
 
 # --------------------------------------------------------------------------- forget quality
@@ -417,10 +405,8 @@ NAN = math.nan
         (truth_ratio_score, ([0.5, NAN],), "ratios"),
         (truth_ratio_score, ([-0.5],), "ratios"),
         (truth_ratio_score, ([[0.5]],), "ratios"),
-        # forget_truth_ratio_statistic
-        (forget_truth_ratio_statistic, ([],), "ratios"),
-        (forget_truth_ratio_statistic, ([NAN],), "ratios"),
-        (forget_truth_ratio_statistic, ([-1.0],), "ratios"),
+        (truth_ratio_score, ([NAN],), "ratios"),
+        (truth_ratio_score, ([-1.0],), "ratios"),
         # forget_quality
         (forget_quality, ([], [0.5]), "unlearned_ratios"),
         (forget_quality, ([0.5], []), "retain_ratios"),

@@ -1,0 +1,200 @@
+"""UnlearningTrainer: a transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from transformers import Trainer
+
+from ...methods import METHODS, MethodConfig, loss_terms, method_for
+from ...ops import IGNORE_INDEX
+from .data import PREFIXES, UnlearningCollator, column_prefix, dataset_columns, default_pad_token_id, pad_right
+from .patch import patch_model, unwrap
+
+__all__ = ["UnlearningTrainer"]
+
+
+def _missing_column(column: str, method: str) -> ValueError:
+    if column.endswith("ref_logp"):
+        fix = (
+            "compute it once with the model before unlearning: "
+            "dataset = fastnpo.integrations.hf.add_reference_logprobs(dataset, model, tokenizer)"
+        )
+    elif column.startswith("retain_"):
+        fix = (
+            "pair each forget row with a retain row: dataset = fastnpo.integrations.hf.pair_with_retain(forget, retain)"
+        )
+    else:
+        fix = "tokenize the data first (input_ids; labels -100 on prompt tokens; see fastnpo.data.encode_qa)"
+    return ValueError(f"method {method!r} needs the column {column!r}, which the data lacks; {fix}")
+
+
+def _required_columns(method_name: str) -> list[str]:
+    method = method_for(method_name)
+    needed = [f"{column_prefix(s)}input_ids" for s in method.sets]
+    needed += [f"{column_prefix(s)}ref_logp" for s in method.ref_sets]
+    return needed
+
+
+def _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, average_logprobs) -> MethodConfig:
+    if isinstance(method, MethodConfig):
+        config = method
+    else:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        if beta is None:
+            beta = 2.5 if method == "simnpo" else 0.1
+        config = MethodConfig(
+            name=method,
+            beta=beta,
+            forget_coeff=forget_coeff,
+            retain_coeff=retain_coeff,
+            simnpo_gamma=simnpo_gamma,
+            average_logprobs=average_logprobs,
+        )
+    if method_for(config.name).live_reference:
+        raise NotImplementedError(
+            f"method {config.name!r} needs the reference model's full distribution (its KL term), "
+            "which cached log-prob columns cannot give; use fastnpo's own trainer (`fastnpo train`)"
+        )
+    return config
+
+
+def _check_columns(method_name: str, **splits) -> None:
+    """Refuse, before training, a dataset (or each dataset of a dict) that lacks a column the method reads."""
+    for split, data in splits.items():
+        for part in data.values() if isinstance(data, Mapping) else [data]:
+            columns = dataset_columns(part) if part is not None else None
+            for column in _required_columns(method_name) if columns is not None else ():
+                if column not in columns:
+                    raise ValueError(f"{split}: {_missing_column(column, method_name)}")
+
+
+class UnlearningTrainer(Trainer):
+    """transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs.
+
+    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune (fastnpo.methods). The
+    forget rows are ``input_ids`` / ``labels`` (+ ``ref_logp`` for npo, npo_rt, idkdpo), the
+    retain rows ``retain_*`` (graddiff, npo_rt, simnpo, idkdpo), IdkDPO's refusals ``idk_*``
+    (+ ``idk_ref_logp``); optional per-example ``weight``. beta defaults to 2.5 for simnpo
+    and 0.1 otherwise; forget_coeff / retain_coeff weight the two terms (GradDiff's gamma /
+    alpha, NPO+RT's coefficients, SimNPO's lambda).
+
+    One forward over the forget, retain and idk rows of the micro-batch through the patched
+    model (no logits); each term is its micro-batch mean and the Trainer divides by the
+    gradient accumulation steps (loss_is_scaled_for_ga = False), so accumulation and DDP give
+    the mean over micro-batches. The reference columns survive remove_unused_columns.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        *,
+        method: str | MethodConfig = "npo",
+        beta: float | None = None,
+        forget_coeff: float = 1.0,
+        retain_coeff: float = 1.0,
+        simnpo_gamma: float = 0.0,
+        average_logprobs: bool = False,
+        impl: str = "auto",
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        **kwargs,
+    ):
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError("UnlearningTrainer needs a model instance (model_init is not supported)")
+        config = _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, average_logprobs)
+        self.method_config, self.method = config, method_for(config.name)
+        self.patch_handle = patch_model(model, impl=impl)
+        _check_columns(config.name, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        if data_collator is None:
+            data_collator = UnlearningCollator(pad_token_id=default_pad_token_id(processing_class, unwrap(model)))
+        self._fastnpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "UnlearningTrainer does not support nn.DataParallel (several GPUs in one process); "
+                "launch with torchrun / accelerate launch, or make one GPU visible"
+            )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = ["weight", "index"]
+        for p in PREFIXES.values():
+            extra += [f"{p}{c}" for c in ("input_ids", "attention_mask", "labels", "ref_logp")]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
+    def _joint_batch(self, inputs) -> tuple[dict[str, torch.Tensor], dict[str, slice]]:
+        """The method's example sets stacked into one right-padded batch, and each set's rows in it."""
+        rows, start, ids, masks, labels = {}, 0, [], [], []
+        for set_name in self.method.sets:
+            p = column_prefix(set_name)
+            set_ids = inputs[f"{p}input_ids"]
+            mask = inputs.get(f"{p}attention_mask")
+            mask = torch.ones_like(set_ids) if mask is None else mask
+            set_labels = inputs.get(f"{p}labels")
+            if set_labels is None:
+                set_labels = set_ids.masked_fill(mask == 0, IGNORE_INDEX)
+            ids += set_ids.unbind(0)
+            masks += mask.unbind(0)
+            labels += set_labels.unbind(0)
+            rows[set_name] = slice(start, start + set_ids.shape[0])
+            start += set_ids.shape[0]
+        batch = {
+            "input_ids": pad_right(ids, 0),
+            "attention_mask": pad_right(masks, 0),
+            "labels": pad_right(labels, IGNORE_INDEX),
+        }
+        return batch, rows
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        del num_items_in_batch  # every term is a micro-batch mean (see the class docstring)
+        name = self.method_config.name
+        for column in _required_columns(name):
+            if column not in inputs:
+                raise _missing_column(column, name)
+        batch, rows = self._joint_batch(inputs)
+        outputs = model(**batch, use_cache=False, return_sequence_logprobs=True)
+        sequence_logps = getattr(outputs, "sequence_logps", None)
+        if sequence_logps is None:
+            raise RuntimeError(
+                "the model returned no sequence_logps: its fastnpo patch was undone; call "
+                "fastnpo.integrations.hf.patch_model(trainer.model) again"
+            )
+        logps = {s: sequence_logps[r] for s, r in rows.items()}
+        counts = {s: outputs.token_counts[r] for s, r in rows.items()}
+        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in self.method.ref_sets}
+        weights = inputs.get("weight")
+        weights = None if weights is None else weights.to(sequence_logps)
+        terms = loss_terms(self.method_config, logps, counts, ref_logps, weights=weights)
+        loss = sum(term.coeff * term.value for term in terms.values())
+        mode = "train" if model.training else "eval"
+        for key, term in terms.items():
+            self._fastnpo_metrics[mode][key].append(float(term.value.detach()))
+        for set_name in self.method.sets:
+            self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._fastnpo_metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        self._fastnpo_metrics[mode].clear()
+        super().log(logs, start_time)
