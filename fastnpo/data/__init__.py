@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .batching import (
-    PairedBatches,
-    collate,
-    collate_packed,
-    length_grouped_batches,
-    pack,
-    packed_attention_mask,
-    packed_model_inputs,
-)
+from .batching import PairedBatches, collate, collate_packed, length_grouped_batches
 from .config import DataConfig, check_template
 from .sources import DEFAULT_IDK_ANSWERS, add_idk_answers, idk_answers, load_qa_split
 from .tokenize import QADataset, _check_tokenizer, encode_prompt, encode_qa, tokenize_split
@@ -39,9 +31,6 @@ __all__ = [
     "idk_answers",
     "length_grouped_batches",
     "load_qa_split",
-    "pack",
-    "packed_attention_mask",
-    "packed_model_inputs",
     "tokenize_split",
 ]
 
@@ -56,15 +45,16 @@ class UnlearningData(NamedTuple):
 def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -> UnlearningData:
     """Load, tokenise and pair the sets named by config. idk=True adds the IdkDPO refusals.
 
-    Padding uses tokenizer.pad_token_id, or eos when there is none (padding is masked anyway).
+    The caller collates each step's items (collate / collate_packed with its pad id).
     """
     if not isinstance(config, DataConfig):
         raise ValueError(f"config must be a DataConfig, got {type(config).__name__}")
     if not config.forget:
         raise ValueError("DataConfig.forget is empty: name a forget set (file, directory or hub dataset)")
     _check_tokenizer(tokenizer, config.template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
+    # Fail before loading anything: a tokenizer with neither could never be padded by the
+    # caller (modeling.load_tokenizer falls back to eos when pad is missing).
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has neither pad_token nor eos_token to pad with")
     answers = idk_answers(config) if idk else None
     forget_raw = load_qa_split(config.forget, config.forget_split, what="forget set")
@@ -82,10 +72,7 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -
         retain,
         batch_size=config.batch_size,
         retain_batch_size=config.retain_batch_size,
-        pad_token_id=pad,
         seed=config.seed,
         idk=idk_set,
-        packing=config.packing,
-        pack_tokens=config.pack_tokens,
     )
     return UnlearningData(forget, retain, idk_set, batches)

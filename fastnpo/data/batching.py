@@ -1,12 +1,14 @@
-"""Batches: padding, length grouping, packing, and the paired forget / retain / idk steps."""
+"""Batches: which examples form each step (length-grouped, paired forget / retain / idk) and how a
+step's examples become tensors (padded or packed rows)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..ops.logprobs import IGNORE_INDEX
 from .tokenize import QADataset
@@ -21,6 +23,12 @@ def _check_count(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+# Why not transformers.trainer_pt_utils.get_length_grouped_indices: it permutes with torch's RNG
+# (global or a generator, not our (seed, epoch) key), sizes its windows min(n // (4 * batch_size),
+# 50) batches, swaps the longest example to the front and keeps the batches in window order
+# (ours shuffles the batch order). Different RNG and grouping give a different batch order, hence
+# different published demo numbers; and ours is a pure function of (seed, epoch, ...), which exact
+# resumption relies on. Do not change the order this produces.
 def _grouped(lengths: Sequence[int], batch_size: int, key: tuple, drop_last: bool) -> list[list[int]]:
     rng = np.random.default_rng(np.random.SeedSequence(list(key)))
     lengths = np.asarray(lengths)
@@ -66,15 +74,15 @@ def collate(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     pad = _check_pad(pad_token_id)
     if not items:
         raise ValueError("collate needs at least one item")
-    width = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
-        attention_mask[row, :n] = 1
+
+    def padded(key: str, value: int) -> torch.Tensor:
+        rows = [torch.as_tensor(item[key], dtype=torch.long) for item in items]
+        return pad_sequence(rows, batch_first=True, padding_value=value)
+
+    input_ids, labels = padded("input_ids", pad), padded("labels", IGNORE_INDEX)
+    attention_mask = pad_sequence(
+        [torch.ones(len(item["input_ids"]), dtype=torch.long) for item in items], batch_first=True
+    )
     index = torch.tensor([item["index"] for item in items], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
 
@@ -85,7 +93,7 @@ def collate(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 def _pack_groups(items: Sequence[dict], pack_tokens: int) -> list[list[int]]:
     _check_count("pack_tokens", pack_tokens, 1)
     if not items:
-        raise ValueError("pack needs at least one item")
+        raise ValueError("collate_packed needs at least one item")
     for item in items:
         if len(item["input_ids"]) > pack_tokens:
             raise ValueError(
@@ -132,31 +140,15 @@ def _pack_row(items: Sequence[dict], width: int, pad: int, first_segment: int) -
     }
 
 
-def pack(
-    items: Sequence[dict], pack_tokens: int, pad_token_id: int, *, pad_to_full: bool = False
-) -> list[dict[str, torch.Tensor]]:
-    """Pack examples, in order, into rows of at most pack_tokens tokens.
-
-    Each row: input_ids, position_ids (restarting at 0 per example), labels (first token of
-    each example -100), segment_ids (example number within the row, -1 on padding), all [1, L],
-    and index [E] (source indices in row order). pad_to_full pads every row to pack_tokens
-    (fixed shapes); otherwise L is the row's content length. Run the model through
-    ``packed_model_inputs`` so attention stays inside each example.
-    """
-    pad = _check_pad(pad_token_id)
-    rows = []
-    for group in _pack_groups(items, pack_tokens):
-        members = [items[i] for i in group]
-        width = pack_tokens if pad_to_full else sum(len(m["input_ids"]) for m in members)
-        row = {k: v.unsqueeze(0) for k, v in _pack_row(members, width, pad, 0).items()}
-        row["index"] = torch.tensor([m["index"] for m in members], dtype=torch.long)
-        rows.append(row)
-    return rows
-
-
 def collate_packed(items: Sequence[dict], pack_tokens: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """pack() then stack the rows right-padded to the longest: [R, L] tensors, segment_ids
-    numbering the examples across the whole batch (0..E-1, row-major, = positions in index)."""
+    """Pack examples, in order, into rows of at most pack_tokens tokens, right-padded to the
+    longest row: [R, L] tensors input_ids, position_ids (restarting at 0 per example and on the
+    padding), labels (each example's first token -100), segment_ids (examples numbered across the
+    whole batch, 0..E-1 row-major = positions in index; -1 on padding), and index [E].
+
+    Run the model with position_ids, no attention_mask and use_cache=False (as
+    modeling.SequenceLogprobModel does): transformers then keeps attention inside each example.
+    """
     pad = _check_pad(pad_token_id)
     groups = _pack_groups(items, pack_tokens)
     width = max(sum(len(items[i]["input_ids"]) for i in g) for g in groups)
@@ -169,50 +161,15 @@ def collate_packed(items: Sequence[dict], pack_tokens: int, pad_token_id: int) -
     return batch
 
 
-def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive [R, 1, L, L] block-diagonal causal mask (0 = attend, dtype's min = blocked).
-
-    Float additive masks are what both the eager and the sdpa attention of transformers accept
-    as-is. Padding (segment -1) attends to itself only, so no row is fully masked (NaN-free).
-    """
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be [R, L], got shape {tuple(segment_ids.shape)}")
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    allowed = same & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
-
-
-def packed_model_inputs(
-    batch: dict, *, explicit_mask: bool = False, dtype: torch.dtype = torch.float32
-) -> dict:
-    """Keyword arguments for ``model(...)`` / ``model.model(...)`` on a packed batch.
-
-    transformers (checked on 5.23, masking_utils._preprocess_mask_arguments) builds the
-    block-diagonal mask from position_ids only when attention_mask is None AND
-    past_key_values is None; LlamaModel creates a DynamicCache whenever use_cache is on (the
-    config default), which silently disables the detection and lets examples attend to each
-    other. Hence use_cache=False here. explicit_mask=True passes a 4-D mask instead (any
-    attention implementation that takes one, independent of that detection).
-    """
-    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if explicit_mask:
-        kwargs["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype)
-    return kwargs
-
-
 class PairedBatches:
-    """Per step ``{"forget": batch, "retain": batch | None}`` (plus ``"idk"`` when given).
+    """Which examples each step trains on: ``{"forget": items, "retain": items | None}`` (plus
+    ``"idk"`` when given), uncollated (the trainer splits them into micro-batches and collates).
 
     An epoch is one pass over the forget set in length-grouped batches (order fixed by
     (seed, epoch)). Retain batches cycle through the retain set; the retain batch of step s in
     epoch e is a pure function of (seed, e, s), so resuming from (epoch, step) replays exactly.
     The idk set must be aligned with forget (row i = same question with a refusal): its batch
-    holds the same indices in the same order. Iterating runs the rest of the current epoch,
-    then moves on to the next one.
+    holds the same indices in the same order.
     """
 
     def __init__(
@@ -222,17 +179,12 @@ class PairedBatches:
         *,
         batch_size: int = 8,
         retain_batch_size: int = 8,
-        pad_token_id: int = 0,
         seed: int = 0,
         idk: QADataset | None = None,
-        packing: bool = False,
-        pack_tokens: int = 1024,
-        drop_last: bool = False,
     ):
         _check_count("batch_size", batch_size, 1)
         _check_count("retain_batch_size", retain_batch_size, 1)
         _check_count("seed", seed, 0)
-        _check_pad(pad_token_id)
         if len(forget) == 0:
             raise ValueError("forget set is empty")
         if retain is not None and len(retain) == 0:
@@ -242,15 +194,8 @@ class PairedBatches:
                 f"idk set must be aligned with the forget set (same indices, same order); got "
                 f"{len(idk)} vs {len(forget)} examples"
             )
-        if packing:
-            _check_count("pack_tokens", pack_tokens, 1)
-            for name, ds in (("forget", forget), ("retain", retain), ("idk", idk)):
-                if ds is not None and max(ds.lengths) > pack_tokens:
-                    raise ValueError(f"{name} set has an example longer than pack_tokens={pack_tokens}")
         self.forget, self.retain, self.idk = forget, retain, idk
-        self.batch_size, self.retain_batch_size = batch_size, retain_batch_size
-        self.pad_token_id, self.seed, self.drop_last = pad_token_id, seed, drop_last
-        self.packing, self.pack_tokens = packing, pack_tokens
+        self.batch_size, self.retain_batch_size, self.seed = batch_size, retain_batch_size, seed
         self.epoch, self.step = 0, 0
         self._forget_lengths = forget.lengths
         self._retain_lengths = retain.lengths if retain is not None else None
@@ -260,9 +205,8 @@ class PairedBatches:
         key = ("forget", epoch)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "forget"}
-            self._cache[key] = _grouped(
-                self._forget_lengths, self.batch_size, (self.seed, epoch), self.drop_last
-            )
+            # Every forget example counts each epoch, so the last, short batch is kept.
+            self._cache[key] = _grouped(self._forget_lengths, self.batch_size, (self.seed, epoch), False)
         return self._cache[key]
 
     def _retain_batch(self, epoch: int, step: int) -> list[int]:
@@ -279,11 +223,6 @@ class PairedBatches:
             )
         return self._cache[key][within]
 
-    def _collate(self, items: list[dict]) -> dict:
-        if self.packing:
-            return collate_packed(items, self.pack_tokens, self.pad_token_id)
-        return collate(items, self.pad_token_id)
-
     def items(self, epoch: int, step: int) -> dict[str, list[dict] | None]:
         """The step's examples, uncollated (a pure function of seed, epoch and step)."""
         positions = self._forget_batches(epoch)[step]
@@ -294,13 +233,9 @@ class PairedBatches:
             out["idk"] = [self.idk[i] for i in positions]
         return out
 
-    def batch(self, epoch: int, step: int) -> dict:
-        """The step's collated batches."""
-        return {k: None if v is None else self._collate(v) for k, v in self.items(epoch, step).items()}
-
     def next_items(self) -> dict[str, list[dict] | None]:
-        """The next step's examples, rolling over into the next epoch (the trainer splits them
-        into per-process micro-batches itself); advances the state like iteration does."""
+        """The next step's examples, rolling over into the next epoch; advances the state, so a
+        state_dict taken while the step trains resumes after it."""
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
         out = self.items(self.epoch, self.step)
@@ -308,24 +243,8 @@ class PairedBatches:
         return out
 
     def __len__(self) -> int:
+        """Steps in the current epoch."""
         return len(self._forget_batches(self.epoch))
-
-    def __iter__(self) -> Iterator[dict]:
-        epoch = self.epoch
-        while self.epoch == epoch and self.step < len(self):
-            out = self.batch(self.epoch, self.step)
-            # Advance before yielding: a state_dict taken while the step trains resumes after it.
-            self.step += 1
-            yield out
-        if self.epoch == epoch:
-            self.epoch, self.step = epoch + 1, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first step; a no-op when it is already the current epoch, so
-        a trainer's per-epoch set_epoch call does not undo load_state_dict."""
-        _check_count("epoch", epoch, 0)
-        if epoch != self.epoch:
-            self.epoch, self.step = int(epoch), 0
 
     def state_dict(self) -> dict[str, Any]:
         return {

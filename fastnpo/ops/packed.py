@@ -16,7 +16,7 @@ def packed_sequence_logprobs(
     """
     for key in ("labels", "segment_ids", "index"):
         if key not in batch:
-            raise ValueError(f"batch has no {key!r}: pass a batch from pack() or collate_packed()")
+            raise ValueError(f"batch has no {key!r}: pass a batch from collate_packed() or collate_packed()")
     labels, segments = batch["labels"].to(hidden.device), batch["segment_ids"].to(hidden.device)
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or segments.shape != labels.shape:
         raise ValueError(
@@ -25,7 +25,7 @@ def packed_sequence_logprobs(
         )
     num_examples = batch["index"].numel()
     targets = aligned_labels(labels, True, IGNORE_INDEX)
-    # The segment of the target token; pack() masked each example's first label, so a target
+    # The segment of the target token; collate_packed() masked each example's first label, so a target
     # never crosses into another example.
     target_segments = aligned_labels(segments, True, -1)
     tokens = token_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX, impl=impl, **kwargs)

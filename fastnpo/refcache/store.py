@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,31 +158,48 @@ def _diff_parts(stored: Mapping[str, str], expected: Mapping[str, str]) -> str:
     return ", ".join(out)
 
 
+# safetensors' own header errors that mean the file ends early (or, for the last, that its size
+# does not match the header: truncation is the case a partial copy produces).
+_TRUNCATED = ("header too small", "invalid header length", "incomplete metadata")
+
+
+def _open(path: Path) -> tuple[dict[str, str], dict[str, Tensor]] | str:
+    """(metadata, tensors) of the safetensors file, or why it cannot be read. One open file, so
+    metadata and tensors come from the same version even if another rank replaces the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            # get_tensor maps the file: a copy keeps the cache valid (no SIGBUS) if the file is
+            # later truncated or rewritten in place.
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e})"
+    except SafetensorError as e:
+        if any(what in str(e) for what in _TRUNCATED):
+            return f"truncated ({_size(path)} bytes: {e})"
+        return f"corrupt header ({e})"
+    return meta, tensors
+
+
+def _size(path: Path) -> str:
+    try:
+        return str(path.stat().st_size)
+    except OSError:
+        return "?"
+
+
 def _read(
     path: Path, expected_key: str, expected_parts: Mapping[str, str] | None
 ) -> tuple[RefLogprobs | None, str]:
     """(cache, "") or (None, why not)."""
-    from safetensors.torch import load
-
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as e:
-        return None, f"unreadable ({e})"
-    if len(data) < 8:
-        return None, f"truncated ({len(data)} bytes)"
-    n = struct.unpack("<Q", data[:8])[0]
-    if 8 + n > len(data):
-        return None, f"truncated (header of {n} bytes, file of {len(data)})"
-    try:
-        header = json.loads(data[8 : 8 + n])
-        meta = header.pop("__metadata__", None) or {}
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        return None, f"corrupt header ({e})"
-    if 8 + n + end > len(data):
-        return None, f"truncated ({len(data)} of {8 + n + end} bytes)"
+    opened = _open(path)
+    if isinstance(opened, str):
+        return None, opened
+    meta, tensors = opened
     if meta.get("format") != FORMAT:
         return None, f"not a reference log-prob file (format {meta.get('format')!r})"
     if meta.get("format_version") != FORMAT_VERSION:
@@ -201,10 +217,6 @@ def _read(
         return None, f"key mismatch (cached {_short(stored_key)}, expected {_short(expected_key)})"
     if cache_key(**parts) != stored_key:
         return None, "corrupt metadata (the stored parts do not hash to the stored key)"
-    try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error type
-        return None, f"corrupt ({type(e).__name__}: {e})"
     if _payload_checksum(tensors) != checksum:
         return None, "corrupt (checksum mismatch)"
     expected_names = {f"{s}/{kind}" for s in sets for kind in ("logps", "counts")}

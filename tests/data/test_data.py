@@ -1,4 +1,5 @@
-"""fastnpo.data: loading, answer-only labels, batching, packing (checked against a real Llama),
+"""fastnpo.data: loading, answer-only labels, batching, packing (checked against a real Llama
+through modeling.SequenceLogprobModel, as the trainer runs it),
 forget/retain/idk pairing and resumption. Offline: tokenizers are trained in code and the hub
 branch is exercised through a monkeypatched datasets.load_dataset."""
 
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from fastnpo import sequence_logprobs
 from fastnpo.data import (
     DEFAULT_IDK_ANSWERS,
     DataConfig,
@@ -25,11 +25,9 @@ from fastnpo.data import (
     idk_answers,
     length_grouped_batches,
     load_qa_split,
-    pack,
-    packed_model_inputs,
     tokenize_split,
 )
-from fastnpo.ops import packed_sequence_logprobs
+from fastnpo.modeling import SequenceLogprobModel
 from fastnpo.tiny import build_tokenizer
 
 WORDS = "alpha beta gamma delta author book city river born wrote novel prize year north south".split()
@@ -279,19 +277,8 @@ def test_collate():
 # ----------------------------------------------------------------------------------- packing
 
 
-def tiny_llama(attn, vocab_size):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config).float().eval()
+def llama(tiny_llama, attn, vocab_size):
+    model = tiny_llama(vocab_size, attn_implementation=attn)
     assert model.config._attn_implementation == attn
     return model
 
@@ -308,40 +295,46 @@ def random_items(n, vocab_size, seed):
 
 def unpacked_logprobs(model, items):
     batch = collate(items, pad_token_id=0)
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    logps = sequence_logprobs(hidden, model.lm_head.weight, batch["labels"], impl="torch")
-    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    logps, counts, _ = SequenceLogprobModel(model, impl="torch")(batch)
     return dict(zip(batch["index"].tolist(), zip(logps, counts.tolist(), strict=True), strict=True))
 
 
+def row_batches(batch, items, pack_tokens):
+    """Each row of a collate_packed batch again as a batch of its own (its examples alone)."""
+    by_index = {it["index"]: it for it in items}
+    for r in range(batch["input_ids"].shape[0]):
+        row_examples = batch["segment_ids"][r].unique().tolist()
+        indices = [batch["index"][e].item() for e in row_examples if e >= 0]
+        yield collate_packed([by_index[i] for i in indices], pack_tokens=pack_tokens, pad_token_id=0)
+
+
+# Only the position_ids route is checked: it is the one the trainer takes
+# (SequenceLogprobModel passes no attention mask on packed rows, use_cache=False).
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("explicit_mask", [False, True])
-def test_packing_equals_unpacked(attn, explicit_mask):
+def test_packing_equals_unpacked(tiny_llama, attn):
     vocab_size = 61
-    model = tiny_llama(attn, vocab_size)
+    model = llama(tiny_llama, attn, vocab_size)
     items = random_items(9, vocab_size, seed=1)
     expected = unpacked_logprobs(model, items)
 
-    rows = pack(items, pack_tokens=32, pad_token_id=0, pad_to_full=explicit_mask)
-    assert len(rows) > 1 and all(r["input_ids"].shape[1] <= 32 for r in rows)
+    packed = collate_packed(items, pack_tokens=32, pad_token_id=0)
+    rows = list(row_batches(packed, items, 32))
+    assert len(rows) > 1 and all(r["input_ids"].shape == (1, r["input_ids"].shape[1]) for r in rows)
+    assert all(r["input_ids"].shape[1] <= 32 for r in rows)
     assert sorted(i for r in rows for i in r["index"].tolist()) == sorted(expected)
-    row_batches = [*rows, collate_packed(items, pack_tokens=32, pad_token_id=0)]  # single rows, then [R, L]
-    for batch in row_batches:
+    for batch in [*rows, packed]:  # single rows, then [R, L]
         starts = (batch["position_ids"] == 0) & (batch["segment_ids"] >= 0)
         assert (batch["labels"][starts] == -100).all()
-        hidden = model.model(**packed_model_inputs(batch, explicit_mask=explicit_mask)).last_hidden_state
-        logps, counts = packed_sequence_logprobs(hidden, model.lm_head.weight, batch, impl="torch")
+        logps, counts, _ = SequenceLogprobModel(model, impl="torch")(batch)
         assert logps.shape == counts.shape == batch["index"].shape
         for k, index in enumerate(batch["index"].tolist()):
             torch.testing.assert_close(logps[k], expected[index][0], atol=1e-5, rtol=0)
             assert counts[k].item() == expected[index][1]
 
 
-def test_packed_gradients_match_unpacked():
+def test_packed_gradients_match_unpacked(tiny_llama):
     vocab_size = 53
-    model = tiny_llama("sdpa", vocab_size)
+    model = llama(tiny_llama, "sdpa", vocab_size)
     items = random_items(5, vocab_size, seed=2)
 
     def grads(loss):
@@ -353,8 +346,7 @@ def test_packed_gradients_match_unpacked():
     unpacked = unpacked_logprobs(model, items)
     ref = grads(sum(w * unpacked[it["index"]][0] for w, it in zip(weights, items, strict=True)))
     batch = collate_packed(items, pack_tokens=24, pad_token_id=0)
-    hidden = model.model(**packed_model_inputs(batch)).last_hidden_state
-    logps, _ = packed_sequence_logprobs(hidden, model.lm_head.weight, batch, impl="torch")
+    logps, _, _ = SequenceLogprobModel(model, impl="torch")(batch)
     order = {index: k for k, index in enumerate(batch["index"].tolist())}
     got = grads(sum(w * logps[order[it["index"]]] for w, it in zip(weights, items, strict=True)))
     for g, r in zip(got, ref, strict=True):
@@ -363,17 +355,17 @@ def test_packed_gradients_match_unpacked():
 
 def test_pack_errors_and_order():
     items = random_items(6, 40, seed=3)
-    rows = pack(items, pack_tokens=20, pad_token_id=0)
-    assert [i for r in rows for i in r["index"].tolist()] == [it["index"] for it in items]
-    row = rows[0]
+    batch = collate_packed(items, pack_tokens=20, pad_token_id=0)
+    assert batch["index"].tolist() == [it["index"] for it in items]
     n = len(items[0]["input_ids"])
-    assert row["segment_ids"][0, :n].eq(0).all() and row["position_ids"][0, :n].tolist() == list(range(n))
-    full = pack(items, pack_tokens=20, pad_token_id=5, pad_to_full=True)
-    assert all(r["input_ids"].shape == (1, 20) for r in full)
-    tail = full[0]["segment_ids"][0] == -1
-    assert (full[0]["input_ids"][0][tail] == 5).all() and (full[0]["labels"][0][tail] == -100).all()
+    assert batch["segment_ids"][0, :n].eq(0).all() and batch["position_ids"][0, :n].tolist() == list(range(n))
+    full = collate_packed(items, pack_tokens=20, pad_token_id=5)
+    assert full["input_ids"].shape[0] > 1 and full["input_ids"].shape[1] <= 20
+    tail = full["segment_ids"] == -1
+    assert tail.any()
+    assert (full["input_ids"][tail] == 5).all() and (full["labels"][tail] == -100).all()
     with pytest.raises(ValueError, match=r"example 100 has .* pack_tokens=4"):
-        pack(items, pack_tokens=4, pad_token_id=0)
+        collate_packed(items, pack_tokens=4, pad_token_id=0)
 
 
 # ----------------------------------------------------------------------------------- pairing
@@ -388,59 +380,54 @@ def make_qa(lengths, offset=0):
     )
 
 
-def assert_same_steps(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if a[key] is None:
-            assert b[key] is None
-            continue
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+def indices(step, name):
+    return [item["index"] for item in step[name]]
+
+
+def run_epoch(batches):
+    """The steps left in the current epoch, through next_items as the trainer draws them."""
+    return [batches.next_items() for _ in range(len(batches) - batches.step)]
 
 
 def test_paired_batches_resume_and_epochs():
     rng = np.random.default_rng(0)
     forget = make_qa(rng.integers(2, 30, size=37).tolist())
     retain = make_qa(rng.integers(2, 30, size=23).tolist(), offset=1000)
-    kwargs = dict(batch_size=4, retain_batch_size=5, pad_token_id=0, seed=7)
+    kwargs = dict(batch_size=4, retain_batch_size=5, seed=7)
     a = PairedBatches(forget, retain, **kwargs)
     assert len(a) == 10
 
-    epoch0 = list(a)
-    assert a.state_dict()["epoch"] == 1 and a.state_dict()["step"] == 0
-    assert sorted(i for s in epoch0 for i in s["forget"]["index"].tolist()) == list(range(37))
+    epoch0 = run_epoch(a)
+    # next_items rolls over lazily: (0, 10) is the end of epoch 0, the same point as (1, 0).
+    assert a.state_dict()["epoch"] == 0 and a.state_dict()["step"] == 10
+    assert sorted(i for s in epoch0 for i in indices(s, "forget")) == list(range(37))
     expected = length_grouped_batches(forget.lengths, 4, seed=7, epoch=0)
-    assert [s["forget"]["index"].tolist() for s in epoch0] == expected
-    assert all(s["retain"]["index"].numel() == 5 for s in epoch0)
+    assert [indices(s, "forget") for s in epoch0] == expected
+    assert all(len(s["retain"]) == 5 for s in epoch0)
     # The 4 full retain batches of a cycle cover 20 distinct examples.
-    first_cycle = [i for s in epoch0[:4] for i in s["retain"]["index"].tolist()]
+    first_cycle = [i for s in epoch0[:4] for i in indices(s, "retain")]
     assert len(set(first_cycle)) == 20
 
-    it = iter(a)
-    epoch1_head = [next(it) for _ in range(3)]
+    epoch1_head = [a.next_items() for _ in range(3)]
+    assert a.state_dict()["epoch"] == 1 and a.state_dict()["step"] == 3
     state = a.state_dict()
-    rest_a = list(it)
-    epoch2_a = list(a)
+    rest_a = run_epoch(a)
+    epoch2_a = [a.next_items() for _ in range(10)]
 
     b = PairedBatches(forget, retain, **kwargs)
     b.load_state_dict(state)
-    b.set_epoch(1)  # a trainer's per-epoch call must not undo the resume
-    rest_b = list(b)
-    epoch2_b = list(b)
+    rest_b = run_epoch(b)
+    epoch2_b = [b.next_items() for _ in range(10)]
     assert len(rest_a) == len(rest_b) == 7
-    for x, y in zip(rest_a + epoch2_a, rest_b + epoch2_b, strict=True):
-        assert_same_steps(x, y)
-    assert [s["forget"]["index"].tolist() for s in epoch0] != [
-        s["forget"]["index"].tolist() for s in epoch1_head + rest_a
-    ]
+    assert rest_a + epoch2_a == rest_b + epoch2_b
+    assert [indices(s, "forget") for s in epoch0] != [indices(s, "forget") for s in epoch1_head + rest_a]
 
     c = PairedBatches(forget, None, **kwargs)
-    c.set_epoch(2)
-    steps = list(c)
+    c.load_state_dict({"epoch": 2, "step": 0})
+    steps = run_epoch(c)
     assert all(s["retain"] is None for s in steps)
     for x, y in zip(steps, epoch2_a, strict=True):
-        assert torch.equal(x["forget"]["input_ids"], y["forget"]["input_ids"])
+        assert x["forget"] == y["forget"]
 
     with pytest.raises(ValueError, match="seed"):
         PairedBatches(forget, retain, **{**kwargs, "seed": 8}).load_state_dict(state)
@@ -483,11 +470,16 @@ def test_idk_answers_and_alignment(tmp_path, tokenizer):
         )
         data = build_unlearning_data(config, tokenizer, idk=True)
         assert len(data.forget) == len(data.idk) == 21 and len(data.retain) == 30
-        steps = list(data.batches)
+        steps = run_epoch(data.batches)
         assert len(steps) == 6
         for step in steps:
             assert set(step) == {"forget", "retain", "idk"}
-            assert torch.equal(step["forget"]["index"], step["idk"]["index"])
+            # Collated as the trainer does (train.loop.collate_micro_batch).
+            pad = tokenizer.pad_token_id
+            forget, idk = (
+                collate_packed(step[k], 256, pad) if packing else collate(step[k], pad) for k in ("forget", "idk")
+            )
+            assert torch.equal(forget["index"], idk["index"])
         for f, k in zip(data.forget, data.idk, strict=True):
             n_prompt = f["labels"].count(-100)
             assert f["input_ids"][:n_prompt] == k["input_ids"][:n_prompt]  # same question

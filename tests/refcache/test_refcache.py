@@ -1,4 +1,4 @@
-"""Reference log-prob cache: fingerprints, keys, file validation, atomic writes, ranks, verification."""
+"""Reference log-prob cache: hit / miss, file validation, atomic writes, ranks, lookup and verification."""
 
 import json
 import os
@@ -7,215 +7,36 @@ import threading
 
 import pytest
 import torch
-from torch import nn
+from refcache_helpers import (
+    SIZES,
+    TEXTS,
+    Compute,
+    TinyLM,
+    base_parts,
+    build,
+    header_len,
+    make_examples,
+    simple_parts,
+    true_logps,
+)
 
 from fastnpo import refcache
 from fastnpo.refcache import (
     RefLogprobs,
     cache_key,
     cache_path,
-    fingerprint,
-    fingerprint_config,
-    fingerprint_examples,
-    fingerprint_model,
-    fingerprint_tokenizer,
     get_or_build_ref_logprobs,
     load_ref_logprobs,
-    ref_cache_parts,
     save_ref_logprobs,
     store,
     verify_ref_logprobs,
 )
 from fastnpo.tiny import build_tokenizer
 
-TEXTS = ["the author wrote a novel about the sea", "who wrote the book? an author from paris"] * 4
-SIZES = {"forget": 40, "retain": 300}
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=64, dim=12):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embed.weight  # tied, as in many causal LMs
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, dim))
-        self.register_buffer(
-            "inv_freq", 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim), persistent=False
-        )
-
-
-def true_logps(set_name: str, index: torch.Tensor) -> torch.Tensor:
-    # A deterministic stand-in for "the reference model's summed log-prob of example `index`".
-    offset = 0.0 if set_name == "forget" else 1000.0
-    return -(index.double() * 0.37 + 3.0 + offset).sin().abs().float() * 50
-
-
-class Compute:
-    """Counting compute callback."""
-
-    def __init__(self, sizes=SIZES, shift=0.0):
-        self.calls = 0
-        self.sizes, self.shift = sizes, shift
-
-    def __call__(self):
-        self.calls += 1
-        logps = {s: true_logps(s, torch.arange(n)) + self.shift for s, n in self.sizes.items()}
-        counts = {s: torch.arange(n) % 17 + 1 for s, n in self.sizes.items()}
-        return logps, counts
-
-
-def make_examples(tok, n, max_length=16, start=0):
-    items = []
-    for i in range(n):
-        ids = tok(f"question {i}? answer {i * 7}")["input_ids"][:max_length]
-        labels = [-100] * 3 + ids[3:]
-        items.append({"index": start + i, "input_ids": ids, "labels": labels})
-    return items
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(TEXTS, vocab_size=300)
-
-
-def base_parts(model, tok, examples, **overrides):
-    extra = {"template": "[INST] {q} [/INST] {a}", "max_length": 16, "dtype": torch.float32}
-    extra.update(overrides)
-    return ref_cache_parts(model=model, tokenizer=tok, examples=examples, **extra)
-
-
-def build(tmp_path, parts, compute, logs=None, **kw):
-    logs = [] if logs is None else logs
-    return get_or_build_ref_logprobs(tmp_path, parts, compute, log=logs.append, **kw)
-
-
-def simple_parts(**over):
-    parts = {
-        "model": "m" * 64,
-        "tokenizer": "t" * 64,
-        "examples/forget": "f",
-        "examples/retain": "r",
-        "max_length": "16",
-        "dtype": "torch.float32",
-    }
-    parts.update(over)
-    return parts
-
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def test_fingerprint_model_deterministic_and_sensitive():
-    model = TinyLM()
-    fp = fingerprint_model(model)
-    assert fp == fingerprint_model(model) and len(fp) == 64
-    assert fingerprint_model(model, workers=1) == fingerprint_model(model, workers=4)
-    with torch.no_grad():
-        model.norm.weight[3] += 1e-3
-    assert fingerprint_model(model) != fp
-
-
-@pytest.mark.parametrize("which", ["scale", "inv_freq"])
-def test_fingerprint_model_covers_buffers(which):
-    model = TinyLM()
-    fp = fingerprint_model(model)
-    with torch.no_grad():
-        getattr(model, which)[0] += 1.0
-    assert fingerprint_model(model) != fp
-
-
-def test_fingerprint_model_bf16_and_chunking(monkeypatch):
-    model = TinyLM().to(torch.bfloat16)
-    fp = fingerprint_model(model)
-    assert fp == fingerprint_model(model)
-    assert fp != fingerprint_model(TinyLM().to(torch.bfloat16))  # other random weights
-    monkeypatch.setattr(fingerprint, "_CHUNK_BYTES", 10)  # many tiny device->host pieces: same bytes, same hash
-    assert fingerprint_model(model) == fp
-    monkeypatch.undo()
-    with torch.no_grad():
-        model.embed.weight[5, 7] = model.embed.weight[5, 7] * 2 + 1
-    assert fingerprint_model(model) != fp
-    # Same values in another dtype are another model.
-    assert fingerprint_model(TinyLM().float()) != fingerprint_model(TinyLM().double())
-
-
-def test_fingerprint_model_meta_rejected():
-    model = TinyLM().to("meta")
-    with pytest.raises(ValueError, match="meta"):
-        fingerprint_model(model)
-
-
-def test_fingerprint_tokenizer(tokenizer):
-    fp = fingerprint_tokenizer(tokenizer)
-    # Encoding with truncation/padding leaves state in the backend tokenizer; it must not matter.
-    tokenizer(["a b c d e f"], truncation=True, max_length=3, padding="max_length")
-    assert fingerprint_tokenizer(tokenizer) == fp
-    other = build_tokenizer(TEXTS, vocab_size=300)
-    assert fingerprint_tokenizer(other) == fp
-    other.add_tokens(["<new>"])
-    assert fingerprint_tokenizer(other) != fp
-    templated = build_tokenizer(TEXTS, vocab_size=300)
-    templated.chat_template = "{{ messages }}"
-    assert fingerprint_tokenizer(templated) != fp
-    assert fingerprint_tokenizer(build_tokenizer(TEXTS, vocab_size=290)) != fp
-
-
-def test_fingerprint_examples(tokenizer):
-    items = make_examples(tokenizer, 5)
-    fp = fingerprint_examples(items)
-    assert fingerprint_examples(items[::-1]) == fp  # indexed by "index", not by position
-    as_tensors = [
-        {**it, "input_ids": torch.tensor(it["input_ids"]), "labels": torch.tensor(it["labels"])}
-        for it in items
-    ]
-    assert fingerprint_examples(as_tensors) == fp
-    changed = [dict(it) for it in items]
-    changed[2]["input_ids"] = [*items[2]["input_ids"][:-1], items[2]["input_ids"][-1] + 1]
-    assert fingerprint_examples(changed) != fp
-    relabeled = [dict(it) for it in items]
-    relabeled[0]["labels"] = [-100, *items[0]["labels"][1:]]
-    relabeled[0]["labels"][3] = -100
-    assert fingerprint_examples(relabeled) != fp
-    with pytest.raises(ValueError, match="twice"):
-        fingerprint_examples([*items, items[0]])
-    with pytest.raises(ValueError, match="labels"):
-        fingerprint_examples([{"index": 0, "input_ids": [1]}])
-    with pytest.raises(TypeError, match="index"):
-        fingerprint_examples([{"index": 1.5, "input_ids": [1], "labels": [1]}])
-    with pytest.raises(TypeError, match="integers"):
-        fingerprint_examples([{"index": 0, "input_ids": [1.0], "labels": [1]}])
-    assert fingerprint_examples([{**items[0], "index": torch.tensor(0)}]) == fingerprint_examples(items[:1])
-
-
-def test_fingerprint_config():
-    from transformers import PretrainedConfig  # the model classes' configs take seconds to import
-
-    cfg = PretrainedConfig(vocab_size=64, hidden_size=16, rms_norm_eps=1e-6, rope_theta=10000.0)
-    fp = fingerprint_config(cfg)
-    assert fingerprint_config(cfg.to_dict()) == fp
-    cfg._name_or_path = "/somewhere/else"
-    cfg.output_hidden_states = True
-    assert fingerprint_config(cfg) == fp
-    cfg.rms_norm_eps = 1e-5
-    assert fingerprint_config(cfg) != fp
-    model = TinyLM()
-    model.config = cfg
-    assert fingerprint_config(model) == fingerprint_config(cfg)
-    assert "config" in ref_cache_parts(model=model, examples={"forget": []})
-    with pytest.raises(ValueError, match="config"):
-        fingerprint_config(TinyLM())
-
-
-def test_cache_key():
-    assert cache_key(a="1", b="2") == cache_key(b="2", a="1")
-    assert cache_key(a="1", b="2") != cache_key(a="1", b="3")
-    assert cache_key(a="12") != cache_key(a="1", b="2")
-    assert cache_key(**{"examples/forget": "x"}) != cache_key(**{"examples/retain": "x"})
-    with pytest.raises(TypeError, match="max_length"):
-        cache_key(max_length=16)
-    with pytest.raises(ValueError):
-        cache_key()
 
 
 # ---------------------------------------------------------------- hit / miss
@@ -317,17 +138,13 @@ def test_recovers_from_truncated_file(tmp_path):
         _recovers(tmp_path, parts, "truncated")
 
 
-def _header_len(path):
-    return struct.unpack("<Q", path.read_bytes()[:8])[0]
-
-
 @pytest.mark.parametrize("where", ["payload", "middle", "header"])
 def test_recovers_from_flipped_byte(tmp_path, where):
     parts = simple_parts()
     build(tmp_path, parts, Compute())
     path = cache_path(tmp_path, cache_key(**parts))
     data = bytearray(path.read_bytes())
-    n = _header_len(path)
+    n = header_len(path)
     pos = {"payload": 8 + n + (len(data) - 8 - n) // 2, "middle": len(data) // 2, "header": 8 + n // 2}[where]
     data[pos] ^= 0x10
     path.write_bytes(bytes(data))
@@ -619,28 +436,10 @@ def test_file_layout(tmp_path):
     parts = simple_parts()
     ref, _ = build(tmp_path, parts, Compute())
     path = cache_path(tmp_path, ref.key)
-    n = _header_len(path)
+    n = header_len(path)
     header = json.loads(path.read_bytes()[8 : 8 + n])
     meta = header.pop("__metadata__")
     assert sorted(header) == ["forget/counts", "forget/logps", "retain/counts", "retain/logps"]
     assert header["forget/logps"]["dtype"] == "F32" and header["forget/counts"]["dtype"] == "I64"
     assert meta["key"] == ref.key and json.loads(meta["parts"]) == parts
     assert meta["format_version"] == refcache.FORMAT_VERSION and len(meta["checksum"]) == 64
-
-
-def test_fingerprint_model_fsdp2_sharded_matches_unsharded(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group already running")
-    from torch.distributed.fsdp import fully_shard
-
-    model = TinyLM()
-    fp = fingerprint_model(model)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        fully_shard(model.norm)
-        fully_shard(model)
-        assert type(model.embed.weight).__name__ == "DTensor" and model.head.weight is model.embed.weight
-        assert fingerprint_model(model) == fp  # gathered per parameter; the tied weight hashed once
-    finally:
-        dist.destroy_process_group()
