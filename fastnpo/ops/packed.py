@@ -16,7 +16,7 @@ def packed_sequence_logprobs(
     """
     for key in ("labels", "segment_ids", "index"):
         if key not in batch:
-            raise ValueError(f"batch has no {key!r}: pass a batch from collate_packed() or collate_packed()")
+            raise ValueError(f"batch has no {key!r}: pass a batch from collate_packed()")
     labels, segments = batch["labels"].to(hidden.device), batch["segment_ids"].to(hidden.device)
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or segments.shape != labels.shape:
         raise ValueError(
