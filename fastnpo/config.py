@@ -3,7 +3,8 @@
 Each component owns its dataclass (DataConfig in data/, MethodConfig in methods.py, LoraConfig
 in modeling.py, ...); a command assembles them into one tree (train/config.py, u2a/run.py)
 and loads it here. OmegaConf rejects unknown keys and wrongly typed values by full key name;
-the command's own check then looks at the values.
+each section checks its own values in __post_init__ (ConfigError naming the dotted key), and the
+command checks what spans sections.
 """
 
 from pathlib import Path

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import require
 from .losses import (
     dpo_from_logprobs,
     ga_from_logprobs,
@@ -37,6 +38,12 @@ class MethodConfig:
     kl_coeff: float = 1.0
     simnpo_gamma: float = 0.0
     average_logprobs: bool = False
+
+    def __post_init__(self):
+        require(self.name in METHODS, "method.name", f"must be one of {sorted(METHODS)}", self.name)
+        require(self.beta > 0, "method.beta", "must be > 0", self.beta)
+        for key in ("forget_coeff", "retain_coeff", "kl_coeff"):
+            require(getattr(self, key) >= 0, f"method.{key}", "must be >= 0", getattr(self, key))
 
 
 @dataclass(frozen=True)

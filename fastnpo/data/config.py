@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ConfigError
+
 
 @dataclass
 class DataConfig:
@@ -41,19 +43,19 @@ class DataConfig:
             "idk_answers",
         ):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"DataConfig.{name} must be a string, got {getattr(self, name)!r}")
+                raise ConfigError(f"data.{name}: must be a string, got {getattr(self, name)!r}")
         for name, low in (("max_length", 2), ("batch_size", 1), ("retain_batch_size", 1), ("pack_tokens", 2)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"DataConfig.{name} must be an int >= {low}, got {value!r}")
+                raise ConfigError(f"data.{name}: must be an int >= {low}, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"DataConfig.seed must be a non-negative int, got {self.seed!r}")
+            raise ConfigError(f"data.seed: must be a non-negative int, got {self.seed!r}")
         check_template(self.template)
         if self.packing and self.pack_tokens < self.max_length:
             # Otherwise a full-length example could never be placed in a row.
-            raise ValueError(
-                f"DataConfig.pack_tokens ({self.pack_tokens}) must be >= max_length ({self.max_length}) "
-                "when packing"
+            raise ConfigError(
+                f"data.pack_tokens: must be >= data.max_length ({self.max_length}) when packing, "
+                f"got {self.pack_tokens}"
             )
 
 

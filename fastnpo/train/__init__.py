@@ -1,9 +1,12 @@
-"""The unlearning trainer: config, setup, the loop, checkpoints, sharding.
+"""The unlearning trainer: config, setup, the step, the loop, logging, checkpoints, sharding.
 
     config.py      the run config tree, loaded from YAML + overrides and checked
+    setup.py       what a run builds before its first step: output folder, data, model, optimizer
+    step.py        one optimisation step, globally renormalised across micro-batches and ranks
     loop.py        train(): the run top to bottom; build_reference_cache (`fastnpo cache-ref`)
+    logging.py     metrics.jsonl, TensorBoard, progress bar, console lines, run files
+    checkpoint.py  DCP checkpoints, bit-exact resume, the Hugging Face export
     sharding.py    FSDP2 (one unit per decoder layer + the root)
-    checkpoint.py  DCP checkpoints, bit-exact resume, the full state dict for export
 """
 
 from .config import Config, ConfigError, load_config

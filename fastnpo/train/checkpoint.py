@@ -1,5 +1,5 @@
-"""Checkpoints through torch.distributed.checkpoint (sharded; bit-exact resume) and the full
-state dict for the final export."""
+"""Checkpoints through torch.distributed.checkpoint (sharded; bit-exact resume) and the final
+Hugging Face export."""
 
 import json
 import os
@@ -101,3 +101,40 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_run_state(
+    directory: Path, step: int, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo, *, keep: int
+) -> None:
+    """Everything a resume needs: weights, optimizer, scheduler, data position (RNG: save_checkpoint)."""
+    state = {"step": step, "scheduler": scheduler.state_dict(), "batches": batches.state_dict()}
+    save_checkpoint(directory, step, model, optimizer, state, info, keep=keep)
+
+
+def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo) -> int:
+    """Restore what save_run_state wrote; returns the step to continue from."""
+    state = load_checkpoint(path, model, optimizer, info)
+    scheduler.load_state_dict(state["scheduler"])
+    batches.load_state_dict(state["batches"])
+    return state["step"]
+
+
+def export_hf(wrapper: nn.Module, model: nn.Module, tokenizer, path: Path, info: ProcessInfo, *, lora: bool) -> None:
+    """A Hugging Face folder (safetensors) that from_pretrained loads; LoRA runs save the adapter.
+    Every rank gathers the full state dict (a collective); rank 0 writes, then renames."""
+    state = full_state_dict(wrapper)
+    if not info.is_main:
+        return
+    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model, state_dict=state)
+        model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

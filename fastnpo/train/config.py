@@ -1,6 +1,12 @@
-"""The trainer's config tree: each component's dataclass (DataConfig in data/, MethodConfig in
-methods.py, LoraConfig in modeling.py, DistributedConfig in sharding.py) plus the model, optimizer
-and run sections, loaded through fastnpo.config and checked here."""
+"""The trainer's config tree, loaded from YAML + overrides and checked.
+
+Each section's dataclass checks its own values in __post_init__ (DataConfig in data/,
+MethodConfig in methods.py, LoraConfig in modeling.py, DistributedConfig in sharding.py; the
+model, optimizer and run sections here), so a rule is written once, next to its field.
+OmegaConf.to_object builds the dataclasses, so a bad value stops load_config with a
+ConfigError naming its dotted key. What a lone section cannot know (a key the method requires,
+a value every run must set) is checked on the whole tree by check_config.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,16 @@ class ModelConfig:
     impl: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def __post_init__(self):
+        dtypes = ("float32", "bfloat16", "float16")
+        require(self.dtype in dtypes, "model.dtype", "must be float32, bfloat16 or float16", self.dtype)
+        require(self.impl in IMPLS, "model.impl", f"must be one of {IMPLS}", self.impl)
+        # LoraConfig is shared with other routes; its values only matter here when it is on.
+        if self.lora.enabled:
+            require(self.lora.r >= 1, "model.lora.r", "must be >= 1", self.lora.r)
+            targets = self.lora.target_modules
+            require(bool(targets), "model.lora.target_modules", "must name at least one module", targets)
+
 
 @dataclass
 class OptimConfig:
@@ -45,6 +61,19 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        require(betas_ok, "optim.betas", "must be two numbers in [0, 1)", self.betas)
+        has_length = self.epochs > 0 or self.max_steps > 0
+        require(has_length, "optim.epochs", "must be > 0 (or set optim.max_steps)", self.epochs)
+        require(self.max_steps >= 0, "optim.max_steps", "must be >= 0", self.max_steps)
+        require(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0", self.warmup_epochs)
+        require(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1", self.grad_accum)
+        clip = self.max_grad_norm
+        require(clip >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)", clip)
 
 
 @dataclass
@@ -63,11 +92,15 @@ class RunConfig:
     resume: bool = True
     overwrite: bool = False
     cache_dir: str = ""
-    verify_cache: int = 0
     tensorboard: bool = False
     progress: bool = True
     export: bool = True
     example_weights: str = ""
+
+    def __post_init__(self):
+        every = self.checkpoint_every
+        require(every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)", every)
+        require(self.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", self.log_every)
 
 
 @dataclass
@@ -88,70 +121,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def check_config(config: Config) -> None:
-    m, d, o, r, t = config.model, config.data, config.optim, config.run, config.method
+    """The rules no section can check alone: values with no usable default (the defaults are
+    built too, so __post_init__ cannot require them) and what the method asks of the data."""
+    m, d, r = config.model, config.data, config.run
     require(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
-    require(
-        m.dtype in ("float32", "bfloat16", "float16"),
-        "model.dtype",
-        "must be float32, bfloat16 or float16",
-        m.dtype,
-    )
-    require(m.impl in IMPLS, "model.impl", f"must be one of {IMPLS}", m.impl)
-    require(t.name in METHODS, "method.name", f"must be one of {sorted(METHODS)}", t.name)
-    require(t.beta > 0, "method.beta", "must be > 0", t.beta)
-    for key in ("forget_coeff", "retain_coeff", "kl_coeff"):
-        require(getattr(t, key) >= 0, f"method.{key}", "must be >= 0", getattr(t, key))
     require(bool(d.forget), "data.forget", "is required (a file, a folder or a hub dataset name)", d.forget)
-    needs_retain = "retain" in METHODS[t.name].sets
-    require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {t.name}", d.retain)
-    require(d.max_length > 1, "data.max_length", "must be > 1", d.max_length)
-    require(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
-    require(d.retain_batch_size >= 1, "data.retain_batch_size", "must be >= 1", d.retain_batch_size)
-    require(o.lr > 0, "optim.lr", "must be > 0", o.lr)
-    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    require(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        "must be two numbers in [0, 1)",
-        o.betas,
-    )
-    require(
-        o.epochs > 0 or o.max_steps > 0, "optim.epochs", "must be > 0 (or set optim.max_steps)", o.epochs
-    )
-    require(o.max_steps >= 0, "optim.max_steps", "must be >= 0", o.max_steps)
-    require(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0", o.warmup_epochs)
-    require(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1", o.grad_accum)
-    require(
-        o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)", o.max_grad_norm
-    )
+    needs_retain = "retain" in METHODS[config.method.name].sets
+    require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {config.method.name}", d.retain)
+    # DataConfig (data/) does not check its own values yet.
     require(bool(r.output_dir), "run.output_dir", "is required", r.output_dir)
-    require(
-        r.checkpoint_every >= 0,
-        "run.checkpoint_every",
-        "must be >= 0 (0: only at the end)",
-        r.checkpoint_every,
-    )
-    require(r.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", r.log_every)
-    require(
-        config.distributed.fsdp in ("auto", "on", "off"),
-        "distributed.fsdp",
-        "must be auto, on or off",
-        config.distributed.fsdp,
-    )
-    require(
-        config.distributed.mixed_precision in ("none", "bf16"),
-        "distributed.mixed_precision",
-        "must be none or bf16",
-        config.distributed.mixed_precision,
-    )
-    if m.lora.enabled:
-        require(m.lora.r >= 1, "model.lora.r", "must be >= 1", m.lora.r)
-        require(
-            bool(m.lora.target_modules),
-            "model.lora.target_modules",
-            "must name at least one module",
-            m.lora.target_modules,
-        )
 
 
 # Sections and keys that change the training trajectory: a checkpoint saved under other

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import require
 from ..distributed import ProcessInfo
 
 
@@ -20,11 +21,13 @@ class DistributedConfig:
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
 
+    def __post_init__(self):
+        require(self.fsdp in ("auto", "on", "off"), "distributed.fsdp", "must be auto, on or off", self.fsdp)
+        precision = self.mixed_precision
+        require(precision in ("none", "bf16"), "distributed.mixed_precision", "must be none or bf16", precision)
 
 
 def use_fsdp(config: DistributedConfig, info: ProcessInfo) -> bool:
-    if config.fsdp not in ("auto", "on", "off"):
-        raise ValueError(f"distributed.fsdp must be auto, on or off, got {config.fsdp!r}")
     if config.fsdp == "off" and info.distributed:
         raise ValueError("distributed.fsdp=off with several processes: data parallelism needs FSDP here")
     return config.fsdp == "on" or (config.fsdp == "auto" and info.distributed)

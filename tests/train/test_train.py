@@ -146,7 +146,7 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastnpo.methods import method_for
-    from fastnpo.train.loop import load_data
+    from fastnpo.train.setup import load_data
 
     beta = 0.7
     config = config_for(
@@ -426,7 +426,7 @@ def test_trainer_cache_is_shared_with_the_hf_integration(tiny, tmp_path):
 
     from fastnpo.integrations.hf import add_reference_logprobs
     from fastnpo.methods import method_for
-    from fastnpo.train.loop import load_data
+    from fastnpo.train.setup import load_data
 
     cache = tmp_path / "cache"
     config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": cache})

@@ -1,0 +1,108 @@
+"""What a run reports: config.yaml and run_info.json beside the run, one metrics.jsonl record
+per step (also to TensorBoard), the progress bar, a console line every run.log_every steps, and
+the on_epoch_end reports in epochs.jsonl. Only rank 0 writes; every rank builds the record,
+since that takes an all-reduce."""
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..distributed import ProcessInfo
+from ..profiling import peak_memory_bytes
+from .config import Config, to_yaml
+from .step import StepResult
+
+
+def console(info: ProcessInfo) -> Callable[[str], None]:
+    """print on rank 0 through tqdm.write, so lines do not break the progress bar; a no-op elsewhere."""
+    return tqdm.write if info.is_main else (lambda message: None)
+
+
+def write_run_files(out: Path, config: Config, run_info: dict, info: ProcessInfo) -> None:
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(config))
+        (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+
+
+class RunLogger:
+    """metrics.jsonl, TensorBoard, the progress bar and the per-step console line."""
+
+    def __init__(self, config: Config, info: ProcessInfo, sets, *, total_steps: int, steps_per_epoch: int, step: int):
+        self.out = Path(config.run.output_dir)
+        self.log_every = config.run.log_every
+        self.sets = sets
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.info = info
+        self.main = info.is_main
+        self.log = console(info)
+        self.writer = None
+        if config.run.tensorboard and info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        self.metrics = open(self.out / "metrics.jsonl", "a") if info.is_main else None
+        self.bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc=f"{config.method.name}",
+            disable=not (config.run.progress and info.is_main),
+        )
+
+    def step(self, result: StepResult, *, step: int, lr: float, started: float) -> None:
+        """Log step `step` (every rank calls it: the record takes an all-reduce)."""
+        record = self.record(result, step=step, lr=lr, started=started)
+        if self.main:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        self.writer.add_scalar(key, value, step)
+            if self.log_every and (step % self.log_every == 0 or step == self.total_steps):
+                shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+                self.log(f"step {step}/{self.total_steps} epoch {record['epoch']:.2f} {shown}")
+        self.bar.update(1)
+
+    def record(self, result: StepResult, *, step: int, lr: float, started: float) -> dict:
+        """The step's metrics.jsonl record: loss terms, mean log-probs and tokens summed over ranks
+        (one small all-reduce), grad norm, lr, throughput since `started`, peak memory."""
+        keys, info = sorted(result.term_totals), self.info
+        stats = torch.tensor(
+            [result.term_totals[k] for k in keys] + [result.logp_sums[n] for n in self.sets] + [result.tokens],
+            dtype=torch.float64,
+            device=info.device,
+        )
+        stats = distributed.all_reduce_sum(stats, info).cpu().tolist()
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
+        record.update({k: stats[i] for i, k in enumerate(keys)})
+        record["loss"] = sum(stats[i] * result.coeffs[k] for i, k in enumerate(keys))
+        for j, name in enumerate(self.sets):
+            record[f"mean_{name}_logp"] = stats[len(keys) + j] / max(1, result.global_counts[f"{name}_examples"])
+        record.update(
+            {
+                "grad_norm": float(result.grad_norm),
+                "lr": lr,
+                "tokens_per_s": stats[-1] / elapsed,
+                "peak_memory_mib": peak_memory_bytes(info.device) / 2**20,
+            }
+        )
+        return record
+
+    def epoch(self, report: dict) -> None:
+        with open(self.out / "epochs.jsonl", "a") as epochs_file:
+            epochs_file.write(json.dumps(report) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()

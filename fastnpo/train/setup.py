@@ -1,0 +1,178 @@
+"""Everything a run builds before its first step: the output folder decision, tokenizer, data,
+example weights, the reference log-probs, the model wrapped for training (LoRA, activation
+checkpointing, the fused log-prob wrapper, FSDP2), the optimizer and its schedule.
+
+The train loop calls these in a fixed order; the order matters for bit-exact reruns (LoRA
+initialisation draws from the RNG after the model is loaded)."""
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ..data import build_unlearning_data
+from ..distributed import ProcessInfo
+from ..methods import Method
+from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm
+from ..modeling import load_tokenizer as load_tokenizer_from
+from ..refcache import reference_logprobs
+from . import checkpoint, sharding
+from .config import Config, ConfigError, trajectory_differences
+
+
+def prepare_output_dir(config: Config, info: ProcessInfo) -> Path | None:
+    """Decide between a fresh run and a resume; refuse what would overwrite or mix runs.
+
+    Returns the checkpoint to resume from, or None."""
+    out = Path(config.run.output_dir)
+    checkpoints = checkpoint.checkpoint_steps(out / "checkpoints")
+    finished = (out / "final").exists() or ((out / "run_info.json").exists() and not checkpoints)
+    if config.run.resume and checkpoints:
+        saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+        current = OmegaConf.to_container(OmegaConf.structured(config))
+        differences = trajectory_differences(saved, current)
+        if differences:
+            raise ConfigError(
+                f"{out} holds checkpoints of a run with another config; resume refused. Differences: "
+                + "; ".join(differences)
+                + ". Use another run.output_dir, or run.resume=false run.overwrite=true."
+            )
+        return out / "checkpoints" / f"step_{checkpoints[-1]}"
+    if (checkpoints or finished) and not config.run.overwrite:
+        raise ConfigError(f"run.output_dir {out} already holds a run; set run.overwrite=true to replace it")
+    if info.is_main and config.run.overwrite and out.exists():
+        shutil.rmtree(out)
+    return None
+
+
+def load_tokenizer(config: Config):
+    return load_tokenizer_from(config.model.tokenizer or config.model.name_or_path)
+
+
+def load_model(config: Config, device: torch.device) -> nn.Module:
+    m = config.model
+    model = load_causal_lm(
+        m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation, random_init=m.random_init
+    )
+    return model.to(device)
+
+
+def load_data(config: Config, tokenizer, method: Method, micro_per_step: int):
+    """The example sets the method reads, and the step sampler. The sampler draws GLOBAL
+    batches (micro-batch size x processes x grad_accum) so that the data order, and hence the
+    run, does not depend on how a step is split across processes."""
+    data_config = dataclasses.replace(
+        config.data,
+        retain=config.data.retain if "retain" in method.sets else "",
+        batch_size=config.data.batch_size * micro_per_step,
+        retain_batch_size=config.data.retain_batch_size * micro_per_step,
+    )
+    data = build_unlearning_data(data_config, tokenizer, idk="idk" in method.sets)
+    sets = {"forget": data.forget.items}
+    if data.retain is not None:
+        sets["retain"] = data.retain.items
+    if data.idk is not None:
+        sets["idk"] = data.idk.items
+    return sets, data.batches
+
+
+def load_example_weights(config: Config) -> torch.Tensor | None:
+    """run.example_weights as a tensor indexed by forget example index, or None."""
+    if not config.run.example_weights:
+        return None
+    weights = torch.tensor(json.loads(Path(config.run.example_weights).read_text()), dtype=torch.float32)
+    if weights.dim() != 1 or bool((weights < 0).any()) or not torch.isfinite(weights).all():
+        raise ConfigError("run.example_weights must be a JSON list of finite numbers >= 0")
+    return weights
+
+
+def cached_reference_logprobs(config: Config, model, tokenizer, sets, ref_sets, info: ProcessInfo, log):
+    """The reference pass (refcache.reference_logprobs), cached in run.cache_dir or, by default,
+    in ref-cache/ beside the output folder (shared by runs beside each other)."""
+    cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
+    return reference_logprobs(
+        model,
+        tokenizer,
+        {name: sets[name] for name in ref_sets},
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=2 * config.data.batch_size,
+        impl=config.model.impl,
+        cache_dir=cache_dir,
+        info=info,
+        progress=config.run.progress,
+        log=log,
+    )
+
+
+def frozen_reference(config: Config, model: nn.Module) -> SequenceLogprobModel:
+    """A frozen copy of the initial model: NPO+KL's KL term needs the reference distribution,
+    which cached per-sequence log-probs cannot give. Copy it before any wrapping."""
+    return SequenceLogprobModel(copy.deepcopy(model).eval().requires_grad_(False), impl=config.model.impl)
+
+
+@dataclasses.dataclass
+class TrainModel:
+    """The model as the loop sees it. `hf` is the Hugging Face model (PEFT-wrapped with LoRA)
+    that export and on_epoch_end get; `wrapper` is what the loop calls and checkpoints, sharded
+    when `sharded`; `reference` is NPO+KL's frozen copy, or None."""
+
+    hf: nn.Module
+    wrapper: SequenceLogprobModel
+    reference: SequenceLogprobModel | None
+    parameters: list[nn.Parameter]
+    sharded: bool
+    autocast: bool  # bf16 autocast stands in for FSDP's mixed precision when unsharded
+
+
+def wrap_model(config: Config, model: nn.Module, reference: SequenceLogprobModel | None, info: ProcessInfo):
+    """LoRA, activation checkpointing, the fused log-prob wrapper, then FSDP2 (both models)."""
+    if config.model.lora.enabled:
+        model = add_lora(model, config.model.lora)
+    if config.distributed.activation_checkpointing:
+        # transformers 5 renamed it; keep working on 4.x.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapper = SequenceLogprobModel(model, impl=config.model.impl)
+    sharded = sharding.use_fsdp(config.distributed, info)
+    if sharded:
+        sharding.shard(wrapper, config.distributed, info)
+        if reference is not None:
+            sharding.shard(reference, config.distributed, info)
+    return TrainModel(
+        hf=model,
+        wrapper=wrapper,
+        reference=reference,
+        parameters=[p for p in wrapper.parameters() if p.requires_grad],
+        sharded=sharded,
+        autocast=config.distributed.mixed_precision == "bf16" and not sharded,
+    )
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_optimizer(config: Config, parameters, steps_per_epoch: int):
+    """AdamW and its linear warm-up / decay schedule; returns (optimizer, scheduler, total steps)."""
+    o = config.optim
+    # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder.
+    optimizer = torch.optim.AdamW(
+        parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+    total_steps = o.max_steps or math.ceil(o.epochs * steps_per_epoch)
+    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
+    return optimizer, scheduler, total_steps

@@ -1,0 +1,143 @@
+"""One optimisation step.
+
+The step's global batch is split into grad_accum x world_size micro-batches; this rank runs
+its grad_accum of them, each as ONE forward over all the sets the method reads. Every loss term
+is a local mean that is rescaled by its share of the step's GLOBAL example / token count (times
+world_size, since FSDP averages gradients over ranks), so the summed gradient is the one of a
+single big batch however the step is split.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import collate, collate_packed
+from ..distributed import ProcessInfo
+from ..losses import kl_from_logits
+from ..methods import Method, loss_terms
+from ..ops import IGNORE_INDEX
+from .config import Config, ConfigError
+from .setup import TrainModel
+
+
+@dataclass
+class StepContext:
+    """What every step reads and no step changes."""
+
+    config: Config
+    method: Method
+    info: ProcessInfo
+    model: TrainModel
+    tokenizer: object
+    ref: object | None  # the cached reference log-probs (refcache), when the method has ref_sets
+    example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.config.optim.grad_accum * self.info.world_size
+
+
+@dataclass
+class StepResult:
+    """This rank's part of a step's statistics (summed over ranks for the log)."""
+
+    global_counts: dict[str, int]  # "<set>_examples" / "<set>_tokens" of the whole step
+    term_totals: dict[str, float] = field(default_factory=dict)  # each term's share of its global mean
+    coeffs: dict[str, float] = field(default_factory=dict)
+    logp_sums: dict[str, float] = field(default_factory=dict)  # summed log-probs per set
+    tokens: int = 0  # input tokens, padding excluded
+    grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+
+
+def split_micro_batches(items: list[dict] | None, parts: int) -> list[list[dict] | None]:
+    if items is None:
+        return [None] * parts
+    size = math.ceil(len(items) / parts)
+    return [items[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def target_tokens(items: list[dict]) -> int:
+    # labels[0] is always a prompt token; after the shift the targets are labels[1:].
+    return sum(sum(1 for label in item["labels"][1:] if label != IGNORE_INDEX) for item in items)
+
+
+def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> StepResult:
+    """Forward and backward of this rank's micro-batches, clipping, one optimizer step."""
+    sets = ctx.method.sets
+    counts = {}
+    for name in sets:
+        counts[f"{name}_examples"] = len(global_batch[name])
+        counts[f"{name}_tokens"] = target_tokens(global_batch[name])
+    result = StepResult(global_counts=counts, logp_sums={name: 0.0 for name in sets})
+    per_set = {name: split_micro_batches(global_batch.get(name), ctx.micro_per_step) for name in sets}
+    for micro in range(ctx.config.optim.grad_accum):
+        slot = micro * ctx.info.world_size + ctx.info.rank
+        parts = {name: per_set[name][slot] for name in sets}
+        if len(parts[sets[0]]) == 0:
+            continue
+        micro_batch_backward(ctx, parts, result)
+
+    if ctx.config.optim.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, ctx.config.optim.max_grad_norm)
+        result.grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def micro_batch_backward(ctx: StepContext, parts: dict[str, list[dict]], result: StepResult) -> None:
+    """One forward over the concatenation of `parts` (the sets in method order), the method's
+    loss terms renormalised by the step's global counts, backward; adds to `result`."""
+    sets, device = ctx.method.sets, ctx.info.device
+    lengths = {name: len(parts[name]) for name in sets}
+    rows, start = {}, 0
+    for name in sets:
+        rows[name] = slice(start, start + lengths[name])
+        start += lengths[name]
+    batch = collate_micro_batch([it for name in sets for it in parts[name]], ctx.config, ctx.tokenizer)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    result.tokens += int(
+        (batch["segment_ids"] >= 0).sum() if "segment_ids" in batch else batch["attention_mask"].sum()
+    )
+    logits_rows = rows["retain"] if ctx.model.reference is not None else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
+        logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
+    logps = {name: logps_all[r].float() for name, r in rows.items()}
+    counts = {name: counts_all[r] for name, r in rows.items()}
+    index = batch["index"].cpu()
+    ref_logps = {name: ctx.ref.lookup(name, index[rows[name]])[0].to(device) for name in ctx.method.ref_sets}
+    weights = None
+    if ctx.example_weights is not None:
+        weights = forget_weights(ctx.example_weights, index[rows["forget"]]).to(device)
+    kl = None
+    if ctx.model.reference is not None:
+        with torch.no_grad():
+            _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
+        kl = kl_from_logits(logits, ref_logits, batch["labels"][logits_rows])
+    terms = loss_terms(ctx.config.method, logps, counts, ref_logps, weights=weights, kl=kl)
+
+    loss = logps_all.new_zeros(())
+    for key, term in terms.items():
+        set_name, unit = term.normalizer.split("_")
+        local = lengths[set_name] if unit == "examples" else int(counts[set_name].sum())
+        share = local / max(1, result.global_counts[term.normalizer])
+        loss = loss + term.coeff * term.value * share * ctx.info.world_size
+        result.term_totals[key] = result.term_totals.get(key, 0.0) + float(term.value.detach()) * share
+        result.coeffs[key] = term.coeff
+    loss.backward()
+    for name in sets:
+        result.logp_sums[name] += float(logps[name].detach().sum())
+
+
+def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:
+    if config.data.packing:
+        return collate_packed(items, config.data.pack_tokens, tokenizer.pad_token_id)
+    return collate(items, tokenizer.pad_token_id)
+
+
+def forget_weights(weights_by_index: torch.Tensor, forget_index: torch.Tensor) -> torch.Tensor:
+    if int(forget_index.max()) >= len(weights_by_index):
+        raise ConfigError(f"run.example_weights has {len(weights_by_index)} entries, forget set needs more")
+    return weights_by_index[forget_index]
