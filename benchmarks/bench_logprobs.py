@@ -41,6 +41,7 @@ import torch
 
 import fastnpo
 from fastnpo.losses import npo_from_logprobs
+from fastnpo.ops import IMPLS
 from fastnpo.profiling import peak_memory_during
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -180,6 +181,10 @@ def naive_logprobs(hidden, weight, labels):
     return logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
 
 
+def _fastnpo_impl(h, w, y, *, impl):
+    return fastnpo.token_logprobs(h, w, y, impl=impl)
+
+
 def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: bool) -> list[Contender]:
     on_cuda = device.type == "cuda"
     cuda_only = f"CUDA-only Triton kernel; device is {device.type}"
@@ -201,16 +206,24 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
             note="vocab-chunked PyTorch",
         )
     )
-    out.append(
-        Contender(
-            "fastnpo-triton",
-            lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="triton"),
-            skip=None
-            if on_cuda
-            else "needs CUDA (TRITON_INTERPRET=1 runs ~1 ms per program iteration: far too slow to benchmark)",
-            note="filter_eps='auto' (2^-12 for bf16/fp16, exact for fp32)",
+    # Every fastnpo design but the ones above: each impl name fastnpo.ops.IMPLS lists (a design added
+    # there is benchmarked without touching this file). Off CUDA the Triton kernels run only under
+    # TRITON_INTERPRET=1 (~1 ms per program iteration: tiny shapes only, e.g. the GPU suite's --smoke).
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    for impl in IMPLS:
+        if impl in ("auto", "naive", "torch"):
+            continue
+        out.append(
+            Contender(
+                f"fastnpo-{impl}",
+                functools.partial(_fastnpo_impl, impl=impl),
+                skip=None
+                if on_cuda or interpreting
+                else "needs CUDA (or TRITON_INTERPRET=1, ~1 ms per program iteration: tiny shapes only)",
+                note=f"impl='{impl}', filter_eps='auto' (2^-12 for bf16/fp16, exact for fp32)"
+                + ("" if on_cuda else "; Triton interpreter on CPU" if interpreting else ""),
+            )
         )
-    )
 
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -504,7 +517,9 @@ def time_round_robin(ready, extra, device, args, log) -> dict:
 
         for row, name, call in entries:
             try:
-                times[name] = list(triton.testing.do_bench(call, warmup=100, rep=400, return_mode="all"))
+                times[name] = list(
+                    triton.testing.do_bench(call, warmup=args.cuda_warmup_ms, rep=args.cuda_rep_ms, return_mode="all")
+                )
             except Exception as error:
                 if row is None:
                     raise
@@ -669,6 +684,8 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
             tflops = floors[row["mode"]]["flops"] / (row["median_ms"] * 1e-3) / 1e12
             row["tflops"] = round(tflops, 4)
             row["frac_matmul"] = round(tflops / rate, 3)
+            # time over the FLOP floor (6NDV fwd+bwd, 2NDV fwd, at the matmul rate of this run)
+            row["x_floor"] = round(row["median_ms"] / floors[row["mode"]]["flop_floor_ms"], 3)
     # speed ratio vs the naive baseline of the same kind (token: naive; npo: npo-naive)
     for row in rows:
         if (row["N"], row["D"], row["V"]) != shape or row.get("status") != "ok":
@@ -752,6 +769,7 @@ CSV_FIELDS = [
     "speedup_vs_naive",
     "tflops",
     "frac_matmul",
+    "x_floor",
     "matmul_tflops",
     "peak_mib",
     "value_maxdiff",
@@ -800,9 +818,9 @@ def write_markdown(path, rows, shapes_info, header_lines, title):
             f"{fl['fwd+bwd']['flop_floor_ms']:.1f} ms (6NDV) / {fl['fwd+bwd']['byte_floor_ms']:.1f} ms "
             f"({fl['fwd+bwd']['bytes'] / MIB:.0f} MiB).",
             "",
-            "| mode | contender | median ms | min ms | speedup vs naive | TFLOP/s | % of matmul "
+            "| mode | contender | median ms | min ms | speedup vs naive | TFLOP/s | % of matmul | x floor "
             f"| peak extra MiB | max abs Δ logp/loss vs {versus} | max rel Δ dH | max rel Δ dW | check |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in rows:
             if (row["N"], row["D"], row["V"]) != (n, d, v):
@@ -817,7 +835,8 @@ def write_markdown(path, rows, shapes_info, header_lines, title):
                 f"| {row['mode']} | {row['contender']} | {fmt(row['median_ms'], '.1f')} | "
                 f"{fmt(row['min_ms'], '.1f')} | "
                 f"{fmt(row.get('speedup_vs_naive'), '.2f')} | {fmt(row['tflops'], '.3f')} | "
-                f"{fmt(100 * row['frac_matmul'], '.0f')} | {fmt(row['peak_mib'], '.1f')} | "
+                f"{fmt(100 * row['frac_matmul'], '.0f')} | {fmt(row.get('x_floor'), '.2f')} | "
+                f"{fmt(row['peak_mib'], '.1f')} | "
                 f"{fmt(row.get('value_maxdiff' + suffix), '.1e')} | "
                 f"{fmt(row.get('dh_rel_maxdiff' + suffix), '.1e')} | "
                 f"{fmt(row.get('dw_rel_maxdiff' + suffix), '.1e')} | {row.get('check', '')} |"
@@ -909,8 +928,15 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(naive)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output stem in benchmarks/results (default from device etc.)")
+    parser.add_argument("--out", default=None, help="output stem (default from device etc.)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
+    parser.add_argument(
+        "--cuda-ms",
+        default="100,400",
+        help="CUDA: do_bench warm-up and timing budget in ms per contender (default 100,400)",
+    )
     args = parser.parse_args(argv)
+    args.cuda_warmup_ms, args.cuda_rep_ms = (int(x) for x in args.cuda_ms.split(","))
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -936,7 +962,8 @@ def main(argv=None):
     stem = args.out or "logprobs_" + kind + ("" if dtype == default_dtype else "_" + str(dtype).split(".")[1]) + (
         "_randn" if args.hidden == "randn" else ""
     ) + ("_quick" if args.quick else "")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def log(message):
         print(message, flush=True)
@@ -952,8 +979,20 @@ def main(argv=None):
         contenders = [c for c in contenders if c.name in wanted or c.name in ("naive", "npo-naive")]
     rows, shapes_info = [], []
     start, cpu_start = time.perf_counter(), sum(os.times()[:2])
-    for shape in shapes:
+    for index, shape in enumerate(shapes):
         shapes_info.append(run_shape(shape, args, device, dtype, contenders, rows, log))
+        if index + 1 < len(shapes):  # a run stopped by a time limit keeps the shapes done so far
+            write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu_start, out_dir, stem, kind)
+    written = write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu_start, out_dir, stem, kind)
+    log(f"\ndone in {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    bad = [r for r in rows if r.get("check") == "MISMATCH"]
+    if bad:
+        log("MISMATCH: " + ", ".join(f"{r['contender']} {r['mode']} {r['N']}x{r['D']}x{r['V']}" for r in bad))
+    return rows
+
+
+def write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu_start, out_dir, stem, kind):
+    """CSV, markdown (and PNG unless --no-plot) of the rows so far; returns the paths written."""
     elapsed = time.perf_counter() - start
     cpu_seconds = sum(os.times()[:2]) - cpu_start
     share = f"{cpu_seconds / elapsed:.2f} of {os.cpu_count()} cores"
@@ -967,7 +1006,8 @@ def main(argv=None):
         "and memory-measured; compile(naive) also gets its compile call)"
         + (f" and {args.warmup} untimed rounds" if args.warmup else "")
         if device.type == "cpu"
-        else "triton.testing.do_bench median (L2 flushed), warm-up 100 ms"
+        else f"triton.testing.do_bench median (L2 flushed), warm-up {args.cuda_warmup_ms} ms, "
+        f"timing budget {args.cuda_rep_ms} ms per contender"
     )
     header = [
         f"date: {info['date']}",
@@ -979,7 +1019,13 @@ def main(argv=None):
         + ", ".join(
             f"{k} {info[k]}" for k in ("python", "torch", "triton", "fastnpo", "liger_kernel", "cut_cross_entropy")
         ),
-        f"device {device.type}, dtype {str(dtype).replace('torch.', '')}, hidden states {args.hidden}",
+        f"device {device.type}, dtype {str(dtype).replace('torch.', '')}, hidden states {args.hidden}"
+        + (
+            "; Triton kernels through the interpreter (TRITON_INTERPRET=1): their times are CPU interpreter "
+            "times, not kernel times"
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+            else ""
+        ),
         f"timing: {timing}; memory: fastnpo.profiling.peak_memory_during after gc"
         + (
             " + malloc_trim (peak resident set above the start)"
@@ -993,18 +1039,14 @@ def main(argv=None):
     ]
     dtype_name = str(dtype).replace("torch.", "")
     title = f"fastnpo log-probs benchmark: {kind}, {dtype_name}, {args.hidden} hidden states"
-    csv_path, md_path, png_path = (RESULTS_DIR / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
+    csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
     write_csv(csv_path, rows, header)
     write_markdown(md_path, rows, shapes_info, header, title)
     written = [csv_path, md_path]
     if not args.no_plot:
         write_plot(png_path, rows, title)
         written.append(png_path)
-    log(f"\ndone in {elapsed:.0f} s; wrote " + ", ".join(str(p) for p in written))
-    bad = [r for r in rows if r.get("check") == "MISMATCH"]
-    if bad:
-        log("MISMATCH: " + ", ".join(f"{r['contender']} {r['mode']} {r['N']}x{r['D']}x{r['V']}" for r in bad))
-    return rows
+    return written
 
 
 if __name__ == "__main__":

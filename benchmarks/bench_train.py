@@ -651,7 +651,8 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output stem in benchmarks/results")
+    parser.add_argument("--out", default=None, help="output stem")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -704,7 +705,8 @@ def main(argv=None):
     log("fastnpo trainer-step benchmark: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     kind = "cpu" if not cuda else "cuda_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower())
     stem = args.out or f"train_{kind.strip('-')}" + ("_quick" if args.quick else "")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     items = make_items(s)
     batches = step_batches(s, items)
@@ -779,7 +781,7 @@ def main(argv=None):
         "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     ]
     title = f"fastnpo NPO training step vs an open-unlearning-style step: {kind}, {s.dtype}"
-    csv_path, md_path, png_path = (RESULTS_DIR / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
+    csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
     write_csv(csv_path, rows, header)
     write_markdown(md_path, rows, header, title, s, kind)
     written = [csv_path, md_path]

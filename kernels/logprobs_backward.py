@@ -4,7 +4,9 @@ d logp_n / d logit_nv = onehot(v == label_n) - softmax_nv, so
     dlogits = g[:, None] * (onehot - exp(logits - lse[:, None]))
     dH[rows] += dlogits @ W[cols],   dW[cols] += dlogits.T @ H[rows].
 Each program recomputes one [BLOCK_N, BLOCK_V] logits tile (nothing of size N x V is ever
-stored) and adds its share of dH and dW into fp32 buffers with atomics.
+stored) and adds its share of dH and dW into fp32 buffers with atomics. The atomics are relaxed:
+nothing reads the sums before the kernel ends, and the default acq_rel turns every vector atomic
+into MEMBAR + cache invalidation + ATOMG on sm_90 instead of a plain REDG.
 
 Gradient filtering: a tile whose every probability is below `filter_eps` and that holds no
 target contributes less than filter_eps * |g| * |W| per element; skipping its two matmuls
@@ -94,6 +96,7 @@ def logprobs_backward_kernel(
             tl.atomic_add(
                 DH + rows64[:, None] * D + offs_d[None, :], dh,
                 mask=rows_mask[:, None] & d_mask[None, :],
+                sem="relaxed",
             )
         if COMPUTE_DW:
             h = tl.load(
@@ -104,6 +107,7 @@ def logprobs_backward_kernel(
             tl.atomic_add(
                 DW + cols[:, None] * D + offs_d[None, :], dw,
                 mask=cols_mask[:, None] & d_mask[None, :],
+                sem="relaxed",
             )
 
 

@@ -1,0 +1,161 @@
+"""Compile every kernel the project launches ahead of time for a CUDA target, on a machine without a GPU.
+
+    python tests/kernels/aot_compile.py --arch 90 --dtype bfloat16   # prints one JSON line per compile
+
+The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward)
+called at a real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
+binder then specialises them as a real launch would (ints == 1 become constexpr, multiples of 16
+get tt.divisibility), so the kernel compiled is the one that runs. Every autotune config is
+compiled; each result reports shared memory, registers, spills (from ptxas's log) and the
+instructions that matter (wgmma / mma, atomics and their memory ordering, fences).
+
+Runs in its own process: TRITON_INTERPRET must be unset when the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+SHARED_LIMIT = {90: 232_448, 80: 166_912}  # per-block shared memory (opt-in maximum)
+SHAPE = dict(n=8192, d=4096, v=128256)
+
+
+class Recorder:
+    """Stands in for an autotuned kernel: kernel[grid](*args, **kwargs) records the call."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+
+        return launch
+
+
+def captured_launches(dtype_name: str):
+    """[(name, autotuner, args, kwargs)] from the launchers at SHAPE (meta tensors: no memory)."""
+    import torch
+    from fastnpo.kernels import logprobs_backward as bwd
+    from fastnpo.kernels import logprobs_forward as fwd
+
+    dtype = getattr(torch, dtype_name)
+    n, d, v = SHAPE["n"], SHAPE["d"], SHAPE["v"]
+    hidden = torch.empty(n, d, dtype=dtype, device="meta")
+    weight = torch.empty(v, d, dtype=dtype, device="meta")
+    row_ids = torch.empty(n, dtype=torch.int64, device="meta")
+    labels = torch.empty(n, dtype=torch.int64, device="meta")
+    lse = torch.empty(n, dtype=torch.float32, device="meta")
+    grad = torch.empty(n, dtype=torch.float32, device="meta")
+    out = []
+    for module, attr, call in (
+        (fwd, "logprobs_forward_kernel", lambda: fwd.logprobs_forward(hidden, weight, row_ids, labels)),
+        (
+            bwd,
+            "logprobs_backward_kernel",
+            lambda: bwd.logprobs_backward(
+                hidden, weight, row_ids, labels, lse, grad, filter_eps=2.0**-12, compute_dh=True, compute_dw=True
+            ),
+        ),
+    ):
+        kernel = getattr(module, attr)
+        recorder = Recorder(kernel)
+        setattr(module, attr, recorder)
+        try:
+            call()
+        finally:
+            setattr(module, attr, kernel)
+        for args, kwargs in recorder.calls:
+            out.append((attr, kernel, args, kwargs))
+    return out
+
+
+def compile_one(jit, args, kwargs, arch: int):
+    """Compile like JITFunction.run does, for GPUTarget('cuda', arch, 32); returns (compiled, ptxas log)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
+    source = ASTSource(jit, signature, constexprs, attrs)
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True
+    # ptxas's log goes to the process's stdout / stderr (fd 1 / 2): capture both around the compile.
+    with capture_fd(1) as out, capture_fd(2) as err, contextlib.redirect_stderr(log):
+        compiled = triton.compile(source, target=target, options=options.__dict__)
+    return compiled, out.getvalue() + err.getvalue() + log.getvalue()
+
+
+@contextlib.contextmanager
+def capture_fd(fd: int):
+    import tempfile
+
+    buffer = io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield buffer
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            buffer.write(tmp.read())
+
+
+def inspect(compiled, ptxas_log: str) -> dict:
+    ptx = compiled.asm.get("ptx", "")
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", ptxas_log)]
+    registers = [int(x) for x in re.findall(r"Used (\d+) registers", ptxas_log)]
+    atomics = re.findall(r"\b(?:atom|red)\.[\w.]+", ptx)
+    return {
+        "shared": int(compiled.metadata.shared),
+        "registers": max(registers) if registers else None,
+        "spill_bytes": max(spills) if spills else None,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma": bool(re.search(r"\bmma\.sync", ptx)),
+        "atomics": sorted(set(atomics)),
+        "fences": sorted(set(re.findall(r"\b(?:membar|fence)\.[\w.]+", ptx))),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the kernels must be defined as real JIT functions")
+    for name, autotuner, call_args, call_kwargs in captured_launches(args.dtype):
+        for config in autotuner.configs:
+            kwargs = dict(call_kwargs, **config.all_kwargs())
+            label = ",".join(f"{k}={v}" for k, v in config.all_kwargs().items() if v is not None)
+            row = {"kernel": name, "arch": args.arch, "dtype": args.dtype, "config": label}
+            try:
+                compiled, log = compile_one(autotuner.fn, call_args, kwargs, args.arch)
+                row.update(inspect(compiled, log), ok=True)
+            except Exception as error:
+                row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
+            row["shared_limit"] = SHARED_LIMIT.get(args.arch)
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
