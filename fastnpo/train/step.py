@@ -74,9 +74,11 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     for micro in range(ctx.config.optim.grad_accum):
         slot = micro * ctx.info.world_size + ctx.info.rank
         parts = {name: per_set[name][slot] for name in sets}
-        if len(parts[sets[0]]) == 0:
-            continue
-        micro_batch_backward(ctx, parts, result)
+        # A ragged last batch can leave this micro-batch without some set (or without any). It
+        # still runs a forward and backward, so every rank enters the same FSDP collectives; an
+        # empty set is stood in for by one example of the step whose terms get a zero share.
+        stand_ins = {name: [global_batch[name][0]] for name in sets if not parts[name]}
+        micro_batch_backward(ctx, {**parts, **stand_ins}, result, empty=set(stand_ins))
 
     if ctx.config.optim.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, ctx.config.optim.max_grad_norm)
@@ -87,20 +89,22 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     return result
 
 
-def micro_batch_backward(ctx: StepContext, parts: dict[str, list[dict]], result: StepResult) -> None:
+def micro_batch_backward(
+    ctx: StepContext, parts: dict[str, list[dict]], result: StepResult, empty: set[str] = frozenset()
+) -> None:
     """One forward over the concatenation of `parts` (the sets in method order), the method's
-    loss terms renormalised by the step's global counts, backward; adds to `result`."""
+    loss terms renormalised by the step's global counts, backward; adds to `result`. The sets in
+    `empty` hold a stand-in example: they count as zero examples and zero tokens."""
     sets, device = ctx.method.sets, ctx.info.device
-    lengths = {name: len(parts[name]) for name in sets}
     rows, start = {}, 0
     for name in sets:
-        rows[name] = slice(start, start + lengths[name])
-        start += lengths[name]
+        rows[name] = slice(start, start + len(parts[name]))
+        start += len(parts[name])
+    lengths = {name: 0 if name in empty else len(parts[name]) for name in sets}
     batch = collate_micro_batch([it for name in sets for it in parts[name]], ctx.config, ctx.tokenizer)
     batch = {k: v.to(device) for k, v in batch.items()}
-    result.tokens += int(
-        (batch["segment_ids"] >= 0).sum() if "segment_ids" in batch else batch["attention_mask"].sum()
-    )
+    # Input tokens (padding excluded) of the real examples, for tokens/s.
+    result.tokens += sum(len(it["input_ids"]) for name in sets if name not in empty for it in parts[name])
     logits_rows = rows["retain"] if ctx.model.reference is not None else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
         logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
@@ -121,14 +125,15 @@ def micro_batch_backward(ctx: StepContext, parts: dict[str, list[dict]], result:
     loss = logps_all.new_zeros(())
     for key, term in terms.items():
         set_name, unit = term.normalizer.split("_")
-        local = lengths[set_name] if unit == "examples" else int(counts[set_name].sum())
+        local = lengths[set_name] if unit == "examples" or not lengths[set_name] else int(counts[set_name].sum())
         share = local / max(1, result.global_counts[term.normalizer])
         loss = loss + term.coeff * term.value * share * ctx.info.world_size
         result.term_totals[key] = result.term_totals.get(key, 0.0) + float(term.value.detach()) * share
         result.coeffs[key] = term.coeff
     loss.backward()
     for name in sets:
-        result.logp_sums[name] += float(logps[name].detach().sum())
+        if lengths[name]:
+            result.logp_sums[name] += float(logps[name].detach().sum())
 
 
 def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:
