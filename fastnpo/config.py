@@ -7,6 +7,8 @@ each section checks its own values in __post_init__ (ConfigError naming the dott
 command checks what spans sections.
 """
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +44,16 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
 
 def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def require_finite(section: str, config) -> None:
+    """Every float of a dataclass section (lists included) is finite: YAML and overrides accept
+    inf and nan, which would only show up later as a diverged or silently broken run."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float):
+                require(math.isfinite(number), f"{section}.{item.name}", "must be a finite number", value)
 
 
 def require(condition: bool, key: str, message: str, value) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import require
+from .config import require, require_finite
 from .losses import (
     dpo_from_logprobs,
     ga_from_logprobs,
@@ -40,6 +40,7 @@ class MethodConfig:
     average_logprobs: bool = False
 
     def __post_init__(self):
+        require_finite("method", self)
         require(self.name in METHODS, "method.name", f"must be one of {sorted(METHODS)}", self.name)
         require(self.beta > 0, "method.beta", "must be > 0", self.beta)
         for key in ("forget_coeff", "retain_coeff", "kl_coeff"):

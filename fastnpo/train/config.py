@@ -11,7 +11,7 @@ a value every run must set) is checked on the whole tree by check_config.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, load_structured, require, to_yaml
+from ..config import ConfigError, load_structured, require, require_finite, to_yaml
 from ..data import DataConfig
 from ..methods import METHODS, MethodConfig
 from ..modeling import LoraConfig
@@ -63,6 +63,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
+        require_finite("optim", self)
         require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)

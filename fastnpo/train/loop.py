@@ -34,7 +34,7 @@ from .setup import (
     prepare_output_dir,
     wrap_model,
 )
-from .step import StepContext, train_step
+from .step import StepContext, TrainingDiverged, train_step
 
 __all__ = ["build_reference_cache", "train"]
 
@@ -93,7 +93,10 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end) -> dict:
     while step < total_steps:
         started = time.perf_counter()
         reset_peak_memory(info.device)
-        result = train_step(context, batches.next_items(), optimizer, scheduler)
+        try:
+            result = train_step(context, batches.next_items(), optimizer, scheduler)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"step {step + 1}: {error}") from None
         step += 1
         logger.step(result, step=step, lr=scheduler.get_last_lr()[0], started=started)
         if on_epoch_end is not None and step % steps_per_epoch == 0:

@@ -21,6 +21,10 @@ from .config import Config, ConfigError
 from .setup import TrainModel
 
 
+class TrainingDiverged(ValueError):
+    """A step whose loss or gradient is not finite (the update is not applied)."""
+
+
 @dataclass
 class StepContext:
     """What every step reads and no step changes."""
@@ -80,9 +84,18 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
         stand_ins = {name: [global_batch[name][0]] for name in sets if not parts[name]}
         micro_batch_backward(ctx, {**parts, **stand_ins}, result, empty=set(stand_ins))
 
-    if ctx.config.optim.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, ctx.config.optim.max_grad_norm)
-        result.grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # max_grad_norm 0 measures without clipping (an infinite limit scales by exactly 1).
+    limit = ctx.config.optim.max_grad_norm or math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, limit)
+    result.grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # The norm is global (reduced across ranks), so every rank takes this branch together.
+    if not bool(torch.isfinite(result.grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"the gradient norm is {float(result.grad_norm)}: training diverged. The parameters were not "
+            "updated and nothing is exported; the last checkpoint (if any) is kept. Lower optim.lr, "
+            "raise method.beta or check the data."
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -507,3 +508,31 @@ def test_two_ranks_with_an_empty_share_finish_and_match_one_process(tiny, tmp_pa
         two.kill()
     train(config_for(tiny, tmp_path / "one", **ragged_overrides(tiny, tmp_path, method, 4)))
     assert_same_training(tmp_path / "two", tmp_path / "one", load_file(Path(tiny["base"]) / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize(
+    "override", ["optim.lr=inf", "optim.max_grad_norm=nan", "optim.betas=[0.9,inf]", "method.beta=inf"]
+)
+def test_config_rejects_non_finite_numbers(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0].replace('.', '[.]')}: must be a finite number"):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
+
+
+def test_divergence_stops_the_run_keeps_the_checkpoint_and_exports_nothing(tiny, tmp_path):
+    from fastnpo.train.step import TrainingDiverged
+
+    out = tmp_path / "run"
+    config = config_for(tiny, out, **{"optim.lr": 1e4, "optim.max_steps": 30, "run.checkpoint_every": 2})
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the gradient norm is (nan|inf)"):
+        train(config)
+    assert not (out / "final").exists()
+    assert list((out / "checkpoints").glob("step_*")), "the last good checkpoint is kept"
+
+    def refuse(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["grad_norm"]) for r in records)
