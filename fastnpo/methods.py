@@ -29,6 +29,10 @@ class MethodConfig:
     the retain NLL (GradDiff's alpha, NPO+RT's rt_coeff, SimNPO's lambda, IdkDPO's retain
     term); kl_coeff NPO+KL's KL term. average_logprobs: NPO / IdkDPO on token-mean log-probs
     (MUSE, U2A) instead of summed ones (the NPO paper).
+
+    SimNPO's margin, in either of its two spellings (set at most one): simnpo_gamma is the
+    paper's gamma in -(2/beta) log sigmoid(-(beta/|y|) log pi - gamma); delta is open-unlearning's
+    (and the SimNPO code's) in -(2/beta) log sigmoid(beta (NLL/|y| - delta)), so gamma = beta * delta.
     """
 
     name: str = "npo"
@@ -37,6 +41,7 @@ class MethodConfig:
     retain_coeff: float = 1.0
     kl_coeff: float = 1.0
     simnpo_gamma: float = 0.0
+    delta: float = 0.0
     average_logprobs: bool = False
 
     def __post_init__(self):
@@ -45,6 +50,9 @@ class MethodConfig:
         require(self.beta > 0, "method.beta", "must be > 0", self.beta)
         for key in ("forget_coeff", "retain_coeff", "kl_coeff"):
             require(getattr(self, key) >= 0, f"method.{key}", "must be >= 0", getattr(self, key))
+        both = self.simnpo_gamma != 0 and self.delta != 0
+        same = "and method.simnpo_gamma are one margin (gamma = beta * delta): set one"
+        require(not both, "method.delta", same, self.delta)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,11 @@ METHODS = {
     "simnpo": Method(sets=("forget", "retain"), ref_sets=()),
     "idkdpo": Method(sets=("forget", "idk", "retain"), ref_sets=("forget", "idk")),
 }
+
+
+def simnpo_gamma(config: MethodConfig) -> float:
+    """SimNPO's margin gamma from either spelling (at most one is set)."""
+    return config.simnpo_gamma + config.beta * config.delta
 
 
 def method_for(name: str) -> Method:
@@ -116,7 +129,7 @@ def loss_terms(
         terms["npo"] = Term(npo, "forget_examples", config.forget_coeff)
     elif name == "simnpo":
         simnpo = simnpo_from_logprobs(
-            logps["forget"], counts["forget"], beta=config.beta, gamma=config.simnpo_gamma, weights=weights
+            logps["forget"], counts["forget"], beta=config.beta, gamma=simnpo_gamma(config), weights=weights
         )
         terms["simnpo"] = Term(simnpo, "forget_examples", config.forget_coeff)
     elif name == "idkdpo":

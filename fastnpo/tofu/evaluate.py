@@ -21,6 +21,15 @@ from ..modeling import SequenceLogprobModel, greedy_generate, load_causal_lm, lo
 from . import metrics
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
+# The answer each set's truth ratio compares the perturbed answers with (TOFU eval_everything.yaml
+# base_answer_key; open-unlearning ra_/wf_Truth_Ratio). TOFU's real-authors and world-facts files
+# have no paraphrased_answer column.
+BASE_ANSWER = {
+    "forget": "paraphrased_answer",
+    "retain": "paraphrased_answer",
+    "real_authors": "answer",
+    "world_facts": "answer",
+}
 
 
 @dataclass
@@ -67,12 +76,12 @@ class Evaluator:
         for name, split in splits.items():
             rows = load_qa_split(config.data, split, what=f"{name} evaluation set")
             rows = rows.select(range(min(len(rows), config.max_examples)))
-            for column in ("paraphrased_answer", "perturbed_answer"):
+            for column in (BASE_ANSWER[name], "perturbed_answer"):
                 if column not in rows.column_names:
                     raise ValueError(f"{name} evaluation set ({split}) has no {column!r} column")
-            self.sets[name] = self._tokenise(rows)
+            self.sets[name] = self._tokenise(rows, BASE_ANSWER[name])
 
-    def _tokenise(self, rows) -> dict:
+    def _tokenise(self, rows, base_column: str) -> dict:
         questions = rows["question"]
         perturbed = rows["perturbed_answer"]
         width = min(len(p) for p in perturbed)
@@ -85,11 +94,12 @@ class Evaluator:
             )
             return tokenize_split(table, self.tokenizer, self.data_config).items
 
+        true = encode(rows["answer"])
         return {
             "questions": questions,
             "answers": rows["answer"],
-            "true": encode(rows["answer"]),
-            "paraphrased": encode(rows["paraphrased_answer"]),
+            "true": true,
+            "base": true if base_column == "answer" else encode(rows[base_column]),
             # A fixed number per example (the smallest present): a rectangular [n, k] table.
             "perturbed": encode([a for p in perturbed for a in p[:width]], repeat=width),
             "width": width,
@@ -121,16 +131,20 @@ class Evaluator:
         report = {}
         for name, tokenised in self.sets.items():
             true = self.mean_logprobs(wrapper, tokenised["true"])
-            para = self.mean_logprobs(wrapper, tokenised["paraphrased"])
+            base = true if tokenised["base"] is tokenised["true"] else self.mean_logprobs(wrapper, tokenised["base"])
             pert = self.mean_logprobs(wrapper, tokenised["perturbed"]).reshape(len(true), tokenised["width"])
-            ratios = metrics.truth_ratio(para, pert)
+            ratios = metrics.truth_ratio(base, pert)
             if name in ("real_authors", "world_facts"):
                 probability = metrics.normalized_probability(true, pert)
             else:
                 probability = metrics.probability(true)
             stats = {
                 "probability": float(np.mean(probability)),
-                "truth_ratio": metrics.truth_ratio_score(ratios),
+                # What the benchmark reports under this name: min(R, 1/R) on the forget set,
+                # max(0, 1 - R) on the sets that enter model utility.
+                "truth_ratio": (
+                    metrics.forget_truth_ratio_score(ratios) if name == "forget" else metrics.truth_ratio_score(ratios)
+                ),
                 "mean_truth_ratio": float(np.mean(ratios)),
                 "truth_ratios": ratios.tolist(),
             }

@@ -38,6 +38,7 @@ __all__ = [
     "MODEL_UTILITY_SPLITS",
     "MetricInputTypeError",
     "forget_quality",
+    "forget_truth_ratio_score",
     "model_utility",
     "normalized_probability",
     "probability",
@@ -242,6 +243,23 @@ def truth_ratio_score(ratios: Any) -> float:
     """
     r = _check_ratios(ratios, "ratios")
     return float(np.mean(np.maximum(0.0, 1.0 - r)))
+
+
+def forget_truth_ratio_score(ratios: Any) -> float:
+    """The forget set's truth ratio as TOFU reports it (aggregate_eval_stat.py; open-unlearning's
+    forget_Truth_Ratio, "closer to 1 is better")::
+
+        score = (1/n) sum_i min(R_i, 1 / R_i)
+
+    1 when the model cannot tell the truth from the perturbations (R = 1, what a model that never
+    saw the forget set does), towards 0 when it strongly prefers either side.
+
+    Args:
+        ratios: ``[n]`` truth ratios ``R`` from :func:`truth_ratio` (``>= 0``, ``inf`` allowed).
+    """
+    r = _check_ratios(ratios, "ratios")
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.minimum(r, 1.0 / r)))
 
 
 def forget_quality(unlearned_ratios: Any, retain_ratios: Any) -> float:
