@@ -1,0 +1,232 @@
+"""The arithmetic of `fastnpo plan`: per-GPU peak memory of one training step, by component.
+
+A ModelShape is counted once from a config (the model built on the meta device: no weights);
+`estimate(shape, settings)` is then pure arithmetic, cheap enough to try many settings.
+
+What fastnpo does, and so what is modelled (setup.py, sharding.py, step.py, ops/):
+- Parameters are stored in model.dtype. There is no separate fp32 master copy: with
+  model.dtype=bfloat16 the parameters, gradients and AdamW state are all bf16; with float32
+  they are all fp32 and distributed.mixed_precision=bf16 computes in bf16 (FSDP2
+  MixedPrecisionPolicy when sharded: bf16 all-gathers, fp32 gradient reduce-scatter;
+  autocast when not sharded, which keeps a bf16 copy of every weight during the step).
+- torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; on CUDA its
+  foreach step allocates one more state-sized list (sqrt(exp_avg_sq)), on CPU the per-tensor
+  step two temporaries of the largest tensor. Gradients exist from the backward to the end of
+  the optimizer step (zero_grad(set_to_none=True)).
+- FSDP2 (one unit per decoder layer + the root): each GPU holds 1/world of parameters,
+  gradients and state; the root unit (embeddings, final norm, lm_head) stays unsharded through
+  the step (FSDP2 never reshards the root after forward), and up to two decoder layers are
+  unsharded at a time (the current one and the prefetched next one).
+- Activations, per token of a micro-batch (all sets the method reads, rows x data.max_length,
+  every token counted as a target: an upper bound), are the tensors autograd saves in a Hugging
+  Face Llama-style decoder layer with SDPA attention (no [T, T] scores are kept):
+      norms x (4 + p' + c) D          RMSNorm: the fp32 upcast input, the normalised x, its output
+    + c (H hd + 2 Hkv' hd) + c H hd   q, k, v after RoPE (k, v repeated to H heads when a padding
+                                      mask stops SDPA's native GQA) and the attention output
+    + 4 H                             the attention's fp32 log-sum-exp
+    + 4 c I                           gate, act(gate), up, act(gate) * up
+  with c the compute dtype's bytes, p' = 4 under autocast or fp32, else c. With activation
+  checkpointing each layer keeps only its input (D per token in the residual dtype) and one
+  layer's activations are recomputed at a time during the backward.
+- The fused log-prob op never builds [tokens x vocab] logits. It keeps row ids, labels and the
+  log-sum-exp (20 B per target token) from forward to backward; its backward makes fp32 dW
+  [V, D] and fp32 dH [n, D] (atomic accumulation buffers on GPU), casts them to the compute
+  dtype and scatters dH back to [N, D]. The CPU path (ops/chunked.py) adds an fp32 copy of
+  the rows and one [rows, chunk] logits block of CHUNK_ELEMENTS.
+"""
+
+from dataclasses import dataclass, field, replace
+
+from ..ops.chunked import CHUNK_ELEMENTS
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS / cuDNN workspaces, kernels (not in torch's allocator)
+NCCL_BYTES = GIB // 2  # NCCL communicators and buffers, when more than one GPU
+FRAGMENTATION = 0.05  # caching-allocator fragmentation margin on what torch allocates (GPU only)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of an architecture (from its config; counts from a meta model)."""
+
+    name: str
+    model_type: str
+    params: int  # distinct parameters (tied embeddings counted once)
+    layer_params: int  # one decoder layer (the largest)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    norms_per_layer: int = 2
+    largest_tensor: int = 0  # elements of the largest parameter tensor
+    linear_params: int = 0  # parameters of nn.Linear weights (autocast copies them)
+    lora_params: int = 0  # trainable parameters when LoRA is on
+    notes: tuple[str, ...] = ()
+
+    @property
+    def root_params(self) -> int:
+        return self.params - self.layers * self.layer_params
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run settings the estimate depends on (from the run config and the command line)."""
+
+    dtype: str = "float32"  # model.dtype
+    mixed_precision: str = "none"  # distributed.mixed_precision
+    activation_checkpointing: bool = False
+    gpus: int = 1
+    sharded: bool = False  # FSDP2 on
+    rows: int = 8  # examples in one micro-batch forward, all sets together
+    seq_len: int = 256  # data.max_length (or the packed row length)
+    padded: bool = True  # batches carry a padding mask (SDPA then repeats K/V heads)
+    lora: bool = False
+    live_reference_rows: int = 0  # NPO+KL: retain rows whose full logits are built
+    device: str = "cuda"  # "cuda" or "cpu" (the CPU path of the fused op, per-tensor AdamW)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+@dataclass
+class Estimate:
+    components: dict[str, int]  # each component's own high-water mark, bytes per GPU
+    phases: dict[str, int]  # bytes allocated at each candidate peak moment
+    overhead: int  # CUDA context, NCCL, fragmentation (0 on CPU)
+    activations_without_checkpointing: int
+    activations_with_checkpointing: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def allocated(self) -> int:
+        """Peak of what torch allocates (what torch.cuda.max_memory_allocated reports)."""
+        return self.phases[self.peak_phase]
+
+    @property
+    def total(self) -> int:
+        return self.allocated + self.overhead
+
+
+def layer_activation_bytes(shape: ModelShape, s: Settings) -> int:
+    """Bytes autograd saves per token in one decoder layer (see the module docstring)."""
+    c = compute_bytes(s)
+    pre = 4 if (s.dtype == "float32" or autocast(s)) else c
+    d, hd = shape.hidden, shape.head_dim
+    kv_heads = shape.heads if (s.padded and shape.kv_heads != shape.heads) else shape.kv_heads
+    norms = shape.norms_per_layer * (4 + pre + c) * d
+    attention = c * (shape.heads * hd + 2 * kv_heads * hd) + c * shape.heads * hd + 4 * shape.heads
+    mlp = 4 * c * shape.intermediate
+    return norms + attention + mlp
+
+
+def compute_bytes(s: Settings) -> int:
+    return 2 if (s.mixed_precision == "bf16" or DTYPE_BYTES[s.dtype] == 2) else 4
+
+
+def autocast(s: Settings) -> bool:
+    return s.mixed_precision == "bf16" and not s.sharded and s.dtype == "float32"
+
+
+def estimate(shape: ModelShape, s: Settings) -> Estimate:
+    p, c = DTYPE_BYTES[s.dtype], compute_bytes(s)
+    world = s.gpus if s.sharded else 1
+    n, d, v = s.tokens, shape.hidden, shape.vocab
+    residual = 4 if s.dtype == "float32" and (c == 4 or not s.sharded) else c  # the residual stream
+    trainable = shape.lora_params if s.lora else shape.params
+
+    params = shape.params * p // world
+    grads = trainable * p // world
+    state = 2 * trainable * p // world
+    if s.device == "cuda":
+        step_temp = trainable * p // world  # foreach: sqrt(exp_avg_sq) of every tensor at once
+    else:
+        step_temp = 2 * min(shape.largest_tensor, trainable) * p  # per tensor: sqrt, then / bias correction
+    autocast_copies = 2 * shape.linear_params if autocast(s) else 0
+
+    # FSDP2: the root unit stays unsharded through the step; two layers unsharded at a time.
+    root_unsharded = shape.root_params * c if s.sharded else 0
+    gather_fwd = root_unsharded + (2 * shape.layer_params * c if s.sharded else 0)
+    # End of the backward: the root's unsharded gradients and their reduce-dtype copy.
+    reduce_bytes = (4 if s.mixed_precision == "bf16" else c) if c != 4 else 0
+    root_trainable = 0 if s.lora else shape.root_params
+    gather_bwd = root_trainable * (c + reduce_bytes) if s.sharded else 0
+    layer_grad_bufs = (0 if s.lora else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
+
+    per_layer = layer_activation_bytes(shape, s) * n
+    final_norm = (4 + (4 if residual == 4 else c) + c) * d * n
+    shared = 2 * n * shape.head_dim * c + 40 * n  # RoPE cos / sin; ids, masks, labels (int64)
+    if s.padded:
+        shared += s.rows * s.seq_len * s.seq_len  # the bool [B, 1, T, T] attention mask
+    act_full = shape.layers * per_layer + final_norm + shared
+    act_ckpt = shape.layers * n * d * residual + final_norm + shared + per_layer
+    saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
+    layer_backward = n * (2 * d + 2 * shape.intermediate) * c  # one layer's gradient temporaries
+
+    # The fused op: 20 B per target token kept for the backward; the backward's buffers.
+    fused_keep = 20 * n
+    head_trainable = not s.lora
+    dw = v * d * (4 + (c if c != 4 else 0)) if head_trainable else 0
+    dh = n * d * (4 + (c if c != 4 else 0) + c)
+    cpu_path = n * d * 4 + 4 * CHUNK_ELEMENTS + d * 4 * min(v, max(256, CHUNK_ELEMENTS // max(1, n)))
+    fused_bwd = dw + dh + (cpu_path if s.device == "cpu" else 0)
+    if autocast(s):
+        fused_keep += v * d * c  # weight.to(bf16), saved for the backward
+    head_grad = v * d * p // world if head_trainable else 0
+
+    reference = 0
+    if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
+        reference = shape.params * p // world + 4 * s.live_reference_rows * s.seq_len * v * 4
+
+    persistent = params + state + autocast_copies + reference
+    phases = {
+        "backward start (fused op backward)": persistent + gather_fwd + saved + fused_keep + fused_bwd,
+        "backward through the last layer": persistent
+        + gather_fwd
+        + saved
+        + (per_layer if s.activation_checkpointing else 0)
+        + layer_backward
+        + layer_grad_bufs
+        + head_grad,
+        "end of backward": persistent + grads + gather_bwd + root_unsharded + n * d * c * 2,
+        "optimizer step": params + grads + state + step_temp + reference,
+    }
+    components = {
+        "parameters": params,
+        "gradients": grads,
+        "optimizer state": state,
+        "optimizer step temporaries": step_temp,
+        "activations": saved + (per_layer if s.activation_checkpointing else 0) + layer_backward,
+        "fused log-prob op": fused_keep + fused_bwd,
+        "FSDP all-gather buffers": gather_fwd + max(gather_bwd, layer_grad_bufs),
+        "autocast bf16 weight copies": autocast_copies,
+        "NPO+KL live reference": reference,
+    }
+    if s.device == "cuda":
+        overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.gpus > 1 else 0)
+        overhead += int(FRAGMENTATION * max(phases.values()))
+    else:
+        overhead = 0
+    notes = list(shape.notes)
+    if p == 2 and s.device == "cuda":
+        notes.append(
+            f"model.dtype={s.dtype}: parameters, gradients and AdamW state are all {s.dtype} (fastnpo "
+            "keeps no fp32 master copy); at lr ~1e-5 many updates fall below bf16's resolution and are "
+            "lost (issue 16 item 2 adds a guarded mode)"
+        )
+    with_ckpt = act_ckpt + layer_backward
+    without = act_full + layer_backward
+    return Estimate(components, phases, overhead, without, with_ckpt, notes)
+
+
+def with_settings(s: Settings, **changes) -> Settings:
+    return replace(s, **changes)

@@ -1,0 +1,382 @@
+"""`fastnpo plan`: will a run fit? Per-GPU peak memory by component, before any work.
+
+Reads a run config (or --model plus dotted overrides), counts the model's parameters on the
+meta device (never loads weights), estimates every component (memory_estimate.py states the
+formulas), prints a table (or --json) against --gpu-memory and says which settings would fit.
+
+The lead wires it into the CLI with add_plan_arguments(parser) and run_plan(args).
+"""
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from ..config import ConfigError, load_structured
+from ..methods import METHODS
+from .config import Config
+from .memory_estimate import DTYPE_BYTES, FRAGMENTATION, GIB, ModelShape, Settings, estimate, with_settings
+
+# Public config.json values (no hub access at plan or test time). Llama-3.x rope_scaling does
+# not change any parameter count and is left out.
+_LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256)
+KNOWN_MODELS = {
+    "meta-llama/Llama-3.2-1B": dict(
+        _LLAMA,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "meta-llama/Llama-3.1-8B": dict(
+        _LLAMA,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-3.1-70B": dict(
+        _LLAMA,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen2.5-7B": dict(
+        model_type="qwen2",
+        hidden_act="silu",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    "google/gemma-2-9b": dict(
+        model_type="gemma2",
+        hidden_activation="gelu_pytorch_tanh",
+        vocab_size=256000,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        tie_word_embeddings=True,
+    ),
+}
+# Instruct / chat variants share the base model's shape.
+for _name in list(KNOWN_MODELS):
+    KNOWN_MODELS[_name + "-Instruct"] = KNOWN_MODELS[_name]
+KNOWN_MODELS["google/gemma-2-9b-it"] = KNOWN_MODELS["google/gemma-2-9b"]
+DEFAULT_GPU_GIB = 80.0
+
+
+def hf_config(source: str | dict):
+    """A transformers config from a KNOWN_MODELS name, a dict of config.json values, a local folder
+    with config.json, or a hub name (the hub's config.json only, never weights)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if isinstance(source, str) and source in KNOWN_MODELS:
+        source = KNOWN_MODELS[source]
+    if isinstance(source, dict):
+        values = dict(source)
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: the folder {source} has no config.json")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise ConfigError(f"model.name_or_path: {source!r} is neither a folder nor a hub name (owner/name)")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        known = ", ".join(sorted(k for k in KNOWN_MODELS if not k.endswith(("-Instruct", "-it"))))
+        raise ConfigError(
+            f"model.name_or_path: cannot read the config of {source!r} ({str(error).splitlines()[0]}); "
+            f"offline, pass a local folder with config.json or one of: {known}"
+        ) from None
+
+
+def model_shape(source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: int = 8) -> ModelShape:
+    """Count the architecture's parameters exactly by building it on the meta device."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from .sharding import decoder_layers
+
+    config = hf_config(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = {id(p): p for p in model.parameters()}
+    layers = decoder_layers(model)
+    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets
+    )
+    norms = sum(1 for name, m in layers[0].named_modules() if "norm" in type(m).__name__.lower() and "." not in name)
+    heads = text.num_attention_heads
+    notes = []
+    for name in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(text, name, None)
+        if value not in (None, 1, 1.0):
+            notes.append(f"fastnpo's fused op refuses this model ({name}={value}): this plan is for reference only")
+    if getattr(text, "attn_logit_softcapping", None):
+        notes.append("attention soft-capping: transformers may use eager attention, which keeps [T, T] scores")
+    return ModelShape(
+        name=source if isinstance(source, str) else text.model_type,
+        model_type=text.model_type,
+        params=sum(p.numel() for p in params.values()),
+        layer_params=layer_params,
+        layers=len(layers),
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+        tied=bool(getattr(text, "tie_word_embeddings", False)),
+        norms_per_layer=max(2, norms),
+        largest_tensor=max(p.numel() for p in params.values()),
+        linear_params=sum(m.weight.numel() for m in linears),
+        lora_params=lora,
+        notes=tuple(notes),
+    )
+
+
+def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Settings:
+    """The Settings of a run config on `gpus` GPUs (FSDP as distributed.fsdp decides it)."""
+    d = config.data
+    method = METHODS[config.method.name]
+    rows = sum(d.retain_batch_size if name == "retain" else d.batch_size for name in method.sets)
+    fsdp = config.distributed.fsdp
+    if fsdp == "off" and gpus > 1:
+        raise ConfigError("distributed.fsdp: off with several GPUs: data parallelism needs FSDP here")
+    return Settings(
+        dtype=config.model.dtype,
+        mixed_precision=config.distributed.mixed_precision,
+        activation_checkpointing=config.distributed.activation_checkpointing,
+        gpus=gpus,
+        sharded=fsdp == "on" or (fsdp == "auto" and gpus > 1),
+        rows=rows,
+        seq_len=max(d.max_length, d.pack_tokens) if d.packing else d.max_length,
+        lora=config.model.lora.enabled,
+        live_reference_rows=d.retain_batch_size if method.live_reference else 0,
+        device=device,
+    )
+
+
+def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> list[str]:
+    """Settings changes (one at a time, then combined) under which the estimate fits."""
+
+    def fits(t: Settings) -> bool:
+        return estimate(shape, t).total <= budget
+
+    out = []
+    if not s.activation_checkpointing and fits(with_settings(s, activation_checkpointing=True)):
+        out.append("distributed.activation_checkpointing=true")
+    ckpt = with_settings(s, activation_checkpointing=True)
+    d = config.data
+    for micro in range(max(d.batch_size, d.retain_batch_size) - 1, 0, -1):
+        scale = micro / max(d.batch_size, d.retain_batch_size)
+        rows = max(1, math.floor(s.rows * scale))
+        if fits(with_settings(ckpt, rows=rows)):
+            accum = math.ceil(config.optim.grad_accum / scale)
+            out.append(
+                f"data.batch_size={max(1, math.floor(d.batch_size * scale))} "
+                f"data.retain_batch_size={max(1, math.floor(d.retain_batch_size * scale))} "
+                f"optim.grad_accum={accum} (same global batch)"
+                + ("" if s.activation_checkpointing else " distributed.activation_checkpointing=true")
+            )
+            break
+    if config.distributed.fsdp != "off":
+        for gpus in (2, 4, 8, 16, 32, 64, 128):
+            if gpus > s.gpus and fits(with_settings(ckpt, gpus=gpus, sharded=True)):
+                out.append(f"{gpus} GPUs with FSDP2 ({launch(gpus)}), activation checkpointing on")
+                break
+    if s.dtype == "float32" and fits(with_settings(ckpt, dtype="bfloat16")):
+        out.append("model.dtype=bfloat16 (halves parameters, gradients and AdamW state; no fp32 master: see the note)")
+    per_param = per_param_budget(shape, ckpt, budget)
+    trainable = shape.lora_params if s.lora else shape.params
+    used = 4 * DTYPE_BYTES[s.dtype]
+    out.append(
+        f"not available yet (issue 16 item 2): bf16 / 8-bit optimizer state, the optimizer step in the backward, "
+        f"CPU offload of optimizer state. At this micro-batch with checkpointing the GPU can afford "
+        f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
+        f"(plain AdamW here: {used} = {DTYPE_BYTES[s.dtype]} x (parameter, gradient, m, v) plus the step's "
+        f"temporaries, {used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them)"
+    )
+    return out
+
+
+def launch(gpus: int) -> str:
+    if gpus <= 8:
+        return f"torchrun --nproc_per_node={gpus}"
+    return f"{gpus // 8} nodes x 8: torchrun --nnodes={gpus // 8} --nproc_per_node=8"
+
+
+def per_param_budget(shape: ModelShape, s: Settings, budget: int) -> float:
+    """Bytes per parameter that parameters, gradients, optimizer state and its step temporaries
+    could use per GPU: the budget less the overhead and what the activation peak needs besides."""
+    e = estimate(shape, s)
+    c = e.components
+    at_backward = e.phases["backward start (fused op backward)"]
+    rest = at_backward - c["parameters"] - c["optimizer state"] - c["autocast bf16 weight copies"]
+    fixed = e.overhead - FRAGMENTATION * e.allocated  # context and NCCL
+    usable = budget * (1 - FRAGMENTATION) - fixed - rest
+    world = s.gpus if s.sharded else 1
+    return max(0.0, usable * world / max(1, shape.params))
+
+
+def plan(
+    config: Config, model: str | dict | None = None, gpu_gib: float | None = None, gpus: int = 1, device: str = "cuda"
+) -> dict:
+    """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus: must be an int >= 1, got {gpus!r}")
+    source = model if model is not None else config.model.name_or_path
+    if not source:
+        raise ConfigError("model.name_or_path: is required (or pass --model)")
+    lora = config.model.lora
+    shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r)
+    s = settings_from_config(config, gpus, device)
+    if gpu_gib is None:
+        gpu_gib = visible_gpu_gib() or DEFAULT_GPU_GIB
+    if not (gpu_gib > 0 and math.isfinite(gpu_gib)):
+        raise ConfigError(f"--gpu-memory: must be a positive number of GiB, got {gpu_gib!r}")
+    budget = int(gpu_gib * GIB)
+    e = estimate(shape, s)
+    other = estimate(shape, with_settings(s, activation_checkpointing=not s.activation_checkpointing))
+    fits = e.total <= budget
+    return {
+        "model": shape.name if isinstance(shape.name, str) else str(shape.name),
+        "shape": {k: v for k, v in asdict(shape).items() if k != "notes"},
+        "settings": asdict(s),
+        "method": config.method.name,
+        "gpu_memory_gib": gpu_gib,
+        "components_gib": {k: v / GIB for k, v in e.components.items()},
+        "activations_gib": {
+            "with_checkpointing": e.activations_with_checkpointing / GIB,
+            "without_checkpointing": e.activations_without_checkpointing / GIB,
+        },
+        "reference_cache": "fp32 per example in host memory (4 B each); one micro-batch's values on the GPU",
+        "phases_gib": {k: v / GIB for k, v in e.phases.items()},
+        "peak_phase": e.peak_phase,
+        "allocated_gib": e.allocated / GIB,
+        "overhead_gib": e.overhead / GIB,
+        "total_gib": e.total / GIB,
+        "fits": fits,
+        "headroom_gib": (budget - e.total) / GIB,
+        "peak_other_checkpointing_gib": other.total / GIB,
+        "suggestions": [] if fits else suggestions(shape, s, config, budget),
+        "notes": e.notes,
+    }
+
+
+def visible_gpu_gib() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GIB
+    except Exception:
+        return None
+    return None
+
+
+def format_plan(result: dict) -> str:
+    s, shape = result["settings"], result["shape"]
+    world = f"{s['gpus']} GPU{'s' if s['gpus'] > 1 else ''} x {result['gpu_memory_gib']:.1f} GiB"
+    fsdp = "FSDP2" if s["sharded"] else "no FSDP"
+    trainable = shape["lora_params"] if s["lora"] else shape["params"]
+    lines = [
+        f"fastnpo plan: {result['model']} ({shape['params'] / 1e9:.2f} B parameters, "
+        f"{trainable / 1e9:.3g} B trainable), {world}, {fsdp}",
+        f"  {result['method']}, model.dtype={s['dtype']}, mixed_precision={s['mixed_precision']}, "
+        f"micro-batch {s['rows']} rows x {s['seq_len']} tokens, activation checkpointing "
+        f"{'on' if s['activation_checkpointing'] else 'off'}",
+        "",
+        f"  {'component (per GPU)':<34}{'GiB':>8}",
+    ]
+    for name, gib in result["components_gib"].items():
+        if gib or name in ("parameters", "gradients", "optimizer state", "activations", "fused log-prob op"):
+            lines.append(f"  {name:<34}{gib:>8.2f}")
+    a = result["activations_gib"]
+    lines.append(
+        f"    (activations: {a['with_checkpointing']:.2f} with checkpointing, {a['without_checkpointing']:.2f} without)"
+    )
+    lines.append(f"  {'reference cache (GPU)':<34}{0.0:>8.2f}   fp32 per example, kept in host memory")
+    lines.append(f"  {'CUDA context, NCCL, fragmentation':<34}{result['overhead_gib']:>8.2f}")
+    lines.append("")
+    lines.append(f"  peak allocated at '{result['peak_phase']}': {result['allocated_gib']:.2f} GiB")
+    for phase, gib in result["phases_gib"].items():
+        lines.append(f"    {phase:<40}{gib:>8.2f}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines.append(
+        f"  total {result['total_gib']:.2f} GiB of {result['gpu_memory_gib']:.1f} GiB: {verdict} "
+        f"({result['headroom_gib']:+.2f} GiB)"
+    )
+    for item in result["suggestions"]:
+        lines.append(f"  would fit: {item}" if not item.startswith("not available") else f"  {item}")
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="a run config (YAML); default: the built-in defaults")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub name or local folder with config.json "
+        "(overrides model.name_or_path; e.g. meta-llama/Llama-3.1-8B works offline)",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory per GPU in GiB (default: the visible GPU's, else 80)",
+    )
+    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 when > 1)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=4")
+
+
+def run_plan(args) -> dict:
+    """Print the plan (unless --json) and return it."""
+    config = load_structured(Config, args.config, args.overrides)
+    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus)
+    if not args.json:
+        print(format_plan(result))
+    return result
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="fastnpo plan")
+    add_plan_arguments(_parser)
+    _args = _parser.parse_args()
+    _result = run_plan(_args)
+    if _args.json:
+        print(json.dumps(_result, indent=1))
