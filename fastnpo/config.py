@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,7 +31,7 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -40,6 +41,24 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
         key = getattr(error, "full_key", None)
         first_line = str(error).splitlines()[0]
         raise ConfigError(f"{key}: {first_line}" if key else first_line) from None
+
+
+def _load_yaml(path: Path):
+    """OmegaConf.load, with a YAML syntax error turned into a ConfigError naming the file and line."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+
+        def at(mark) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}"
+
+        mark, context_mark = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+        where = f", {at(mark)}" if mark is not None else ""
+        detail = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        if context:  # e.g. "while parsing a flow sequence", started where context_mark says
+            detail += f" ({context}{' at ' + at(context_mark) if context_mark is not None else ''})"
+        raise ConfigError(f"config file {path}{where}: YAML syntax error: {detail}") from None
 
 
 def to_yaml(config) -> str:

@@ -1,5 +1,5 @@
 """Processes: join a torchrun job (or run as one plain process) and the few collectives used
-outside the model (barrier, sums, gathering Python objects).
+outside the model (barrier, sums, a shared yes/no, gathering Python objects).
 
 One process without torchrun is a plain run (no process group). Under torchrun: nccl on
 GPU, gloo on CPU. Sharding and checkpoints live in fastnpo.train (sharding.py, checkpoint.py).
@@ -61,6 +61,18 @@ def all_reduce_sum(tensor: torch.Tensor, info: ProcessInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_true(flag: bool, info: ProcessInfo) -> bool:
+    """Whether `flag` holds on every rank (an all-reduce MIN): one decision all ranks share, so
+    none takes a branch that enters collectives the others skip."""
+    if not info.distributed:
+        return bool(flag)
+    # nccl reduces only device tensors; gloo takes CPU ones.
+    device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def all_gather_objects(obj, info: ProcessInfo) -> list:

@@ -8,6 +8,7 @@ forward, silently skips that reduction).
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,30 +27,50 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-def load_tokenizer(source: str):
+def _not_loadable(what: str, source: str, error: Exception) -> Exception:
+    """transformers' OSError / ValueError (long messages, often about hub repo ids) as one clear line."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(source).expanduser().is_dir():
+        return ValueError(f"{what} {source!r}: cannot load from this folder ({first.rstrip(': ')})")
+    return FileNotFoundError(f"{what} {source!r}: no such folder, and not a model found on the hub ({first})")
+
+
+def load_tokenizer(source: str, *, what: str = "tokenizer"):
     """AutoTokenizer from a hub name or folder; a tokenizer without a pad token pads with eos
-    (padding is masked out of every loss and metric)."""
+    (padding is masked out of every loss and metric). what: how errors name the source."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:  # a folder without tokenizer files gives a ValueError
+        raise _not_loadable(what, source, error) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_causal_lm(
-    name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa", random_init: bool = False
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    random_init: bool = False,
+    what: str = "model",
 ) -> nn.Module:
     """A causal LM from a hub name or folder; random_init builds the architecture of its
-    config.json with fresh random weights (benchmarks). dtype "auto": the checkpoint's own."""
+    config.json with fresh random weights (benchmarks). dtype "auto": the checkpoint's own.
+    what: how errors name the source (e.g. "model.name_or_path")."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {[*sorted(DTYPES), 'auto']}, got {dtype!r}")
     kwargs = dict(dtype=DTYPES.get(dtype, "auto"), attn_implementation=attn_implementation)
-    if random_init:
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        if random_init:
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        raise _not_loadable(what, name_or_path, error) from None
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from .batching import PairedBatches, collate, collate_packed, length_grouped_batches
 from .config import DataConfig, check_template
-from .sources import DEFAULT_IDK_ANSWERS, add_idk_answers, idk_answers, load_qa_split
+from .sources import DEFAULT_IDK_ANSWERS, add_idk_answers, describe_source, idk_answers, load_qa_split
 from .tokenize import QADataset, _check_tokenizer, encode_prompt, encode_qa, tokenize_split
 
 __all__ = [
@@ -61,12 +61,16 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -
     retain_raw = None
     if config.retain:
         retain_raw = load_qa_split(config.retain, config.retain_split, what="retain set")
-    forget = tokenize_split(forget_raw, tokenizer, config)
-    retain = tokenize_split(retain_raw, tokenizer, config) if retain_raw is not None else None
+    forget_name = describe_source(config.forget, config.forget_split, what="forget set")
+    forget = tokenize_split(forget_raw, tokenizer, config, what=forget_name)
+    retain = None
+    if retain_raw is not None:
+        retain_name = describe_source(config.retain, config.retain_split, what="retain set")
+        retain = tokenize_split(retain_raw, tokenizer, config, what=retain_name)
     idk_set = None
     if answers is not None:
         with_idk = add_idk_answers(forget_raw, answers, seed=config.seed)
-        idk_set = tokenize_split(with_idk, tokenizer, config, answer_column="idk_answer")
+        idk_set = tokenize_split(with_idk, tokenizer, config, answer_column="idk_answer", what=f"{forget_name} (idk)")
     batches = PairedBatches(
         forget,
         retain,

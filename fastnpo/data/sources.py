@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 from .config import DataConfig
 
@@ -55,16 +57,10 @@ def _local_file_is_empty(path: Path, builder: str) -> bool:
     return head.strip() in (b"", b"[]")
 
 
-def load_table(source: str, split: str, *, what: str = "data set", hub_split_is_config: bool = True):
-    """One split of a data set through ``datasets``: a .json/.jsonl/.parquet file (split is
-    ignored), a directory holding ``<split>.jsonl``, ``<split>.json`` or ``<split>.parquet``, or a
-    hub name, loaded as ``load_dataset(source, split)["train"]`` when the hub set keeps each split
-    as a config (TOFU), else as ``load_dataset(source, split=split)``.
-    what: how error messages name the set, e.g. "forget set"."""
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"{what}: source must be a non-empty path or hub dataset name, got {source!r}")
-    if not isinstance(split, str) or not split:
-        raise ValueError(f"{what}: split must be a non-empty string, got {split!r}")
+def local_file(source: str, split: str, *, what: str = "data set") -> Path | None:
+    """The file a local source names for ``split`` (the file itself, or ``<split>.jsonl`` /
+    ``.json`` / ``.parquet`` in a directory); None for a hub name. Raises FileNotFoundError for
+    a path that does not exist, ValueError for an unsupported suffix."""
     path = Path(source).expanduser()
     if path.is_dir():
         candidates = [path / f"{split}{suffix}" for suffix in (".jsonl", ".json", ".parquet")]
@@ -75,35 +71,85 @@ def load_table(source: str, split: str, *, what: str = "data set", hub_split_is_
             )
         path = found[0]
     if path.is_file():
-        builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
+        if path.suffix.lower() not in _LOCAL_SUFFIXES:
             raise ValueError(
                 f"{what}: file {str(path)!r} must end in one of {sorted(_LOCAL_SUFFIXES)}, "
                 f"got {path.suffix!r}"
             )
-        # datasets fails on an empty file with "Instruction 'train' corresponds to no data".
-        if _local_file_is_empty(path, builder):
-            raise ValueError(f"{what} {source!r} (split {split!r}) is empty")
-        return datasets.load_dataset(builder, data_files=str(path))["train"]
+        return path
     if _looks_local(source):
         raise FileNotFoundError(f"{what}: no such file or directory: {source!r}")
+    return None
+
+
+def describe_source(source: str, split: str, *, what: str = "data set") -> str:
+    """How messages name a set: "<what> <file>" for a local source, else the hub name and split."""
+    path = local_file(source, split, what=what)
+    return f"{what} {str(path)!r}" if path is not None else f"{what} {source!r} (split {split!r})"
+
+
+def load_table(source: str, split: str, *, what: str = "data set", hub_split_is_config: bool = True):
+    """One split of a data set through ``datasets``: a .json/.jsonl/.parquet file (split is
+    ignored), a directory holding ``<split>.jsonl``, ``<split>.json`` or ``<split>.parquet``, or a
+    hub name, loaded as ``load_dataset(source, split)["train"]`` when the hub set keeps each split
+    as a config (TOFU), else as ``load_dataset(source, split=split)``.
+    what: how error messages name the set, e.g. "forget set"."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{what}: source must be a non-empty path or hub dataset name, got {source!r}")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"{what}: split must be a non-empty string, got {split!r}")
+    path = local_file(source, split, what=what)
+    if path is not None:
+        builder = _LOCAL_SUFFIXES[path.suffix.lower()]
+        # datasets fails on an empty file with "Instruction 'train' corresponds to no data".
+        if _local_file_is_empty(path, builder):
+            raise ValueError(f"{what} {str(path)!r} is empty")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path))["train"]
+        except DatasetGenerationError as error:
+            # datasets names the bad row only in a log line; find it and say it in the error.
+            raise ValueError(f"{what} {str(path)!r}: {_json_problem(path, builder, error)}") from None
     if not hub_split_is_config:
         return datasets.load_dataset(source, split=split)
     data = datasets.load_dataset(source, split, split="train")
     return data["train"] if isinstance(data, datasets.DatasetDict) else data
 
 
+def _json_problem(path: Path, builder: str, error: Exception) -> str:
+    """The first line of a JSON / JSON-lines file that does not parse or is not an object."""
+    cause = error.__cause__ or error.__context__ or error
+    if builder != "json":
+        return f"cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON document, not JSON lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            return f"line {bad.lineno}, column {bad.colno}: not valid JSON ({bad.msg})"
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"line {number}, column {bad.colno}: not valid JSON ({bad.msg})"
+            if not isinstance(row, dict):
+                return f"line {number}: not a JSON object (got {type(row).__name__})"
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return f"cannot be read as a table of rows with the same columns and types ({first})"
+
+
 def load_qa_split(source: str, split: str, *, what: str = "data set") -> datasets.Dataset:
     """Load one TOFU-schema split (columns ``question`` and ``answer``): see load_table; TOFU
     keeps each split as a hub config."""
     data = load_table(source, split, what=what)
+    name = describe_source(source, split, what=what)
     for column in REQUIRED_COLUMNS:
         if column not in data.column_names:
-            raise ValueError(
-                f"{what} {source!r} (split {split!r}) has no {column!r} column; columns: {data.column_names}"
-            )
+            raise ValueError(f"{name} has no {column!r} column; columns: {data.column_names}")
     if len(data) == 0:
-        raise ValueError(f"{what} {source!r} (split {split!r}) is empty")
+        raise ValueError(f"{name} is empty")
     return data
 
 

@@ -53,7 +53,7 @@ def _check_tokenizer(tokenizer, template: str) -> None:
         raise ValueError("template='chat' but the tokenizer has no chat_template")
 
 
-def _build_example(prompt_ids, answer_ids, max_length: int, index) -> tuple[dict, bool]:
+def _build_example(prompt_ids, answer_ids, max_length: int, index, what: str = "") -> tuple[dict, bool]:
     input_ids = [*prompt_ids, *answer_ids]
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
     truncated = len(input_ids) > max_length
@@ -61,7 +61,7 @@ def _build_example(prompt_ids, answer_ids, max_length: int, index) -> tuple[dict
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     # labels[0] is never a target after the shift, so it does not count as an answer token.
     if all(label == IGNORE_INDEX for label in labels[1:]):
-        where = "" if index is None else f"example {index}: "
+        where = "" if index is None else f"{what}{', ' if what else ''}example {index} (counting from 0): "
         raise ValueError(
             f"{where}truncation to max_length={max_length} leaves no answer token "
             f"(prompt is {len(prompt_ids)} tokens); raise max_length or shorten the template"
@@ -118,10 +118,13 @@ class QADataset(torch.utils.data.Dataset):
         return [item["index"] for item in self.items]
 
 
-def tokenize_split(dataset, tokenizer, config: DataConfig, answer_column: str = "answer") -> QADataset:
+def tokenize_split(
+    dataset, tokenizer, config: DataConfig, answer_column: str = "answer", *, what: str = ""
+) -> QADataset:
     """Tokenise every row of ``dataset`` (question + ``answer_column``) with config's template.
 
     answer_column selects the answer, e.g. "idk_answer" after add_idk_answers for IdkDPO.
+    what: how errors name the set and its file (e.g. "forget set 'data/f.jsonl'").
     Truncations are reported in one warning with their count.
     """
     if not isinstance(config, DataConfig):
@@ -138,7 +141,11 @@ def tokenize_split(dataset, tokenizer, config: DataConfig, answer_column: str = 
     questions, answers = dataset["question"], dataset[answer_column]
     for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
         if not isinstance(q, str) or not isinstance(a, str):
-            raise ValueError(f"example {i}: question and {answer_column!r} must be strings, got {q!r}, {a!r}")
+            where = f"{what}, " if what else ""
+            raise ValueError(
+                f"{where}example {i} (counting from 0): question and {answer_column!r} must be strings, "
+                f"got {q!r}, {a!r}"
+            )
 
     if config.template == "chat":
         pairs = [
@@ -158,7 +165,7 @@ def tokenize_split(dataset, tokenizer, config: DataConfig, answer_column: str = 
 
     items, truncated = [], 0
     for i, (p, a) in enumerate(pairs):
-        example, cut = _build_example(p, a, config.max_length, i)
+        example, cut = _build_example(p, a, config.max_length, i, what)
         truncated += cut
         items.append({"index": i, **example})
     if truncated:

@@ -84,7 +84,8 @@ def reference_logprobs(
     sets: tokenized items ({"index", "input_ids", "labels"}) per set name. With cache_dir the
     numbers are keyed by fingerprints of the weights, the model config, the tokenizer, the
     tokenized examples (data, template, max length), impl and dtype (refcache.ref_cache_parts).
-    With info (several processes) each computes a share and all load rank 0's file.
+    With info (several processes) the ranks agree on hit or miss (a hit only if every rank
+    found the file), each computes a share on a miss, and all load rank 0's file.
     """
     info = info or distributed.ProcessInfo(0, 1, 0, output_weight(model).device)
     wrapper = SequenceLogprobModel(model, impl=impl)
@@ -117,4 +118,7 @@ def reference_logprobs(
         world_size=info.world_size,
         barrier=lambda: distributed.barrier(info),
         log=log,
+        # Each rank reads the file on its own; another job may write it between their reads.
+        # A hit on some ranks only would send the others alone into the collective compute.
+        all_agree=lambda hit: distributed.all_true(hit, info),
     )

@@ -1,7 +1,8 @@
 """The unlearning trainer: config, setup, the step, the loop, logging, checkpoints, sharding.
 
     config.py      the run config tree, loaded from YAML + overrides and checked
-    setup.py       what a run builds before its first step: output folder, data, model, optimizer
+    output.py      the output folder: fresh run, resume, restart, refusal, safe replacement
+    setup.py       what a run builds before its first step: data, model, optimizer
     step.py        one optimisation step, globally renormalised across micro-batches and ranks
     loop.py        train(): the run top to bottom; build_reference_cache (`fastnpo cache-ref`)
     logging.py     metrics.jsonl, TensorBoard, progress bar, console lines, run files

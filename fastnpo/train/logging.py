@@ -24,10 +24,37 @@ def console(info: ProcessInfo) -> Callable[[str], None]:
 
 
 def write_run_files(out: Path, config: Config, run_info: dict, info: ProcessInfo) -> None:
+    """config.yaml and run_info.json, marked unfinished until mark_finished."""
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(config))
-        (out / "run_info.json").write_text(json.dumps(run_info, indent=1))
+        (out / "run_info.json").write_text(json.dumps({**run_info, "finished": False}, indent=1))
+
+
+def mark_finished(out: Path, info: ProcessInfo) -> None:
+    """Record the end of the run in run_info.json: a finished run is refused, never resumed."""
+    if info.is_main:
+        path = out / "run_info.json"
+        run_info = json.loads(path.read_text())
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps({**run_info, "finished": True}, indent=1))
+        tmp.replace(path)
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep the records `keep` accepts (and drop a line cut short by a kill); a resumed run
+    would otherwise log the steps past its checkpoint a second time."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 class RunLogger:
@@ -47,6 +74,11 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if info.is_main:
+            # Restarted at `step` (a resume, or 0): the records of steps after it are the
+            # previous attempt's, and the steps will be logged again.
+            truncate_jsonl(self.out / "metrics.jsonl", lambda record: record.get("step", 0) <= step)
+            truncate_jsonl(self.out / "epochs.jsonl", lambda report: report.get("epoch", 0) * steps_per_epoch <= step)
         self.metrics = open(self.out / "metrics.jsonl", "a") if info.is_main else None
         self.bar = tqdm(
             total=total_steps,

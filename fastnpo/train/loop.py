@@ -1,7 +1,7 @@
 """The unlearning run top to bottom (train), and the reference pass alone (build_reference_cache,
 `fastnpo cache-ref`).
 
-1. check the output folder and the data before any work;
+1. check the output folder and the data before any work (output.py);
 2. load the model; the reference log-probs: one pass of the initial model over every example a
    loss needs, cached on disk by content (refcache/); no reference model is kept afterwards
    (except NPO+KL's frozen copy);
@@ -11,6 +11,7 @@
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import set_seed
@@ -22,7 +23,8 @@ from ..profiling import reset_peak_memory
 from ..refcache import item_logprobs
 from . import checkpoint
 from .config import Config, ConfigError
-from .logging import RunLogger, console, write_run_files
+from .logging import RunLogger, console, mark_finished, write_run_files
+from .output import OutputFolder, prepare_output_dir
 from .setup import (
     build_optimizer,
     cached_reference_logprobs,
@@ -31,7 +33,6 @@ from .setup import (
     load_example_weights,
     load_model,
     load_tokenizer,
-    prepare_output_dir,
     wrap_model,
 )
 from .step import StepContext, TrainingDiverged, train_step
@@ -52,9 +53,42 @@ def train(config: Config, on_epoch_end=None) -> dict:
 
 def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end) -> dict:
     log = console(info)
+    plan = prepare_output_dir(config, info, log)  # refuses before any work
+    run = _build(config, info, plan.resume_from, log)
+    if on_epoch_end is not None and run.trainee.sharded:
+        raise ConfigError("on_epoch_end needs the unsharded model: run in one process")
+    # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
+    folder = OutputFolder(plan, info)
+    folder.begin()
+    try:
+        write_run_files(plan.out, config, run.run_info, info)
+        result = _steps(config, info, run, folder, on_epoch_end, log)
+    except BaseException:
+        folder.abandon()
+        raise
+    mark_finished(plan.out, info)
+    return result
+
+
+@dataclass
+class _Run:
+    """What the steps need, built and checked before the output folder is touched."""
+
+    method: object
+    trainee: object
+    tokenizer: object
+    ref: object
+    example_weights: object
+    batches: object
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    step: int
+    run_info: dict
+
+
+def _build(config: Config, info: distributed.ProcessInfo, resume_from, log) -> _Run:
     method = method_for(config.method.name)
-    resume_from = prepare_output_dir(config, info)
-    out = Path(config.run.output_dir)
     set_seed(config.run.seed)
     tokenizer = load_tokenizer(config)
     micro_per_step = config.optim.grad_accum * info.world_size
@@ -82,12 +116,20 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end) -> dict:
         "resumed_from_step": step,
         "cache_key": ref.key if ref is not None else None,
     }
-    write_run_files(out, config, run_info, info)
-    if on_epoch_end is not None and trainee.sharded:
-        raise ConfigError("on_epoch_end needs the unsharded model: run in one process")
+    return _Run(
+        method, trainee, tokenizer, ref, example_weights, batches, optimizer, scheduler, total_steps, step, run_info
+    )
 
-    context = StepContext(config, method, info, trainee, tokenizer, ref, example_weights)
-    logger = RunLogger(config, info, method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step)
+
+def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, log) -> dict:
+    """The steps from run.step to the end, checkpoints, the export."""
+    out, trainee, batches = Path(config.run.output_dir), run.trainee, run.batches
+    optimizer, scheduler = run.optimizer, run.scheduler
+    step, total_steps, steps_per_epoch = run.step, run.total_steps, len(batches)
+    context = StepContext(config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights)
+    logger = RunLogger(
+        config, info, run.method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step
+    )
     epoch_reports = []
     trainee.wrapper.train()
     while step < total_steps:
@@ -110,18 +152,20 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end) -> dict:
                 out / "checkpoints", step, trainee.wrapper, optimizer, scheduler, batches, info,
                 keep=config.run.keep_checkpoints,
             )
+            folder.commit()
     logger.close()
 
     final = out / "final"
     if config.run.export:
-        checkpoint.export_hf(trainee.wrapper, trainee.hf, tokenizer, final, info, lora=config.model.lora.enabled)
+        checkpoint.export_hf(trainee.wrapper, trainee.hf, run.tokenizer, final, info, lora=config.model.lora.enabled)
         log(f"exported {final}")
     distributed.barrier(info)
+    folder.commit()
     return {
         "epochs": epoch_reports,
         "output_dir": str(out),
         "steps": step,
-        "reference_cache_hit": cache_hit,
+        "reference_cache_hit": run.run_info["reference_cache_hit"],
         "final": str(final) if config.run.export else None,
     }
 

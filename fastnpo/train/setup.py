@@ -1,6 +1,6 @@
-"""Everything a run builds before its first step: the output folder decision, tokenizer, data,
-example weights, the reference log-probs, the model wrapped for training (LoRA, activation
-checkpointing, the fused log-prob wrapper, FSDP2), the optimizer and its schedule.
+"""Everything a run builds before its first step: tokenizer, data, example weights, the
+reference log-probs, the model wrapped for training (LoRA, activation checkpointing, the fused
+log-prob wrapper, FSDP2), the optimizer and its schedule. (The output folder: output.py.)
 
 The train loop calls these in a fixed order; the order matters for bit-exact reruns (LoRA
 initialisation draws from the RNG after the model is loaded)."""
@@ -9,11 +9,9 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from ..data import build_unlearning_data
@@ -22,43 +20,23 @@ from ..methods import Method
 from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm
 from ..modeling import load_tokenizer as load_tokenizer_from
 from ..refcache import reference_logprobs
-from . import checkpoint, sharding
-from .config import Config, ConfigError, trajectory_differences
-
-
-def prepare_output_dir(config: Config, info: ProcessInfo) -> Path | None:
-    """Decide between a fresh run and a resume; refuse what would overwrite or mix runs.
-
-    Returns the checkpoint to resume from, or None."""
-    out = Path(config.run.output_dir)
-    checkpoints = checkpoint.checkpoint_steps(out / "checkpoints")
-    finished = (out / "final").exists() or ((out / "run_info.json").exists() and not checkpoints)
-    if config.run.resume and checkpoints:
-        saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
-        current = OmegaConf.to_container(OmegaConf.structured(config))
-        differences = trajectory_differences(saved, current)
-        if differences:
-            raise ConfigError(
-                f"{out} holds checkpoints of a run with another config; resume refused. Differences: "
-                + "; ".join(differences)
-                + ". Use another run.output_dir, or run.resume=false run.overwrite=true."
-            )
-        return out / "checkpoints" / f"step_{checkpoints[-1]}"
-    if (checkpoints or finished) and not config.run.overwrite:
-        raise ConfigError(f"run.output_dir {out} already holds a run; set run.overwrite=true to replace it")
-    if info.is_main and config.run.overwrite and out.exists():
-        shutil.rmtree(out)
-    return None
+from . import sharding
+from .config import Config, ConfigError
 
 
 def load_tokenizer(config: Config):
-    return load_tokenizer_from(config.model.tokenizer or config.model.name_or_path)
+    what = "model.tokenizer" if config.model.tokenizer else "model.name_or_path"
+    return load_tokenizer_from(config.model.tokenizer or config.model.name_or_path, what=what)
 
 
 def load_model(config: Config, device: torch.device) -> nn.Module:
     m = config.model
     model = load_causal_lm(
-        m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation, random_init=m.random_init
+        m.name_or_path,
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        random_init=m.random_init,
+        what="model.name_or_path",
     )
     return model.to(device)
 
@@ -86,7 +64,13 @@ def load_example_weights(config: Config) -> torch.Tensor | None:
     """run.example_weights as a tensor indexed by forget example index, or None."""
     if not config.run.example_weights:
         return None
-    weights = torch.tensor(json.loads(Path(config.run.example_weights).read_text()), dtype=torch.float32)
+    path = Path(config.run.example_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"run.example_weights: no such file: {str(path)!r}")
+    try:
+        weights = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise ConfigError(f"run.example_weights {str(path)!r}: not a JSON list of numbers ({error})") from None
     if weights.dim() != 1 or bool((weights < 0).any()) or not torch.isfinite(weights).all():
         raise ConfigError("run.example_weights must be a JSON list of finite numbers >= 0")
     return weights

@@ -1,0 +1,128 @@
+"""The output folder's life: decide fresh run, resume, restart or refusal before any work, and
+replace an old run (run.overwrite=true) without ever losing it to a new run that fails early.
+
+A run is finished once its end is recorded (run_info.json "finished", or final/). A run that
+stopped before its first checkpoint holds nothing worth keeping, so it simply starts over.
+run.overwrite=true does not delete the old run up front: when the new run, its inputs all
+checked and loaded, starts writing, the old folder is moved aside to `.<name>.replaced`; it is
+deleted once the new run has its first checkpoint or its final export, and put back if the new
+run fails before that (or, after a kill, by the next start).
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..distributed import ProcessInfo, barrier
+from . import checkpoint
+from .config import Config, ConfigError, trajectory_differences
+
+
+@dataclass
+class OutputPlan:
+    out: Path
+    resume_from: Path | None = None  # the checkpoint to continue from
+    replace: bool = False  # run.overwrite=true over an existing folder
+
+
+def aside_path(out: Path) -> Path:
+    out = out.resolve()
+    return out.with_name(f".{out.name}.replaced")
+
+
+def run_finished(out: Path, checkpoints: list[int]) -> bool:
+    if (out / "final").exists():
+        return True
+    if not (out / "run_info.json").exists():
+        return False
+    try:
+        run_info = json.loads((out / "run_info.json").read_text())
+    except json.JSONDecodeError:  # cut short mid-write: the run did not finish
+        return False
+    # run_info.json written before "finished" existed: a run without checkpoints had finished.
+    return bool(run_info.get("finished", not checkpoints))
+
+
+def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], None]) -> OutputPlan:
+    """Decide between a fresh run, a resume and a restart; refuse what would overwrite, mix or
+    silently alter runs. Writes nothing, except putting back a run a killed replacement left aside."""
+    out = Path(config.run.output_dir)
+    _recover_replaced(out, info, log)
+    checkpoints = checkpoint.checkpoint_steps(out / "checkpoints")
+    overwrite = config.run.overwrite
+    if run_finished(out, checkpoints):
+        if not overwrite:
+            raise ConfigError(
+                f"run.output_dir {out} already holds a run that finished; nothing to do. "
+                "Set run.overwrite=true to replace it, or use another run.output_dir"
+            )
+        return OutputPlan(out, replace=True)
+    if checkpoints and config.run.resume:
+        return OutputPlan(out, resume_from=_checked_resume(config, out, checkpoints))
+    if checkpoints and not overwrite:
+        raise ConfigError(
+            f"run.output_dir {out} already holds a run (checkpoints up to step {checkpoints[-1]}); "
+            "set run.resume=true to continue it, or run.overwrite=true to replace it"
+        )
+    if (out / "run_info.json").exists() and not checkpoints:
+        log(f"{out} holds a run that stopped before its first checkpoint; starting it over")
+    return OutputPlan(out, replace=overwrite and out.exists())
+
+
+def _checked_resume(config: Config, out: Path, checkpoints: list[int]) -> Path:
+    saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+    current = OmegaConf.to_container(OmegaConf.structured(config))
+    differences = trajectory_differences(saved, current)
+    if differences:
+        raise ConfigError(
+            f"{out} holds checkpoints of a run with another config; resume refused. Differences: "
+            + "; ".join(differences)
+            + ". Use another run.output_dir, or run.resume=false run.overwrite=true."
+        )
+    return out / "checkpoints" / f"step_{checkpoints[-1]}"
+
+
+def _recover_replaced(out: Path, info: ProcessInfo, log) -> None:
+    """A replacement killed before its first checkpoint or export left the old run aside: put it back."""
+    aside = aside_path(out)
+    if info.is_main and aside.exists():
+        done = checkpoint.checkpoint_steps(out / "checkpoints") or (out / "final").exists()
+        if done:  # killed between the new run's first checkpoint and the old one's deletion
+            shutil.rmtree(aside)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(aside, out)
+            log(f"put back the run a killed replacement had moved aside to {aside}")
+    barrier(info)
+
+
+class OutputFolder:
+    """The plan carried out while the run writes: begin() when it starts writing, commit() at
+    its first checkpoint or export, abandon() if it fails before."""
+
+    def __init__(self, plan: OutputPlan, info: ProcessInfo):
+        self.plan, self.info = plan, info
+        self.aside = aside_path(plan.out) if plan.replace else None
+
+    def begin(self) -> None:
+        if self.aside is not None and self.info.is_main:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            os.replace(self.plan.out, self.aside)
+        barrier(self.info)
+
+    def commit(self) -> None:
+        if self.aside is not None and self.info.is_main:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.aside = None
+
+    def abandon(self) -> None:
+        """Put the old run back (rank 0); the failed new run's files go."""
+        if self.aside is not None and self.info.is_main and self.aside.exists():
+            shutil.rmtree(self.plan.out, ignore_errors=True)
+            os.replace(self.aside, self.plan.out)
+        self.aside = None

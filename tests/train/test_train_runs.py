@@ -1,0 +1,157 @@
+"""The output folder over a run's life: a finished run is refused, a crashed one restarts or
+resumes with a clean metrics.jsonl, and run.overwrite=true never loses the old run to a bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import config_for, final_weights, write_jsonl
+
+from fastnpo.tiny import TinyModelSpec
+from fastnpo.tofu.minitofu import prepare_tiny
+from fastnpo.train import loop, train
+from fastnpo.train.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
+
+
+def metrics_steps(out) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(root) -> dict:
+    """Every file under root: its bytes and modification time."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def crash_at(monkeypatch, failing_step: int):
+    """Make the loop's step `failing_step` (1-based) raise, as a crash mid-run would."""
+    real, calls = loop.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == failing_step:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+
+
+# ----------------------------------------------------------------------------- item 6
+
+
+@pytest.mark.parametrize("export", [True, False])
+def test_finished_run_with_checkpoints_is_refused_and_untouched(tiny, tmp_path, export):
+    # Issue 13 item 6: a finished run that kept its checkpoints was resumed: the last step
+    # retrained, final/ re-exported, a duplicate metrics line, run_info.json rewritten.
+    out = tmp_path / "run"
+    extra = {"method.name": "npo", "optim.max_steps": 3, "run.checkpoint_every": 1, "run.export": export}
+    train(config_for(tiny, out, **extra))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="already holds a run that finished"):
+        train(config_for(tiny, out, **extra))
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- item 7
+
+
+def test_resume_drops_the_killed_runs_metrics_past_the_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    extra = {"method.name": "npo_rt", "optim.max_steps": 6, "run.checkpoint_every": 2}
+    crash_at(monkeypatch, 4)  # steps 1-3 logged, the newest checkpoint is step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_for(tiny, out, **extra))
+    assert metrics_steps(out) == [1, 2, 3]
+    monkeypatch.undo()
+    train(config_for(tiny, out, **extra))
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_that_crashed_before_its_first_checkpoint_restarts(tiny, tmp_path, monkeypatch, capsys):
+    extra = {"method.name": "npo_rt", "optim.max_steps": 4, "run.checkpoint_every": 3}
+    train(config_for(tiny, tmp_path / "straight", **extra))
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_for(tiny, out, **extra))
+    monkeypatch.undo()
+    capsys.readouterr()
+    train(config_for(tiny, out, **extra))
+    assert "stopped before its first checkpoint" in capsys.readouterr().out
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    straight, restarted = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(straight[k], restarted[k]) for k in straight)
+
+
+def test_truncation_error_names_the_set_the_file_and_the_example(tiny, tmp_path):
+    rows = [{"question": "Who?", "answer": "Ann."}] * 5 + [{"question": "Who wrote it? " * 40, "answer": "Ann."}]
+    forget = write_jsonl(tmp_path / "f.jsonl", rows)
+    with pytest.raises(ValueError, match=r"forget set .*f\.jsonl.*example 5\b"):
+        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "data.forget": forget}))
+
+
+# ----------------------------------------------------------------------------- item 4
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(config_for(tiny, out, **{"method.name": "npo", "optim.max_steps": 2}))
+    return out
+
+
+def bad_input(case: str, tmp_path) -> dict:
+    """Overrides that make a new run fail on its inputs (issue 13 item 4's list)."""
+    if case == "missing_file":
+        return {"data.forget": tmp_path / "nope.jsonl"}
+    if case == "malformed_jsonl":
+        path = tmp_path / "f.jsonl"
+        path.write_text('{"question": "q?", "answer": "a"}\n{"question": "q?", "answer": \n')
+        return {"data.forget": path}
+    if case == "missing_answer_column":
+        return {"data.forget": write_jsonl(tmp_path / "f.jsonl", [{"question": "q?", "reply": "a"}])}
+    if case == "empty_forget":
+        return {"data.forget": write_jsonl(tmp_path / "f.jsonl", [])}
+    if case == "answer_truncated":
+        return {"data.forget": write_jsonl(tmp_path / "f.jsonl", [{"question": "Who? " * 80, "answer": "Ann."}])}
+    assert case == "missing_model"
+    return {"model.name_or_path": tmp_path / "no-such-model"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_file", "malformed_jsonl", "missing_answer_column", "empty_forget", "answer_truncated", "missing_model"],
+)
+def test_overwrite_keeps_the_old_run_when_the_new_inputs_are_bad(tiny, tmp_path, finished_run, case):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    extra = {"method.name": "npo", "run.overwrite": True, **bad_input(case, tmp_path)}
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(config_for(tiny, out, **extra))
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run")) == []
+
+
+def test_overwrite_restores_the_old_run_when_the_new_one_fails_before_its_first_checkpoint(
+    tiny, tmp_path, finished_run, monkeypatch
+):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    crash_at(monkeypatch, 2)
+    extra = {"method.name": "npo", "run.overwrite": True, "optim.max_steps": 4, "run.checkpoint_every": 3}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_for(tiny, out, **extra))
+    assert snapshot(out) == before
+    monkeypatch.undo()
+    train(config_for(tiny, out, **extra))  # now it replaces the old run
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
