@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install install-dev demo test bench gpu-wheels gpu-suite
+.PHONY: install install-dev demo demo-docs test bench gpu-wheels gpu-suite
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -23,8 +23,16 @@ install-dev: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[dev]"
 
+# runs/demo is this target's own work folder: --overwrite replaces the previous demo there.
 demo: install
-	$(PY) -m fastnpo.cli demo
+	$(PY) -m fastnpo.cli demo --overwrite
+
+# Regenerates docs/demo/ (the published study and the quick table a test compares with the code).
+demo-docs: install
+	$(PY) -m fastnpo.cli demo --overwrite
+	cp runs/demo/results.json runs/demo/results.md runs/demo/*.png docs/demo/
+	$(PY) -m fastnpo.cli demo --preset quick --out runs/demo-quick --overwrite
+	cp runs/demo-quick/results.md docs/demo/quick/results.md
 
 test: install-dev
 	$(PY) -m pytest -q

@@ -1,58 +1,181 @@
-"""The `fastnpo` command: one parser per subcommand, one function per subcommand (COMMANDS)."""
+"""The `fastnpo` command: one parser per subcommand, one function per subcommand (COMMANDS).
+
+Nothing heavy is imported before argparse has run (each command imports what it needs), so
+`fastnpo --help` and every `fastnpo <command> --help` answer in a fraction of a second.
+"""
 
 import argparse
 import json
 import os
 import sys
 
+TRAIN_KEYS = """\
+config keys (YAML sections, or dotted key=value overrides), defined as dataclasses in:
+  model.*        ModelConfig        fastnpo/train/config.py (model.lora.*: LoraConfig, fastnpo/modeling.py)
+  data.*         DataConfig         fastnpo/data/config.py
+  method.*       MethodConfig       fastnpo/methods.py
+  optim.*        OptimConfig        fastnpo/train/config.py
+  distributed.*  DistributedConfig  fastnpo/train/sharding.py
+  run.*          RunConfig          fastnpo/train/config.py
+`fastnpo train --print-config [--config FILE] [key=value ...]` prints every key with its value
+(defaults <- FILE <- overrides) and exits.
+"""
+
+U2A_KEYS = """\
+config keys (sections model, data, objective, bilevel, run) are the dataclasses of
+fastnpo/u2a/run.py (objective: fastnpo/u2a/problem.py, bilevel: fastnpo/u2a/bilevel.py);
+`fastnpo u2a --print-config [--config FILE] [key=value ...]` prints them all with their values.
+"""
+
+DEMO_TIME = (
+    "It runs on one thread: the default preset took 6 min wall clock on a lightly loaded 2-core Xeon and 12 min "
+    "on the same machine shared with other jobs (see README, 'The demo')."
+)
+
+
+def _debug_flag() -> argparse.ArgumentParser:
+    """--debug after the command name too (`fastnpo train --debug ...`); SUPPRESS keeps the
+    subparser from resetting a --debug given before the command."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parent
+
+
+def _add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        parents=[_debug_flag()],
+        help="unlearn (or fine-tune) a causal LM; torchrun for several processes",
+        epilog=TRAIN_KEYS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", help="YAML file (see configs/); required unless --print-config")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config tree and exit")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=2e-5")
+
+
+def _add_demo_parser(commands) -> None:
+    demo = commands.add_parser(
+        "demo",
+        parents=[_debug_flag()],
+        help="the TOFU unlearning study on Mini-TOFU and a tiny model (CPU)",
+        description="Mini-TOFU, a tiny Llama, six unlearning methods, several unlearning seeds. " + DEMO_TIME,
+    )
+    demo.add_argument(
+        "--preset",
+        default="default",
+        choices=("quick", "default", "full"),
+        help="quick: a smoke run (about a minute); default: the published study; full: larger, not yet tuned",
+    )
+    demo.add_argument("--out", default="runs/demo", help="work folder; refused if it is not empty, see --overwrite")
+    demo.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data, tokenizer, tiny model and fine-tuning (shared by all runs)",
+    )
+    demo.add_argument(
+        "--unlearn-seeds",
+        default=None,
+        metavar="S,S,...",
+        help="seeds of the unlearning runs (their data order); default: the preset's",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnpo", description="Fast, memory-lean LLM unlearning.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (same as FASTNPO_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(commands)
 
-    train = commands.add_parser(
-        "train", help="unlearn (or fine-tune) a causal LM; torchrun for several processes"
+    cache = commands.add_parser(
+        "cache-ref", parents=[_debug_flag()], help="compute (or reuse) the reference log-prob cache only"
     )
-    train.add_argument("--config", required=True, help="YAML file (see configs/)")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=2e-5")
+    cache.add_argument("--config", required=True, help="YAML file, as for `fastnpo train`")
+    cache.add_argument("--verify", type=int, default=0, metavar="N", help="recompute N examples per set and compare")
+    cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `fastnpo train`")
 
-    cache = commands.add_parser("cache-ref", help="compute (or reuse) the reference log-prob cache only")
-    cache.add_argument("--config", required=True)
-    cache.add_argument(
-        "--verify", type=int, default=0, metavar="N", help="recompute N examples per set and compare"
+    u2a = commands.add_parser(
+        "u2a",
+        parents=[_debug_flag()],
+        help="U2A: choose and weight the negatives to unlearn (bi-level)",
+        epilog=U2A_KEYS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cache.add_argument("overrides", nargs="*")
-
-    u2a = commands.add_parser("u2a", help="U2A: choose and weight the negatives to unlearn (bi-level)")
     u2a.add_argument("--config", default=None, help="YAML file, e.g. configs/u2a_synthetic.yaml")
-    u2a.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. bilevel.k=16")
+    u2a.add_argument("--print-config", action="store_true", help="print the resolved config tree and exit")
+    u2a.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. bilevel.k=16 run.overwrite=true")
 
-    demo = commands.add_parser("demo", help="the TOFU unlearning study on Mini-TOFU and a tiny model (CPU)")
-    demo.add_argument("--preset", default="default", help="quick (smoke test), default (~10 min on 2 cores), full")
-    demo.add_argument("--out", default="runs/demo", help="work folder (replaced)")
-    demo.add_argument("--seed", type=int, default=0)
+    _add_demo_parser(commands)
 
-    evaluate = commands.add_parser("eval", help="TOFU metrics of a model on TOFU-schema data")
+    evaluate = commands.add_parser("eval", parents=[_debug_flag()], help="TOFU metrics of a model on TOFU-schema data")
     evaluate.add_argument("--model", required=True, help="model folder or hub name")
     evaluate.add_argument("--data", required=True, help="folder of <split>.jsonl files, or a hub name (locuslab/TOFU)")
-    evaluate.add_argument("--forget-split", default="forget10")
+    evaluate.add_argument("--forget-split", default="forget10", help="forget01, forget05 or forget10")
     evaluate.add_argument("--retain-stats", help="JSON written by an earlier `fastnpo eval` of the retain model")
-    evaluate.add_argument("--template", default="[INST] {question} [/INST]")
+    evaluate.add_argument("--template", default="[INST] {question} [/INST]", help="prompt format string")
     evaluate.add_argument("--out", help="write the full report (per-example values included) here")
 
-    prepare = commands.add_parser("prepare-tiny", help="write Mini-TOFU data and a random tiny model (offline)")
-    prepare.add_argument("--out", default="runs/tiny")
-    prepare.add_argument("--seed", type=int, default=0)
+    plan = commands.add_parser(
+        "plan",
+        parents=[_debug_flag()],
+        help="will it fit? per-GPU peak memory of a run by component (no weights loaded)",
+        description="Predicts the per-GPU peak memory of a training run from its config, building the model "
+        "on the meta device (docs/will_it_fit.md).",
+    )
+    add_plan_arguments(plan)
+
+    prepare = commands.add_parser(
+        "prepare-tiny",
+        parents=[_debug_flag()],
+        help="write Mini-TOFU data and a random tiny model (offline)",
+        description="Writes <out>/data (Mini-TOFU: every TOFU split as <split>.jsonl) and <out>/base (a random "
+        "tiny Llama and its BPE tokenizer), the inputs of configs/tiny_cpu.yaml.",
+    )
+    prepare.add_argument("--out", default="runs/tiny", help="folder to write data/ and base/ into (default runs/tiny)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the data, the tokenizer and the model weights")
+    prepare.add_argument("--overwrite", action="store_true", help="replace the data/ and base/ that --out holds")
     return parser
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="a run config (YAML); default: the built-in defaults")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub name or local folder with config.json "
+        "(overrides model.name_or_path; e.g. meta-llama/Llama-3.1-8B works offline)",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory per GPU in GiB (default: the visible GPU's, else 80)",
+    )
+    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 when > 1)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=4")
 
 
 # Each command imports what it needs when it runs: `fastnpo --help` stays fast.
 
 
-def run_train(args) -> dict:
+def run_plan(args) -> dict:
+    from .train.memory_plan import run_plan as plan
+
+    return plan(args)  # prints the table unless --json
+
+
+def run_train(args):
+    from .config import to_yaml
     from .train import load_config, train
 
-    return train(load_config(args.config, args.overrides))
+    if args.config is None and not args.print_config:
+        raise ValueError("--config is required (or --print-config to see the keys)")
+    config = load_config(args.config, args.overrides)
+    return to_yaml(config) if args.print_config else train(config)
 
 
 def run_cache_ref(args) -> dict:
@@ -61,17 +184,23 @@ def run_cache_ref(args) -> dict:
     return build_reference_cache(load_config(args.config, args.overrides), verify=args.verify)
 
 
-def run_u2a(args) -> dict:
+def run_u2a(args):
     from .u2a import run_u2a as u2a
 
+    if args.print_config:
+        from .config import to_yaml
+        from .u2a.run import load_u2a_config
+
+        return to_yaml(load_u2a_config(args.config, args.overrides))
     return u2a(args.config, args.overrides)
 
 
 def run_demo(args) -> dict:
     from .tofu.demo import run_demo as demo
 
-    results = demo(args.out, args.preset, args.seed)
-    return {"out": args.out, "timings_s": results["timings_s"]}
+    seeds = None if args.unlearn_seeds is None else [int(s) for s in args.unlearn_seeds.split(",")]
+    results = demo(args.out, args.preset, args.seed, unlearn_seeds=seeds, overwrite=args.overwrite)
+    return {"out": args.out, "timings_s": results["timings_s"], "cpu_s": results["cpu_s"]}
 
 
 def run_eval(args) -> dict:
@@ -91,7 +220,7 @@ def run_eval(args) -> dict:
 def run_prepare_tiny(args) -> dict:
     from .tofu.minitofu import prepare_tiny
 
-    return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed).items()}
+    return {k: str(v) for k, v in prepare_tiny(args.out, seed=args.seed, overwrite=args.overwrite).items()}
 
 
 COMMANDS = {
@@ -101,23 +230,27 @@ COMMANDS = {
     "demo": run_demo,
     "eval": run_eval,
     "prepare-tiny": run_prepare_tiny,
+    "plan": run_plan,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("FASTNPO_DEBUG"))
     from .config import ConfigError
 
     try:
         result = COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as error:
-        if os.environ.get("FASTNPO_DEBUG"):
+        if debug:
             raise
         print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)
-        print("(set FASTNPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print("(run with --debug, or set FASTNPO_DEBUG=1, for the traceback)", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+    # `plan` has printed its table; its JSON only with --json.
+    if int(os.environ.get("RANK", "0")) == 0 and (args.command != "plan" or args.json):
+        # --print-config answers YAML; every other command a one-line JSON summary.
+        print(result if isinstance(result, str) else json.dumps(result))
     return 0
 
 

@@ -158,7 +158,8 @@ def npo_loss(
     logp_b = sequence_logprobs(hidden, weight, labels, shift=shift)[b], summed over the target
     tokens as in the NPO paper's code. hidden [B, T, D], labels [B, T] (Hugging Face
     convention), ref_logps [B] the frozen reference model's summed log-probs of the same
-    targets, weights [B] >= 0 (default 1).
+    targets, weights [B] >= 0 (default 1). Every row needs at least one target token (else
+    ValueError naming the rows).
 
     fused=True computes the gradients in the forward call (see ops.FusedSequenceLossFunction)
     and allows one backward; fused=False (default) runs the usual forward, then backward. Both
@@ -173,6 +174,7 @@ def npo_loss(
     ref_logps = check_per_sequence("ref_logps", ref_logps, batch, hidden.device)
     if weights is not None:
         weights = check_per_sequence("weights", weights, batch, hidden.device, nonnegative=True)
+    _check_every_row_has_targets(labels, shift, ignore_index)
 
     def loss_from_logprobs(logps):
         return npo_from_logprobs(logps, ref_logps, beta=beta, weights=weights)
@@ -183,6 +185,18 @@ def npo_loss(
         hidden, weight, labels, shift=shift, ignore_index=ignore_index, impl=impl, filter_eps=filter_eps
     )
     return loss_from_logprobs(logps)
+
+
+def _check_every_row_has_targets(labels: torch.Tensor, shift: bool, ignore_index: int) -> None:
+    """A sequence with no target token has no log-prob: its logp would be 0 (probability 1), and
+    NPO would silently add (2/beta) softplus(-beta ref) for it. Raise naming the rows instead."""
+    empty = ((aligned_labels(labels, shift, ignore_index) != ignore_index).sum(-1) == 0).nonzero().flatten()
+    if len(empty):
+        rows = empty.tolist()
+        raise ValueError(
+            f"labels rows {rows} have no target token (all ignore_index{' after the shift' if shift else ''}): "
+            "a sequence without targets has no log-prob; drop those rows"
+        )
 
 
 def ga_loss(

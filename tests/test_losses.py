@@ -199,3 +199,17 @@ def test_fused_loss_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_npo_loss_refuses_rows_without_target_tokens(fused):
+    # Issue 14: a row whose labels are all ignored gave logp 0 and a silent loss of ~78.
+    hidden, weight, labels = batch()
+    labels[1] = IGNORE
+    labels[3, 0] = 5
+    labels[3, 1:] = IGNORE  # only position 0 is labelled, and nothing predicts it after the shift
+    with pytest.raises(ValueError, match=r"rows \[1, 3\] have no target token"):
+        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", fused=fused)
+    labels[:] = IGNORE
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\]"):
+        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", fused=fused)

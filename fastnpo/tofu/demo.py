@@ -8,13 +8,24 @@
 3. evaluate target and retain models: forget quality of the target against the retain
    model shows how much there is to forget before any unlearning;
 4. unlearn every forget split with every method through the trainer (cached reference
-   log-probs), evaluating after every epoch;
-5. print the table and write results.json and the plots.
+   log-probs), once per unlearning seed (data order), evaluating every `eval_every` epochs;
+5. print the table (median and range over the unlearning seeds) and write results.json, with
+   the environment the numbers depend on, and the plots.
+
+Steps 0-3 run once (seed `seed`); only step 4 repeats per seed: it is where the methods differ,
+and repeating the fine-tuning would not fit the 10-minute budget on 2 CPU cores.
 """
 
+import contextlib
 import json
+import os
+import platform
+import re
+import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -32,7 +43,14 @@ SPLIT_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "reta
 class DemoPreset:
     """Sizes and recipe. 40 authors x 8 QA: forget01 / 05 / 10 = 1 / 2 / 4 authors = 8 / 16 / 32
     questions, enough for the KS test to separate a memorised set (8 vs 8 fully separated: p ~ 2e-4).
-    30 epochs at lr 3e-3 memorise `full` (answer NLL ~0.03 / token) on this model."""
+    30 epochs at lr 3e-3 memorise `full` (answer NLL ~0.03 / token) on this model.
+
+    threads: torch CPU threads for the whole demo. The numbers depend on it (the summation order
+    of every matmul changes with the thread count, and 30 epochs at lr 3e-3 amplify the last-bit
+    differences into other models), so it is fixed rather than left to the machine's core count.
+    One thread costs little for a model this small and is much faster on a busy machine (the
+    pre-training stage: 4 s with 1 thread vs 3.3 s with 2 on an idle 2-core machine; 7 s vs 70 s
+    while other jobs ran)."""
 
     num_authors: int = 40
     qa_per_author: int = 8
@@ -49,19 +67,25 @@ class DemoPreset:
     methods: tuple[str, ...] = tuple(METHOD_LABELS)
     splits: tuple[str, ...] = tuple(SPLIT_PAIRS)
     max_new_tokens: int = 24
+    unlearn_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    eval_every: int = 2
+    threads: int = 1
 
 
 PRESETS = {
+    # Seconds, and still numbers that move (the committed quick table is compared with them).
     "quick": DemoPreset(
-        num_authors=10,
-        qa_per_author=2,
+        num_authors=20,
+        qa_per_author=4,
         model=TinyModelSpec(hidden_size=32, intermediate_size=64),
-        pretrain_epochs=2,
-        finetune_epochs=2,
-        unlearn_epochs=1,
-        methods=("ga", "npo"),
+        pretrain_epochs=8,
+        finetune_epochs=12,
+        unlearn_epochs=2,
+        methods=("ga", "npo", "npo_rt"),
         splits=("forget10",),
         max_new_tokens=8,
+        unlearn_seeds=(0, 1),
+        eval_every=1,
     ),
     "default": DemoPreset(),
     "full": DemoPreset(
@@ -102,6 +126,7 @@ def _finetune(model: Path, data: Path, split: str, out: Path, preset: DemoPreset
             "run.overwrite=true",
             "run.progress=false",
             "run.log_every=0",
+            f"data.seed={seed}",
             f"run.seed={seed}",
         ],
     )
@@ -109,14 +134,17 @@ def _finetune(model: Path, data: Path, split: str, out: Path, preset: DemoPreset
 
 
 class _Stopwatch:
-    """Seconds spent in each stage since the previous one ended."""
+    """Seconds spent in each stage since the previous one ended: wall clock, and this process's
+    CPU time (which, with one thread, is what the stage takes on an otherwise idle machine)."""
 
     def __init__(self, log):
-        self.log, self.timings, self.started = log, {}, time.perf_counter()
+        self.log, self.timings, self.cpu = log, {}, {}
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def done(self, name: str) -> None:
         self.timings[name] = round(time.perf_counter() - self.started - sum(self.timings.values()), 1)
-        self.log(f"[demo] {name} done ({self.timings[name]:.0f} s)")
+        self.cpu[name] = round(time.process_time() - self.cpu_started - sum(self.cpu.values()), 1)
+        self.log(f"[demo] {name} done ({self.timings[name]:.0f} s, CPU {self.cpu[name]:.0f} s)")
 
 
 def _resolve_preset(preset: str | DemoPreset) -> tuple[str, DemoPreset]:
@@ -190,12 +218,16 @@ def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path
             f"optim.lr={preset.unlearn_lr}",
             f"optim.epochs={preset.unlearn_epochs}",
             "optim.warmup_epochs=1",
-            f"run.output_dir={out / 'unlearn' / split / method}",
+            f"run.output_dir={out / 'unlearn' / f'seed{seed}' / split / method}",
+            # One cache for every seed and method: the reference pass depends on the target and
+            # the data only, so only the first run of a split computes it.
             f"run.cache_dir={out / 'ref-cache'}",
             "run.overwrite=true",
             "run.export=false",
             "run.progress=false",
             "run.log_every=0",
+            # data.seed draws the batch order (fastnpo.data.batching); run.seed the torch RNG.
+            f"data.seed={seed}",
             f"run.seed={seed}",
         ],
     )
@@ -204,13 +236,18 @@ def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path
 def _unlearn_split(
     split: str, target: Path, data: Path, out: Path, preset: DemoPreset, seed: int, reports: dict, log
 ) -> dict[str, list[dict]]:
-    """Every method on one forget split, evaluated after every epoch; epoch 0 is the target.
+    """Every method on one forget split, evaluated every preset.eval_every epochs and after the
+    last; epoch 0 is the target.
 
     reports: the split's evaluator and the retain / target reports (from _evaluate_before).
     """
     evaluator, retain_report = reports["evaluator"], reports["retain"]
+    last_epoch = int(preset.unlearn_epochs)
 
     def evaluate(epoch, model):
+        # Evaluation (greedy generation on four sets) costs more than an epoch of unlearning.
+        if epoch % preset.eval_every and epoch != last_epoch:
+            return None
         return summary(add_forget_quality(evaluator.evaluate(model), retain_report))
 
     before = summary(reports["target"])
@@ -220,23 +257,137 @@ def _unlearn_split(
         runs[method] = [{"epoch": 0, **before}, *result["epochs"]]
         last = runs[method][-1]
         log(
-            f"[demo] {split} {METHOD_LABELS[method]:8s} forget quality {last['forget_quality']:.3g} "
+            f"[demo] seed {seed} {split} {METHOD_LABELS[method]:8s} forget quality {last['forget_quality']:.3g} "
             f"model utility {last['model_utility']:.3f}"
         )
     return runs
 
 
-def run_demo(out_dir: str | Path = "runs/demo", preset: str | DemoPreset = "default", seed: int = 0, log=print) -> dict:
+def environment(threads: int) -> dict:
+    """What the numbers depend on besides the code and the preset: versions, threads, BLAS, CPU."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "tokenizers", "datasets", "numpy", "scipy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    config = torch.__config__.show()
+    build = dict(re.findall(r"(\w+)=([^,\s]*)", config))  # "Build settings: BLAS_INFO=mkl, ..."
+    return {
+        "versions": versions,
+        "torch_threads": threads,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": build.get("BLAS_INFO"),
+        "lapack": build.get("LAPACK_INFO"),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "torch_config": config,
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout this package runs from, "+dirty" when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """The policy of every command that writes a folder: a non-empty one is refused unless
+    overwrite; overwrite removes only what a demo writes there."""
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} already holds a run; set --overwrite (overwrite=True) to replace it")
+    for entry in out.iterdir():
+        if entry.name in DEMO_ENTRIES or entry.name.startswith("retain"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+DEMO_ENTRIES = {
+    "setup",
+    "pretrained",
+    "target",
+    "unlearn",
+    "ref-cache",
+    "results.json",
+    "results.md",
+    "forget_quality_vs_utility.png",
+    "memorisation.png",
+}
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """One line per stage in the log: no "Loading weights" / "Generating train split" bars per
+    model and split (29 and 14 of them per demo); the libraries' settings are restored after."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            datasets.enable_progress_bars()
+        if was[1]:
+            hf_logging.enable_progress_bar()
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    preset: str | DemoPreset = "default",
+    seed: int = 0,
+    log=print,
+    *,
+    unlearn_seeds=None,
+    overwrite: bool = False,
+) -> dict:
     """Run the stages of the module docstring in order and return (and write) the results."""
     preset_name, preset = _resolve_preset(preset)
+    seeds = tuple(preset.unlearn_seeds if unlearn_seeds is None else unlearn_seeds)
+    if not seeds:
+        raise ValueError("unlearn_seeds must name at least one seed")
     out = Path(out_dir)
+    _prepare_out(out, overwrite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(preset.threads)
+    try:
+        with _quiet_libraries():
+            results = _run(out, preset, seed, seeds, log)
+    finally:
+        torch.set_num_threads(threads)
+    results = {"preset": preset_name, **results, "environment": environment(preset.threads)}
+    _write_results(results, out, log)
+    return results
+
+
+def _run(out: Path, preset: DemoPreset, seed: int, seeds: tuple[int, ...], log) -> dict:
     stopwatch = _Stopwatch(log)
     paths = prepare_tiny(
-        out / "setup",
-        seed=seed,
-        num_authors=preset.num_authors,
-        qa_per_author=preset.qa_per_author,
-        spec=preset.model,
+        out / "setup", seed=seed, num_authors=preset.num_authors, qa_per_author=preset.qa_per_author, spec=preset.model
     )
     data = paths["data"]
     _write_pretrain_split(data)
@@ -248,16 +399,20 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str | DemoPreset = "defa
     evaluators, retain_reports, target_reports = _evaluate_before(target, retain_models, data, preset, log)
     stopwatch.done("evaluate target and retain models")
     runs = {}
-    for split in preset.splits:
-        reports = {"evaluator": evaluators[split], "retain": retain_reports[split], "target": target_reports[split]}
-        runs[split] = _unlearn_split(split, target, data, out, preset, seed, reports, log)
-        stopwatch.done(f"unlearn {split}")
-    results = {
-        "preset": preset_name,
-        "settings": asdict(preset),
+    for unlearn_seed in seeds:
+        runs[str(unlearn_seed)] = {}
+        for split in preset.splits:
+            reports = {"evaluator": evaluators[split], "retain": retain_reports[split], "target": target_reports[split]}
+            runs[str(unlearn_seed)][split] = _unlearn_split(
+                split, target, data, out, preset, unlearn_seed, reports, log
+            )
+        stopwatch.done(f"unlearn, seed {unlearn_seed}")
+    return {
+        "settings": {**asdict(preset), "unlearn_seeds": list(seeds)},
         "seed": seed,
+        "unlearn_seeds": list(seeds),
         "timings_s": stopwatch.timings,
-        "threads": torch.get_num_threads(),
+        "cpu_s": stopwatch.cpu,
         "target": {s: summary(r) for s, r in target_reports.items()},
         "retain_models": {s: summary(r) for s, r in retain_reports.items()},
         "memorisation": {
@@ -269,12 +424,11 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str | DemoPreset = "defa
         },
         "runs": runs,
     }
-    _write_results(results, out, log)
-    return results
 
 
 def _write_results(results: dict, out: Path, log) -> None:
     """results.json, results.md (also logged) and the two figures."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -392,12 +393,21 @@ def prepare_tiny(
     num_authors: int = 100,
     qa_per_author: int = 4,
     spec: TinyModelSpec | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write data and a random tiny model with its tokenizer; returns their paths."""
+    """Write <out_dir>/data and <out_dir>/base (a random tiny model with its tokenizer); returns
+    their paths. A non-empty out_dir is refused unless overwrite, which replaces data/ and base/."""
     from ..tiny import TinyModelSpec, build_tiny_model
 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):
+        # Same policy as `fastnpo train`: another seed's model must not replace this one silently.
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds files; set --overwrite (overwrite=True) to replace it")
+        for name in ("data", "base"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     data_dir = write_minitofu(out / "data", seed=seed, num_authors=num_authors, qa_per_author=qa_per_author)
     tokenizer = minitofu_tokenizer(
         generate_minitofu(seed, num_authors, qa_per_author), vocab_size=spec.vocab_size

@@ -4,11 +4,9 @@ Reads a run config (or --model plus dotted overrides), counts the model's parame
 meta device (never loads weights), estimates every component (memory_estimate.py states the
 formulas), prints a table (or --json) against --gpu-memory and says which settings would fit.
 
-The lead wires it into the CLI with add_plan_arguments(parser) and run_plan(args).
+`fastnpo plan` (fastnpo/cli.py) parses the arguments and calls run_plan(args).
 """
 
-import argparse
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -344,26 +342,6 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="a run config (YAML); default: the built-in defaults")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="hub name or local folder with config.json "
-        "(overrides model.name_or_path; e.g. meta-llama/Llama-3.1-8B works offline)",
-    )
-    parser.add_argument(
-        "--gpu-memory",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="memory per GPU in GiB (default: the visible GPU's, else 80)",
-    )
-    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 when > 1)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=4")
-
-
 def run_plan(args) -> dict:
     """Print the plan (unless --json) and return it."""
     config = load_structured(Config, args.config, args.overrides)
@@ -371,12 +349,3 @@ def run_plan(args) -> dict:
     if not args.json:
         print(format_plan(result))
     return result
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="fastnpo plan")
-    add_plan_arguments(_parser)
-    _args = _parser.parse_args()
-    _result = run_plan(_args)
-    if _args.json:
-        print(json.dumps(_result, indent=1))

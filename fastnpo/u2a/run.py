@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..config import load_structured, require
+from ..config import ConfigError, load_structured, require
 from ..data.preference import load_preference_data
 from ..modeling import DTYPES, LoraConfig, add_lora, load_causal_lm, load_tokenizer
 from . import preference as pref
@@ -66,9 +66,11 @@ class U2ADataConfig:
 class U2ARunConfig:
     """threads: torch CPU threads (0 = torch's default; 1 is fastest on a busy 2-core machine).
     reward_prompts: evaluation prompts answered greedily and scored by the synthetic reward.
-    cache_dir: keep the reference log-probs on disk too (refcache; "" = in memory only)."""
+    cache_dir: keep the reference log-probs on disk too (refcache; "" = in memory only).
+    overwrite: a non-empty output_dir is refused unless true (as `fastnpo train`'s run.overwrite)."""
 
     output_dir: str = "runs/u2a"
+    overwrite: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -296,10 +298,13 @@ def run_u2a(config_path=None, overrides=(), log: Callable[[str], None] = print) 
     """`fastnpo u2a --config ...`: load the config, prepare the task, run the loop; writes
     results.json (and u2a.png) to run.output_dir and returns a summary dict."""
     config = load_u2a_config(config_path, overrides)
+    out_dir = Path(config.run.output_dir)
+    # Refused before any work, like `fastnpo train`: an earlier run's results are not replaced silently.
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not config.run.overwrite:
+        raise ConfigError(f"run.output_dir {out_dir} already holds a run; set run.overwrite=true to replace it")
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
-    out_dir = Path(config.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = prepare_task(config, log)
     result = run_prepared(config, task, log)

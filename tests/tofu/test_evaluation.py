@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.evaluate import EvalConfig, Evaluator, add_forget_quality, summary
 from fastnpo.tofu.minitofu import prepare_tiny
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +120,29 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
         assert (tmp_path / "demo" / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     preset = PRESETS["quick"]
-    for split in preset.splits:
-        for method in preset.methods:
-            epochs = saved["runs"][split][method]
-            assert [e["epoch"] for e in epochs] == list(range(int(preset.unlearn_epochs) + 1))
-            assert all(0 <= e["forget_quality"] <= 1 and 0 <= e["model_utility"] <= 1 for e in epochs)
+    assert saved["unlearn_seeds"] == list(preset.unlearn_seeds) and len(preset.unlearn_seeds) >= 2
+    for seed in preset.unlearn_seeds:
+        for split in preset.splits:
+            for method in preset.methods:
+                epochs = saved["runs"][str(seed)][split][method]
+                assert [e["epoch"] for e in epochs] == list(range(int(preset.unlearn_epochs) + 1))
+                assert all(0 <= e["forget_quality"] <= 1 and 0 <= e["model_utility"] <= 1 for e in epochs)
     assert results["retain_models"][preset.splits[0]]["forget_quality"] == pytest.approx(1.0)
+    # What the numbers depend on is recorded (issue 14 item 1).
+    env = saved["environment"]
+    for package in ("python", "torch", "transformers", "tokenizers", "datasets", "numpy"):
+        assert env["versions"][package], package
+    assert env["torch_threads"] == preset.threads and env["blas"] and "git_commit" in env
+    assert saved["preset"] == "quick" and saved["seed"] == 0
+    # The committed quick table is what this code produces: published numbers cannot drift from
+    # the code. Regenerate with the command in docs/demo/README.md when a change is intended.
+    committed = (REPO / "docs" / "demo" / "quick" / "results.md").read_text()
+    assert (tmp_path / "demo" / "results.md").read_text() == committed
+
+
+def test_published_demo_table_is_the_table_of_the_published_results():
+    from fastnpo.tofu.plots import results_table
+
+    published = json.loads((REPO / "docs" / "demo" / "results.json").read_text())
+    assert (REPO / "docs" / "demo" / "results.md").read_text() == results_table(published) + "\n"
+    assert published["preset"] == "default" and len(published["unlearn_seeds"]) >= 3

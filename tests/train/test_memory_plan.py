@@ -2,7 +2,6 @@
 device, no weights), monotonicity, the issue-16 targets as predictions, bad input, and the plan
 against the measured peak of real training steps of a small Llama on CPU."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fastnpo.cli import build_parser
 from fastnpo.config import ConfigError
 from fastnpo.train.config import Config
 from fastnpo.train.memory_estimate import GIB, Settings, estimate
-from fastnpo.train.memory_plan import KNOWN_MODELS, add_plan_arguments, model_shape, plan, run_plan
+from fastnpo.train.memory_plan import KNOWN_MODELS, model_shape, plan, run_plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,13 +118,19 @@ def test_recommended_configs():
     assert any(item.startswith("16 GPUs") for item in r70["suggestions"])
 
 
+class PlanParser:
+    """`fastnpo plan`'s own argument parser (fastnpo/cli.py)."""
+
+    def parse_args(self, argv):
+        return build_parser().parse_args(["plan", *argv])
+
+
 def test_bad_input_names_the_setting(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.name_or_path.*config\.json"):
         plan(Config(), model=str(tmp_path))
     with pytest.raises(ConfigError, match=r"model\.name_or_path.*required"):
         plan(Config())
-    parser = argparse.ArgumentParser()
-    add_plan_arguments(parser)
+    parser = PlanParser()
     with pytest.raises(ConfigError, match=r"optim\.nope"):
         run_plan(parser.parse_args(["--model", "meta-llama/Llama-3.2-1B", "optim.nope=1"]))
     with pytest.raises(ConfigError, match=r"distributed\.fsdp"):
@@ -135,8 +141,7 @@ def test_bad_input_names_the_setting(tmp_path):
 
 def test_local_folder_and_table(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(KNOWN_MODELS["meta-llama/Llama-3.2-1B"]))
-    parser = argparse.ArgumentParser()
-    add_plan_arguments(parser)
+    parser = PlanParser()
     result = run_plan(parser.parse_args(["--model", str(tmp_path), "--gpu-memory", "24", "data.max_length=512"]))
     table = capsys.readouterr().out
     assert "parameters" in table and "activations" in table and "GiB" in table
