@@ -136,5 +136,12 @@ def export_hf(wrapper: nn.Module, model: nn.Module, tokenizer, path: Path, info:
     else:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    # transformers writes the weights through a private temp file (mode 0600); they should be as
+    # readable as the rest of the folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in tmp.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

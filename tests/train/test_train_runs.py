@@ -155,3 +155,10 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails_before_its_first_
     train(config_for(tiny, out, **extra))  # now it replaces the old run
     assert metrics_steps(out) == [1, 2, 3, 4]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+def test_exported_weights_are_as_readable_as_the_rest_of_the_folder(tiny, tmp_path):
+    result = train(config_for(tiny, tmp_path / "run", **{"optim.max_steps": 1}))
+    final = Path(result["final"])
+    modes = {f.name: f.stat().st_mode & 0o777 for f in final.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
