@@ -121,22 +121,27 @@ def ga_from_logprobs(logps, token_counts, *, weights=None) -> torch.Tensor:
     return -nll_from_logprobs(logps, token_counts, weights=weights)
 
 
-def kl_from_logits(logits, ref_logits, labels, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Token-mean KL(pi_theta || pi_ref) over the full vocabulary at the target positions.
+def kl_from_logits(logits, ref_logits, attended) -> torch.Tensor:
+    """Position-mean KL(pi_ref || pi_theta) over the full vocabulary, NPO+KL's retain term as the
+    benchmark codes define it (open-unlearning compute_kl_divergence, TOFU dataloader.py).
 
-    logits / ref_logits [B, T, V] (position t predicts labels[:, t+1], as in a causal LM);
-    the mean runs over the target tokens of the batch. Needs full logits: NPO+KL's cost.
+    logits / ref_logits [B, T, V]; attended [B, T] bool: the positions with attention (prompt and
+    answer). The reference codes average over every position, padding included, which under
+    dynamic padding would depend on the batch's width: fastnpo averages over the attended
+    positions instead (the one deliberate difference). Needs full logits: NPO+KL's cost.
     """
     if logits.shape != ref_logits.shape or logits.dim() != 3:
         raise ValueError(
             f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must be equal [B, T, V]"
         )
-    mask = aligned_labels(labels, True, ignore_index) != ignore_index
+    if attended.shape != logits.shape[:2]:
+        raise ValueError(f"attended must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(attended.shape)}")
+    mask = attended.bool()
     if not bool(mask.any()):
-        raise ValueError("labels has no target token: the KL term is undefined")
+        raise ValueError("attended has no position: the KL term is undefined")
     logp = logits[mask].float().log_softmax(-1)
     ref = ref_logits[mask].float().log_softmax(-1)
-    return F.kl_div(ref, logp, log_target=True, reduction="batchmean")
+    return F.kl_div(logp, ref, log_target=True, reduction="batchmean")
 
 
 def npo_loss(

@@ -88,7 +88,7 @@ def method_for(name: str) -> Method:
 @dataclass
 class Term:
     value: torch.Tensor  # mean over the local examples / tokens of `normalizer`
-    normalizer: str  # "<set>_examples" or "<set>_tokens"
+    normalizer: str  # "<set>_examples", "<set>_tokens" (targets) or "<set>_positions" (attended)
     coeff: float
 
 
@@ -105,7 +105,7 @@ def loss_terms(
 
     logps / counts: summed log-probs and target-token counts per set; ref_logps: the cached
     reference's summed log-probs per set in config's ref_sets; weights: per forget example;
-    kl: token-mean KL(pi || pi_ref) on the retain batch (npo_kl only).
+    kl: position-mean KL(pi_ref || pi) on the retain batch (npo_kl only).
     """
     name = config.name
 
@@ -151,5 +151,5 @@ def loss_terms(
     if name == "npo_kl":
         if kl is None:
             raise ValueError("method npo_kl needs the KL term on the retain batch")
-        terms["kl"] = Term(kl, "retain_tokens", config.kl_coeff)
+        terms["kl"] = Term(kl, "retain_positions", config.kl_coeff)
     return terms

@@ -213,3 +213,21 @@ def test_npo_loss_refuses_rows_without_target_tokens(fused):
     labels[:] = IGNORE
     with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\]"):
         fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", fused=fused)
+
+
+def test_kl_is_reference_to_policy_averaged_over_attended_positions():
+    # NPO+KL's retain term as open-unlearning / TOFU compute it: KL(pi_ref || pi_theta) per position.
+    logits = (3 * torch.randn(2, 5, 11, dtype=torch.float64)).requires_grad_()
+    ref_logits = 3 * torch.randn(2, 5, 11, dtype=torch.float64)
+    attended = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    log_p, log_ref = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    per_position = (log_ref.exp() * (log_ref - log_p)).sum(-1)
+    expected = per_position[attended].mean()
+    got = losses.kl_from_logits(logits, ref_logits, attended)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    reverse = (log_p.exp() * (log_p - log_ref)).sum(-1)[attended].mean()
+    assert abs(float(reverse - expected)) > 1e-3  # the direction matters on these inputs
+    (grad,) = torch.autograd.grad(got, logits)
+    assert float(grad[0, 3:].abs().max()) == 0.0  # padding takes no part
+    with pytest.raises(ValueError, match="attended"):
+        losses.kl_from_logits(logits, ref_logits, torch.zeros(2, 5, dtype=torch.bool))

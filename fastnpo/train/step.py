@@ -46,7 +46,7 @@ class StepContext:
 class StepResult:
     """This rank's part of a step's statistics (summed over ranks for the log)."""
 
-    global_counts: dict[str, int]  # "<set>_examples" / "<set>_tokens" of the whole step
+    global_counts: dict[str, int]  # "<set>_examples" / "_tokens" / "_positions" of the whole step
     term_totals: dict[str, float] = field(default_factory=dict)  # each term's share of its global mean
     coeffs: dict[str, float] = field(default_factory=dict)
     logp_sums: dict[str, float] = field(default_factory=dict)  # summed log-probs per set
@@ -73,6 +73,7 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     for name in sets:
         counts[f"{name}_examples"] = len(global_batch[name])
         counts[f"{name}_tokens"] = target_tokens(global_batch[name])
+        counts[f"{name}_positions"] = sum(len(item["input_ids"]) for item in global_batch[name])
     result = StepResult(global_counts=counts, logp_sums={name: 0.0 for name in sets})
     per_set = {name: split_micro_batches(global_batch.get(name), ctx.micro_per_step) for name in sets}
     for micro in range(ctx.config.optim.grad_accum):
@@ -132,13 +133,14 @@ def micro_batch_backward(
     if ctx.model.reference is not None:
         with torch.no_grad():
             _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
-        kl = kl_from_logits(logits, ref_logits, batch["labels"][logits_rows])
+        attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
+        kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
     terms = loss_terms(ctx.config.method, logps, counts, ref_logps, weights=weights, kl=kl)
 
     loss = logps_all.new_zeros(())
     for key, term in terms.items():
         set_name, unit = term.normalizer.split("_")
-        local = lengths[set_name] if unit == "examples" or not lengths[set_name] else int(counts[set_name].sum())
+        local = local_count(unit, lengths[set_name], counts[set_name], parts[set_name])
         share = local / max(1, result.global_counts[term.normalizer])
         loss = loss + term.coeff * term.value * share * ctx.info.world_size
         result.term_totals[key] = result.term_totals.get(key, 0.0) + float(term.value.detach()) * share
@@ -147,6 +149,15 @@ def micro_batch_backward(
     for name in sets:
         if lengths[name]:
             result.logp_sums[name] += float(logps[name].detach().sum())
+
+
+def local_count(unit: str, examples: int, target_counts: torch.Tensor, items: list[dict]) -> int:
+    """This micro-batch's count of what a term is a mean over (0 for a stand-in set)."""
+    if unit == "examples" or not examples:
+        return examples
+    if unit == "positions":
+        return sum(len(item["input_ids"]) for item in items)
+    return int(target_counts.sum())
 
 
 def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:

@@ -124,14 +124,13 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0):
     if name == "npo_rt":
         return npo + retain_nll
     if name == "npo_kl":
-        logits, ref_logits, labels = out["retain"][2], ref["retain"][2], out["retain"][3]
-        mask = labels[:, 1:] != -100
-        p, log_p, log_q = (
-            logits[:, :-1].softmax(-1),
-            logits[:, :-1].log_softmax(-1),
-            ref_logits[:, :-1].log_softmax(-1),
-        )
-        kl = (p * (log_p - log_q)).sum(-1)
+        # KL(pi_ref || pi_theta) per position (open-unlearning compute_kl_divergence), averaged
+        # over the positions with attention (prompt and answer, no padding).
+        logits, ref_logits = out["retain"][2], ref["retain"][2]
+        lengths = torch.tensor([len(it["input_ids"]) for it in items["retain"]])
+        mask = torch.arange(logits.shape[1])[None, :] < lengths[:, None]
+        p_ref, log_p, log_ref = ref_logits.softmax(-1), logits.log_softmax(-1), ref_logits.log_softmax(-1)
+        kl = (p_ref * (log_ref - log_p)).sum(-1)
         return npo + (kl * mask).sum() / mask.sum()
     if name == "simnpo":
         return (-(2 / beta) * F.logsigmoid(-(beta / forget_counts) * forget - gamma)).mean() + retain_nll
