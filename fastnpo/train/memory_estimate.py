@@ -137,6 +137,34 @@ def autocast(s: Settings) -> bool:
     return s.mixed_precision == "bf16" and not s.sharded and s.dtype == "float32"
 
 
+def _activations(shape: ModelShape, s: Settings, c: int, residual: int) -> tuple[int, int, int, int]:
+    """(one layer's saved activations, all layers' without checkpointing, with checkpointing,
+    one layer's gradient temporaries), in bytes."""
+    n, d = s.tokens, shape.hidden
+    per_layer = layer_activation_bytes(shape, s) * n
+    final_norm = (4 + (4 if residual == 4 else c) + c) * d * n
+    shared = 2 * n * shape.head_dim * c + 40 * n  # RoPE cos / sin; ids, masks, labels (int64)
+    if s.padded:
+        shared += s.rows * s.seq_len * s.seq_len  # the bool [B, 1, T, T] attention mask
+    act_full = shape.layers * per_layer + final_norm + shared
+    act_ckpt = shape.layers * n * d * residual + final_norm + shared + per_layer
+    layer_backward = n * (2 * d + 2 * shape.intermediate) * c
+    return per_layer, act_full, act_ckpt, layer_backward
+
+
+def _fused_op(shape: ModelShape, s: Settings, c: int) -> tuple[int, int]:
+    """(bytes the fused op keeps for its backward, bytes its backward allocates)."""
+    n, d, v = s.tokens, shape.hidden, shape.vocab
+    keep = 20 * n  # per target token: row index, label, LSE, ...
+    dw = v * d * (4 + (c if c != 4 else 0)) if not s.lora else 0
+    dh = n * d * (4 + (c if c != 4 else 0) + c)
+    cpu_path = n * d * 4 + 4 * CHUNK_ELEMENTS + d * 4 * min(v, max(256, CHUNK_ELEMENTS // max(1, n)))
+    backward = dw + dh + (cpu_path if s.device == "cpu" else 0)
+    if autocast(s):
+        keep += v * d * c  # weight.to(bf16), saved for the backward
+    return keep, backward
+
+
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
     p, c = DTYPE_BYTES[s.dtype], compute_bytes(s)
     world = s.gpus if s.sharded else 1
@@ -162,26 +190,10 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     gather_bwd = root_trainable * (c + reduce_bytes) if s.sharded else 0
     layer_grad_bufs = (0 if s.lora else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
 
-    per_layer = layer_activation_bytes(shape, s) * n
-    final_norm = (4 + (4 if residual == 4 else c) + c) * d * n
-    shared = 2 * n * shape.head_dim * c + 40 * n  # RoPE cos / sin; ids, masks, labels (int64)
-    if s.padded:
-        shared += s.rows * s.seq_len * s.seq_len  # the bool [B, 1, T, T] attention mask
-    act_full = shape.layers * per_layer + final_norm + shared
-    act_ckpt = shape.layers * n * d * residual + final_norm + shared + per_layer
+    per_layer, act_full, act_ckpt, layer_backward = _activations(shape, s, c, residual)
     saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
-    layer_backward = n * (2 * d + 2 * shape.intermediate) * c  # one layer's gradient temporaries
-
-    # The fused op: 20 B per target token kept for the backward; the backward's buffers.
-    fused_keep = 20 * n
-    head_trainable = not s.lora
-    dw = v * d * (4 + (c if c != 4 else 0)) if head_trainable else 0
-    dh = n * d * (4 + (c if c != 4 else 0) + c)
-    cpu_path = n * d * 4 + 4 * CHUNK_ELEMENTS + d * 4 * min(v, max(256, CHUNK_ELEMENTS // max(1, n)))
-    fused_bwd = dw + dh + (cpu_path if s.device == "cpu" else 0)
-    if autocast(s):
-        fused_keep += v * d * c  # weight.to(bf16), saved for the backward
-    head_grad = v * d * p // world if head_trainable else 0
+    fused_keep, fused_bwd = _fused_op(shape, s, c)
+    head_grad = v * d * p // world if not s.lora else 0
 
     reference = 0
     if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
