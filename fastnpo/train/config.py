@@ -11,11 +11,14 @@ a value every run must set) is checked on the whole tree by check_config.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ..config import ConfigError, load_structured, require, require_finite, to_yaml
 from ..data import DataConfig
 from ..methods import METHODS, MethodConfig
 from ..modeling import LoraConfig
 from ..ops import IMPLS
+from .optimizers import OPTIMIZERS, STATE_DTYPES
 from .sharding import DistributedConfig
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "OptimConfig", "RunConfig", "load_config", "to_yaml"]
@@ -50,7 +53,13 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with linear warm-up over warmup_epochs, then linear decay to 0 at the last step.
     Steps: epochs x batches per epoch, or max_steps when > 0. The global batch is
-    data.batch_size x processes x grad_accum."""
+    data.batch_size x processes x grad_accum.
+    name: "adamw" (torch.optim.AdamW; its state in the parameters' dtype) or "adamw_kahan"
+    (bf16 parameters with no fp32 master copy, a Kahan-compensated update and the moments in
+    state_dtype: "float32" or "bfloat16"; needs model.dtype=bfloat16; see optimizers.py)."""
+
+    name: str = "adamw"
+    state_dtype: str = "float32"
 
     lr: float = 1e-5
     weight_decay: float = 0.01
@@ -64,6 +73,12 @@ class OptimConfig:
 
     def __post_init__(self):
         require_finite("optim", self)
+        require(self.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}", self.name)
+        dtypes = tuple(STATE_DTYPES)
+        require(self.state_dtype in dtypes, "optim.state_dtype", f"must be one of {dtypes}", self.state_dtype)
+        kahan_only = self.state_dtype == "float32" or self.name == "adamw_kahan"
+        message = "bfloat16 applies to optim.name=adamw_kahan (adamw keeps the parameters' dtype)"
+        require(kahan_only, "optim.state_dtype", message, self.state_dtype)
         require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
@@ -157,6 +172,9 @@ def trajectory_differences(saved: dict, current: dict) -> list[str]:
             yield prefix[:-1], tree
 
     old, new = dict(flatten(saved)), dict(flatten(current))
+    # A key that did not exist when the checkpoint was saved ran with what is now its default.
+    defaults = dict(flatten(OmegaConf.to_container(OmegaConf.structured(Config))))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     keys = sorted(set(old) | set(new))
     relevant = [k for k in keys if any(k == t or k.startswith(t + ".") for t in TRAJECTORY_KEYS)]
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in relevant if old.get(k) != new.get(k)]

@@ -233,7 +233,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         notes.append(
             f"model.dtype={s.dtype}: parameters, gradients and AdamW state are all {s.dtype} (fastnpo "
             "keeps no fp32 master copy); at lr ~1e-5 many updates fall below bf16's resolution and are "
-            "lost (issue 16 item 2 adds a guarded mode)"
+            "lost unless optim.name=adamw_kahan (a compensated update)"
         )
     with_ckpt = act_ckpt + layer_backward
     without = act_full + layer_backward

@@ -219,8 +219,9 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
     trainable = shape.lora_params if s.lora else shape.params
     used = 4 * DTYPE_BYTES[s.dtype]
     out.append(
-        f"not available yet (issue 16 item 2): bf16 / 8-bit optimizer state, the optimizer step in the backward, "
-        f"CPU offload of optimizer state. At this micro-batch with checkpointing the GPU can afford "
+        f"not available yet (issue 16 item 2): 8-bit optimizer state, the optimizer step in the backward, "
+        f"CPU offload of optimizer state (optim.name=adamw_kahan with optim.state_dtype=bfloat16 exists but this "
+        f"plan models plain AdamW). At this micro-batch with checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
         f"(plain AdamW here: {used} = {DTYPE_BYTES[s.dtype]} x (parameter, gradient, m, v) plus the step's "
         f"temporaries, {used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them)"

@@ -22,6 +22,7 @@ from ..modeling import load_tokenizer as load_tokenizer_from
 from ..refcache import reference_logprobs
 from . import sharding
 from .config import Config, ConfigError
+from .optimizers import KahanAdamW
 
 
 def load_tokenizer(config: Config):
@@ -150,12 +151,22 @@ def linear_schedule(total_steps: int, warmup_steps: int):
 
 
 def build_optimizer(config: Config, parameters, steps_per_epoch: int):
-    """AdamW and its linear warm-up / decay schedule; returns (optimizer, scheduler, total steps)."""
+    """The optimizer named by optim.name (AdamW, or KahanAdamW for bf16 parameters without an
+    fp32 master copy) and its linear warm-up / decay schedule; returns (optimizer, scheduler,
+    total steps)."""
     o = config.optim
-    # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder.
-    optimizer = torch.optim.AdamW(
-        parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-    )
+    if o.name == "adamw_kahan":
+        if config.model.dtype != "bfloat16":
+            raise ConfigError(
+                f"optim.name: adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16, "
+                f"got model.dtype={config.model.dtype!r} (use optim.name=adamw)"
+            )
+        optimizer = KahanAdamW(
+            parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, state_dtype=o.state_dtype
+        )
+    else:
+        # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder.
+        optimizer = torch.optim.AdamW(parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     total_steps = o.max_steps or math.ceil(o.epochs * steps_per_epoch)
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))

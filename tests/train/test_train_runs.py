@@ -162,3 +162,16 @@ def test_exported_weights_are_as_readable_as_the_rest_of_the_folder(tiny, tmp_pa
     final = Path(result["final"])
     modes = {f.name: f.stat().st_mode & 0o777 for f in final.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_checkpoint_from_before_a_new_key_still_resumes_at_its_default():
+    from omegaconf import OmegaConf
+
+    from fastnpo.train.config import Config, trajectory_differences
+
+    current = OmegaConf.to_container(OmegaConf.structured(Config()))
+    saved = OmegaConf.to_container(OmegaConf.structured(Config()))
+    del saved["optim"]["name"], saved["method"]["delta"]  # keys added after the checkpoint
+    assert trajectory_differences(saved, current) == []
+    current["optim"]["name"] = "adamw_kahan"
+    assert trajectory_differences(saved, current) == ["optim.name: 'adamw' -> 'adamw_kahan'"]
