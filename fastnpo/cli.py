@@ -175,7 +175,13 @@ def run_train(args):
     if args.config is None and not args.print_config:
         raise ValueError("--config is required (or --print-config to see the keys)")
     config = load_config(args.config, args.overrides)
-    return to_yaml(config) if args.print_config else train(config)
+    if args.print_config:
+        return to_yaml(config)
+    if config.run.eval_every_epoch:
+        from .tofu.evaluate import epoch_evaluator
+
+        return train(config, evaluator=epoch_evaluator)
+    return train(config)
 
 
 def run_cache_ref(args) -> dict:

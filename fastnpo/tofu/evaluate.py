@@ -9,6 +9,7 @@ save its JSON, and pass it to every later evaluation.
 Evaluation runs on one process (rank 0 of a torchrun job does it alone; see cli.py).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from ..data import DataConfig, collate, encode_prompt, load_qa_split, tokenize_split
 from ..modeling import SequenceLogprobModel, greedy_generate, load_causal_lm, load_tokenizer
+from ..train.evaluation import EpochEvaluator
 from . import metrics
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
@@ -179,6 +181,38 @@ def summary(report: dict) -> dict:
     for name in SETS:
         out.update({f"{name}/{k}": v for k, v in report[name].items() if isinstance(v, float)})
     return out
+
+
+def epoch_evaluator(config, tokenizer) -> EpochEvaluator:
+    """The trainer's per-epoch TOFU evaluation (run.eval_every_epoch, run.keep_best): the run's
+    eval keys into an Evaluator, forget quality against run.retain_stats, a flat summary."""
+    r = config.run
+    eval_config = EvalConfig(
+        data=r.eval_data,
+        forget_split=r.eval_forget_split,
+        template=config.data.template,
+        answer_prefix=config.data.answer_prefix,
+        max_examples=r.eval_max_examples,
+        max_new_tokens=r.eval_max_new_tokens,
+        generate=r.eval_generate,
+        impl=config.model.impl,
+    )
+    evaluator = Evaluator(eval_config, tokenizer)
+    retain = json.loads(Path(r.retain_stats).read_text()) if r.retain_stats else None
+    per_set = ["probability", "truth_ratio", "mean_truth_ratio"] + (["rouge"] if r.eval_generate else [])
+    metrics = [f"{s}/{m}" for s in evaluator.sets for m in per_set]
+    metrics += ["model_utility"] if r.eval_generate else []
+    metrics += ["forget_quality"] if retain is not None else []
+
+    def evaluate(model):
+        report = evaluator.evaluate(model)
+        return summary(add_forget_quality(report, retain) if retain is not None else report)
+
+    notes = {
+        "forget_quality": "needs run.retain_stats (a `fastnpo eval --out` JSON of the retain model)",
+        "model_utility": "needs run.eval_generate=true",
+    }
+    return EpochEvaluator(evaluate, tuple(metrics), notes)
 
 
 def evaluate_path(

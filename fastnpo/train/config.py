@@ -97,7 +97,15 @@ class RunConfig:
     """output_dir holds checkpoints/, metrics.jsonl, config.yaml, run_info.json and final/.
     cache_dir: the reference log-prob cache ("" = <output_dir>/../ref-cache, shared by runs
     beside each other). resume: continue from the newest complete checkpoint in output_dir.
-    example_weights: a JSON list of per-forget-example weights (U2A), by example index."""
+    example_weights: a JSON list of per-forget-example weights (U2A), by example index.
+    eval_every_epoch: evaluate the model once after each full epoch (rank 0; the caller supplies
+    the evaluator, see evaluation.py) and append its summary to epochs.jsonl. eval_data: a
+    folder of TOFU-schema files or a hub name; eval_forget_split: the forget split evaluated;
+    retain_stats: a `fastnpo eval --out` JSON of the retain model (enables forget_quality);
+    eval_max_examples / eval_max_new_tokens / eval_generate: as EvalConfig's (eval_generate
+    off: no ROUGE, no model_utility). keep_best: a summary key (forget_quality,
+    model_utility, forget/probability, ...): the epoch with the best value is exported to
+    <output_dir>/best, and best.json names it; keep_best_mode: max (higher is better) or min."""
 
     output_dir: str = "runs/unlearn"
     seed: int = 0
@@ -112,11 +120,27 @@ class RunConfig:
     progress: bool = True
     export: bool = True
     example_weights: str = ""
+    eval_every_epoch: bool = False
+    eval_data: str = ""
+    eval_forget_split: str = "forget10"
+    retain_stats: str = ""
+    eval_max_examples: int = 300
+    eval_max_new_tokens: int = 48
+    eval_generate: bool = True
+    keep_best: str = ""
+    keep_best_mode: str = "max"
 
     def __post_init__(self):
         every = self.checkpoint_every
         require(every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)", every)
         require(self.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", self.log_every)
+        mode = self.keep_best_mode
+        require(mode in ("max", "min"), "run.keep_best_mode", "must be max or min", mode)
+        message = "needs run.eval_every_epoch=true (the best epoch is chosen among the evaluated ones)"
+        require(not self.keep_best or self.eval_every_epoch, "run.keep_best", message, self.keep_best)
+        if self.eval_every_epoch:
+            require(self.eval_max_examples >= 1, "run.eval_max_examples", "must be >= 1", self.eval_max_examples)
+            require(self.eval_max_new_tokens >= 1, "run.eval_max_new_tokens", "must be >= 1", self.eval_max_new_tokens)
 
 
 @dataclass
@@ -146,6 +170,11 @@ def check_config(config: Config) -> None:
     require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {config.method.name}", d.retain)
     # DataConfig (data/) does not check its own values yet.
     require(bool(r.output_dir), "run.output_dir", "is required", r.output_dir)
+    if r.eval_every_epoch:
+        message = "is required by run.eval_every_epoch (a folder of TOFU-schema files or a hub name)"
+        require(bool(r.eval_data), "run.eval_data", message, r.eval_data)
+        stats = r.retain_stats
+        require(not stats or Path(stats).is_file(), "run.retain_stats", "file not found", stats)
 
 
 # Sections and keys that change the training trajectory: a checkpoint saved under other

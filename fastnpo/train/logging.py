@@ -1,7 +1,7 @@
 """What a run reports: config.yaml and run_info.json beside the run, one metrics.jsonl record
 per step (also to TensorBoard), the progress bar, a console line every run.log_every steps, and
-the on_epoch_end reports in epochs.jsonl. Only rank 0 writes; every rank builds the record,
-since that takes an all-reduce."""
+the per-epoch reports (on_epoch_end, run.eval_every_epoch) in epochs.jsonl. Only rank 0 writes;
+every rank builds the record, since that takes an all-reduce."""
 
 import json
 import time
@@ -129,6 +129,9 @@ class RunLogger:
         return record
 
     def epoch(self, report: dict) -> None:
+        """One epochs.jsonl line (every rank may call it; rank 0 writes)."""
+        if not self.main:
+            return
         with open(self.out / "epochs.jsonl", "a") as epochs_file:
             epochs_file.write(json.dumps(report) + "\n")
 

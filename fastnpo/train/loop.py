@@ -7,6 +7,8 @@
    (except NPO+KL's frozen copy);
 3. wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
 4. the steps (step.py), logged (logging.py) and checkpointed every run.checkpoint_every steps;
+   with run.eval_every_epoch, an evaluation after each epoch and the best epoch kept
+   (evaluation.py);
 5. a final Hugging Face export.
 """
 
@@ -23,6 +25,7 @@ from ..profiling import reset_peak_memory
 from ..refcache import item_logprobs
 from . import checkpoint
 from .config import Config, ConfigError
+from .evaluation import EpochEvaluation
 from .logging import RunLogger, console, mark_finished, write_run_files
 from .output import OutputFolder, prepare_output_dir
 from .setup import (
@@ -40,21 +43,28 @@ from .step import StepContext, TrainingDiverged, train_step
 __all__ = ["build_reference_cache", "train"]
 
 
-def train(config: Config, on_epoch_end=None) -> dict:
+def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
     """Run the config. on_epoch_end(epoch, model) is called on rank 0 after each full epoch
     with the Hugging Face model (single process only: the demo evaluates there); a dict it
-    returns is written to epochs.jsonl and returned under "epochs"."""
+    returns is written to epochs.jsonl and returned under "epochs".
+    evaluator(config, tokenizer) -> evaluation.EpochEvaluator: what run.eval_every_epoch
+    evaluates with (any number of processes; see evaluation.py); required by it."""
+    if config.run.eval_every_epoch and evaluator is None:
+        raise ConfigError(
+            "run.eval_every_epoch: this caller supplies no evaluator "
+            "(train(config, evaluator=...); the TOFU one is built from run.eval_data)"
+        )
     info = distributed.setup(config.run.device)
     try:
-        return _train(config, info, on_epoch_end)
+        return _train(config, info, on_epoch_end, evaluator)
     finally:
         distributed.teardown()
 
 
-def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end) -> dict:
+def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluator=None) -> dict:
     log = console(info)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
-    run = _build(config, info, plan.resume_from, log)
+    run = _build(config, info, plan.resume_from, log, evaluator)
     if on_epoch_end is not None and run.trainee.sharded:
         raise ConfigError("on_epoch_end needs the unsharded model: run in one process")
     # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
@@ -85,12 +95,17 @@ class _Run:
     total_steps: int
     step: int
     run_info: dict
+    evaluation: EpochEvaluation | None = None
 
 
-def _build(config: Config, info: distributed.ProcessInfo, resume_from, log) -> _Run:
+def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, evaluator=None) -> _Run:
     method = method_for(config.method.name)
     set_seed(config.run.seed)
     tokenizer = load_tokenizer(config)
+    evaluation = None
+    if config.run.eval_every_epoch:  # refuses bad evaluation input before any work
+        evaluation = EpochEvaluation.build(config, info, evaluator, tokenizer, log)
+        set_seed(config.run.seed)  # whatever the evaluator drew, the run starts from the seed
     micro_per_step = config.optim.grad_accum * info.world_size
     sets, batches = load_data(config, tokenizer, method, micro_per_step)  # raises on bad data, before any work
     example_weights = load_example_weights(config)
@@ -102,11 +117,15 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log) -> _
         ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
     trainee = wrap_model(config, model, reference, info)
     steps_per_epoch = len(batches)
+    if evaluation is not None:
+        evaluation.prepare(trainee, lambda: load_model(config, "cpu"))
     optimizer, scheduler, total_steps = build_optimizer(config, trainee.parameters, steps_per_epoch)
     step = 0
     if resume_from is not None:
         step = checkpoint.resume_run_state(resume_from, trainee.wrapper, optimizer, scheduler, batches, info)
         log(f"resumed from {resume_from} at step {step}")
+    if evaluation is not None:
+        evaluation.resume(step, steps_per_epoch)
     run_info = {
         "reference_cache_hit": cache_hit,
         "world_size": info.world_size,
@@ -117,7 +136,8 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log) -> _
         "cache_key": ref.key if ref is not None else None,
     }
     return _Run(
-        method, trainee, tokenizer, ref, example_weights, batches, optimizer, scheduler, total_steps, step, run_info
+        method, trainee, tokenizer, ref, example_weights, batches, optimizer, scheduler, total_steps, step, run_info,
+        evaluation,
     )
 
 
@@ -141,10 +161,13 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
             raise TrainingDiverged(f"step {step + 1}: {error}") from None
         step += 1
         logger.step(result, step=step, lr=scheduler.get_last_lr()[0], started=started)
-        if on_epoch_end is not None and step % steps_per_epoch == 0:
-            report = on_epoch_end(step // steps_per_epoch, trainee.hf)
+        if (on_epoch_end is not None or run.evaluation is not None) and step % steps_per_epoch == 0:
+            epoch = step // steps_per_epoch
+            report = on_epoch_end(epoch, trainee.hf) if on_epoch_end is not None else None
+            if run.evaluation is not None:
+                report = {**(report or {}), **run.evaluation.epoch_end(epoch, trainee, run.tokenizer)}
             if report is not None:
-                epoch_reports.append({"epoch": step // steps_per_epoch, **report})
+                epoch_reports.append({"epoch": epoch, **report})
                 logger.epoch(epoch_reports[-1])
             trainee.wrapper.train()
         if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < total_steps:
@@ -167,6 +190,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
         "steps": step,
         "reference_cache_hit": run.run_info["reference_cache_hit"],
         "final": str(final) if config.run.export else None,
+        **({"best": run.evaluation.best} if run.evaluation is not None and config.run.keep_best else {}),
     }
 
 
