@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import INTERPRET, autotune_configs, logits_tile, tile_dot
+from .tiles import (
+    INTERPRET,
+    autotune_configs,
+    logits_tile,
+    operand_buffer_bytes,
+    prune_by_shared_memory,
+    row_bucket,
+    tile_dot,
+)
 
 BACKWARD_CANDIDATES = [
     (64, 128, 64, 4, 3),
@@ -27,16 +35,32 @@ BACKWARD_CANDIDATES = [
 ]
 
 
+def backward_shared_bytes(config, dtype_bytes: int) -> int:
+    """An upper bound on the backward kernel's shared memory with this config.
+
+    The pipelined logits loop (as in the forward) plus two fp32 [BLOCK_N, BLOCK_V] tiles for the
+    probabilities / dlogits layout conversions. Against triton 3.9 compiles in bf16 (D=4096) it is exact
+    for 64x256x64 on sm_90 (253,952 B: over the 232,448 B limit, so pruned) and above the others
+    (sm_90: 106,496 / 163,840 / 106,496 B; sm_80: 98,304 / 131,072 / 180,224 / 98,304 B); the compile
+    tests check that it bounds every compiled config. It is loose for 128x128x64 on sm_80 (estimate
+    229,376 B, compiled 131,072 B), which the pruner therefore drops there.
+    """
+    k = config.kwargs
+    bn, bv = k["BLOCK_N"], k["BLOCK_V"]
+    return operand_buffer_bytes(bn, bv, k["BLOCK_D"], config.num_stages, dtype_bytes) + 2 * bn * bv * 4
+
+
 @triton.autotune(
     configs=autotune_configs(BACKWARD_CANDIDATES),
-    key=["V", "D"],
+    key=["V", "D", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory(backward_shared_bytes)},
     # Autotuning runs the kernel several times; atomics must start from zero each time.
     reset_to_zero=["DH", "DW"],
 )
 @triton.jit
 def logprobs_backward_kernel(
     H, W, ROW_IDS, LABELS, LSE, GRAD, DH, DW,
-    N, V, D,
+    N, V, D, N_BUCKET,
     stride_hn, stride_hd, stride_wv, stride_wd,
     filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -144,7 +168,7 @@ def logprobs_backward(
 
     logprobs_backward_kernel[grid](
         hidden, weight, row_ids, labels, lse, grad, dh_arg, dw_arg,
-        n, vocab_size, dim,
+        n, vocab_size, dim, row_bucket(n),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(filter_eps),
         GROUP_N=8,

@@ -6,6 +6,7 @@ code in one place guarantees the backward sees exactly the logits the forward sa
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -51,6 +52,62 @@ def logits_tile(
         w = tl.load(w_cols + offs_d[:, None] * stride_wd, mask=w_mask, other=0.0)
         acc = tile_dot(h, w, acc, UPCAST, IEEE)
     return acc
+
+
+# Autotune key for the row count: the next power of two, from 16 up to this cap. Rows change from
+# batch to batch, so N itself would re-tune for nearly every call; a bucket re-tunes ~11 times.
+ROW_BUCKET_CAP = 1 << 14
+
+
+def row_bucket(num_rows: int) -> int:
+    """The row-count bucket the autotuners key on: next power of two of num_rows, in [16, ROW_BUCKET_CAP]."""
+    return min(ROW_BUCKET_CAP, triton.next_power_of_2(max(int(num_rows), 16)))
+
+
+def operand_buffer_bytes(block_n: int, block_v: int, block_d: int, num_stages: int, dtype_bytes: int) -> int:
+    """Shared memory of the pipelined logits loop: num_stages copies of an H [BN, BD] and a W [BD, BV] tile.
+
+    Exact for the forward kernel on sm_90 (triton 3.9 compiles it to this many bytes in bf16; sm_80 uses
+    num_stages - 1 copies, so it is an upper bound there).
+    """
+    return num_stages * (block_n * block_d + block_d * block_v) * dtype_bytes
+
+
+def select_configs(configs, shared_bytes, limit: int, dtype_bytes: int):
+    """The configs whose estimated shared memory, shared_bytes(config, dtype_bytes), fits in `limit` bytes.
+
+    Never empty: if nothing fits, the config with the smallest estimate is kept (the estimate is an
+    upper bound, so it may still fit; the compile tests check every config that is kept).
+    """
+    kept = [c for c in configs if shared_bytes(c, dtype_bytes) <= limit]
+    return kept or [min(configs, key=lambda c: shared_bytes(c, dtype_bytes))]
+
+
+def shared_memory_limit(device) -> int | None:
+    """Per-block shared memory (opt-in maximum) of a CUDA device, as triton checks it at launch; None elsewhere."""
+    if INTERPRET or getattr(device, "type", None) != "cuda":
+        return None
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def prune_by_shared_memory(shared_bytes, tensor_arg: str = "H"):
+    """An early_config_prune for triton.autotune: drops the configs that do not fit the launch device.
+
+    Without it a config over the limit fails to launch during autotuning and is silently dropped
+    (after compiling it); with it such a config is never compiled or timed.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        tensor = named_args[tensor_arg]
+        limit = shared_memory_limit(tensor.device)
+        if limit is None:
+            return configs
+        return select_configs(configs, shared_bytes, limit, tensor.element_size())
+
+    return prune
 
 
 def autotune_configs(candidates):

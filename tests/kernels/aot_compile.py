@@ -6,7 +6,8 @@ The launch arguments come from the project's own launchers (logprobs_forward / l
 called at a real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
 binder then specialises them as a real launch would (ints == 1 become constexpr, multiples of 16
 get tt.divisibility), so the kernel compiled is the one that runs. Every autotune config is
-compiled; each result reports shared memory, registers, spills (from ptxas's log) and the
+compiled; each result reports shared memory (and the kernel's own estimate of it, and whether its
+autotune pruner keeps the config for this arch's limit), registers, spills (from ptxas's log) and the
 instructions that matter (wgmma / mma, atomics and their memory ordering, fences).
 
 Runs in its own process: TRITON_INTERPRET must be unset when the kernels are defined.
@@ -142,7 +143,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be defined as real JIT functions")
+    import torch
+    from fastnpo.kernels import logprobs_backward as bwd
+    from fastnpo.kernels import logprobs_forward as fwd
+    from fastnpo.kernels.tiles import select_configs
+
+    estimators = {
+        "logprobs_forward_kernel": fwd.forward_shared_bytes,
+        "logprobs_backward_kernel": bwd.backward_shared_bytes,
+    }
+    dtype_bytes = getattr(torch, args.dtype).itemsize
+    limit = SHARED_LIMIT.get(args.arch)
     for name, autotuner, call_args, call_kwargs in captured_launches(args.dtype):
+        # what the autotuner's early_config_prune keeps on a device with this arch's limit
+        kept = select_configs(autotuner.configs, estimators[name], limit, dtype_bytes) if limit else autotuner.configs
         for config in autotuner.configs:
             kwargs = dict(call_kwargs, **config.all_kwargs())
             label = ",".join(f"{k}={v}" for k, v in config.all_kwargs().items() if v is not None)
@@ -152,7 +166,9 @@ def main(argv=None) -> int:
                 row.update(inspect(compiled, log), ok=True)
             except Exception as error:
                 row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
-            row["shared_limit"] = SHARED_LIMIT.get(args.arch)
+            row["shared_limit"] = limit
+            row["estimate"] = estimators[name](config, dtype_bytes)
+            row["kept"] = any(config is k for k in kept)
             print(json.dumps(row), flush=True)
     return 0
 
