@@ -55,23 +55,17 @@ from fastnpo.modeling import DTYPES, SequenceLogprobModel
 from fastnpo.ops import IGNORE_INDEX
 from fastnpo.profiling import peak_memory_during
 from fastnpo.refcache import sharded_item_logprobs
+from fastnpo.train.memory_plan import KNOWN_MODELS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAD_ID = 0  # random token ids are drawn from [1, V)
 MIB = 2**20
 
-# Llama-3.2-1B's shape (random weights: nothing is downloaded).
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-)
+# Llama-3.2-1B's shape, as the memory planner knows it (random weights: nothing is downloaded).
+LLAMA_1B = {
+    **{k: v for k, v in KNOWN_MODELS["meta-llama/Llama-3.2-1B"].items() if k != "model_type"},
+    "max_position_embeddings": 1024,
+}
 # A tiny Llama for 2 CPU cores, with a real-sized vocabulary so that the logits matter.
 TINY_32K = dict(
     vocab_size=32000,
