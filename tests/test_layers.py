@@ -22,11 +22,22 @@ ALLOWED = {
     "data": {"ops", "config"},  # the IGNORE_INDEX constant only: the data layer holds no op
     "modeling": {"ops"},
     "refcache": {"data", "modeling", "distributed", "files", "ops"},
-    "train": {"config", "data", "distributed", "losses", "methods", "modeling", "ops", "profiling", "refcache"},
+    "train": {
+        "config",
+        "data",
+        "distributed",
+        "files",
+        "losses",
+        "methods",
+        "modeling",
+        "ops",
+        "profiling",
+        "refcache",
+    },
     "integrations": {"losses", "methods", "modeling", "ops", "refcache"},
     "u2a": {"config", "data", "losses", "modeling", "ops", "refcache", "tiny"},
     # The demo runs the trainer on Mini-TOFU: the one edge between the top-level components.
-    "tofu": {"config", "data", "modeling", "ops", "tiny", "train"},
+    "tofu": {"config", "data", "files", "modeling", "ops", "tiny", "train"},
     "cli": {"config", "train", "tofu", "u2a"},
     "__init__": {"losses", "ops"},
 }

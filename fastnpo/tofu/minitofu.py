@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -300,28 +299,20 @@ def _manifest(blobs: dict[str, bytes], seed: int, num_authors: int, qa_per_autho
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader (or a concurrent writer of the same seed) never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _blobs(seed: int, num_authors: int, qa_per_author: int) -> dict[str, bytes]:
     return {s: _serialize(rows) for s, rows in generate_minitofu(seed, num_authors, qa_per_author).items()}
 
 
 def _write(out: Path, blobs: dict[str, bytes], manifest: dict) -> Path:
+    # Imported here: generating data needs the standard library only (a test loads this file alone).
+    # A reader (or a concurrent writer of the same seed) never sees a half-written file.
+    from ..files import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
     for split, blob in blobs.items():
-        _atomic_write(out / f"{split}.jsonl", blob)
+        atomic_write(out / f"{split}.jsonl", blob)
     # Manifest last: its presence certifies that every split file before it is complete.
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 

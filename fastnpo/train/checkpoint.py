@@ -119,13 +119,18 @@ def resume_run_state(path: Path, model: nn.Module, optimizer, scheduler, batches
     return state["step"]
 
 
+def hf_state_dict(wrapper: nn.Module) -> dict:
+    """full_state_dict of a SequenceLogprobModel keyed like the Hugging Face model it wraps
+    (every rank: a collective)."""
+    return {k.removeprefix("lm."): v for k, v in full_state_dict(wrapper).items()}
+
+
 def export_hf(wrapper: nn.Module, model: nn.Module, tokenizer, path: Path, info: ProcessInfo, *, lora: bool) -> None:
     """A Hugging Face folder (safetensors) that from_pretrained loads; LoRA runs save the adapter.
     Every rank gathers the full state dict (a collective); rank 0 writes, then renames."""
-    state = full_state_dict(wrapper)
+    state = hf_state_dict(wrapper)
     if not info.is_main:
         return
-    state = {k.removeprefix("lm."): v for k, v in state.items()}
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:

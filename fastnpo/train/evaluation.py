@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import distributed
 from ..distributed import ProcessInfo
+from ..files import atomic_write
 from . import checkpoint
 from .config import Config, ConfigError
 
@@ -99,9 +100,8 @@ class EpochEvaluation:
         """Evaluate once (rank 0), keep the best export; returns the summary on every rank."""
         summary = None
         if trainee.sharded:
-            state = checkpoint.full_state_dict(trainee.wrapper)  # every rank: a collective
+            state = checkpoint.hf_state_dict(trainee.wrapper)  # every rank: a collective
             if self.info.is_main:
-                state = {k.removeprefix("lm."): v for k, v in state.items()}
                 self.copy.load_state_dict({k: state[k] for k in self.copy.state_dict()})
                 self.copy.to(self.info.device)
                 summary = self.evaluator.evaluate(self.copy)
@@ -131,10 +131,7 @@ class EpochEvaluation:
         checkpoint.export_hf(trainee.wrapper, trainee.hf, tokenizer, self.out / "best", self.info, lora=lora)
         self.best = {"epoch": epoch, "metric": self.keep_best, "mode": self.config.run.keep_best_mode, "value": value}
         if self.info.is_main:
-            path = self.out / "best.json"
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text(json.dumps(self.best, indent=1))
-            tmp.replace(path)
+            atomic_write(self.out / "best.json", json.dumps(self.best, indent=1).encode())
             self.log(f"best {self.keep_best}={value:.4g} at epoch {epoch}: exported {self.out / 'best'}")
         distributed.barrier(self.info)
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..distributed import ProcessInfo
+from ..files import atomic_write
 from ..profiling import peak_memory_bytes
 from .config import Config, to_yaml
 from .step import StepResult
@@ -36,9 +37,7 @@ def mark_finished(out: Path, info: ProcessInfo) -> None:
     if info.is_main:
         path = out / "run_info.json"
         run_info = json.loads(path.read_text())
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps({**run_info, "finished": True}, indent=1))
-        tmp.replace(path)
+        atomic_write(path, json.dumps({**run_info, "finished": True}, indent=1).encode())
 
 
 def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
@@ -54,7 +53,7 @@ def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
             continue
         if keep(record):
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    atomic_write(path, "".join(kept).encode())
 
 
 class RunLogger:
