@@ -59,7 +59,7 @@ gpu-wheels:
 	@du -sh $(WHEELS); ls $(WHEELS)
 
 # gpu-suite OUT=<dir> (on the GPU machine): installs wheels/ into a temporary target and runs the
-# GPU tests, the trainer and the kernel benchmarks into OUT (<= 8 files), in under 8 minutes.
+# GPU tests, the kernel, trainer and memory-plan benchmarks into OUT (<= 8 files), in under 10 minutes.
 # SMOKE=1: the same code paths on CPU at tiny shapes (Triton through the interpreter).
 OUT ?= gpu-suite-out
 gpu-suite:

@@ -181,8 +181,8 @@ def naive_logprobs(hidden, weight, labels):
     return logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
 
 
-def _fastnpo_impl(h, w, y, *, impl):
-    return fastnpo.token_logprobs(h, w, y, impl=impl)
+def _fastnpo_impl(h, w, y, *, impl, filter_eps="auto"):
+    return fastnpo.token_logprobs(h, w, y, impl=impl, filter_eps=filter_eps)
 
 
 def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: bool) -> list[Contender]:
@@ -224,6 +224,15 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
                 + ("" if on_cuda else "; Triton interpreter on CPU" if interpreting else ""),
             )
         )
+        if impl == "triton":  # the same kernels without gradient filtering: exact gradients
+            out.append(
+                Contender(
+                    "fastnpo-triton-exact",
+                    functools.partial(_fastnpo_impl, impl=impl, filter_eps=None),
+                    skip=out[-1].skip,
+                    note="impl='triton', filter_eps=None (exact gradients)",
+                )
+            )
 
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss

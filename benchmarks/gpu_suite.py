@@ -2,7 +2,7 @@
 """Everything a GPU window needs, as one command: tests, kernel benchmark, trainer benchmark.
 
     make gpu-wheels                      # on a machine with internet: the missing wheels into wheels/
-    make gpu-suite OUT=/path/to/out      # on the GPU machine (no internet): everything, < 8 minutes
+    make gpu-suite OUT=/path/to/out      # on the GPU machine (no internet): everything, < 10 minutes (--total-s 555)
     python benchmarks/gpu_suite.py --smoke --out /tmp/gs   # the same code paths on CPU, tiny shapes
 
 Parts, in order, each in its own subprocess with its own time limit (a part that fails or runs out
@@ -14,14 +14,18 @@ of time is recorded and the next one still runs; the whole run also has a deadli
   import       makes `import fastnpo` / `fastnpo.kernels` work without `pip install -e` (no network
                there): a .pth + import hook in site-packages mapping fastnpo.kernels to kernels/
   gpu-tests    pytest -m gpu tests
-  kernel-tests pytest of the Triton kernel tests (compiled kernels on a GPU)
-  train        benchmarks/bench_train.py at the Llama-3.2-1B shape -> train.csv, train.md
   logprobs     benchmarks/bench_logprobs.py: N=8192, the four (D, V), bf16, fwd and fwd+bwd, every
                fastnpo impl and every installed peer, matmul rate and copy bandwidth in the same run,
-               ratio to the FLOP floor -> logprobs.csv, logprobs.md, logprobs.png (written after each shape)
+               ratio to the FLOP floor -> logprobs.csv, logprobs.md (written after each shape; the
+               plot is drawn from the CSV afterwards: a device run brings back 8 files)
+  train        benchmarks/bench_train.py at the Llama-3.2-1B shape -> train.csv, train.md
+  memory-plan  benchmarks/bench_memory_plan.py: `fastnpo plan` against the measured peak of real
+               training steps at the Llama-3.2-1B and 3.1-8B shapes -> memory_plan.csv (+ its table
+               in summary.md)
+  kernel-tests pytest of the Triton kernel tests (compiled kernels on a GPU), with what time is left
 
 OUT ends up with at most 8 files: env.txt, log.txt (every part's output), summary.md (the one-screen
-summary, also printed last), logprobs.{csv,md,png}, train.{csv,md}.
+summary, also printed last), logprobs.{csv,md}, train.{csv,md}, memory_plan.csv.
 
 --smoke runs the same parts on CPU at tiny shapes (Triton through the interpreter, pytest parts
 that only skip or collect there); its numbers are CPU numbers and labelled so.
@@ -274,6 +278,16 @@ def summary_text(parts: list[Part], out: Path, smoke: bool, total_s: float) -> s
         rates = {f"{r['D']}x{r['V']}": r.get("matmul_tflops") for r in rows}
         lines.append("")
         lines.append("matmul TFLOP/s measured: " + ", ".join(f"{k} {number(v, '.3g')}" for k, v in rates.items()))
+    plans = read_csv(out / "memory_plan.csv")
+    if plans:
+        lines += ["", "Memory plan vs measured peak allocated (MiB): case, measured, plan, plan / measured", ""]
+        for r in plans:
+            lines.append(
+                f"- {r['case']} ({r['optimizer']}, checkpointing {r['checkpointing']}, {r['rows']}x{r['length']}): "
+                f"{r['status']}, measured {number(r.get('measured_peak_mib'), '.0f')}, "
+                f"plan {number(r.get('predicted_mib'), '.0f')} ({number(r.get('predicted_over_measured'), '.3f')}), "
+                f"reserved {number(r.get('reserved_peak_mib'), '.0f')}, steps {r.get('step_s') or '–'} s"
+            )
     train = read_csv(out / "train.csv")
     if train:
         lines += ["", "NPO step: contender, median step ms, tokens/s, x baseline, peak MiB (x baseline)", ""]
@@ -306,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder (created; emptied of the suite's files)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install (if present)")
-    parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 460, smoke 110)")
+    parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 555, smoke 140)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -318,14 +332,14 @@ def main(argv=None) -> int:
         "summary.md",
         "logprobs.csv",
         "logprobs.md",
-        "logprobs.png",
         "train.csv",
         "train.md",
+        "memory_plan.csv",
     ):
         (out / name).unlink(missing_ok=True)
     log = Log(out / "log.txt")
     started = time.perf_counter()
-    deadline = started + (args.total_s or (110 if smoke else 460))
+    deadline = started + (args.total_s or (140 if smoke else 555))
     skip = set(filter(None, args.skip.split(",")))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -341,9 +355,10 @@ def main(argv=None) -> int:
         Part("wheels", 90, 60),
         Part("import", 60, 60),
         Part("gpu-tests", 75, 40),
+        Part("logprobs", 240, 90),
+        Part("train", 100, 60),
+        Part("memory-plan", 130, 60),
         Part("kernel-tests", 60, 40),
-        Part("train", 120, 60),
-        Part("logprobs", 300, 90),
     ]
     device = ["--device", "cpu" if smoke else "cuda"]
 
@@ -393,8 +408,12 @@ def main(argv=None) -> int:
                 "realistic",
             ]
             if smoke:
-                return [[*common, "--shapes", SMOKE_SHAPES, "--repeats", "1", "--no-compile"]]
-            return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "50,250"]]
+                return [[*common, "--shapes", SMOKE_SHAPES, "--repeats", "1", "--no-compile", "--no-plot"]]
+            return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "50,250", "--no-plot"]]
+        if part.name == "memory-plan":
+            common = [py, BENCH / "bench_memory_plan.py", *device, "--out-dir", out, "--out", "memory_plan"]
+            common.append("--csv-only")
+            return [[*common, "--smoke"]] if smoke else [[*common, "--timeout", "110"]]
         return None
 
     for index, part in enumerate(parts):

@@ -20,9 +20,19 @@ def test_gpu_suite_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
-    for name in ("env.txt", "log.txt", "summary.md", "logprobs.csv", "logprobs.md", "train.csv", "train.md"):
+    for name in (
+        "env.txt",
+        "log.txt",
+        "summary.md",
+        "logprobs.csv",
+        "logprobs.md",
+        "train.csv",
+        "train.md",
+        "memory_plan.csv",
+    ):
         assert name in files, files
     summary = (out / "summary.md").read_text()
-    assert "SMOKE" in summary and "fastnpo-triton" in summary, summary
+    assert "SMOKE" in summary and "fastnpo-triton" in summary and "fastnpo-triton-exact" in summary, summary
+    assert "micro-ckpt" in summary, summary  # the memory-plan part's table
     assert "FAILED" not in summary and "TIMEOUT" not in summary, summary
     assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last

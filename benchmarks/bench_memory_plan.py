@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""`fastnpo plan` against the measured peak of real fastnpo training steps on a GPU.
+
+    python benchmarks/bench_memory_plan.py --device cuda               # Llama-3.2-1B and 3.1-8B shapes
+    python benchmarks/bench_memory_plan.py --device cpu --smoke        # the same code path, a micro Llama
+
+Each case runs in a fresh subprocess: a randomly initialised Llama of the named shape (nothing is
+downloaded) built directly on the device in bf16, fastnpo's own wrap_model / build_optimizer /
+train_step (NPO+RT, the fused log-prob op, AdamW), two steps on full-length rows (no padding), and
+torch.cuda.max_memory_allocated over the whole run (weights, gradients, optimizer state, the step)
+against the plan's "peak allocated" (fastnpo.train.memory_estimate.estimate) for the same settings.
+The CUDA context and allocator reserve are reported beside it, not compared (the plan adds a
+fixed 1 GiB + 5% for them).
+
+The plan does not model optim.name=adamw_kahan yet; its case is measured and the plan's plain-AdamW
+number is printed beside it for reference (ratio column empty).
+
+Writes <out-dir>/<out>.csv and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 2**20
+
+MICRO = dict(
+    model_type="llama",
+    vocab_size=4099,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+# (name, model, optimizer, activation checkpointing, rows per set, length)
+GPU_CASES = [
+    ("1b-ckpt", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512),
+    ("1b-no-ckpt", "meta-llama/Llama-3.2-1B", "adamw", False, 4, 512),
+    ("8b-ckpt", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512),
+    ("8b-ckpt-kahan", "meta-llama/Llama-3.1-8B", "adamw_kahan", True, 4, 512),
+]
+SMOKE_CASES = [("micro-ckpt", "micro", "adamw", True, 2, 64), ("micro-no-ckpt", "micro", "adamw", False, 2, 64)]
+
+
+def model_source(model: str):
+    """What fastnpo.train.memory_plan reads: the micro config, or a KNOWN_MODELS name (offline)."""
+    return dict(MICRO) if model == "micro" else model
+
+
+def worker(case: list, device_name: str) -> dict:
+    """In this (fresh) process: build, two steps, peaks. Returns bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastnpo.config import load_structured
+    from fastnpo.distributed import ProcessInfo
+    from fastnpo.methods import METHODS
+    from fastnpo.train.config import Config
+    from fastnpo.train.memory_plan import hf_config
+    from fastnpo.train.setup import build_optimizer, wrap_model
+    from fastnpo.train.step import StepContext, train_step
+
+    _name, model, optim, checkpointing, rows, length = case
+    device = torch.device(device_name)
+    info = ProcessInfo(rank=0, world_size=1, local_rank=0, device=device)
+    dtype = "bfloat16"
+    config = load_structured(
+        Config,
+        None,
+        [
+            "method.name=npo_rt",
+            f"model.dtype={dtype}",
+            f"optim.name={optim}",
+            f"distributed.activation_checkpointing={checkpointing}",
+            f"data.batch_size={rows}",
+            f"data.retain_batch_size={rows}",
+            f"data.max_length={length}",
+        ],
+    )
+    hf = hf_config(model_source(model))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            net = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+        finally:
+            torch.set_default_dtype(previous)
+    build_s = time.perf_counter() - t0
+
+    class Ref:  # cached reference log-probs: a constant is all the memory picture needs
+        def lookup(self, set_name, index):
+            return torch.full((len(index),), -50.0), None
+
+    train_model = wrap_model(config, net, None, info)
+    optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
+    from types import SimpleNamespace
+
+    ctx = StepContext(config, METHODS["npo_rt"], info, train_model, SimpleNamespace(pad_token_id=0), Ref(), None)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch():
+        items = []
+        for index in range(2 * rows):
+            ids = torch.randint(1, hf.vocab_size, (length,), generator=generator).tolist()
+            items.append({"index": index, "input_ids": ids, "labels": [-100, *ids[1:]]})
+        return {"forget": items[:rows], "retain": items[rows:]}
+
+    step_s = []
+    grad_norms = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = train_step(ctx, batch(), optimizer, scheduler)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s.append(time.perf_counter() - t0)
+        grad_norms.append(float(out.grad_norm))
+    result = {"build_s": build_s, "step_s": step_s, "grad_norms": grad_norms}
+    if device.type == "cuda":
+        result.update(
+            peak_allocated=torch.cuda.max_memory_allocated(device),
+            peak_reserved=torch.cuda.max_memory_reserved(device),
+            device_used=torch.cuda.mem_get_info(device)[1] - torch.cuda.mem_get_info(device)[0],
+        )
+    else:
+        from fastnpo.profiling import peak_memory_bytes
+
+        result.update(peak_allocated=peak_memory_bytes(device), peak_reserved=0, device_used=0)
+    return result
+
+
+def predicted(case: list, device_name: str) -> dict:
+    from fastnpo.train.memory_estimate import Settings, estimate
+    from fastnpo.train.memory_plan import model_shape
+
+    _name, model, _optim, checkpointing, rows, length = case
+    shape = model_shape(model_source(model))
+    settings = Settings(
+        dtype="bfloat16",
+        activation_checkpointing=checkpointing,
+        rows=2 * rows,
+        seq_len=length,
+        padded=False,
+        device="cuda" if device_name.startswith("cuda") else "cpu",
+    )
+    e = estimate(shape, settings)
+    return {"allocated": e.allocated, "total": e.total, "phase": e.peak_phase, "params": shape.params}
+
+
+def run_case(case, device_name: str, timeout: float, log) -> dict:
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_memory_plan as b; "
+        f"print('RESULT', json.dumps(b.worker(json.loads(sys.argv[1]), {device_name!r})))"
+    )
+    argv = [sys.executable, "-c", code, json.dumps(case)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        log(done.stderr[-3000:])
+        return {"status": f"failed: {tail[:200]}"}
+    return {"status": "ok", **json.loads(lines[-1][len("RESULT ") :])}
+
+
+FIELDS = [
+    "case",
+    "model",
+    "params",
+    "optimizer",
+    "checkpointing",
+    "rows",
+    "length",
+    "status",
+    "measured_peak_mib",
+    "predicted_mib",
+    "predicted_over_measured",
+    "predicted_phase",
+    "predicted_total_gib",
+    "reserved_peak_mib",
+    "device_used_mib",
+    "step_s",
+    "build_s",
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="a micro Llama (any device)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per case")
+    parser.add_argument("--out", default=None, help="output stem (default memory_plan_<device>)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--csv-only", action="store_true", help="no markdown table (the GPU suite's file limit)")
+    args = parser.parse_args(argv)
+    cases = SMOKE_CASES if args.smoke else GPU_CASES
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        cases = [c for c in cases if c[0] in wanted]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out or f"memory_plan_{args.device.split(':')[0]}{'_smoke' if args.smoke else ''}"
+
+    def log(text):
+        print(text, flush=True)
+
+    import torch
+
+    machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
+    rows = []
+    for case in cases:
+        name, model, optim, checkpointing, per_set, length = case
+        plan = predicted(list(case), args.device)
+        log(f"{name}: {model} {optim} checkpointing={checkpointing} {2 * per_set}x{length} ...")
+        got = run_case(list(case), args.device, args.timeout, log)
+        row = dict(
+            case=name,
+            model=model,
+            params=plan["params"],
+            optimizer=optim,
+            checkpointing=checkpointing,
+            rows=2 * per_set,
+            length=length,
+            status=got["status"],
+            predicted_mib=plan["allocated"] / MIB,
+            predicted_phase=plan["phase"],
+            predicted_total_gib=plan["total"] / 2**30,
+        )
+        if got["status"] == "ok":
+            row.update(
+                measured_peak_mib=got["peak_allocated"] / MIB,
+                reserved_peak_mib=got["peak_reserved"] / MIB,
+                device_used_mib=got["device_used"] / MIB,
+                step_s=";".join(f"{s:.2f}" for s in got["step_s"]),
+                build_s=got["build_s"],
+            )
+            if optim == "adamw" and args.device.startswith("cuda"):  # CPU: a whole-process RSS, not comparable
+                row["predicted_over_measured"] = plan["allocated"] / got["peak_allocated"]
+        rows.append(row)
+        log("  " + json.dumps({k: v for k, v in row.items() if k not in ("model",)}, default=str))
+        markdown = None if args.csv_only else out_dir / f"{stem}.md"
+        write(out_dir / f"{stem}.csv", markdown, rows, machine, torch.__version__)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def fmt(value, spec):
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return "–"
+
+
+def write(csv_path: Path, md_path: Path | None, rows: list[dict], machine: str, torch_version: str) -> None:
+    with open(csv_path, "w", newline="") as handle:
+        handle.write(f"# {machine}, torch {torch_version}\n")
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if md_path is None:
+        return
+    lines = [
+        f"# Memory plan vs measured peak ({machine}, torch {torch_version})",
+        "",
+        "NPO+RT, bf16 parameters / gradients / optimizer state, fused log-prob op, full-length rows, "
+        "two steps; measured = torch.cuda.max_memory_allocated over the run (CPU: peak resident set).",
+        "",
+        "| case | model | optimizer | ckpt | rows x len | measured MiB | plan MiB | plan / measured "
+        "| plan's peak moment | reserved MiB | step s |",
+        "|---|---|---|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['model']} | {r['optimizer']} | {r['checkpointing']} | {r['rows']}x{r['length']} "
+            f"| {fmt(r.get('measured_peak_mib'), '.0f')} | {fmt(r['predicted_mib'], '.0f')} "
+            f"| {fmt(r.get('predicted_over_measured'), '.3f')} | {r['predicted_phase']} "
+            f"| {fmt(r.get('reserved_peak_mib'), '.0f')} | {r.get('step_s', r['status'])} |"
+        )
+    md_path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
