@@ -917,6 +917,23 @@ def write_plot(path, rows, title):
     plt.close(fig)
 
 
+def plot_from_csv(path: Path) -> Path:
+    """The plot of a results CSV written earlier (the GPU suite brings back CSVs, not PNGs)."""
+    with open(path) as handle:
+        header = [line[2:].strip() for line in handle if line.startswith("# ")]
+    with open(path) as handle:
+        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
+    for row in rows:
+        for key in ("N", "D", "V"):
+            row[key] = int(row[key])
+        for key in ("median_ms", "peak_mib", "speedup_vs_naive"):
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+    machine = next((line.split(":", 1)[1].strip() for line in header if line.startswith("machine:")), "")
+    out = path.with_suffix(".png")
+    write_plot(out, rows, f"fastnpo log-probs, {path.stem} ({machine})")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -944,7 +961,13 @@ def main(argv=None):
         default="100,400",
         help="CUDA: do_bench warm-up and timing budget in ms per contender (default 100,400)",
     )
+    parser.add_argument(
+        "--plot-from", default=None, help="only draw <csv>'s plot beside it (e.g. a GPU suite's logprobs.csv)"
+    )
     args = parser.parse_args(argv)
+    if args.plot_from:
+        plot_from_csv(Path(args.plot_from))
+        return
     args.cuda_warmup_ms, args.cuda_rep_ms = (int(x) for x in args.cuda_ms.split(","))
 
     device = torch.device(args.device)

@@ -207,7 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output stem (default memory_plan_<device>)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--csv-only", action="store_true", help="no markdown table (the GPU suite's file limit)")
+    parser.add_argument("--markdown-from", default=None, help="only write <csv>'s markdown table beside it")
     args = parser.parse_args(argv)
+    if args.markdown_from:
+        markdown_from_csv(Path(args.markdown_from))
+        return 0
     cases = SMOKE_CASES if args.smoke else GPU_CASES
     if args.cases:
         wanted = set(args.cases.split(","))
@@ -256,6 +260,18 @@ def main(argv=None) -> int:
         markdown = None if args.csv_only else out_dir / f"{stem}.md"
         write(out_dir / f"{stem}.csv", markdown, rows, machine, torch.__version__)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def markdown_from_csv(path: Path) -> Path:
+    """The markdown table of a CSV written earlier (the GPU suite brings back the CSV only)."""
+    with open(path) as handle:
+        first = handle.readline()
+        rows = list(csv.DictReader(handle))
+    machine, _, version = first.lstrip("# ").strip().partition(", torch ")
+    out = path.with_suffix(".md")
+    write(path.with_suffix(".csv.tmp"), out, rows, machine, version)
+    path.with_suffix(".csv.tmp").unlink()
+    return out
 
 
 def fmt(value, spec):
