@@ -218,10 +218,14 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
                 f"fastnpo-{impl}",
                 functools.partial(_fastnpo_impl, impl=impl),
                 skip=None
-                if on_cuda or interpreting
+                if on_cuda or interpreting or impl != "triton"
                 else "needs CUDA (or TRITON_INTERPRET=1, ~1 ms per program iteration: tiny shapes only)",
-                note=f"impl='{impl}', filter_eps='auto' (2^-12 for bf16/fp16, exact for fp32)"
-                + ("" if on_cuda else "; Triton interpreter on CPU" if interpreting else ""),
+                note=(
+                    f"impl='{impl}', filter_eps='auto' (2^-12 for bf16/fp16, exact for fp32)"
+                    + ("" if on_cuda else "; Triton interpreter on CPU" if interpreting else "")
+                    if impl == "triton"
+                    else f"impl='{impl}': vocabulary-blocked library matmuls, exact, no atomics"
+                ),
             )
         )
         if impl == "triton":  # the same kernels without gradient filtering: exact gradients

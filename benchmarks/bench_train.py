@@ -10,7 +10,10 @@ Contenders (one NPO step each: forward, NPO loss, backward, gradient clipping, A
   baseline         open-unlearning style: every example padded to a fixed length (500 tokens on GPU),
                    Hugging Face forward with full logits -> log_softmax -> gather -> summed answer
                    log-probs, and a LIVE reference model (a frozen copy) forwarded every step;
-  strong-baseline  the same with dynamic padding (pad to the longest example of a length-grouped batch);
+  strong-baseline  the same with dynamic padding (pad to the longest example of a length-grouped batch)
+                   and, on CUDA with liger-kernel installed, Liger's fused linear cross-entropy
+                   (reduction="none") for the policy's and the reference's log-probs instead of
+                   full logits (the CSV's logprobs column says which ran);
   cached-ref       strong-baseline with reference log-probs from a cache computed once before timing
                    (no reference model in memory), still full logits;
   fastnpo          cached-ref with fastnpo.modeling.SequenceLogprobModel: the fused log-prob op
@@ -88,12 +91,12 @@ class Spec:
     name: str
     padding: str  # "fixed" | "dynamic"
     reference: str  # "live" | "cached"
-    logprobs: str  # "full-logits" | "fused"
+    logprobs: str  # "full-logits" | "fused" | "liger" (Liger FLCE where it runs, else full logits)
 
 
 SPECS = (
     Spec("baseline", "fixed", "live", "full-logits"),
-    Spec("strong-baseline", "dynamic", "live", "full-logits"),
+    Spec("strong-baseline", "dynamic", "live", "liger"),
     Spec("cached-ref", "dynamic", "cached", "full-logits"),
     Spec("fastnpo", "dynamic", "cached", "fused"),
 )
@@ -211,6 +214,29 @@ def full_logits_logprobs(model, batch: dict) -> torch.Tensor:
     return (token * (targets != IGNORE_INDEX)).sum(-1)
 
 
+def liger_loss_or_none(device: torch.device):
+    """Liger's fused linear cross-entropy (per token), where it runs: CUDA with liger-kernel."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+
+def liger_logprobs(model, batch: dict, loss_fn) -> torch.Tensor:
+    """Summed answer log-probs [B] from the last hidden states and the lm_head through Liger's
+    fused linear cross-entropy: -CE per token, no [tokens x vocab] logits kept."""
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    b, t, d = hidden.shape
+    ce = loss_fn(model.lm_head.weight, hidden.reshape(b * t, d), targets.reshape(b * t))
+    return -(ce.float().view(b, t) * (targets != IGNORE_INDEX)).sum(-1)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -225,6 +251,8 @@ class Contender:
         if spec.reference == "live":
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.wrapper = SequenceLogprobModel(self.model, impl=s.impl) if spec.logprobs == "fused" else None
+        self.liger = liger_loss_or_none(self.device) if spec.logprobs == "liger" else None
+        self.logprobs_used = "liger" if self.liger is not None else "fused" if self.wrapper else "full-logits"
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
         self.cache: torch.Tensor | None = None
@@ -261,11 +289,16 @@ class Contender:
         batch = self.batch(items)
         if self.wrapper is not None:
             logps = self.wrapper(batch)[0]
+        elif self.liger is not None:
+            logps = liger_logprobs(self.model, batch, self.liger)
         else:
             logps = full_logits_logprobs(self.model, batch)
         if self.reference is not None:  # open-unlearning's order: policy forward, then reference
             with torch.no_grad():
-                ref_logps = full_logits_logprobs(self.reference, batch)
+                if self.liger is not None:
+                    ref_logps = liger_logprobs(self.reference, batch, self.liger)
+                else:
+                    ref_logps = full_logits_logprobs(self.reference, batch)
         else:
             ref_logps = self.cache[batch["index"].cpu()].to(self.device)
         loss = npo_from_logprobs(logps.float(), ref_logps.float(), beta=self.s.beta)
@@ -305,6 +338,7 @@ def time_contenders(specs, s: Settings, batches, schedule: str, log) -> dict:
                     f"{c.cache_seconds:.2f} s"
                 )
             results[c.spec.name]["cache_seconds"] = c.cache_seconds
+            results[c.spec.name]["logprobs_used"] = c.logprobs_used
             results[c.spec.name]["cache_examples"] = len(used_items(batches))
         for round_index, round_items in enumerate(batches):
             shift = round_index % len(contenders)
@@ -391,7 +425,7 @@ def measure_memory(spec: Spec, s: Settings, log) -> dict:
 
 DESCRIPTIONS = {
     "baseline": "open-unlearning style: pad to {pad}, live reference, full logits",
-    "strong-baseline": "dynamic padding, live reference, full logits",
+    "strong-baseline": "dynamic padding, live reference, Liger fused linear CE where it runs (CUDA), else full logits",
     "cached-ref": "dynamic padding, cached reference, full logits",
     "fastnpo": "dynamic padding, cached reference, fused log-prob op (SequenceLogprobModel)",
 }
@@ -436,7 +470,7 @@ def summarise(specs, s: Settings, timing: dict, memory: dict) -> list[dict]:
             "contender": spec.name,
             "padding": f"fixed {s.pad_to}" if spec.padding == "fixed" else "dynamic",
             "reference": spec.reference,
-            "logprobs": spec.logprobs,
+            "logprobs": t.get("logprobs_used", spec.logprobs),
             "device": s.device,
             "dtype": s.dtype,
             "steps": len(t["times"]),

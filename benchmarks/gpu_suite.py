@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder (created; emptied of the suite's files)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install (if present)")
-    parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 555, smoke 140)")
+    parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 555, smoke 200)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         (out / name).unlink(missing_ok=True)
     log = Log(out / "log.txt")
     started = time.perf_counter()
-    deadline = started + (args.total_s or (140 if smoke else 555))
+    deadline = started + (args.total_s or (200 if smoke else 555))
     skip = set(filter(None, args.skip.split(",")))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -354,10 +354,10 @@ def main(argv=None) -> int:
         Part("env", 60, 60),
         Part("wheels", 90, 60),
         Part("import", 60, 60),
-        Part("gpu-tests", 75, 40),
-        Part("logprobs", 240, 90),
-        Part("train", 100, 60),
-        Part("memory-plan", 130, 60),
+        Part("gpu-tests", 150, 60),
+        Part("logprobs", 200, 90),
+        Part("train", 140, 60),
+        Part("memory-plan", 60, 60),
         Part("kernel-tests", 60, 40),
     ]
     device = ["--device", "cpu" if smoke else "cuda"]
@@ -409,11 +409,14 @@ def main(argv=None) -> int:
             ]
             if smoke:
                 return [[*common, "--shapes", SMOKE_SHAPES, "--repeats", "1", "--no-compile", "--no-plot"]]
-            return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "50,250", "--no-plot"]]
+            return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "30,150", "--no-plot"]]
         if part.name == "memory-plan":
             common = [py, BENCH / "bench_memory_plan.py", *device, "--out-dir", out, "--out", "memory_plan"]
             common.append("--csv-only")
-            return [[*common, "--smoke"]] if smoke else [[*common, "--timeout", "110"]]
+            # 1B, 8B with plain AdamW agreed within 1% on the first H200 run (benchmarks/results/
+            # memory_plan_cuda_h200.md): the window re-checks one of them and the Kahan optimizer.
+            gpu = ["--cases", "1b-ckpt,8b-ckpt-kahan", "--timeout", "55"]
+            return [[*common, "--smoke"]] if smoke else [[*common, *gpu]]
         return None
 
     for index, part in enumerate(parts):

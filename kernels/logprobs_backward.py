@@ -57,7 +57,10 @@ def backward_shared_bytes(config, dtype_bytes: int) -> int:
     # Autotuning runs the kernel several times; atomics must start from zero each time.
     reset_to_zero=["DH", "DW"],
 )
-@triton.jit
+# The row count changes every step (dynamic padding, kept rows): not specialising on it (N % 16,
+# N == 1) keeps one compiled binary per config instead of one per specialisation, so a new
+# batch shape costs at most an autotune of N_BUCKET, never a recompile.
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def logprobs_backward_kernel(
     H, W, ROW_IDS, LABELS, LSE, GRAD, DH, DW,
     N, V, D, N_BUCKET,

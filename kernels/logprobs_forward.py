@@ -50,7 +50,10 @@ def forward_shared_bytes(config, dtype_bytes: int) -> int:
     # from the -inf / 0 partials, or a trial with more splits would leave stale slices behind.
     restore_value=["PARTIAL_LSE", "PARTIAL_TARGET"],
 )
-@triton.jit
+# The row count changes every step (dynamic padding, kept rows): not specialising on it (N % 16,
+# N == 1) keeps one compiled binary per config instead of one per specialisation, so a new
+# batch shape costs at most an autotune of N_BUCKET, never a recompile.
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def logprobs_forward_kernel(
     H, W, ROW_IDS, LABELS, PARTIAL_LSE, PARTIAL_TARGET,
     N, V, D, N_BUCKET,

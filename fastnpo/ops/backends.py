@@ -4,7 +4,9 @@ A backend computes, for the kept rows of hidden [N, D] (row_ids) and their label
     forward(hidden, weight, row_ids, labels) -> (lse, target_logit)                     fp32 [n]
     backward(..., lse, grad, *, filter_eps, compute_dh, compute_dw) -> (dh [n, D], dw [V, D])  fp32
 "triton" runs the kernels in kernels/ (fastnpo.kernels), "torch" the vocabulary-chunked code in
-chunked.py; "naive" (full logits, naive.py) has no backend: it is plain autograd.
+chunked.py (fp32, the CPU path), "cublas" the vocabulary-blocked library matmuls of cublas.py
+(low-precision operands, fp32 results, no atomics); "naive" (full logits, naive.py) has no
+backend: it is plain autograd. dh and dw may come back in fp32 or in the input's dtype.
 """
 
 import os
@@ -14,8 +16,9 @@ from typing import Protocol
 import torch
 
 from .chunked import chunked_backward, chunked_forward
+from .cublas import cublas_backward, cublas_forward
 
-IMPLS = ("auto", "triton", "torch", "naive")
+IMPLS = ("auto", "triton", "cublas", "torch", "naive")
 
 
 class ForwardFn(Protocol):
@@ -57,6 +60,7 @@ def _triton_backend() -> Backend:
 
 
 TORCH_BACKEND = Backend("torch", chunked_forward, chunked_backward)
+CUBLAS_BACKEND = Backend("cublas", cublas_forward, cublas_backward)
 
 
 def triton_interpreting() -> bool:
@@ -78,7 +82,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def backend_for(impl: str) -> Backend:
-    return _triton_backend() if impl == "triton" else TORCH_BACKEND
+    if impl == "triton":
+        return _triton_backend()
+    return CUBLAS_BACKEND if impl == "cublas" else TORCH_BACKEND
 
 
 def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:

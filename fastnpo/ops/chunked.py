@@ -19,6 +19,24 @@ def _blocks(num_rows: int, vocab_size: int) -> tuple[int, int]:
     return row_block, min(vocab_chunk, vocab_size)
 
 
+def add_target_logits_(target: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, v0: int) -> None:
+    """target += the logit of each row's label where it falls in this block (columns v0...)."""
+    local = labels - v0
+    inside = (local >= 0) & (local < logits.shape[1])
+    picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    target += torch.where(inside, picked, 0.0)
+
+
+def softmax_gradient_(shifted: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, v0: int) -> torch.Tensor:
+    """dlogits = grad * (onehot(label) - exp(logits - lse)) of a block, in place in `shifted`
+    (= logits - lse, fp32 [rows, block]; columns v0...)."""
+    dlogits = shifted.exp_().mul_(-grad[:, None])
+    local = labels - v0
+    inside = ((local >= 0) & (local < dlogits.shape[1])).nonzero()[:, 0]
+    dlogits[inside, local[inside]] += grad[inside]
+    return dlogits
+
+
 def chunked_forward(
     hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,10 +52,7 @@ def chunked_forward(
         for r0 in range(0, n, row_block):
             r = slice(r0, r0 + row_block)
             logits = rows[r] @ w.T
-            local = labels[r] - v0
-            inside = (local >= 0) & (local < logits.shape[1])
-            picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
-            target[r] += torch.where(inside, picked, 0.0)
+            add_target_logits_(target[r], logits, labels[r], v0)
             new_max = torch.maximum(running_max[r], logits.amax(dim=1))
             chunk_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
             running_sum[r] = running_sum[r] * torch.exp(running_max[r] - new_max) + chunk_sum
@@ -73,11 +88,7 @@ def chunked_backward(
         w = weight[v0 : v0 + vocab_chunk].float()
         for r0 in range(0, n, row_block):
             r = slice(r0, r0 + row_block)
-            # dlogits = g * (onehot - exp(logits - lse)), built in place in one [rows, chunk] buffer.
-            dlogits = torch.addmm(neg_lse[r], rows[r], w.T).exp_().mul_(-grad[r, None])
-            local = labels[r] - v0
-            inside = ((local >= 0) & (local < w.shape[0])).nonzero()[:, 0]
-            dlogits[inside, local[inside]] += grad[r][inside]
+            dlogits = softmax_gradient_(torch.addmm(neg_lse[r], rows[r], w.T), grad[r], labels[r], v0)
             if dh is not None:
                 dh[r].addmm_(dlogits, w)
             if dw is not None:

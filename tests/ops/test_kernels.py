@@ -118,14 +118,15 @@ def test_poisoned_outputs_are_overwritten(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("n,d,v", [(1, 64, 1031), (333, 200, 4099), (2048, 1024, 32003)])
-def test_compiled_kernels_match_reference(dtype, tol, n, d, v):
+def test_compiled_kernels_match_reference(impl, dtype, tol, n, d, v):
     hidden, weight, labels = peaked_inputs(n, d, v, "cuda", dtype=dtype, sharpness=4.0)
     labels[::5] = -100
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     upstream = torch.randn(n, device="cuda")
-    out = fastnpo.token_logprobs(h, w, labels, impl="triton", filter_eps=None)
+    out = fastnpo.token_logprobs(h, w, labels, impl=impl, filter_eps=None)
     (out * upstream).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = (
@@ -161,3 +162,13 @@ def test_64_bit_offsets():
     torch.testing.assert_close(out, want, atol=2e-2, rtol=0)
     torch.testing.assert_close(h.grad.float(), h2.grad.float(), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(w.grad.float(), w2.grad.float(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cublas_design_gets_low_precision_matmuls_on_cuda(dtype):
+    # Without torch.mm(..., out_dtype=float32) the cublas design falls back to fp32 operands
+    # (correct, but ~10x slower on tensor cores): a GPU run must show which one it got.
+    from fastnpo.ops.cublas import matmul_mode
+
+    assert matmul_mode("cuda", dtype) in ("out_dtype_inplace", "out_dtype")
