@@ -20,6 +20,7 @@ import triton.language as tl
 from .tiles import (
     INTERPRET,
     autotune_configs,
+    ieee_dots,
     logits_tile,
     operand_buffer_bytes,
     prune_by_shared_memory,
@@ -176,7 +177,7 @@ def logprobs_backward(
         float(filter_eps),
         GROUP_N=8,
         UPCAST=INTERPRET and hidden.dtype != torch.float32,
-        IEEE=hidden.dtype == torch.float32,
+        IEEE=ieee_dots(hidden.dtype),
         FILTER=filter_eps > 0,
         COMPUTE_DH=compute_dh,
         COMPUTE_DW=compute_dw,

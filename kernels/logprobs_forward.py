@@ -14,6 +14,7 @@ import triton.language as tl
 from .tiles import (
     INTERPRET,
     autotune_configs,
+    ieee_dots,
     logits_tile,
     operand_buffer_bytes,
     prune_by_shared_memory,
@@ -175,6 +176,6 @@ def logprobs_forward(
         n, vocab_size, dim, row_bucket(n),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         UPCAST=INTERPRET and hidden.dtype != torch.float32,
-        IEEE=hidden.dtype == torch.float32,
+        IEEE=ieee_dots(hidden.dtype),
     )
     return torch.logsumexp(partial_lse, dim=0), partial_target.sum(dim=0)

@@ -15,12 +15,19 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def ieee_dots(dtype: torch.dtype) -> bool:
+    """fp32 inputs: exact fp32 dots unless torch allows TF32 for its own fp32 matmuls
+    (torch.backends.cuda.matmul.allow_tf32), so the op follows the same switch as torch.mm.
+    bf16 / fp16: never (tensor cores with fp32 accumulation)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 @triton.jit
 def tile_dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """acc + a @ b with fp32 accumulation.
 
     UPCAST: the interpreter computes bf16/fp16 tl.dot wrongly, so operands are cast to fp32
-    there. IEEE: fp32 inputs must not silently drop to TF32 (torch's fp32 matmul does not).
+    there. IEEE: exact fp32 dots (ieee_dots): fp32 inputs drop to TF32 only when torch allows it.
     """
     if UPCAST:
         a = a.to(tl.float32)

@@ -97,6 +97,15 @@ def test_filter_default_is_exact_for_fp32_and_on_for_bf16():
         resolve_filter_eps(1.5, torch.float32)
 
 
+def test_fp32_dots_follow_torchs_tf32_switch(monkeypatch):
+    from fastnpo.kernels.tiles import ieee_dots
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert ieee_dots(torch.float32) and not ieee_dots(torch.bfloat16) and not ieee_dots(torch.float16)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert not ieee_dots(torch.float32)
+
+
 def test_poisoned_outputs_are_overwritten(monkeypatch):
     # The launcher allocates its outputs with torch.empty: hand it NaN-filled memory, so a
     # program that forgot a store would show up as NaN.
