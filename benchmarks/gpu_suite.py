@@ -354,9 +354,9 @@ def main(argv=None) -> int:
         Part("env", 60, 60),
         Part("wheels", 90, 60),
         Part("import", 60, 60),
-        Part("gpu-tests", 150, 60),
-        Part("logprobs", 200, 90),
-        Part("train", 140, 60),
+        Part("gpu-tests", 120, 60),
+        Part("logprobs", 180, 90),
+        Part("train", 170, 60),
         Part("memory-plan", 60, 60),
         Part("kernel-tests", 60, 40),
     ]
