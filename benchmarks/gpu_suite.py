@@ -12,7 +12,8 @@ of time is recorded and the next one still runs; the whole run also has a deadli
   wheels       pip install --no-index --no-deps --target <tmp> wheels/*.whl (the packages the GPU
                image lacks), then <tmp> goes on PYTHONPATH for the parts below
   import       makes `import fastnpo` / `fastnpo.kernels` work without `pip install -e` (no network
-               there): a .pth + import hook in site-packages mapping fastnpo.kernels to kernels/
+               there): an import hook (a sitecustomize.py in the run's temporary folder, on
+               PYTHONPATH) mapping fastnpo.kernels to kernels/; the machine's Python is not touched
   gpu-tests    pytest -m gpu tests
   logprobs     benchmarks/bench_logprobs.py: N=8192, the four (D, V), bf16, fwd and fwd+bwd, every
                fastnpo impl and every installed peer, matmul rate and copy bandwidth in the same run,
@@ -43,7 +44,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -84,6 +84,25 @@ def install():
     if not any(type(f).__name__ == "_SourceTreeFinder" for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceTreeFinder())
 '''
+CHAIN = """
+
+install()
+
+
+def _run_shadowed_sitecustomize():
+    import importlib.machinery
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+_run_shadowed_sitecustomize()
+"""
 
 
 @dataclass
@@ -200,24 +219,27 @@ for name in ["triton", "fastnpo", *sys.argv[1:]]:
     return "\n".join(lines) + "\n"
 
 
-def ensure_importable(site_dir: Path, env: dict, log: Log) -> str:
+def ensure_importable(hook_dir: Path, env: dict, log: Log) -> str:
     """Make `import fastnpo.kernels` work in the subprocesses: nothing to do when it already works
-    (pip install -e), else a .pth + import hook in site_dir (site-packages on the GPU machine)."""
+    (pip install -e), else an import hook in hook_dir (a sitecustomize.py), put on env's PYTHONPATH.
+    Nothing is written outside hook_dir: the machine's Python stays as it was."""
     check = [sys.executable, "-c", "import fastnpo.kernels.tiles, fastnpo; print(fastnpo.__file__)"]
     done = subprocess.run(check, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=300)
     if done.returncode == 0:
         return "already importable: " + done.stdout.strip()
-    write_finder(site_dir)
+    write_finder(hook_dir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir), env.get("PYTHONPATH")]))
     done = subprocess.run(check, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=300)
     if done.returncode:
         raise RuntimeError("fastnpo still not importable: " + (done.stderr.strip().splitlines() or ["?"])[-1])
-    return f"import hook written to {site_dir}: " + done.stdout.strip()
+    return f"import hook in {hook_dir} (PYTHONPATH): " + done.stdout.strip()
 
 
-def write_finder(site_dir: Path) -> None:
-    site_dir.mkdir(parents=True, exist_ok=True)
-    (site_dir / "_fastnpo_source_tree.py").write_text(FINDER.format(root=str(ROOT)))
-    (site_dir / "fastnpo_source_tree.pth").write_text("import _fastnpo_source_tree; _fastnpo_source_tree.install()\n")
+def write_finder(hook_dir: Path) -> None:
+    """hook_dir/sitecustomize.py: installs the finder at interpreter start, then runs the
+    sitecustomize it shadows, if the machine has one."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(FINDER.format(root=str(ROOT)) + CHAIN)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -477,7 +499,7 @@ def main(argv=None) -> int:
                         " (checked for 3.12, not put on the path)" if smoke else ""
                     )
             elif part.name == "import":
-                part.detail = ensure_importable(Path(sysconfig.get_paths()["purelib"]), env, log)
+                part.detail = ensure_importable(tmp / "import-hook", env, log)
                 log(part.detail)
                 part.status = "ok"
             else:

@@ -36,3 +36,37 @@ def test_gpu_suite_smoke(tmp_path):
     assert "micro-ckpt" in summary, summary  # the memory-plan part's table
     assert "FAILED" not in summary and "TIMEOUT" not in summary, summary
     assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
+
+
+def test_import_hook_stays_in_its_folder_and_chains(tmp_path):
+    # The GPU machine has no `pip install -e`: the suite's import hook must work from a folder on
+    # PYTHONPATH alone (never written into the machine's site-packages) and still run a
+    # sitecustomize the machine already has.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.pop(0)
+    hook = tmp_path / "hook"
+    gpu_suite.write_finder(hook)
+    assert sorted(p.name for p in hook.iterdir()) == ["sitecustomize.py"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['SHADOWED_SITECUSTOMIZE_RAN'] = '1'\n")
+    code = (
+        "import os, sys, fastnpo; "
+        "print(any(type(f).__name__ == '_SourceTreeFinder' for f in sys.meta_path), "
+        "os.environ.get('SHADOWED_SITECUSTOMIZE_RAN'), fastnpo.__file__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{hook}:{other}"},
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    finder, shadowed, where = done.stdout.split()
+    assert finder == "True" and shadowed == "1", done.stdout
+    assert where == str(ROOT / "fastnpo" / "__init__.py")
