@@ -9,10 +9,12 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     checks.py    input checks that name the argument
     logprobs.py  the public token_logprobs / sequence_logprobs
     packed.py    per-example log-probs of packed rows
+    ce_u.py      CE-U's per-token loss (vocabulary-chunked autograd function, no full logits)
 """
 
 from .autograd import fused_sequence_loss, token_logprobs_flat
 from .backends import IMPLS, resolve_filter_eps, resolve_impl
+from .ce_u import ce_u_token_losses
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
 from .naive import naive_token_logprobs
 from .packed import packed_sequence_logprobs
@@ -21,6 +23,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMPLS",
     "aligned_labels",
+    "ce_u_token_losses",
     "fused_sequence_loss",
     "naive_token_logprobs",
     "packed_sequence_logprobs",

@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from .. import distributed
-from ..methods import method_for
+from ..methods import RMUState, method_for
 from ..modeling import SequenceLogprobModel
 from ..profiling import reset_peak_memory
 from ..refcache import item_logprobs
@@ -89,6 +89,7 @@ class _Run:
     tokenizer: object
     ref: object
     example_weights: object
+    rmu: object
     batches: object
     optimizer: object
     scheduler: object
@@ -115,6 +116,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     ref, cache_hit = None, None
     if method.ref_sets:
         ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
+    rmu = _rmu_state(config, model) if method.activations else None
     trainee = wrap_model(config, model, reference, info)
     steps_per_epoch = len(batches)
     if evaluation is not None:
@@ -136,9 +138,33 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
         "cache_key": ref.key if ref is not None else None,
     }
     return _Run(
-        method, trainee, tokenizer, ref, example_weights, batches, optimizer, scheduler, total_steps, step, run_info,
+        method,
+        trainee,
+        tokenizer,
+        ref,
+        example_weights,
+        rmu,
+        batches,
+        optimizer,
+        scheduler,
+        total_steps,
+        step,
+        run_info,
         evaluation,
     )
+
+
+def _rmu_state(config: Config, model) -> RMUState:
+    """RMU: frozen copies of the layers it steers through and the fixed steering vector, taken
+    from the initial model before any wrapping; every parameter but the chosen ones frozen."""
+    if config.model.lora.enabled:
+        raise ConfigError("model.lora.enabled: method rmu trains method.rmu_params directly; turn LoRA off")
+    try:
+        rmu = RMUState(config.method, model, seed=config.run.seed)
+        rmu.select_trainable(model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return rmu
 
 
 def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, log) -> dict:
@@ -146,7 +172,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
     out, trainee, batches = Path(config.run.output_dir), run.trainee, run.batches
     optimizer, scheduler = run.optimizer, run.scheduler
     step, total_steps, steps_per_epoch = run.step, run.total_steps, len(batches)
-    context = StepContext(config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights)
+    context = StepContext(config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights, run.rmu)
     logger = RunLogger(
         config, info, run.method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step
     )
@@ -172,7 +198,13 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
             trainee.wrapper.train()
         if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < total_steps:
             checkpoint.save_run_state(
-                out / "checkpoints", step, trainee.wrapper, optimizer, scheduler, batches, info,
+                out / "checkpoints",
+                step,
+                trainee.wrapper,
+                optimizer,
+                scheduler,
+                batches,
+                info,
                 keep=config.run.keep_checkpoints,
             )
             folder.commit()

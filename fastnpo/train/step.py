@@ -8,6 +8,7 @@ single big batch however the step is split.
 """
 
 import math
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +16,9 @@ import torch
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
-from ..methods import Method, loss_terms
-from ..ops import IGNORE_INDEX
+from ..methods import Method, RMUState, forget_token_term, loss_terms, scored_count, scored_targets
+from ..modeling import output_weight
+from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs
 from .config import Config, ConfigError
 from .setup import TrainModel
 
@@ -36,6 +38,7 @@ class StepContext:
     tokenizer: object
     ref: object | None  # the cached reference log-probs (refcache), when the method has ref_sets
     example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
+    rmu: RMUState | None = None  # RMU's frozen layers and steering vector (method rmu)
 
     @property
     def micro_per_step(self) -> int:
@@ -63,7 +66,16 @@ def split_micro_batches(items: list[dict] | None, parts: int) -> list[list[dict]
 
 def target_tokens(items: list[dict]) -> int:
     # labels[0] is always a prompt token; after the shift the targets are labels[1:].
-    return sum(sum(1 for label in item["labels"][1:] if label != IGNORE_INDEX) for item in items)
+    return sum(_targets(item) for item in items)
+
+
+def _targets(item: dict) -> int:
+    return sum(1 for label in item["labels"][1:] if label != IGNORE_INDEX)
+
+
+def scored_tokens(items: list[dict], method_config) -> int:
+    """Target tokens a per-token method scores (CE-U skips the first answer tokens of each example)."""
+    return sum(scored_count(_targets(item), method_config) for item in items)
 
 
 def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> StepResult:
@@ -74,6 +86,7 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
         counts[f"{name}_examples"] = len(global_batch[name])
         counts[f"{name}_tokens"] = target_tokens(global_batch[name])
         counts[f"{name}_positions"] = sum(len(item["input_ids"]) for item in global_batch[name])
+        counts[f"{name}_scored"] = scored_tokens(global_batch[name], ctx.config.method)
     result = StepResult(global_counts=counts, logp_sums={name: 0.0 for name in sets})
     per_set = {name: split_micro_batches(global_batch.get(name), ctx.micro_per_step) for name in sets}
     for micro in range(ctx.config.optim.grad_accum):
@@ -120,8 +133,21 @@ def micro_batch_backward(
     # Input tokens (padding excluded) of the real examples, for tokens/s.
     result.tokens += sum(len(it["input_ids"]) for name in sets if name not in empty for it in parts[name])
     logits_rows = rows["retain"] if ctx.model.reference is not None else None
+    token_term = activations = None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
-        logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
+        if ctx.method.token_term:
+            logps_all, counts_all, token_term = token_method_forward(
+                ctx.model.wrapper, batch, ctx.config.method, rows["forget"]
+            )
+            logits = None
+        elif ctx.rmu is not None:
+            with ctx.rmu.capture(ctx.model.hf):
+                logps_all, counts_all, logits = ctx.model.wrapper(batch)
+            owner = example_of_positions(batch)
+            masks = {name: (owner >= r.start) & (owner < r.stop) for name, r in rows.items()}
+            activations = ctx.rmu.terms(masks["forget"], masks.get("retain"))
+        else:
+            logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
     logps = {name: logps_all[r].float() for name, r in rows.items()}
     counts = {name: counts_all[r] for name, r in rows.items()}
     index = batch["index"].cpu()
@@ -135,12 +161,21 @@ def micro_batch_backward(
             _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
         attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
-    terms = loss_terms(ctx.config.method, logps, counts, ref_logps, weights=weights, kl=kl)
+    terms = loss_terms(
+        ctx.config.method,
+        logps,
+        counts,
+        ref_logps,
+        weights=weights,
+        kl=kl,
+        token_term=token_term,
+        activations=activations,
+    )
 
     loss = logps_all.new_zeros(())
     for key, term in terms.items():
         set_name, unit = term.normalizer.split("_")
-        local = local_count(unit, lengths[set_name], counts[set_name], parts[set_name])
+        local = local_count(unit, lengths[set_name], counts[set_name], parts[set_name], ctx.config.method)
         share = local / max(1, result.global_counts[term.normalizer])
         loss = loss + term.coeff * term.value * share * ctx.info.world_size
         result.term_totals[key] = result.term_totals.get(key, 0.0) + float(term.value.detach()) * share
@@ -151,13 +186,56 @@ def micro_batch_backward(
             result.logp_sums[name] += float(logps[name].detach().sum())
 
 
-def local_count(unit: str, examples: int, target_counts: torch.Tensor, items: list[dict]) -> int:
+def local_count(unit: str, examples: int, target_counts: torch.Tensor, items: list[dict], method_config=None) -> int:
     """This micro-batch's count of what a term is a mean over (0 for a stand-in set)."""
     if unit == "examples" or not examples:
         return examples
     if unit == "positions":
         return sum(len(item["input_ids"]) for item in items)
+    if unit == "scored":
+        return scored_tokens(items, method_config)
     return int(target_counts.sum())
+
+
+def example_of_positions(batch: dict) -> torch.Tensor:
+    """[R, L]: the example (its place in the micro-batch) of each attended position, -1 on padding."""
+    if "segment_ids" in batch:
+        return batch["segment_ids"]
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)[:, None]
+    return torch.where(batch["attention_mask"] > 0, rows, -1)
+
+
+def token_method_forward(wrapper, batch: dict, method_config, forget_rows: slice):
+    """(logps [E], counts [E], forget term) of a per-token method (WGA, SatImp, CE-U).
+
+    The token log-probs come from the fused op once, for every row: their per-example sums are
+    the usual logps, the forget rows' tokens feed the method's term. It runs AS the wrapper's
+    forward (an instance attribute for the call), so FSDP2's root hooks gather the lm_head weight
+    and reduce its gradient as in SequenceLogprobModel.forward."""
+
+    def forward(self, batch):
+        hidden = self.hidden_states(batch)
+        weight = output_weight(self.lm)
+        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
+            weight = weight.to(hidden.dtype)
+        targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
+        tokens = token_logprobs(hidden, weight, targets, impl=self.impl)
+        owner = aligned_labels(example_of_positions(batch), True, -1)
+        owner = torch.where(targets != IGNORE_INDEX, owner, -1)
+        examples = batch["index"].numel() if "segment_ids" in batch else hidden.shape[0]
+        keep = owner >= 0
+        logps = tokens.new_zeros(examples).index_add(0, owner[keep], tokens[keep])
+        counts = torch.zeros(examples, dtype=torch.long, device=hidden.device).index_add(
+            0, owner[keep], torch.ones_like(owner[keep])
+        )
+        scored = scored_targets(method_config, owner, forget_rows)
+        return logps, counts, forget_token_term(method_config, tokens, hidden, weight, targets, scored)
+
+    wrapper.forward = types.MethodType(forward, wrapper)
+    try:
+        return wrapper(batch)
+    finally:
+        del wrapper.forward
 
 
 def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:

@@ -25,6 +25,7 @@ from fastnpo.integrations.hf import (
     unpatch_model,
 )
 from fastnpo.losses import dpo_from_logprobs, npo_from_logprobs, simnpo_from_logprobs
+from fastnpo.methods import MethodConfig
 from fastnpo.tiny import build_tokenizer
 
 VOCAB = 1009  # prime: B*T*V is distinctive, and no vocabulary chunk divides it
@@ -187,9 +188,7 @@ def test_unpatch_restores_stock_behaviour():
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, rtol=0, atol=0)
         # positional arguments and return_dict=False behave as in the stock forward
-        as_tuple = model(
-            batch["input_ids"], batch["attention_mask"], labels=batch["labels"], return_dict=False
-        )
+        as_tuple = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], return_dict=False)
         assert torch.is_tensor(as_tuple[0]) and as_tuple[0].dim() == 0
         generated = model.generate(batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
         assert generated.tolist() == stock.generate(batch["input_ids"][:1, :5], max_new_tokens=3).tolist()
@@ -371,6 +370,82 @@ def test_unlearning_trainer_first_step_loss_and_direction(tmp_path, tokenizer, m
         assert after < before - 1.0  # unlearning pushes the forget log-probs down
 
 
+NEW_METHODS = {
+    "wga": MethodConfig(name="wga", wga_beta=0.5),
+    "satimp": MethodConfig(name="satimp", satimp_beta1=0.5, satimp_beta2=2.0),
+    "ceu": MethodConfig(name="ceu"),
+    "rmu": MethodConfig(name="rmu", rmu_layer=1, rmu_update_layers=[0, 1], rmu_steering_coeff=5.0),
+}
+
+
+def naive_new_method_loss(config, stock, data, seed):
+    """WGA / SatImp / CE-U / RMU on the whole data set from their papers' formulas, full logits
+    and (RMU) a live frozen copy of the whole model."""
+    from fastnpo.methods import rmu_control_vector
+
+    forget, retain = set_batch(data), set_batch(data, "retain_")
+    if config.name == "rmu":
+        frozen = copy.deepcopy(stock)
+
+        def layer_output(model, batch):
+            seen = []
+            handle = model.model.layers[config.rmu_layer].register_forward_hook(lambda m, a, out: seen.append(out))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            handle.remove()
+            return seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+
+        mask_f, mask_r = forget["attention_mask"].bool(), retain["attention_mask"].bool()
+        act = layer_output(stock, forget)
+        control = rmu_control_vector(act.shape[-1], config.rmu_steering_coeff, seed)
+        forget_term = ((act - control) ** 2).mean(-1)[mask_f].mean()
+        retain_term = ((layer_output(stock, retain) - layer_output(frozen, retain)) ** 2).mean(-1)[mask_r].mean()
+        return forget_term + config.rmu_alpha * retain_term
+    out = stock(**forget)
+    logits, labels = out.logits.float(), forget["labels"]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    p = logp.detach().exp()
+    retain_nll = stock(**retain).loss
+    if config.name == "wga":
+        return (p**config.wga_beta * logp)[mask].mean() + retain_nll
+    if config.name == "satimp":
+        return (p**config.satimp_beta1 * (1 - p) ** config.satimp_beta2 * logp)[mask].mean() + retain_nll
+    valid = labels != -100  # CE-U: the first answer token of each row is not scored
+    skipped = labels.masked_fill(valid & (valid.cumsum(-1) <= config.ceu_ignore_first), -100)[:, 1:]
+    keep = skipped != -100
+    shifted = logits[:, :-1][keep]
+    target = shifted.detach().clone().scatter(-1, skipped[keep][:, None], float("-inf")).softmax(-1)
+    return torch.nn.functional.cross_entropy(shifted, target)
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_unlearning_trainer_new_methods_first_step_loss(tmp_path, tokenizer, method):
+    config = NEW_METHODS[method]
+    model = tiny_model(
+        "llama",
+        0,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        num_hidden_layers=2,
+    )
+    data = unlearning_data(tokenizer, model)
+    stock = copy.deepcopy(model)
+    trainer = UnlearningTrainer(model, training_args(tmp_path), method=config, train_dataset=data)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3 and all(math.isfinite(log["loss"]) for log in logs)
+    with torch.no_grad():
+        expected = float(naive_new_method_loss(config, stock, data, seed=0))
+    assert logs[0]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    pairs = zip(model.named_parameters(), stock.named_parameters(), strict=True)
+    moved = {name for (name, p), (_, q) in pairs if not torch.equal(p, q)}
+    if method == "rmu":
+        assert moved == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    else:
+        assert len(moved) == len(list(model.parameters()))
+
+
 def test_unlearning_trainer_gradient_accumulation(tmp_path, tokenizer):
     """GA=2 over micro-batches of 2 gives the mean of the micro-batch NPO losses (2/beta ln 2 at step 1)."""
     model = qa_model(tokenizer)
@@ -416,9 +491,7 @@ def test_add_reference_logprobs_values_and_cache(tmp_path, tokenizer):
     model = qa_model(tokenizer)
     data = qa_dataset(tokenizer, QA[:4])
     messages = []
-    first = add_reference_logprobs(
-        data, model, tokenizer, batch_size=3, cache_dir=tmp_path, log=messages.append
-    )
+    first = add_reference_logprobs(data, model, tokenizer, batch_size=3, cache_dir=tmp_path, log=messages.append)
     again = add_reference_logprobs(data, model, tokenizer, cache_dir=tmp_path, log=messages.append)
     assert "cache miss" in messages[0] and "cache hit" in messages[-1]
     assert first["ref_logp"] == again["ref_logp"]
@@ -476,9 +549,7 @@ def test_peft_lora_trains_adapters_only_without_full_logits(monkeypatch, tmp_pat
     peft_model = peft.get_peft_model(base, peft.LoraConfig(**lora))
     frozen = {n: p.clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
     adapters = {n: p.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    trainer = UnlearningTrainer(
-        peft_model, training_args(tmp_path, max_steps=2), method="npo", train_dataset=data
-    )
+    trainer = UnlearningTrainer(peft_model, training_args(tmp_path, max_steps=2), method="npo", train_dataset=data)
     trainer.train()
     params = dict(peft_model.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
@@ -538,9 +609,7 @@ def test_trl_fused_dpo_with_precomputed_reference_columns(tmp_path, tokenizer):
 
     model = qa_model(tokenizer, seed=7)
     initial = copy.deepcopy(model)
-    trainer = FusedDPOTrainer(
-        model, args=dpo_args(tmp_path / "a"), train_dataset=with_ref, processing_class=tokenizer
-    )
+    trainer = FusedDPOTrainer(model, args=dpo_args(tmp_path / "a"), train_dataset=with_ref, processing_class=tokenizer)
     prepared = trainer.train_dataset
     assert prepared["ref_chosen_logps"] == ref_chosen  # used as given, not recomputed
 
@@ -574,9 +643,7 @@ def test_trl_fused_dpo_with_precomputed_reference_columns(tmp_path, tokenizer):
         train_dataset=data,
         processing_class=tokenizer,
     )
-    torch.testing.assert_close(
-        torch.tensor(fused.train_dataset["ref_chosen_logps"]), chosen, atol=1e-4, rtol=1e-5
-    )
+    torch.testing.assert_close(torch.tensor(fused.train_dataset["ref_chosen_logps"]), chosen, atol=1e-4, rtol=1e-5)
     fused.train()
     stock = trl.DPOTrainer(
         qa_model(tokenizer, seed=7),

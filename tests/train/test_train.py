@@ -53,6 +53,15 @@ def config_for(tiny, out, **extra):
     return load_config(REPO / "configs" / "tiny_cpu.yaml", overrides(tiny, out, **extra))
 
 
+# What a method needs on the 2-layer tiny model: RMU's defaults name layers 5-7 of a 7B model.
+METHOD_OVERRIDES = {"rmu": {"method.rmu_layer": 1, "method.rmu_update_layers": "[0,1]"}}
+RMU_TRAINED = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def method_overrides(method):
+    return {"method.name": method, **METHOD_OVERRIDES.get(method, {})}
+
+
 def final_weights(out) -> dict:
     return load_file(Path(out) / "final" / "model.safetensors")
 
@@ -64,7 +73,7 @@ def final_weights(out) -> dict:
 def test_every_method_trains_and_exports(tiny, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    result = train(config_for(tiny, tmp_path / "run", **{"method.name": method}))
+    result = train(config_for(tiny, tmp_path / "run", **method_overrides(method)))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_memory_mib", "mean_forget_logp"):
@@ -73,8 +82,24 @@ def test_every_method_trains_and_exports(tiny, tmp_path, method):
     assert info["reference_cache_hit"] is (False if METHODS[method].ref_sets else None)
     exported = AutoModelForCausalLM.from_pretrained(result["final"])
     initial = AutoModelForCausalLM.from_pretrained(tiny["base"])
-    changed = [not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters(), strict=True)]
-    assert all(changed), "every parameter should move after two AdamW steps"
+    named = zip(exported.named_parameters(), initial.named_parameters(), strict=True)
+    changed = {name: not torch.equal(a, b) for (name, a), (_, b) in named}
+    if method == "rmu":  # RMU trains the chosen weights only
+        assert changed == {name: name in RMU_TRAINED for name in changed}
+    else:
+        assert all(changed.values()), "every parameter should move after two AdamW steps"
+
+
+@pytest.mark.parametrize("method", ["wga", "satimp", "ceu", "rmu"])
+def test_new_methods_train_through_the_cli(tiny, tmp_path, method):
+    from fastnpo.cli import main
+
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    assert main(args + overrides(tiny, tmp_path / "run", **method_overrides(method))) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    term = "rmu_forget" if method == "rmu" else method
+    assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r[term])) for r in records)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- first-step gradients
@@ -105,8 +130,44 @@ def naive_sequence_logprobs(model, items, pad_id):
     return (logp * mask).sum(1), mask.sum(1), logits, batch["labels"]
 
 
-def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0):
+def naive_token_logprobs(logits, labels):
+    """Per-token log-probs [B, T-1] of the shifted targets and their mask, from full logits."""
+    targets = labels[:, 1:]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return logp, targets != -100
+
+
+def naive_rmu_loss(model, reference, items, pad_id, config, seed):
+    """RMU from the WMDP paper with a LIVE frozen model: mean over attended positions of the
+    squared distance (mean over features) of layer rmu_layer's output to c*u (forget) and, times
+    alpha, to the frozen model's (retain)."""
+    from fastnpo.data import collate
+    from fastnpo.methods import rmu_control_vector
+
+    def layer_output(m, set_items):
+        batch = collate(set_items, pad_id)
+        seen = []
+        handle = m.model.layers[config.rmu_layer].register_forward_hook(lambda mod, a, out: seen.append(out))
+        m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        handle.remove()
+        out = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+        return out, batch["attention_mask"].bool()
+
+    def mse(a, b, mask):
+        return ((a - b) ** 2).mean(-1)[mask].mean()
+
+    forget, mask = layer_output(model, items["forget"])
+    control = rmu_control_vector(forget.shape[-1], config.rmu_steering_coeff, seed)
+    retain, retain_mask = layer_output(model, items["retain"])
+    with torch.no_grad():
+        frozen, _ = layer_output(reference, items["retain"])
+    return mse(forget, control, mask) + config.rmu_alpha * mse(retain, frozen, retain_mask)
+
+
+def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0, config=None):
     """Each method's loss written from its paper formula, with a LIVE reference model."""
+    if name == "rmu":
+        return naive_rmu_loss(model, reference, items, pad_id, config.method, config.run.seed)
     out = {k: naive_sequence_logprobs(model, v, pad_id) for k, v in items.items() if v}
     with torch.no_grad():
         ref = {k: naive_sequence_logprobs(reference, v, pad_id) for k, v in items.items() if v}
@@ -116,6 +177,23 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0):
         return -forget.sum() / forget_counts.sum()
     if name == "ga":
         return forget.sum() / forget_counts.sum()
+    if name in ("wga", "satimp"):
+        # -w * NLL per token with a stop-gradient weight, token-mean over the forget targets.
+        logp, mask = naive_token_logprobs(out["forget"][2], out["forget"][3])
+        p = logp.detach().exp()
+        m = config.method
+        w = p**m.wga_beta if name == "wga" else p**m.satimp_beta1 * (1 - p) ** m.satimp_beta2
+        return (w * logp)[mask].mean() + retain_nll
+    if name == "ceu":
+        # Cross-entropy toward softmax(logits) with the label's logit at -inf (detached), first
+        # answer token of each example skipped (open-unlearning's compute_batch_ceu).
+        logits, labels = out["forget"][2], out["forget"][3]
+        valid = labels != -100
+        labels = labels.masked_fill(valid & (valid.cumsum(-1) <= config.method.ceu_ignore_first), -100)
+        targets, shifted = labels[:, 1:], logits[:, :-1]
+        keep = targets != -100
+        target_logits = shifted[keep].detach().clone().scatter(-1, targets[keep][:, None], float("-inf"))
+        return F.cross_entropy(shifted[keep], target_logits.softmax(-1))
     if name == "graddiff":
         return forget.sum() / forget_counts.sum() + retain_nll
     npo = ((2 / beta) * F.softplus(beta * (forget - ref["forget"][0]))).mean()
@@ -145,13 +223,14 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0):
 def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, monkeypatch, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastnpo.methods import method_for
+    from fastnpo.methods import RMUState, method_for
     from fastnpo.train.setup import load_data
 
     beta = 0.7
-    config = config_for(
-        tiny, tmp_path / "run", **{"method.name": method, "method.beta": beta, "optim.max_grad_norm": 0}
-    )
+    # Exponents that give the tiny model's p ~ 1e-3 weights far from 0 and 1.
+    weights = {"method.wga_beta": 0.3, "method.satimp_beta1": 0.3, "method.satimp_beta2": 2.0}
+    extra = {**method_overrides(method), "method.beta": beta, "optim.max_grad_norm": 0, **weights}
+    config = config_for(tiny, tmp_path / "run", **extra)
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     with pytest.raises(StopIteration):
         train(config)
@@ -161,9 +240,11 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
     reference = copy.deepcopy(model).eval()
     _, batches = load_data(config, tokenizer, method_for(method), 1)
     items = batches.next_items()
-    loss = naive_method_loss(method, model, reference, items, tokenizer.pad_token_id, beta)
+    if method == "rmu":
+        RMUState(config.method, model, seed=config.run.seed).select_trainable(model)
+    loss = naive_method_loss(method, model, reference, items, tokenizer.pad_token_id, beta, config=config)
     loss.backward()
-    expected = [p.grad for p in model.parameters()]
+    expected = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(expected) == len(CaptureGradients.captured)
     for got, want in zip(CaptureGradients.captured, expected, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
@@ -323,6 +404,16 @@ def test_existing_finished_run_is_not_overwritten(tiny, tmp_path):
         ("data.batch_size=0", "batch_size"),
         ("noequals", "key=value"),
         ("model.lora.r=0", None),
+        ("method.wga_beta=0", "method.wga_beta: must be > 0"),
+        ("method.satimp_beta1=-1", "method.satimp_beta1: must be > 0"),
+        ("method.satimp_beta2=0", "method.satimp_beta2: must be > 0"),
+        ("method.ceu_ignore_first=-1", "method.ceu_ignore_first: must be >= 0"),
+        ("method.rmu_layer=-1", "method.rmu_layer: must be >= 0"),
+        ("method.rmu_update_layers=[5,9]", r"method.rmu_update_layers: must be .* \[0, method.rmu_layer=7\]"),
+        ("method.rmu_update_layers=[]", "method.rmu_update_layers"),
+        ("method.rmu_params=[]", "method.rmu_params: must name at least one"),
+        ("method.rmu_steering_coeff=0", "method.rmu_steering_coeff: must be > 0"),
+        ("method.rmu_alpha=-1", "method.rmu_alpha: must be >= 0"),
     ],
 )
 def test_config_rejects_bad_keys_and_values(override, match):
@@ -344,18 +435,30 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"method.rmu_layer": 7}, r"method.rmu_layer: the model has 2 decoder layers, got 7"),
+        ({**METHOD_OVERRIDES["rmu"], "method.rmu_params": "[mlp.up_proj.bias]"}, r"method.rmu_params: no parameter"),
+        ({**METHOD_OVERRIDES["rmu"], "model.lora.enabled": True}, r"model.lora.enabled: method rmu"),
+    ],
+)
+def test_rmu_refuses_what_the_model_does_not_have(tiny, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        train(config_for(tiny, tmp_path / "run", **{"method.name": "rmu", **extra}))
+    assert not (tmp_path / "run" / "final").exists()
+
+
 # ----------------------------------------------------------------------------- options
 
 
-def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["npo_rt", "ceu", "rmu"])
+def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch, method):
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     grads = {}
     for packing in (False, True):
-        config = config_for(
-            tiny,
-            tmp_path / f"run{packing}",
-            **{"method.name": "npo_rt", "data.packing": packing, "data.pack_tokens": 128, "optim.max_grad_norm": 0},
-        )
+        extra = {**method_overrides(method), "data.packing": packing, "data.pack_tokens": 128}
+        config = config_for(tiny, tmp_path / f"run{packing}", **extra, **{"optim.max_grad_norm": 0})
         with pytest.raises(StopIteration):
             train(config)
         grads[packing] = CaptureGradients.captured
@@ -455,10 +558,14 @@ def ragged_forget(tiny, tmp_path):
     return write_jsonl(tmp_path / "f9.jsonl", rows)
 
 
-def assert_same_training(split_run, one_batch_run, initial):
+def assert_same_training(split_run, one_batch_run, initial, trained=None):
+    """trained: the keys that train (default all); the others must not move at all."""
     split, single = final_weights(split_run), final_weights(one_batch_run)
     assert split.keys() == single.keys()
     for key in single:
+        if trained is not None and key not in trained:
+            assert torch.equal(split[key], initial[key]) and torch.equal(single[key], initial[key]), key
+            continue
         moved = (single[key] - initial[key]).abs().max().item()
         assert moved > 1e-4, key
         # Reduction order differs between the runs; see test_two_processes_match_one_process.
@@ -467,7 +574,7 @@ def assert_same_training(split_run, one_batch_run, initial):
 
 def ragged_overrides(tiny, tmp_path, method, batch, **extra):
     common = {
-        "method.name": method,
+        **method_overrides(method),
         "data.forget": ragged_forget(tiny, tmp_path),
         "data.batch_size": batch,
         "data.retain_batch_size": batch,
@@ -491,7 +598,9 @@ def test_grad_accum_over_an_empty_micro_batch_matches_one_big_batch(tiny, tmp_pa
     for record, reference in zip(accumulated, big, strict=True):
         for key in ("loss", "mean_forget_logp", *(k for k in ("retain_nll", "kl") if k in reference)):
             assert record[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-5), (record["step"], key)
-    assert_same_training(tmp_path / "accum", tmp_path / "big", load_file(Path(tiny["base"]) / "model.safetensors"))
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    trained = RMU_TRAINED if method == "rmu" else None
+    assert_same_training(tmp_path / "accum", tmp_path / "big", initial, trained)
 
 
 @pytest.mark.parametrize("method", ["npo_rt", "idkdpo"])

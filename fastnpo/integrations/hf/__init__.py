@@ -6,7 +6,8 @@ Three routes, from the least to the most invasive:
   token-mean cross-entropy computed by fastnpo's fused linear + log-softmax op, with ``logits=None``.
   Works with any ``transformers.Trainer`` (and PEFT/LoRA) as is.
 - ``UnlearningTrainer`` (trainer.py): a ``transformers.Trainer`` that minimises a fastnpo loss (NPO,
-  GA, GradDiff, NPO+RT, SimNPO, IdkDPO) on datasets whose cached reference log-probs travel as columns.
+  GA, GradDiff, NPO+RT, SimNPO, IdkDPO, WGA, SatImp, CE-U, RMU) on datasets whose cached reference
+  log-probs travel as columns.
 - ``add_reference_logprobs`` / ``pair_with_retain`` / ``UnlearningCollator`` (data.py): the data side.
 """
 

@@ -66,11 +66,13 @@ class FusedCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast from a patched model: logits=None, plus per-sequence log-probs when asked.
 
     sequence_logps: fp32 [B], summed log-probs of each row's target tokens (differentiable);
-    token_counts: int64 [B], the number of target tokens of each row.
+    token_counts: int64 [B], the number of target tokens of each row;
+    token_term: what the forward keyword ``fastnpo_token_term`` computed (see _loss_forward).
     """
 
     sequence_logps: torch.FloatTensor | None = None
     token_counts: torch.LongTensor | None = None
+    token_term: torch.FloatTensor | None = None
 
 
 class PatchHandle:
@@ -214,6 +216,7 @@ def _is_zero(logits_to_keep) -> bool:
 def _patched_forward(self, *args, **kwargs):
     handle = self.__dict__.get(_ATTR)
     want = kwargs.pop("return_sequence_logprobs", None)
+    token_term = kwargs.pop("fastnpo_token_term", None)
     if handle is None:  # a copy made without the handle: behave like the class
         return type(self).forward(self, *args, **kwargs)
     if len(args) > len(handle.positional):
@@ -225,10 +228,13 @@ def _patched_forward(self, *args, **kwargs):
     if not handle.active or kwargs.get("labels") is None or not _is_zero(kwargs.get("logits_to_keep")):
         return handle.original(**kwargs)
     want = handle.return_sequence_logprobs if want is None else bool(want)
-    return _loss_forward(self, handle, kwargs, want)
+    return _loss_forward(self, handle, kwargs, want or token_term is not None, token_term)
 
 
-def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool):
+def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool, token_term=None):
+    """token_term: None, or fn(token_logps [B, T], hidden [B, T, D], weight [V, D], targets [B, T])
+    -> tensor, computed here, inside the forward (under FSDP the lm_head weight is gathered only
+    there): the per-token methods' forget term (UnlearningTrainer)."""
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -274,6 +280,8 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
         sequence_logps = tokens.sum(dim=1)
         token_counts = mask.sum(dim=1)
         loss = -sequence_logps.sum() / denominator
+        if token_term is not None:
+            token_term = token_term(tokens, hidden, weight, targets)
     else:
         loss = fused_sequence_loss(
             hidden.reshape(batch * length, dim),
@@ -293,5 +301,6 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
         attentions=getattr(outputs, "attentions", None),
         sequence_logps=sequence_logps,
         token_counts=token_counts,
+        token_term=token_term,
     )
     return out if return_dict else out.to_tuple()

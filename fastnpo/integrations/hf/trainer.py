@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer
 
-from ...methods import METHODS, MethodConfig, loss_terms, method_for
+from ...methods import METHODS, MethodConfig, RMUState, forget_token_term, loss_terms, method_for, scored_targets
 from ...ops import IGNORE_INDEX
 from .data import PREFIXES, UnlearningCollator, column_prefix, dataset_columns, default_pad_token_id, pad_right
 from .patch import patch_model, unwrap
@@ -46,6 +46,8 @@ def _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, avera
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
         if beta is None:
             beta = 2.5 if method == "simnpo" else 0.1
+        # The per-token methods and RMU have their own parameters (MethodConfig's wga_beta, ...):
+        # pass method=MethodConfig(name=..., ...) to set them.
         config = MethodConfig(
             name=method,
             beta=beta,
@@ -75,12 +77,17 @@ def _check_columns(method_name: str, **splits) -> None:
 class UnlearningTrainer(Trainer):
     """transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs.
 
-    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune (fastnpo.methods). The
-    forget rows are ``input_ids`` / ``labels`` (+ ``ref_logp`` for npo, npo_rt, idkdpo), the
-    retain rows ``retain_*`` (graddiff, npo_rt, simnpo, idkdpo), IdkDPO's refusals ``idk_*``
-    (+ ``idk_ref_logp``); optional per-example ``weight``. beta defaults to 2.5 for simnpo
-    and 0.1 otherwise; forget_coeff / retain_coeff weight the two terms (GradDiff's gamma /
-    alpha, NPO+RT's coefficients, SimNPO's lambda).
+    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune | wga | satimp | ceu | rmu
+    (fastnpo.methods), or a MethodConfig (to set the per-method parameters: wga_beta,
+    satimp_beta1/2, ceu_ignore_first, rmu_*). The forget rows are ``input_ids`` / ``labels``
+    (+ ``ref_logp`` for npo, npo_rt, idkdpo), the retain rows ``retain_*`` (graddiff, npo_rt,
+    simnpo, idkdpo, wga, satimp, rmu), IdkDPO's refusals ``idk_*`` (+ ``idk_ref_logp``);
+    optional per-example ``weight``. beta defaults to 2.5 for simnpo and 0.1 otherwise;
+    forget_coeff / retain_coeff weight the two terms (GradDiff's gamma / alpha, NPO+RT's
+    coefficients, SimNPO's lambda). WGA, SatImp and CE-U compute their per-token term inside the
+    patched forward (no logits); RMU freezes every parameter but method.rmu_params of
+    method.rmu_update_layers when the trainer is built, and keeps frozen copies of the layers it
+    steers through (methods.RMUState), not a second model.
 
     One forward over the forget, retain and idk rows of the micro-batch through the patched
     model (no logits); each term is its micro-batch mean and the Trainer divides by the
@@ -113,6 +120,13 @@ class UnlearningTrainer(Trainer):
         config = _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, average_logprobs)
         self.method_config, self.method = config, method_for(config.name)
         self.patch_handle = patch_model(model, impl=impl)
+        self.rmu = None
+        if self.method.activations:
+            if unwrap(model) is not model and type(model).__module__.startswith("peft"):
+                raise ValueError("method 'rmu' trains method.rmu_params directly: pass the model without LoRA adapters")
+            seed = args.seed if args is not None else 42
+            self.rmu = RMUState(config, unwrap(model), seed=seed)
+            self.rmu.select_trainable(unwrap(model))
         _check_columns(config.name, train_dataset=train_dataset, eval_dataset=eval_dataset)
         if data_collator is None:
             data_collator = UnlearningCollator(pad_token_id=default_pad_token_id(processing_class, unwrap(model)))
@@ -169,7 +183,19 @@ class UnlearningTrainer(Trainer):
             if column not in inputs:
                 raise _missing_column(column, name)
         batch, rows = self._joint_batch(inputs)
-        outputs = model(**batch, use_cache=False, return_sequence_logprobs=True)
+        extra, activations = {}, None
+        if self.method.token_term:
+            extra["fastnpo_token_term"] = self._token_term(batch, rows["forget"])
+        if self.rmu is not None:
+            with self.rmu.capture(unwrap(model)):
+                outputs = model(**batch, use_cache=False, return_sequence_logprobs=True)
+            attended = batch["attention_mask"] > 0
+            masks = {s: torch.zeros_like(attended) for s in rows}
+            for s, r in rows.items():
+                masks[s][r] = attended[r]
+            activations = self.rmu.terms(masks["forget"], masks["retain"])
+        else:
+            outputs = model(**batch, use_cache=False, return_sequence_logprobs=True, **extra)
         sequence_logps = getattr(outputs, "sequence_logps", None)
         if sequence_logps is None:
             raise RuntimeError(
@@ -181,7 +207,15 @@ class UnlearningTrainer(Trainer):
         ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in self.method.ref_sets}
         weights = inputs.get("weight")
         weights = None if weights is None else weights.to(sequence_logps)
-        terms = loss_terms(self.method_config, logps, counts, ref_logps, weights=weights)
+        terms = loss_terms(
+            self.method_config,
+            logps,
+            counts,
+            ref_logps,
+            weights=weights,
+            token_term=outputs.token_term if self.method.token_term else None,
+            activations=activations,
+        )
         loss = sum(term.coeff * term.value for term in terms.values())
         mode = "train" if model.training else "eval"
         for key, term in terms.items():
@@ -189,6 +223,18 @@ class UnlearningTrainer(Trainer):
         for set_name in self.method.sets:
             self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
         return (loss, outputs) if return_outputs else loss
+
+    def _token_term(self, batch: dict, forget_rows: slice):
+        """The per-token methods' forget term, as a function the patched forward calls."""
+        config = self.method_config
+
+        def term(token_logps, hidden, weight, targets):
+            rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
+            owner = torch.where(targets != IGNORE_INDEX, rows, -1)
+            scored = scored_targets(config, owner, forget_rows)
+            return forget_token_term(config, token_logps, hidden, weight, targets, scored)
+
+        return term
 
     def log(self, logs, start_time=None):
         mode = "train" if self.model.training else "eval"
