@@ -12,8 +12,8 @@ against the plan's "peak allocated" (fastnpo.train.memory_estimate.estimate) for
 The CUDA context and allocator reserve are reported beside it, not compared (the plan adds a
 fixed 1 GiB + 5% for them).
 
-The plan does not model optim.name=adamw_kahan yet; its case is measured and the plan's plain-AdamW
-number is printed beside it for reference (ratio column empty).
+The first H200 run (benchmarks/results/memory_plan_cuda_h200.md) predates the planner's model of
+optim.name=adamw_kahan: its Kahan row shows the plain-AdamW plan and no ratio.
 
 Writes <out-dir>/<out>.csv and <out>.md.
 """
@@ -148,7 +148,7 @@ def predicted(case: list, device_name: str) -> dict:
     from fastnpo.train.memory_estimate import Settings, estimate
     from fastnpo.train.memory_plan import model_shape
 
-    _name, model, _optim, checkpointing, rows, length = case
+    _name, model, optim, checkpointing, rows, length = case
     shape = model_shape(model_source(model))
     settings = Settings(
         dtype="bfloat16",
@@ -157,6 +157,7 @@ def predicted(case: list, device_name: str) -> dict:
         seq_len=length,
         padded=False,
         device="cuda" if device_name.startswith("cuda") else "cpu",
+        optimizer=optim,  # optim.state_dtype stays at its default (float32), as in the worker
     )
     e = estimate(shape, settings)
     return {"allocated": e.allocated, "total": e.total, "phase": e.peak_phase, "params": shape.params}
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
                 step_s=";".join(f"{s:.2f}" for s in got["step_s"]),
                 build_s=got["build_s"],
             )
-            if optim == "adamw" and args.device.startswith("cuda"):  # CPU: a whole-process RSS, not comparable
+            if args.device.startswith("cuda"):  # CPU: a whole-process RSS, not comparable
                 row["predicted_over_measured"] = plan["allocated"] / got["peak_allocated"]
         rows.append(row)
         log("  " + json.dumps({k: v for k, v in row.items() if k not in ("model",)}, default=str))

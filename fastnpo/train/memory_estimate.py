@@ -9,10 +9,13 @@ What fastnpo does, and so what is modelled (setup.py, sharding.py, step.py, ops/
   they are all fp32 and distributed.mixed_precision=bf16 computes in bf16 (FSDP2
   MixedPrecisionPolicy when sharded: bf16 all-gathers, fp32 gradient reduce-scatter;
   autocast when not sharded, which keeps a bf16 copy of every weight during the step).
-- torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; on CUDA its
-  foreach step allocates one more state-sized list (sqrt(exp_avg_sq)), on CPU the per-tensor
-  step two temporaries of the largest tensor. Gradients exist from the backward to the end of
-  the optimizer step (zero_grad(set_to_none=True)).
+- optim.name=adamw: torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype;
+  on CUDA its foreach step allocates one more state-sized list (sqrt(exp_avg_sq)), on CPU the
+  per-tensor step two temporaries of the largest tensor. optim.name=adamw_kahan (KahanAdamW,
+  bf16 parameters): exp_avg and exp_avg_sq in optim.state_dtype plus a compensation buffer in
+  the parameter's dtype; its step works on flat pieces of at most CHUNK_ELEMENTS and keeps
+  STEP_TEMPORARIES fp32 copies of one piece (optimizers.py). Gradients exist from the backward
+  to the end of the optimizer step (zero_grad(set_to_none=True)).
 - FSDP2 (one unit per decoder layer + the root): each GPU holds 1/world of parameters,
   gradients and state; the root unit (embeddings, final norm, lm_head) stays unsharded through
   the step (FSDP2 never reshards the root after forward), and up to two decoder layers are
@@ -38,6 +41,7 @@ What fastnpo does, and so what is modelled (setup.py, sharding.py, step.py, ops/
 from dataclasses import dataclass, field, replace
 
 from ..ops.chunked import CHUNK_ELEMENTS
+from . import optimizers
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS / cuDNN workspaces, kernels (not in torch's allocator)
@@ -88,6 +92,8 @@ class Settings:
     lora: bool = False
     live_reference_rows: int = 0  # NPO+KL: retain rows whose full logits are built
     device: str = "cuda"  # "cuda" or "cpu" (the CPU path of the fused op, per-tensor AdamW)
+    optimizer: str = "adamw"  # optim.name: "adamw" or "adamw_kahan"
+    state_dtype: str = "float32"  # optim.state_dtype (adamw_kahan's moments; adamw: the parameters')
 
     @property
     def tokens(self) -> int:
@@ -165,6 +171,28 @@ def _fused_op(shape: ModelShape, s: Settings, c: int) -> tuple[int, int]:
     return keep, backward
 
 
+def state_bytes_per_parameter(s: Settings) -> int:
+    """Optimizer state per trainable parameter: m and v (+ KahanAdamW's compensation buffer)."""
+    p = DTYPE_BYTES[s.dtype]
+    if s.optimizer == "adamw_kahan":
+        return 2 * DTYPE_BYTES[s.state_dtype] + p
+    return 2 * p
+
+
+def _optimizer(shape: ModelShape, s: Settings, trainable: int, world: int) -> tuple[int, int]:
+    """(optimizer state, the step's temporaries), bytes per GPU."""
+    p = DTYPE_BYTES[s.dtype]
+    state = trainable * state_bytes_per_parameter(s) // world
+    largest = -(-min(shape.largest_tensor, trainable) // world)  # one rank's shard of it
+    if s.optimizer == "adamw_kahan":  # flat pieces of one tensor at a time, all arithmetic in fp32
+        step_temp = optimizers.STEP_TEMPORARIES * 4 * min(largest, optimizers.CHUNK_ELEMENTS)
+    elif s.device == "cuda":
+        step_temp = trainable * p // world  # foreach: sqrt(exp_avg_sq) of every tensor at once
+    else:
+        step_temp = 2 * largest * p  # per tensor: sqrt, then / bias correction
+    return state, step_temp
+
+
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
     p, c = DTYPE_BYTES[s.dtype], compute_bytes(s)
     world = s.gpus if s.sharded else 1
@@ -174,11 +202,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
 
     params = shape.params * p // world
     grads = trainable * p // world
-    state = 2 * trainable * p // world
-    if s.device == "cuda":
-        step_temp = trainable * p // world  # foreach: sqrt(exp_avg_sq) of every tensor at once
-    else:
-        step_temp = 2 * min(shape.largest_tensor, trainable) * p  # per tensor: sqrt, then / bias correction
+    state, step_temp = _optimizer(shape, s, trainable, world)
     autocast_copies = 2 * shape.linear_params if autocast(s) else 0
 
     # FSDP2: the root unit stays unsharded through the step; two layers unsharded at a time.
@@ -229,7 +253,13 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     else:
         overhead = 0
     notes = list(shape.notes)
-    if p == 2 and s.device == "cuda":
+    if s.optimizer == "adamw_kahan":
+        notes.append(
+            f"optim.name=adamw_kahan: {s.dtype} parameters with a compensated (Kahan) update, moments in "
+            f"{s.state_dtype}: {p} + {p} + {state_bytes_per_parameter(s)} bytes per parameter (parameter, "
+            "gradient, m + v + compensation)"
+        )
+    elif p == 2 and s.device == "cuda":
         notes.append(
             f"model.dtype={s.dtype}: parameters, gradients and AdamW state are all {s.dtype} (fastnpo "
             "keeps no fp32 master copy); at lr ~1e-5 many updates fall below bf16's resolution and are "

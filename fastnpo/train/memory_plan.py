@@ -14,7 +14,16 @@ from pathlib import Path
 from ..config import ConfigError, load_structured
 from ..methods import METHODS
 from .config import Config
-from .memory_estimate import DTYPE_BYTES, FRAGMENTATION, GIB, ModelShape, Settings, estimate, with_settings
+from .memory_estimate import (
+    DTYPE_BYTES,
+    FRAGMENTATION,
+    GIB,
+    ModelShape,
+    Settings,
+    estimate,
+    state_bytes_per_parameter,
+    with_settings,
+)
 
 # Public config.json values (no hub access at plan or test time). Llama-3.x rope_scaling does
 # not change any parameter count and is left out.
@@ -171,6 +180,12 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
     fsdp = config.distributed.fsdp
     if fsdp == "off" and gpus > 1:
         raise ConfigError("distributed.fsdp: off with several GPUs: data parallelism needs FSDP here")
+    o = config.optim
+    if o.name == "adamw_kahan" and config.model.dtype != "bfloat16":  # as build_optimizer refuses it
+        raise ConfigError(
+            f"optim.name: adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16, "
+            f"got model.dtype={config.model.dtype!r} (use optim.name=adamw)"
+        )
     return Settings(
         dtype=config.model.dtype,
         mixed_precision=config.distributed.mixed_precision,
@@ -182,6 +197,8 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         lora=config.model.lora.enabled,
         live_reference_rows=d.retain_batch_size if method.live_reference else 0,
         device=device,
+        optimizer=o.name,
+        state_dtype=o.state_dtype,
     )
 
 
@@ -213,18 +230,26 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
             if gpus > s.gpus and fits(with_settings(ckpt, gpus=gpus, sharded=True)):
                 out.append(f"{gpus} GPUs with FSDP2 ({launch(gpus)}), activation checkpointing on")
                 break
-    if s.dtype == "float32" and fits(with_settings(ckpt, dtype="bfloat16")):
+    if s.dtype == "float32" and s.optimizer == "adamw" and fits(with_settings(ckpt, dtype="bfloat16")):
         out.append("model.dtype=bfloat16 (halves parameters, gradients and AdamW state; no fp32 master: see the note)")
+    lean = with_settings(ckpt, state_dtype="bfloat16")
+    if s.optimizer == "adamw_kahan" and s.state_dtype == "float32" and fits(lean):
+        out.append("optim.state_dtype=bfloat16 (adamw_kahan's moments in bf16: 4 bytes per parameter less)")
     per_param = per_param_budget(shape, ckpt, budget)
     trainable = shape.lora_params if s.lora else shape.params
-    used = 4 * DTYPE_BYTES[s.dtype]
+    p = DTYPE_BYTES[s.dtype]
+    used = 2 * p + state_bytes_per_parameter(s)
+    held = f"{used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them"
+    if s.optimizer == "adamw_kahan":
+        state = state_bytes_per_parameter(s)
+        kind = f"adamw_kahan here: {used} = {p} + {p} + {state} (parameter, gradient, m + v + compensation)"
+    else:
+        kind = f"plain AdamW here: {used} = {p} x (parameter, gradient, m, v)"
     out.append(
         f"not available yet (issue 16 item 2): 8-bit optimizer state, the optimizer step in the backward, "
-        f"CPU offload of optimizer state (optim.name=adamw_kahan with optim.state_dtype=bfloat16 exists but this "
-        f"plan models plain AdamW). At this micro-batch with checkpointing the GPU can afford "
+        f"CPU offload of optimizer state. At this micro-batch with checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
-        f"(plain AdamW here: {used} = {DTYPE_BYTES[s.dtype]} x (parameter, gradient, m, v) plus the step's "
-        f"temporaries, {used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them)"
+        f"({kind} plus the step's temporaries, {held})"
     )
     return out
 

@@ -15,6 +15,7 @@ from fastnpo.config import ConfigError
 from fastnpo.train.config import Config
 from fastnpo.train.memory_estimate import GIB, Settings, estimate
 from fastnpo.train.memory_plan import KNOWN_MODELS, model_shape, plan, run_plan
+from fastnpo.train.optimizers import STEP_TEMPORARIES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,6 +119,42 @@ def test_recommended_configs():
     assert any(item.startswith("16 GPUs") for item in r70["suggestions"])
 
 
+def test_adamw_kahan_is_planned_from_the_config(shapes):
+    """optim.name / optim.state_dtype reach the estimate: KahanAdamW's state is m + v in
+    state_dtype plus a bf16 compensation buffer, its step 3 fp32 pieces of 2^24 elements (not a
+    state-sized foreach copy). On an H200 the 8B step with the whole-tensor update (six fp32
+    copies of the 525 M-element embedding) measured 119304 MiB: this plan plus those copies."""
+    from fastnpo.train.memory_plan import settings_from_config
+
+    shape = shapes["meta-llama/Llama-3.1-8B"]
+    mib = 2**20
+    results = {}
+    for state_dtype, per_param in (("float32", 10), ("bfloat16", 6)):
+        config = npo_rt_config(**{"optim.name": "adamw_kahan", "optim.state_dtype": state_dtype})
+        s = settings_from_config(config, gpus=1)
+        assert (s.optimizer, s.state_dtype) == ("adamw_kahan", state_dtype)
+        e = estimate(shape, Settings(**{**s.__dict__, "padded": False}))  # as the GPU run: equal lengths
+        assert e.components["optimizer state"] == shape.params * per_param
+        assert e.components["optimizer step temporaries"] == 3 * 4 * 2**24
+        assert e.peak_phase == "optimizer step"
+        results[state_dtype] = e.allocated / mib
+    whole_tensor_step = (6 * 4 * shape.largest_tensor - 3 * 4 * 2**24) / mib
+    assert abs(results["float32"] + whole_tensor_step - 119304) / 119304 < 0.01, results
+    adamw = estimate(
+        shape, Settings(dtype="bfloat16", activation_checkpointing=True, rows=8, seq_len=512, padded=False)
+    )
+    assert abs(adamw.allocated / mib - 76647) / 76647 < 0.01  # the H200's plain-AdamW measurement
+    # bf16 moments: the compensation buffer costs what the foreach AdamW step's sqrt(v) copy does
+    assert abs(results["bfloat16"] - adamw.allocated / mib) < 256
+    plain = plan(npo_rt_config(), model="meta-llama/Llama-3.1-8B", gpu_gib=80.0)
+    kahan = plan(npo_rt_config(**{"optim.name": "adamw_kahan"}), model="meta-llama/Llama-3.1-8B", gpu_gib=80.0)
+    assert plain["fits"] and not kahan["fits"]
+    assert any(item.startswith("optim.state_dtype=bfloat16") for item in kahan["suggestions"])
+    assert any("adamw_kahan" in note for note in kahan["notes"])
+    with pytest.raises(ConfigError, match=r"optim\.name.*model\.dtype=bfloat16"):
+        plan(npo_rt_config(**{"optim.name": "adamw_kahan", "model.dtype": "float32"}), model="meta-llama/Llama-3.2-1B")
+
+
 class PlanParser:
     """`fastnpo plan`'s own argument parser (fastnpo/cli.py)."""
 
@@ -190,20 +227,23 @@ def measure_worker() -> dict:
         def lookup(self, name, index):
             return torch.full((len(index),), -50.0), None
 
-    def step_once(model_config: dict, steps: int, measure: bool, checkpointing: bool, start: int = 0):
+    def step_once(model_config: dict, steps: int, measure: bool, checkpointing: bool, start: int = 0, optim="adamw"):
+        dtype = "bfloat16" if optim == "adamw_kahan" else "float32"
         config = load_structured(
             Config,
             None,
             [
                 "method.name=npo_rt",
                 "model.impl=torch",
+                f"model.dtype={dtype}",
+                f"optim.name={optim}",
                 f"distributed.activation_checkpointing={checkpointing}",
                 f"data.batch_size={ROWS}",
                 f"data.retain_batch_size={ROWS}",
                 f"data.max_length={LENGTH}",
             ],
         )
-        model = LlamaForCausalLM(LlamaConfig(**model_config, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(LlamaConfig(**model_config, attn_implementation="sdpa")).to(getattr(torch, dtype))
         train_model = wrap_model(config, model, None, info)
         optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
         ctx = StepContext(config, METHODS["npo_rt"], info, train_model, SimpleNamespace(pad_token_id=0), Ref(), None)
@@ -236,24 +276,50 @@ def measure_worker() -> dict:
     torch.set_num_threads(2)
     micro = dict(SMALL, vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     step_once(micro, 1, measure=False, checkpointing=True)
+    step_once(micro, 1, measure=False, checkpointing=True, optim="adamw_kahan")
     out = {}
-    for checkpointing in (False, True):
+    for name, checkpointing, optim in ((str(False), False, "adamw"), (str(True), True, "adamw"), KAHAN_CASE):
         clean()
-        held, extra = step_once(SMALL, 1, measure=True, checkpointing=checkpointing, start=rss())
-        out[str(checkpointing)] = {"held": held, "extra": extra, "peak": held + extra}
+        held, extra = step_once(SMALL, 1, measure=True, checkpointing=checkpointing, start=rss(), optim=optim)
+        out[name] = {"held": held, "extra": extra, "peak": held + extra}
+    out["kahan_step"] = kahan_step_peaks(clean)
     return out
 
 
-def predicted(checkpointing: bool) -> dict:
+def kahan_step_peaks(clean) -> dict:
+    """Peak resident-set growth during KahanAdamW steps of one 8 M-element bf16 parameter, in
+    pieces of 2 M elements and whole (a piece of 8 M)."""
+    import torch
+
+    from fastnpo.profiling import peak_memory_during
+    from fastnpo.train.optimizers import KahanAdamW
+
+    out = {}
+    for chunk in (2**21, 2**23):
+        w = torch.nn.Parameter(torch.randn(2**23).to(torch.bfloat16))
+        optimizer = KahanAdamW([w], lr=1e-3, chunk_elements=chunk)
+        w.grad = torch.randn(2**23).to(torch.bfloat16)
+        optimizer.step()
+        clean()
+        out[str(chunk)] = peak_memory_during(optimizer.step, "cpu")[1]
+        del w, optimizer
+    return out
+
+
+KAHAN_CASE = ("kahan", True, "adamw_kahan")  # bf16 parameters, float32 moments, checkpointing
+
+
+def predicted(checkpointing: bool, optim: str = "adamw") -> dict:
     config_json = dict(SMALL, model_type="llama")
     shape = model_shape(config_json)
     settings = Settings(
-        dtype="float32",
+        dtype="bfloat16" if optim == "adamw_kahan" else "float32",
         rows=2 * ROWS,
         seq_len=LENGTH,
         activation_checkpointing=checkpointing,
         padded=False,
         device="cpu",  # equal lengths: no padding mask, SDPA's native GQA
+        optimizer=optim,
     )
     return {"estimate": estimate(shape, settings), "shape": shape}
 
@@ -273,14 +339,26 @@ def measured_cpu():
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_plan_matches_measured_cpu_peak(measured_cpu, checkpointing):
-    measured = measured_cpu[str(checkpointing)]
-    e = predicted(checkpointing)["estimate"]
+@pytest.mark.parametrize(
+    ("case", "checkpointing", "optim"), [(str(False), False, "adamw"), (str(True), True, "adamw"), KAHAN_CASE]
+)
+def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim):
+    measured = measured_cpu[case]
+    e = predicted(checkpointing, optim)["estimate"]
     ratio = e.allocated / measured["peak"]
     print(
-        f"checkpointing={checkpointing}: measured {measured['peak'] / 2**20:.1f} MiB "
+        f"{optim} checkpointing={checkpointing}: measured {measured['peak'] / 2**20:.1f} MiB "
         f"(held {measured['held'] / 2**20:.1f}), predicted {e.allocated / 2**20:.1f} MiB "
         f"at {e.peak_phase!r}, ratio {ratio:.3f}"
     )
     assert 0.85 <= ratio <= 1.15, (measured, {k: v / 2**20 for k, v in e.phases.items()})
+
+
+def test_kahan_step_temporaries_match_the_plan(measured_cpu):
+    """KahanAdamW's step keeps STEP_TEMPORARIES fp32 copies of one piece (the planner's term):
+    2 M-element pieces 24 MiB (measured 24.0), the whole 8 M-element tensor 96 MiB (95.9; the
+    whole-tensor formula it replaced kept six copies, 192 MiB)."""
+    for chunk, peak in measured_cpu["kahan_step"].items():
+        expected = STEP_TEMPORARIES * 4 * int(chunk)
+        print(f"chunk {chunk}: measured {peak / 2**20:.1f} MiB, planned {expected / 2**20:.1f} MiB")
+        assert 0.85 * expected <= peak <= 1.15 * expected, (chunk, peak / 2**20)

@@ -13,7 +13,7 @@ from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
 from fastnpo.train.config import Config, ConfigError, load_config
-from fastnpo.train.optimizers import KahanAdamW
+from fastnpo.train.optimizers import STATE_DTYPES, KahanAdamW
 from fastnpo.train.setup import build_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,3 +193,60 @@ def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
     named = dict(initial.named_parameters())
     still = [n for n, p in exported.named_parameters() if torch.equal(p, named[n])]
     assert not still, f"every parameter should move after two steps: {still}"
+
+
+def reference_kahan_step(opt: KahanAdamW) -> None:
+    """KahanAdamW.step as first written (whole tensors, the formula of optimizers.py's
+    docstring, six fp32 temporaries of a tensor at once): the pieces must reproduce it bit for bit."""
+    for group in opt.param_groups:
+        lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            state = opt._state_for(p, group)
+            state["step"] += 1
+            t = state["step"].item()
+            param, grad = p.data, p.grad.float()
+            m_store, v_store, c_store = state["exp_avg"], state["exp_avg_sq"], state["comp"]
+            m = m_store.float().lerp(grad, 1 - beta1)
+            v = v_store.float().mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_store.copy_(m)
+            v_store.copy_(v)
+            denom = v.sqrt_().div_((1 - beta2**t) ** 0.5).add_(eps)
+            old = param.to(torch.float32, copy=True)
+            total = m.div_(denom).mul_(-lr / (1 - beta1**t)).sub_(old, alpha=lr * wd).add_(c_store.float())
+            param.copy_(old + total)
+            c_store.copy_(total.sub_(param.float() - old))
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_step_in_pieces_equals_the_whole_tensor_formula(state_dtype, dtype):
+    """Random parameters (a tensor split into pieces with a short last one, one smaller than a
+    piece, a non-contiguous one), gradients spanning eight orders of magnitude, five steps."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(517, 1031), (3, 5), (40, 70)]
+    initial = [(torch.randn(shape, generator=g) * 0.02).to(dtype) for shape in shapes]
+    initial[2] = initial[2].t()  # non-contiguous: updated whole
+    ours = [torch.nn.Parameter(w.clone()) for w in initial]
+    ref = [torch.nn.Parameter(w.clone()) for w in initial]
+    assert not ours[2].is_contiguous()
+    opt = KahanAdamW(ours, lr=1e-3, weight_decay=0.1, state_dtype=state_dtype, chunk_elements=2**14)
+    ref_opt = KahanAdamW(ref, lr=1e-3, weight_decay=0.1, state_dtype=state_dtype)
+    for _ in range(5):
+        for a, b in zip(ours, ref, strict=True):
+            scale = 10.0 ** torch.randint(-6, 2, a.shape, generator=g)
+            a.grad = (torch.randn(a.shape, generator=g) * scale).to(dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        reference_kahan_step(ref_opt)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "comp"):
+            assert torch.equal(opt.state[a][key], ref_opt.state[b][key]), key
+        assert opt.state[a]["exp_avg"].dtype == STATE_DTYPES[state_dtype]
+
+
+def test_chunk_elements_is_checked():
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    for bad in (0, 1000, 2.0**20):
+        with pytest.raises(ValueError, match="chunk_elements"):
+            KahanAdamW([w], chunk_elements=bad)
