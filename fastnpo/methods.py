@@ -25,13 +25,14 @@ from .losses import (
     rmu_activation_loss,
     satimp_token_weights,
     simnpo_from_logprobs,
+    undial_token_values,
     wga_token_weights,
 )
 
 
 @dataclass
 class MethodConfig:
-    """name: finetune | ga | graddiff | npo | npo_rt | npo_kl | simnpo | idkdpo | wga | satimp | ceu | rmu.
+    """name: finetune | ga | graddiff | npo | npo_rt | npo_kl | simnpo | idkdpo | wga | satimp | ceu | rmu | undial.
 
     forget_coeff scales the forget term (GradDiff's gamma, NPO+RT's npo_coeff); retain_coeff
     the retain NLL (GradDiff's alpha, NPO+RT's rt_coeff, SimNPO's lambda, IdkDPO's retain
@@ -51,6 +52,11 @@ class MethodConfig:
       rmu_steering_coeff (20) times a fixed random unit vector on forget data and kept at the frozen
       model's on retain data (weight rmu_alpha = 100, times retain_coeff); only the parameters
       named rmu_params (["mlp.down_proj.weight"]) of the layers rmu_update_layers ([5, 6, 7]) train.
+    - undial (UNDIAL, Dong et al., arXiv 2402.10052): token-mean over the forget answer tokens of
+      the cross-entropy toward the reference model's distribution with the label's logit lowered by
+      undial_beta (10, open-unlearning's configs/trainer/UNDIAL.yaml) before the softmax, detached;
+      no retain term (open-unlearning's alpha 0). The reference comes from UndialReference (cached
+      final hidden states of the forget answer tokens and the initial lm_head), not a second model.
     """
 
     name: str = "npo"
@@ -70,6 +76,7 @@ class MethodConfig:
     rmu_params: list[str] = field(default_factory=lambda: ["mlp.down_proj.weight"])
     rmu_steering_coeff: float = 20.0
     rmu_alpha: float = 100.0
+    undial_beta: float = 10.0
 
     def __post_init__(self):
         require_finite("method", self)
@@ -80,7 +87,7 @@ class MethodConfig:
         both = self.simnpo_gamma != 0 and self.delta != 0
         same = "and method.simnpo_gamma are one margin (gamma = beta * delta): set one"
         require(not both, "method.delta", same, self.delta)
-        for key in ("wga_beta", "satimp_beta1", "satimp_beta2", "rmu_steering_coeff"):
+        for key in ("wga_beta", "satimp_beta1", "satimp_beta2", "rmu_steering_coeff", "undial_beta"):
             require(getattr(self, key) > 0, f"method.{key}", "must be > 0", getattr(self, key))
         require(self.rmu_alpha >= 0, "method.rmu_alpha", "must be >= 0", self.rmu_alpha)
         require(self.ceu_ignore_first >= 0, "method.ceu_ignore_first", "must be >= 0", self.ceu_ignore_first)
@@ -99,6 +106,7 @@ class Method:
     live_reference: bool = False  # needs the reference model's full distribution (KL)
     token_term: bool = False  # the forget term is a per-token function of hidden states (forget_token_term)
     activations: bool = False  # RMU: a middle layer's activations (RMUState)
+    reference_hidden: bool = False  # UNDIAL: the reference's final hidden states of the forget answers
 
 
 METHODS = {
@@ -114,10 +122,11 @@ METHODS = {
     "satimp": Method(sets=("forget", "retain"), ref_sets=(), token_term=True),
     "ceu": Method(sets=("forget",), ref_sets=(), token_term=True),
     "rmu": Method(sets=("forget", "retain"), ref_sets=(), activations=True),
+    "undial": Method(sets=("forget",), ref_sets=(), token_term=True, reference_hidden=True),
 }
 
 # The unit of each per-token method's forget term: CE-U skips the first answer tokens.
-TOKEN_TERM_UNITS = {"wga": "tokens", "satimp": "tokens", "ceu": "scored"}
+TOKEN_TERM_UNITS = {"wga": "tokens", "satimp": "tokens", "ceu": "scored", "undial": "tokens"}
 
 
 def simnpo_gamma(config: MethodConfig) -> float:
@@ -252,11 +261,14 @@ def forget_token_term(
     weight: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A per-token method's forget term: the mean over the `scored` positions of its token loss.
 
     token_logps [R, L]: log-probs of the aligned targets (differentiable); hidden [R, L, D] and
-    weight [V, D] (CE-U only, which needs the whole distribution); scored [R, L] bool. 0 when no
+    weight [V, D] (CE-U and UNDIAL, which need the whole distribution); scored [R, L] bool.
+    reference (UNDIAL only): (the reference's final hidden states of the scored positions in
+    row-major order [K, D], the reference lm_head [V, D]), from UndialReference.gather. 0 when no
     position is scored (a stand-in set, or CE-U on one-token answers)."""
     name = config.name
     if name == "wga":
@@ -266,6 +278,10 @@ def forget_token_term(
         values = weights * token_logps
     elif name == "ceu":
         values = ceu_token_values(hidden, weight, targets, scored)
+    elif name == "undial":
+        if reference is None:
+            raise ValueError("method undial needs the reference hidden states and lm_head (UndialReference.gather)")
+        values = undial_token_values(hidden, weight, targets, scored, *reference, beta=config.undial_beta)
     else:
         raise ValueError(f"method {name} has no per-token forget term")
     return torch.where(scored, values, 0.0).sum() / max(1, int(scored.sum()))
@@ -409,3 +425,56 @@ def _masked_term(activations, target, mask) -> torch.Tensor:
     if not bool(mask.any()):  # a stand-in set: a zero that still reaches the graph
         return activations.sum() * 0.0
     return rmu_activation_loss(activations, target, mask)
+
+
+# ----------------------------------------------------------------------------- UNDIAL
+
+
+class UndialReference:
+    """What UNDIAL needs of the reference model (Dong et al., arXiv 2402.10052) without keeping it:
+    the initial model's final hidden states (after the final norm) of every forget example's answer
+    tokens, and one copy of the initial lm_head weight. The reference distribution at a forget
+    token is then softmax(h_ref @ W_ref.T), computed vocabulary chunk by chunk in the loss
+    (ops.undial_token_losses). Memory: answer tokens x D x 2 bytes (bf16 model; kept on the CPU,
+    a micro-batch's rows moved to the device per step) + V x D x 2 bytes (on the device); e.g.
+    TOFU forget10 at 7B (about 16k answer tokens, D 4096, V 32000): 134 MB + 262 MB.
+
+    hidden [T, D]: the examples' target rows concatenated; start / count [E] by example index
+    (count 0 for an index without an example); weight [V, D].
+    """
+
+    def __init__(self, hidden: torch.Tensor, start: torch.Tensor, count: torch.Tensor, weight: torch.Tensor):
+        self.hidden, self.start, self.count, self.weight = hidden, start.long(), count.long(), weight
+
+    @classmethod
+    def from_rows(cls, rows: dict[int, torch.Tensor], weight: torch.Tensor) -> "UndialReference":
+        """From each example's target rows {example index: [n_i, D]} (the reference pass's output)
+        and the lm_head weight (copied: training must not move it)."""
+        count = torch.zeros(max(rows, default=-1) + 1, dtype=torch.long)
+        for index, value in rows.items():
+            count[index] = value.shape[0]
+        empty = torch.zeros((0, weight.shape[1]), dtype=weight.dtype)
+        hidden = torch.cat([rows[i].cpu() for i in sorted(rows)]) if rows else empty
+        return cls(hidden, count.cumsum(0) - count, count, weight.detach().clone())
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size() + self.weight.numel() * self.weight.element_size()
+
+    def gather(self, example_index: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference hidden states [K, D] on the weight's device, the weight) of K target
+        positions: example_index [K] (the example's index in the forget set) and rank [K] (1-based
+        rank of the target among the example's targets)."""
+        example_index, rank = example_index.cpu().long(), rank.cpu().long()
+        known = (example_index >= 0) & (example_index < len(self.count))
+        count = torch.where(known, self.count[example_index.clamp(0, max(0, len(self.count) - 1))], 0)
+        bad = ~known | (rank < 1) | (rank > count)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"method undial: forget example {int(example_index[i])} has {int(count[i])} cached reference "
+                f"answer tokens, but target {int(rank[i])} was asked for (did the data change after the "
+                "reference pass?)"
+            )
+        rows = self.hidden.index_select(0, self.start[example_index] + rank - 1)
+        return rows.to(self.weight.device, non_blocking=True), self.weight

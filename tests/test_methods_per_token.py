@@ -176,6 +176,8 @@ def test_rmu_pieces():
         ({"rmu_update_layers": [5, 5]}, "method.rmu_update_layers"),
         ({"rmu_alpha": -1.0}, "method.rmu_alpha"),
         ({"rmu_steering_coeff": float("nan")}, "method.rmu_steering_coeff"),
+        ({"undial_beta": 0.0}, "method.undial_beta"),
+        ({"undial_beta": float("inf")}, "method.undial_beta"),
     ],
 )
 def test_method_config_names_the_bad_argument(kwargs, key):

@@ -10,6 +10,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     logprobs.py  the public token_logprobs / sequence_logprobs
     packed.py    per-example log-probs of packed rows
     ce_u.py      CE-U's per-token loss (vocabulary-chunked autograd function, no full logits)
+    undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
 """
 
 from .autograd import fused_sequence_loss, token_logprobs_flat
@@ -18,6 +19,7 @@ from .ce_u import ce_u_token_losses
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
 from .naive import naive_token_logprobs
 from .packed import packed_sequence_logprobs
+from .undial import undial_token_losses
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,4 +34,5 @@ __all__ = [
     "sequence_logprobs",
     "token_logprobs",
     "token_logprobs_flat",
+    "undial_token_losses",
 ]

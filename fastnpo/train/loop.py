@@ -4,7 +4,8 @@
 1. check the output folder and the data before any work (output.py);
 2. load the model; the reference log-probs: one pass of the initial model over every example a
    loss needs, cached on disk by content (refcache/); no reference model is kept afterwards
-   (except NPO+KL's frozen copy);
+   (except NPO+KL's frozen copy; UNDIAL keeps the reference's final hidden states of the forget
+   answer tokens and its lm_head in memory, setup.undial_reference);
 3. wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
 4. the steps (step.py), logged (logging.py) and checkpointed every run.checkpoint_every steps;
    with run.eval_every_epoch, an evaluation after each epoch and the best epoch kept
@@ -19,7 +20,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from .. import distributed
-from ..methods import RMUState, method_for
+from ..methods import RMUState, UndialReference, method_for
 from ..modeling import SequenceLogprobModel
 from ..profiling import reset_peak_memory
 from ..refcache import item_logprobs
@@ -36,6 +37,7 @@ from .setup import (
     load_example_weights,
     load_model,
     load_tokenizer,
+    undial_reference,
     wrap_model,
 )
 from .step import StepContext, TrainingDiverged, train_step
@@ -97,6 +99,7 @@ class _Run:
     step: int
     run_info: dict
     evaluation: EpochEvaluation | None = None
+    undial: UndialReference | None = None
 
 
 def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, evaluator=None) -> _Run:
@@ -117,6 +120,10 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     if method.ref_sets:
         ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
     rmu = _rmu_state(config, model) if method.activations else None
+    undial = None
+    if method.reference_hidden:  # UNDIAL: from the initial model, before any wrapping
+        undial = undial_reference(config, model, sets["forget"], tokenizer.pad_token_id)
+        log(f"undial reference: {undial.hidden.shape[0]} answer tokens, {undial.nbytes / 2**20:.1f} MiB")
     trainee = wrap_model(config, model, reference, info)
     steps_per_epoch = len(batches)
     if evaluation is not None:
@@ -151,6 +158,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
         step,
         run_info,
         evaluation,
+        undial,
     )
 
 
@@ -172,7 +180,9 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
     out, trainee, batches = Path(config.run.output_dir), run.trainee, run.batches
     optimizer, scheduler = run.optimizer, run.scheduler
     step, total_steps, steps_per_epoch = run.step, run.total_steps, len(batches)
-    context = StepContext(config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights, run.rmu)
+    context = StepContext(
+        config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights, run.rmu, run.undial
+    )
     logger = RunLogger(
         config, info, run.method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step
     )

@@ -16,7 +16,16 @@ import torch
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
-from ..methods import Method, RMUState, forget_token_term, loss_terms, scored_count, scored_targets
+from ..methods import (
+    Method,
+    RMUState,
+    UndialReference,
+    forget_token_term,
+    loss_terms,
+    scored_count,
+    scored_targets,
+    target_ranks,
+)
 from ..modeling import output_weight
 from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs
 from .config import Config, ConfigError
@@ -39,6 +48,7 @@ class StepContext:
     ref: object | None  # the cached reference log-probs (refcache), when the method has ref_sets
     example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
     rmu: RMUState | None = None  # RMU's frozen layers and steering vector (method rmu)
+    undial: UndialReference | None = None  # the reference's hidden states and lm_head (method undial)
 
     @property
     def micro_per_step(self) -> int:
@@ -137,7 +147,7 @@ def micro_batch_backward(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
         if ctx.method.token_term:
             logps_all, counts_all, token_term = token_method_forward(
-                ctx.model.wrapper, batch, ctx.config.method, rows["forget"]
+                ctx.model.wrapper, batch, ctx.config.method, rows["forget"], undial=ctx.undial
             )
             logits = None
         elif ctx.rmu is not None:
@@ -205,11 +215,12 @@ def example_of_positions(batch: dict) -> torch.Tensor:
     return torch.where(batch["attention_mask"] > 0, rows, -1)
 
 
-def token_method_forward(wrapper, batch: dict, method_config, forget_rows: slice):
-    """(logps [E], counts [E], forget term) of a per-token method (WGA, SatImp, CE-U).
+def token_method_forward(wrapper, batch: dict, method_config, forget_rows: slice, undial=None):
+    """(logps [E], counts [E], forget term) of a per-token method (WGA, SatImp, CE-U, UNDIAL).
 
     The token log-probs come from the fused op once, for every row: their per-example sums are
-    the usual logps, the forget rows' tokens feed the method's term. It runs AS the wrapper's
+    the usual logps, the forget rows' tokens feed the method's term (UNDIAL's with the cached
+    reference hidden states of those tokens, undial: UndialReference). It runs AS the wrapper's
     forward (an instance attribute for the call), so FSDP2's root hooks gather the lm_head weight
     and reduce its gradient as in SequenceLogprobModel.forward."""
 
@@ -229,7 +240,11 @@ def token_method_forward(wrapper, batch: dict, method_config, forget_rows: slice
             0, owner[keep], torch.ones_like(owner[keep])
         )
         scored = scored_targets(method_config, owner, forget_rows)
-        return logps, counts, forget_token_term(method_config, tokens, hidden, weight, targets, scored)
+        reference = None
+        if undial is not None:
+            index = batch["index"].to(owner.device)[owner[scored]]
+            reference = undial.gather(index, target_ranks(owner)[scored])
+        return logps, counts, forget_token_term(method_config, tokens, hidden, weight, targets, scored, reference)
 
     wrapper.forward = types.MethodType(forward, wrapper)
     try:

@@ -375,6 +375,7 @@ NEW_METHODS = {
     "satimp": MethodConfig(name="satimp", satimp_beta1=0.5, satimp_beta2=2.0),
     "ceu": MethodConfig(name="ceu"),
     "rmu": MethodConfig(name="rmu", rmu_layer=1, rmu_update_layers=[0, 1], rmu_steering_coeff=5.0),
+    "undial": MethodConfig(name="undial", undial_beta=3.0),
 }
 
 
@@ -411,6 +412,10 @@ def naive_new_method_loss(config, stock, data, seed):
         return (p**config.wga_beta * logp)[mask].mean() + retain_nll
     if config.name == "satimp":
         return (p**config.satimp_beta1 * (1 - p) ** config.satimp_beta2 * logp)[mask].mean() + retain_nll
+    if config.name == "undial":  # at the first step the reference is the model itself (a live copy)
+        shifted, ref = logits[:, :-1][mask], copy.deepcopy(stock)(**forget).logits.float()[:, :-1][mask]
+        onehot = torch.nn.functional.one_hot(targets[mask], shifted.shape[-1]).float()
+        return torch.nn.functional.cross_entropy(shifted, (ref - config.undial_beta * onehot).softmax(-1))
     valid = labels != -100  # CE-U: the first answer token of each row is not scored
     skipped = labels.masked_fill(valid & (valid.cumsum(-1) <= config.ceu_ignore_first), -100)[:, 1:]
     keep = skipped != -100
@@ -444,6 +449,34 @@ def test_unlearning_trainer_new_methods_first_step_loss(tmp_path, tokenizer, met
         assert moved == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
     else:
         assert len(moved) == len(list(model.parameters()))
+
+
+def test_unlearning_trainer_undial_keeps_the_initial_reference_and_refuses_unseen_rows(tmp_path, tokenizer):
+    """After training, the UNDIAL term is still taken toward the INITIAL model's distribution (its
+    cached hidden states and lm_head), whatever order the rows arrive in; a row the trainer has
+    not seen at construction has no reference and is refused."""
+    model = qa_model(tokenizer)
+    data = unlearning_data(tokenizer, model)
+    stock = copy.deepcopy(model)
+    config = MethodConfig(name="undial", undial_beta=3.0)
+    args = training_args(tmp_path, per_device_train_batch_size=2, per_device_eval_batch_size=4)
+    trainer = UnlearningTrainer(model, args, method=config, train_dataset=data)
+    trainer.train()
+    forget = set_batch(data)
+    with torch.no_grad():
+        unpatch_model(model)
+        logits = model(**forget).logits.float()[:, :-1]
+        patch_model(model)
+        ref = stock(**forget).logits.float()[:, :-1]
+    mask = forget["labels"][:, 1:] != -100
+    onehot = torch.nn.functional.one_hot(forget["labels"][:, 1:][mask], logits.shape[-1]).float()
+    target = (ref[mask] - 3.0 * onehot).softmax(-1)
+    expected = float(torch.nn.functional.cross_entropy(logits[mask], target))
+    assert not torch.equal(logits, ref)  # the model moved: a live-model target would differ
+    assert trainer.evaluate(data.select([3, 1, 0, 2]))["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    unseen = qa_dataset(tokenizer, QA[4:6])
+    with pytest.raises(ValueError, match="no cached reference hidden states"):
+        trainer.evaluate(unseen)
 
 
 def test_unlearning_trainer_gradient_accumulation(tmp_path, tokenizer):

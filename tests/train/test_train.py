@@ -90,7 +90,7 @@ def test_every_method_trains_and_exports(tiny, tmp_path, method):
         assert all(changed.values()), "every parameter should move after two AdamW steps"
 
 
-@pytest.mark.parametrize("method", ["wga", "satimp", "ceu", "rmu"])
+@pytest.mark.parametrize("method", ["wga", "satimp", "ceu", "rmu", "undial"])
 def test_new_methods_train_through_the_cli(tiny, tmp_path, method):
     from fastnpo.cli import main
 
@@ -194,6 +194,15 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0, co
         keep = targets != -100
         target_logits = shifted[keep].detach().clone().scatter(-1, targets[keep][:, None], float("-inf"))
         return F.cross_entropy(shifted[keep], target_logits.softmax(-1))
+    if name == "undial":
+        # Cross-entropy toward softmax(reference logits - beta * onehot(label)) (detached), token-mean
+        # over the forget answer tokens, the reference logits from the LIVE reference model.
+        logits, labels = out["forget"][2], out["forget"][3]
+        targets, shifted, ref_shifted = labels[:, 1:], logits[:, :-1], ref["forget"][2][:, :-1]
+        keep = targets != -100
+        onehot = F.one_hot(targets[keep], shifted.shape[-1]).to(ref_shifted.dtype)
+        soft = (ref_shifted[keep] - config.method.undial_beta * onehot).softmax(-1)
+        return F.cross_entropy(shifted[keep], soft)
     if name == "graddiff":
         return forget.sum() / forget_counts.sum() + retain_nll
     npo = ((2 / beta) * F.softplus(beta * (forget - ref["forget"][0]))).mean()
@@ -414,6 +423,8 @@ def test_existing_finished_run_is_not_overwritten(tiny, tmp_path):
         ("method.rmu_params=[]", "method.rmu_params: must name at least one"),
         ("method.rmu_steering_coeff=0", "method.rmu_steering_coeff: must be > 0"),
         ("method.rmu_alpha=-1", "method.rmu_alpha: must be >= 0"),
+        ("method.undial_beta=0", "method.undial_beta: must be > 0"),
+        ("method.undial_beta=-3", "method.undial_beta: must be > 0"),
     ],
 )
 def test_config_rejects_bad_keys_and_values(override, match):
@@ -452,7 +463,7 @@ def test_rmu_refuses_what_the_model_does_not_have(tiny, tmp_path, extra, match):
 # ----------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("method", ["npo_rt", "ceu", "rmu"])
+@pytest.mark.parametrize("method", ["npo_rt", "ceu", "rmu", "undial"])
 def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch, method):
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     grads = {}

@@ -8,9 +8,28 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer
 
-from ...methods import METHODS, MethodConfig, RMUState, forget_token_term, loss_terms, method_for, scored_targets
-from ...ops import IGNORE_INDEX
-from .data import PREFIXES, UnlearningCollator, column_prefix, dataset_columns, default_pad_token_id, pad_right
+from ...methods import (
+    METHODS,
+    MethodConfig,
+    RMUState,
+    UndialReference,
+    forget_token_term,
+    loss_terms,
+    method_for,
+    scored_targets,
+    target_ranks,
+)
+from ...modeling import SequenceLogprobModel, output_weight
+from ...ops import IGNORE_INDEX, aligned_labels
+from .data import (
+    PREFIXES,
+    UnlearningCollator,
+    _reference_items,
+    column_prefix,
+    dataset_columns,
+    default_pad_token_id,
+    pad_right,
+)
 from .patch import patch_model, unwrap
 
 __all__ = ["UnlearningTrainer"]
@@ -74,12 +93,84 @@ def _check_columns(method_name: str, **splits) -> None:
                     raise ValueError(f"{split}: {_missing_column(column, method_name)}")
 
 
+def _undial_key(input_ids, labels) -> tuple | None:
+    """What identifies a forget row's cached reference hidden states: its input ids up to its last
+    target and the target positions (the hidden states depend on nothing else); None without a
+    target. The same for a dataset row and for the row right-padded in a batch."""
+    input_ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
+    positions = tuple(t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX)
+    return (tuple(input_ids[: positions[-1] + 1]), positions) if positions else None
+
+
+@torch.no_grad()
+def _undial_reference(model, items: list[dict], pad_token_id: int, impl: str, batch_size: int = 8) -> UndialReference:
+    """The reference pass of UNDIAL: each item's final hidden states at its aligned targets."""
+    wrapper, device = SequenceLogprobModel(model, impl=impl), output_weight(model).device
+    rows: dict[int, torch.Tensor] = {}
+    items = sorted(items, key=lambda item: -len(item["input_ids"]))  # batches of similar lengths
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            ids = [torch.tensor(item["input_ids"], dtype=torch.long) for item in chunk]
+            batch = {
+                "input_ids": pad_right(ids, pad_token_id).to(device),
+                "attention_mask": pad_right([torch.ones_like(t) for t in ids], 0).to(device),
+            }
+            labels = pad_right([torch.tensor(item["labels"], dtype=torch.long) for item in chunk], IGNORE_INDEX)
+            hidden = wrapper.hidden_states(batch)
+            targets = aligned_labels(labels, True, IGNORE_INDEX).to(device)
+            for row, item in enumerate(chunk):
+                rows[item["index"]] = hidden[row][targets[row] != IGNORE_INDEX].cpu()
+    finally:
+        model.train(was_training)
+    return UndialReference.from_rows(rows, output_weight(model))
+
+
+class _UndialRows:
+    """UNDIAL's reference for the Hugging Face route: methods.UndialReference of every forget row
+    of the train and eval datasets, computed from the model when the trainer is built (its initial
+    state), and each row's place in it by content (_undial_key): rows arrive shuffled and without
+    an index column."""
+
+    def __init__(self, model, datasets: list, pad_token_id: int, impl: str):
+        items, self.places = [], {}
+        for dataset in datasets:
+            columns = dataset_columns(dataset)
+            for item in _reference_items(dataset, columns, ["forget"])["forget"]:
+                key = _undial_key(item["input_ids"], item["labels"])
+                if key is not None and key not in self.places:
+                    self.places[key] = len(items)
+                    items.append({**item, "index": len(items)})
+        self.reference = _undial_reference(model, items, pad_token_id, impl)
+
+    def places_of(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B]: each forget row's example in the reference (-1 for a row without targets)."""
+        places = []
+        for ids, row_labels in zip(input_ids.tolist(), labels.tolist(), strict=True):
+            key = _undial_key(ids, row_labels)
+            if key is not None and key not in self.places:
+                raise ValueError(
+                    "method 'undial': a forget row that was not in train_dataset or eval_dataset when the "
+                    "trainer was built has no cached reference hidden states; build a new UnlearningTrainer"
+                )
+            places.append(-1 if key is None else self.places[key])
+        return torch.tensor(places, dtype=torch.long)
+
+    def gather(self, places: torch.Tensor, ranks: torch.Tensor, device: torch.device):
+        reference = self.reference
+        if reference.weight.device != device:  # once: the Trainer moves the model after __init__
+            reference.weight = reference.weight.to(device)
+        return reference.gather(places, ranks)
+
+
 class UnlearningTrainer(Trainer):
     """transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs.
 
-    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune | wga | satimp | ceu | rmu
-    (fastnpo.methods), or a MethodConfig (to set the per-method parameters: wga_beta,
-    satimp_beta1/2, ceu_ignore_first, rmu_*). The forget rows are ``input_ids`` / ``labels``
+    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune | wga | satimp | ceu | rmu |
+    undial (fastnpo.methods), or a MethodConfig (to set the per-method parameters: wga_beta,
+    satimp_beta1/2, ceu_ignore_first, rmu_*, undial_beta). The forget rows are ``input_ids`` / ``labels``
     (+ ``ref_logp`` for npo, npo_rt, idkdpo), the retain rows ``retain_*`` (graddiff, npo_rt,
     simnpo, idkdpo, wga, satimp, rmu), IdkDPO's refusals ``idk_*`` (+ ``idk_ref_logp``);
     optional per-example ``weight``. beta defaults to 2.5 for simnpo and 0.1 otherwise;
@@ -87,7 +178,10 @@ class UnlearningTrainer(Trainer):
     coefficients, SimNPO's lambda). WGA, SatImp and CE-U compute their per-token term inside the
     patched forward (no logits); RMU freezes every parameter but method.rmu_params of
     method.rmu_update_layers when the trainer is built, and keeps frozen copies of the layers it
-    steers through (methods.RMUState), not a second model.
+    steers through (methods.RMUState), not a second model. UNDIAL computes, when the trainer is
+    built (so the model must be in its initial state then), the final hidden states of the answer
+    tokens of every forget row of train_dataset and eval_dataset and copies the lm_head weight
+    (methods.UndialReference), not a second model; rows are matched to them by content.
 
     One forward over the forget, retain and idk rows of the micro-batch through the patched
     model (no logits); each term is its micro-batch mean and the Trainer divides by the
@@ -128,8 +222,20 @@ class UnlearningTrainer(Trainer):
             self.rmu = RMUState(config, unwrap(model), seed=seed)
             self.rmu.select_trainable(unwrap(model))
         _check_columns(config.name, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        pad_token_id = default_pad_token_id(processing_class, unwrap(model))
+        self.undial = None
+        if self.method.reference_hidden:
+            datasets = [train_dataset] if train_dataset is not None else []
+            if eval_dataset is not None:
+                datasets += list(eval_dataset.values()) if isinstance(eval_dataset, Mapping) else [eval_dataset]
+            if not datasets or any(dataset_columns(d) is None for d in datasets):
+                raise ValueError(
+                    "method 'undial' needs train_dataset (a datasets.Dataset or a list of dicts) when the "
+                    "trainer is built: it caches the initial model's hidden states of the forget answers then"
+                )
+            self.undial = _UndialRows(unwrap(model), datasets, pad_token_id, impl)
         if data_collator is None:
-            data_collator = UnlearningCollator(pad_token_id=default_pad_token_id(processing_class, unwrap(model)))
+            data_collator = UnlearningCollator(pad_token_id=pad_token_id)
         self._fastnpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,
@@ -185,7 +291,11 @@ class UnlearningTrainer(Trainer):
         batch, rows = self._joint_batch(inputs)
         extra, activations = {}, None
         if self.method.token_term:
-            extra["fastnpo_token_term"] = self._token_term(batch, rows["forget"])
+            places = None
+            if self.undial is not None:
+                forget = rows["forget"]
+                places = self.undial.places_of(batch["input_ids"][forget], batch["labels"][forget])
+            extra["fastnpo_token_term"] = self._token_term(batch, rows["forget"], places)
         if self.rmu is not None:
             with self.rmu.capture(unwrap(model)):
                 outputs = model(**batch, use_cache=False, return_sequence_logprobs=True)
@@ -224,15 +334,23 @@ class UnlearningTrainer(Trainer):
             self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
         return (loss, outputs) if return_outputs else loss
 
-    def _token_term(self, batch: dict, forget_rows: slice):
-        """The per-token methods' forget term, as a function the patched forward calls."""
+    def _token_term(self, batch: dict, forget_rows: slice, places: torch.Tensor | None = None):
+        """The per-token methods' forget term, as a function the patched forward calls; places
+        (UNDIAL): each forget row's example in the cached reference."""
         config = self.method_config
 
         def term(token_logps, hidden, weight, targets):
             rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
             owner = torch.where(targets != IGNORE_INDEX, rows, -1)
             scored = scored_targets(config, owner, forget_rows)
-            return forget_token_term(config, token_logps, hidden, weight, targets, scored)
+            reference = None
+            if places is not None:
+                owners = owner[scored].cpu() - forget_rows.start
+                ref_hidden, ref_weight = self.undial.gather(
+                    places[owners], target_ranks(owner)[scored].cpu(), hidden.device
+                )
+                reference = (ref_hidden.to(hidden.device), ref_weight)
+            return forget_token_term(config, token_logps, hidden, weight, targets, scored, reference)
 
         return term
 
