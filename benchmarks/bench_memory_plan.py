@@ -258,8 +258,9 @@ def main(argv=None) -> int:
                 row["predicted_over_measured"] = plan["allocated"] / got["peak_allocated"]
         rows.append(row)
         log("  " + json.dumps({k: v for k, v in row.items() if k not in ("model",)}, default=str))
-        markdown = None if args.csv_only else out_dir / f"{stem}.md"
-        write(out_dir / f"{stem}.csv", markdown, rows, machine, torch.__version__)
+        write_csv(out_dir / f"{stem}.csv", rows, machine, torch.__version__)
+        if not args.csv_only:
+            write_markdown(out_dir / f"{stem}.md", rows, machine, torch.__version__)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -270,8 +271,7 @@ def markdown_from_csv(path: Path) -> Path:
         rows = list(csv.DictReader(handle))
     machine, _, version = first.lstrip("# ").strip().partition(", torch ")
     out = path.with_suffix(".md")
-    write(path.with_suffix(".csv.tmp"), out, rows, machine, version)
-    path.with_suffix(".csv.tmp").unlink()
+    write_markdown(out, rows, machine, version)
     return out
 
 
@@ -282,14 +282,15 @@ def fmt(value, spec):
         return "–"
 
 
-def write(csv_path: Path, md_path: Path | None, rows: list[dict], machine: str, torch_version: str) -> None:
+def write_csv(csv_path: Path, rows: list[dict], machine: str, torch_version: str) -> None:
     with open(csv_path, "w", newline="") as handle:
         handle.write(f"# {machine}, torch {torch_version}\n")
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    if md_path is None:
-        return
+
+
+def write_markdown(md_path: Path, rows: list[dict], machine: str, torch_version: str) -> None:
     lines = [
         f"# Memory plan vs measured peak ({machine}, torch {torch_version})",
         "",

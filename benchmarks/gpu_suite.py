@@ -53,6 +53,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 MAX_FILE_BYTES = 15 * 2**20  # what comes back from a device run: < 16 MiB a file
+# What a run writes into OUT (a device run brings back at most 8 files).
+OUT_FILES = (
+    "env.txt",
+    "log.txt",
+    "summary.md",
+    "logprobs.csv",
+    "logprobs.md",
+    "train.csv",
+    "train.md",
+    "memory_plan.csv",
+)
 
 GPU_SHAPES = "8192x4096x128256,8192x3584x152064,8192x2304x256000,8192x2048x128256"
 # Tiny analogues for --smoke: a prime V and N = 1 x the NPO sequence length (the interpreter
@@ -348,16 +359,7 @@ def main(argv=None) -> int:
     smoke = args.smoke
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name in (
-        "env.txt",
-        "log.txt",
-        "summary.md",
-        "logprobs.csv",
-        "logprobs.md",
-        "train.csv",
-        "train.md",
-        "memory_plan.csv",
-    ):
+    for name in OUT_FILES:
         (out / name).unlink(missing_ok=True)
     log = Log(out / "log.txt")
     started = time.perf_counter()
