@@ -28,7 +28,7 @@ from .fingerprint import (
     fingerprint_tokenizer,
     ref_cache_parts,
 )
-from .reference import item_logprobs, reference_logprobs, sharded_item_logprobs
+from .reference import item_logprobs, item_target_hidden_states, reference_logprobs, sharded_item_logprobs
 from .store import FORMAT_VERSION, RefLogprobs, cache_path, load_ref_logprobs, save_ref_logprobs
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "fingerprint_tokenizer",
     "get_or_build_ref_logprobs",
     "item_logprobs",
+    "item_target_hidden_states",
     "load_ref_logprobs",
     "ref_cache_parts",
     "reference_logprobs",

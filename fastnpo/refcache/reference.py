@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import collate
 from ..modeling import SequenceLogprobModel, output_weight
+from ..ops import IGNORE_INDEX, aligned_labels
 from .build import get_or_build_ref_logprobs
 from .fingerprint import ref_cache_parts
 from .store import RefLogprobs
@@ -38,6 +39,30 @@ def item_logprobs(
         if on_batch is not None:
             on_batch(len(chosen))
     return logps, counts
+
+
+@torch.no_grad()
+def item_target_hidden_states(
+    model: SequenceLogprobModel, items: list[dict], pad_token_id: int, batch_size: int
+) -> dict[int, torch.Tensor]:
+    """{item["index"]: the final hidden states [n_i, D] (after the final norm, on CPU) at the n_i
+    positions that predict the item's targets}: what UNDIAL keeps of the reference model (no
+    grad, eval mode for the pass, batches of similar length)."""
+    device = output_weight(model.lm).device
+    rows: dict[int, torch.Tensor] = {}
+    order = sorted(items, key=lambda item: -len(item["input_ids"]))
+    was_training = model.lm.training
+    model.lm.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = collate(order[start : start + batch_size], pad_token_id)
+            hidden = model.hidden_states({k: v.to(device) for k, v in batch.items()})
+            targets = aligned_labels(batch["labels"], True, IGNORE_INDEX).to(device)
+            for row, index in enumerate(batch["index"].tolist()):
+                rows[index] = hidden[row][targets[row] != IGNORE_INDEX].cpu()
+    finally:
+        model.lm.train(was_training)
+    return rows
 
 
 def sharded_item_logprobs(

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import build_unlearning_data, collate
+from ..data import build_unlearning_data
 from ..distributed import ProcessInfo
 from ..methods import Method, UndialReference
 from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm, output_weight
 from ..modeling import load_tokenizer as load_tokenizer_from
-from ..ops import IGNORE_INDEX, aligned_labels
-from ..refcache import reference_logprobs
+from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
 from .config import Config, ConfigError
 from .optimizers import KahanAdamW
@@ -103,22 +102,7 @@ def undial_reference(config: Config, model: nn.Module, items: list[dict], pad_to
     answer tokens x D numbers, not one per example), and one copy of the lm_head weight on the
     model's device. Every process computes all of them (one no-grad forward over the forget set)."""
     wrapper = SequenceLogprobModel(model, impl=config.model.impl)
-    device = output_weight(model).device
-    order = sorted(items, key=lambda item: -len(item["input_ids"]))
-    size = 2 * config.data.batch_size
-    rows: dict[int, torch.Tensor] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), size):
-                batch = collate(order[start : start + size], pad_token_id)
-                hidden = wrapper.hidden_states({k: v.to(device) for k, v in batch.items()})
-                targets = aligned_labels(batch["labels"], True, IGNORE_INDEX).to(device)
-                for row, index in enumerate(batch["index"].tolist()):
-                    rows[index] = hidden[row][targets[row] != IGNORE_INDEX].cpu()
-    finally:
-        model.train(was_training)
+    rows = item_target_hidden_states(wrapper, items, pad_token_id, 2 * config.data.batch_size)
     return UndialReference.from_rows(rows, output_weight(model))
 
 

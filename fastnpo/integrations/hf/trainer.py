@@ -20,7 +20,8 @@ from ...methods import (
     target_ranks,
 )
 from ...modeling import SequenceLogprobModel, output_weight
-from ...ops import IGNORE_INDEX, aligned_labels
+from ...ops import IGNORE_INDEX
+from ...refcache import item_target_hidden_states
 from .data import (
     PREFIXES,
     UnlearningCollator,
@@ -103,31 +104,6 @@ def _undial_key(input_ids, labels) -> tuple | None:
 
 
 @torch.no_grad()
-def _undial_reference(model, items: list[dict], pad_token_id: int, impl: str, batch_size: int = 8) -> UndialReference:
-    """The reference pass of UNDIAL: each item's final hidden states at its aligned targets."""
-    wrapper, device = SequenceLogprobModel(model, impl=impl), output_weight(model).device
-    rows: dict[int, torch.Tensor] = {}
-    items = sorted(items, key=lambda item: -len(item["input_ids"]))  # batches of similar lengths
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            ids = [torch.tensor(item["input_ids"], dtype=torch.long) for item in chunk]
-            batch = {
-                "input_ids": pad_right(ids, pad_token_id).to(device),
-                "attention_mask": pad_right([torch.ones_like(t) for t in ids], 0).to(device),
-            }
-            labels = pad_right([torch.tensor(item["labels"], dtype=torch.long) for item in chunk], IGNORE_INDEX)
-            hidden = wrapper.hidden_states(batch)
-            targets = aligned_labels(labels, True, IGNORE_INDEX).to(device)
-            for row, item in enumerate(chunk):
-                rows[item["index"]] = hidden[row][targets[row] != IGNORE_INDEX].cpu()
-    finally:
-        model.train(was_training)
-    return UndialReference.from_rows(rows, output_weight(model))
-
-
 class _UndialRows:
     """UNDIAL's reference for the Hugging Face route: methods.UndialReference of every forget row
     of the train and eval datasets, computed from the model when the trainer is built (its initial
@@ -143,7 +119,8 @@ class _UndialRows:
                 if key is not None and key not in self.places:
                     self.places[key] = len(items)
                     items.append({**item, "index": len(items)})
-        self.reference = _undial_reference(model, items, pad_token_id, impl)
+        rows = item_target_hidden_states(SequenceLogprobModel(model, impl=impl), items, pad_token_id, batch_size=8)
+        self.reference = UndialReference.from_rows(rows, output_weight(model))
 
     def places_of(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B]: each forget row's example in the reference (-1 for a row without targets)."""
