@@ -921,12 +921,18 @@ def write_plot(path, rows, title):
     plt.close(fig)
 
 
+def read_results_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """(its "# " header lines, its rows as strings) of a results CSV this folder's scripts wrote."""
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    header = [line[2:].strip() for line in lines if line.startswith("# ")]
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    return header, rows
+
+
 def plot_from_csv(path: Path) -> Path:
     """The plot of a results CSV written earlier (the GPU suite brings back CSVs, not PNGs)."""
-    with open(path) as handle:
-        header = [line[2:].strip() for line in handle if line.startswith("# ")]
-    with open(path) as handle:
-        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
+    header, rows = read_results_csv(path)
     for row in rows:
         for key in ("N", "D", "V"):
             row[key] = int(row[key])

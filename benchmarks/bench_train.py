@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 # Header and memory helpers shared with bench_logprobs.py (benchmarks/ is on sys.path when run as a script).
-from bench_logprobs import clean_memory, machine_info
+from bench_logprobs import clean_memory, machine_info, read_results_csv
 
 from fastnpo.data import collate, length_grouped_batches
 from fastnpo.distributed import ProcessInfo
@@ -123,6 +123,9 @@ class Settings:
     max_grad_norm: float = 1.0
     impl: str = "auto"
     logit_std: float = 1.5
+    # CUDA: Triton kernels (fastnpo's autotuned ones, Liger's) compile on a batch shape's first use,
+    # which took seconds inside the timed steps of the first H200 run: warm up on every timed shape.
+    warm_every_shape: bool = False
 
     @property
     def config(self) -> dict:
@@ -340,6 +343,20 @@ def time_contenders(specs, s: Settings, batches, schedule: str, log) -> dict:
             results[c.spec.name]["cache_seconds"] = c.cache_seconds
             results[c.spec.name]["logprobs_used"] = c.logprobs_used
             results[c.spec.name]["cache_examples"] = len(used_items(batches))
+        if s.warm_every_shape:
+            for c in contenders:
+                shapes = {}
+                for round_items in batches[s.warmup :]:
+                    shapes.setdefault(tuple(c.batch(round_items)["input_ids"].shape), round_items)
+                synchronize(device)
+                started = time.perf_counter()
+                for round_items in shapes.values():
+                    c.step(round_items)
+                synchronize(device)
+                log(
+                    f"  {c.spec.name}: warm-up step on each of the {len(shapes)} timed batch shapes in "
+                    f"{time.perf_counter() - started:.2f} s"
+                )
         for round_index, round_items in enumerate(batches):
             shift = round_index % len(contenders)
             for c in contenders[shift:] + contenders[:shift]:
@@ -373,8 +390,8 @@ def current_bytes(device: torch.device) -> int:
 
 def memory_worker(name: str, s: Settings) -> dict:
     """Peak memory of one contender, in this (fresh) process: its resident state (weights,
-    AdamW state, reference model or cache) after one warm-up step, plus the peak of one step on
-    the longest timed batch above it (gradients included). Cached contenders also report the
+    AdamW state, reference model or cache) after one warm-up step on the longest timed batch, plus
+    the peak of a second step on it above that (gradients included). Cached contenders also report the
     peak of their reference pass."""
     device = torch.device(s.device)
     spec = SPEC_BY_NAME[name]
@@ -396,8 +413,10 @@ def memory_worker(name: str, s: Settings) -> dict:
         before = current_bytes(device)
         _, extra = peak_memory_during(lambda: contender.build_cache(used_items(batches)), device)
         out["cache_pass_bytes"] = before - start + extra
-    contender.step(batches[0])  # AdamW creates its state on the first step
     longest = max(batches[s.warmup :] or batches, key=lambda b: max(len(it["input_ids"]) for it in b))
+    # AdamW creates its state on the first step, and kernels compile (and autotune) for this
+    # shape: neither belongs in the measured step's peak.
+    contender.step(longest)
     clean_memory(device)
     state = current_bytes(device) - start
     _, extra = peak_memory_during(lambda: contender.step(longest), device)
@@ -641,6 +660,18 @@ def write_plot(path: Path, rows: list[dict], title: str) -> None:
     plt.close(fig)
 
 
+def plot_from_csv(path: Path) -> Path:
+    """The plot of a results CSV written earlier (the GPU suite brings back CSVs, not PNGs)."""
+    header, rows = read_results_csv(path)
+    for row in rows:
+        for key in ("tokens_per_s", "speedup_vs_baseline", "peak_mib", "peak_vs_baseline"):
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+    machine = next((line.split(":", 1)[1].strip() for line in header if line.startswith("machine:")), "")
+    out = path.with_suffix(".png")
+    write_plot(out, rows, f"fastnpo NPO training step, {path.stem} ({machine})")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -681,10 +712,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output stem")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
+    parser.add_argument(
+        "--plot-from", default=None, help="only draw <csv>'s plot beside it (e.g. a GPU suite's train.csv)"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.plot_from:
+        plot_from_csv(Path(args.plot_from))
+        return None
     if args.worker:
         settings = Settings(**json.loads(args.settings))
         print("RESULT " + json.dumps(memory_worker(args.worker, settings)), flush=True)
@@ -708,6 +745,7 @@ def main(argv=None):
         length_scale=scale,
         pad_to=args.pad_to or round(500 * scale),
         warmup=warmup,
+        warm_every_shape=cuda,
         steps=steps,
         logit_std=args.logit_std,
     )
@@ -766,7 +804,9 @@ def main(argv=None):
 
         params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**config)).parameters())
     timing_text = (
-        f"median over {s.steps} timed steps after {s.warmup} warm-up steps, time.perf_counter"
+        f"median over {s.steps} timed steps after {s.warmup} warm-up steps"
+        + (" and one warm-up step on each timed batch shape (kernels compile per shape)" if s.warm_every_shape else "")
+        + ", time.perf_counter"
         + (" around torch.cuda.synchronize()" if cuda else "")
         + (
             "; contenders interleaved round-robin (rotating order), same batch per round"

@@ -23,6 +23,8 @@ of time is recorded and the next one still runs; the whole run also has a deadli
   memory-plan  benchmarks/bench_memory_plan.py: `fastnpo plan` against the measured peak of real
                training steps at the Llama-3.2-1B and 3.1-8B shapes -> memory_plan.csv (+ its table
                in summary.md)
+  profile      benchmarks/profile_logprobs.py: torch.profiler's kernel table of one fwd+bwd call per
+               design (cublas, triton) at N=8192, D=4096, V=128256 -> log.txt
   kernel-tests pytest of the Triton kernel tests (compiled kernels on a GPU), with what time is left
 
 OUT ends up with at most 8 files: env.txt, log.txt (every part's output), summary.md (the one-screen
@@ -355,6 +357,18 @@ def main(argv=None) -> int:
     parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install (if present)")
     parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 555, smoke 200)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
+    parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="a part's own time limit on the GPU, e.g. --budget train=200 (repeatable)",
+    )
+    parser.add_argument(
+        "--logprobs-contenders",
+        default=None,
+        help="bench_logprobs --contenders for the logprobs part (default: every contender)",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     out = Path(args.out).resolve()
@@ -381,9 +395,16 @@ def main(argv=None) -> int:
         Part("gpu-tests", 120, 60),
         Part("logprobs", 180, 90),
         Part("train", 170, 60),
-        Part("memory-plan", 60, 60),
+        Part("memory-plan", 120, 60),  # two cases of <= 55 s
+        Part("profile", 90, 40),
         Part("kernel-tests", 60, 40),
     ]
+    names = [part.name for part in parts]
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in names or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(names)}")
+        parts[names.index(name)].budget_s = float(seconds)
     device = ["--device", "cpu" if smoke else "cuda"]
 
     def commands(part: Part) -> list[list[str]] | None:
@@ -431,9 +452,14 @@ def main(argv=None) -> int:
                 "--hidden",
                 "realistic",
             ]
+            if args.logprobs_contenders:
+                common += ["--contenders", args.logprobs_contenders]
             if smoke:
                 return [[*common, "--shapes", SMOKE_SHAPES, "--repeats", "1", "--no-compile", "--no-plot"]]
             return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "30,150", "--no-plot"]]
+        if part.name == "profile":  # its tables go to log.txt
+            argv = [py, BENCH / "profile_logprobs.py", *device]
+            return [[*argv, "--shape", "64x32x1031", "--impls", "torch,cublas", "--rows", "5"]] if smoke else [argv]
         if part.name == "memory-plan":
             common = [py, BENCH / "bench_memory_plan.py", *device, "--out-dir", out, "--out", "memory_plan"]
             common.append("--csv-only")

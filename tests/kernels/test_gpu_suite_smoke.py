@@ -65,3 +65,15 @@ def test_import_hook_stays_in_its_folder_and_chains(tmp_path):
     finder, shadowed, where = done.stdout.split()
     assert finder == "True" and shadowed == "1", done.stdout
     assert where == str(ROOT / "fastnpo" / "__init__.py")
+
+
+def test_bad_budget_names_the_argument(tmp_path, capsys):
+    suite = gpu_suite()
+    for bad in ("nonsense=30", "train=soon", "train"):
+        try:
+            suite.main(["--smoke", "--out", str(tmp_path / "out"), "--budget", bad])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"--budget {bad} was accepted")
+        assert f"--budget '{bad}'" in capsys.readouterr().err
