@@ -8,7 +8,8 @@
     logging.py     metrics.jsonl, TensorBoard, progress bar, console lines, run files
     checkpoint.py  DCP checkpoints, bit-exact resume, the Hugging Face export
     sharding.py    FSDP2 (one unit per decoder layer + the root)
-    optimizers.py  KahanAdamW (optim.name=adamw_kahan): bf16 parameters, compensated update
+    optimizers.py  KahanAdamW (optim.name=adamw_kahan): bf16 parameters, compensated update;
+                   StepInBackward (optim.in_backward): each parameter steps inside the backward
     memory_plan.py `fastnpo plan`: the per-GPU peak of a run from its config (memory_estimate.py: the formulas)
 """
 

@@ -56,10 +56,14 @@ class OptimConfig:
     data.batch_size x processes x grad_accum.
     name: "adamw" (torch.optim.AdamW; its state in the parameters' dtype) or "adamw_kahan"
     (bf16 parameters with no fp32 master copy, a Kahan-compensated update and the moments in
-    state_dtype: "float32" or "bfloat16"; needs model.dtype=bfloat16; see optimizers.py)."""
+    state_dtype: "float32" or "bfloat16"; needs model.dtype=bfloat16; see optimizers.py).
+    in_backward: step each parameter as soon as its gradient is ready and free that gradient,
+    so the whole set of gradients never exists at once (optimizers.StepInBackward); needs
+    grad_accum=1 and max_grad_norm=0 (no clipping)."""
 
     name: str = "adamw"
     state_dtype: str = "float32"
+    in_backward: bool = False
 
     lr: float = 1e-5
     weight_decay: float = 0.01
@@ -90,6 +94,17 @@ class OptimConfig:
         require(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1", self.grad_accum)
         clip = self.max_grad_norm
         require(clip >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)", clip)
+        if self.in_backward:
+            message = (
+                "the optimizer steps each parameter as its gradient is ready, so gradients cannot add up over "
+                "micro-batches: set optim.grad_accum=1 (a bigger data.batch_size gives the same global batch)"
+            )
+            require(self.grad_accum == 1, "optim.in_backward", message, f"optim.grad_accum={self.grad_accum}")
+            message = (
+                "clipping scales every gradient by the global norm, known only after the whole backward, when "
+                "the first parameters have already stepped: set optim.max_grad_norm=0 (no clipping)"
+            )
+            require(clip == 0, "optim.in_backward", message, f"optim.max_grad_norm={clip}")
 
 
 @dataclass

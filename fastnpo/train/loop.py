@@ -28,6 +28,7 @@ from . import checkpoint
 from .config import Config, ConfigError
 from .evaluation import EpochEvaluation
 from .logging import RunLogger, console, mark_finished, write_run_files
+from .optimizers import StepInBackward
 from .output import OutputFolder, prepare_output_dir
 from .setup import (
     build_optimizer,
@@ -180,8 +181,18 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
     out, trainee, batches = Path(config.run.output_dir), run.trainee, run.batches
     optimizer, scheduler = run.optimizer, run.scheduler
     step, total_steps, steps_per_epoch = run.step, run.total_steps, len(batches)
+    in_backward = StepInBackward(trainee.parameters, optimizer) if config.optim.in_backward else None
     context = StepContext(
-        config, run.method, info, trainee, run.tokenizer, run.ref, run.example_weights, run.rmu, run.undial
+        config,
+        run.method,
+        info,
+        trainee,
+        run.tokenizer,
+        run.ref,
+        run.example_weights,
+        run.rmu,
+        run.undial,
+        in_backward,
     )
     logger = RunLogger(
         config, info, run.method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step
@@ -219,6 +230,8 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
             )
             folder.commit()
     logger.close()
+    if in_backward is not None:
+        in_backward.remove()
 
     final = out / "final"
     if config.run.export:

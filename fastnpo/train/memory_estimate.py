@@ -15,7 +15,11 @@ What fastnpo does, and so what is modelled (setup.py, sharding.py, step.py, ops/
   bf16 parameters): exp_avg and exp_avg_sq in optim.state_dtype plus a compensation buffer in
   the parameter's dtype; its step works on flat pieces of at most CHUNK_ELEMENTS and keeps
   STEP_TEMPORARIES fp32 copies of one piece (optimizers.py). Gradients exist from the backward
-  to the end of the optimizer step (zero_grad(set_to_none=True)).
+  to the end of the optimizer step (zero_grad(set_to_none=True)). With optim.in_backward each
+  parameter steps in its post-accumulate-grad hook and its gradient is freed: what exists at
+  once is the tensor stepping (and its step's temporaries, one tensor at a time also for
+  AdamW's foreach on CUDA) plus, with tied embeddings, the lm_head's gradient, which autograd
+  holds from the fused op's backward until the embedding's, at the very end.
 - FSDP2 (one unit per decoder layer + the root): each GPU holds 1/world of parameters,
   gradients and state; the root unit (embeddings, final norm, lm_head) stays unsharded through
   the step (FSDP2 never reshards the root after forward), and up to two decoder layers are
@@ -94,6 +98,7 @@ class Settings:
     device: str = "cuda"  # "cuda" or "cpu" (the CPU path of the fused op, per-tensor AdamW)
     optimizer: str = "adamw"  # optim.name: "adamw" or "adamw_kahan"
     state_dtype: str = "float32"  # optim.state_dtype (adamw_kahan's moments; adamw: the parameters')
+    in_backward: bool = False  # optim.in_backward: each parameter steps (and frees its gradient) in the backward
 
     @property
     def tokens(self) -> int:
@@ -179,18 +184,23 @@ def state_bytes_per_parameter(s: Settings) -> int:
     return 2 * p
 
 
+def _step_temporaries(s: Settings, elements: int, all_elements: int) -> int:
+    """The optimizer step's temporaries when its largest tensor (shard) has `elements` and all
+    the tensors it steps at once have `all_elements`."""
+    p = DTYPE_BYTES[s.dtype]
+    if s.optimizer == "adamw_kahan":  # flat pieces of one tensor at a time, all arithmetic in fp32
+        return optimizers.STEP_TEMPORARIES * 4 * min(elements, optimizers.CHUNK_ELEMENTS)
+    if s.device == "cuda":
+        return all_elements * p  # foreach: sqrt(exp_avg_sq) of every tensor it steps at once
+    return 2 * elements * p  # per tensor: sqrt, then / bias correction
+
+
 def _optimizer(shape: ModelShape, s: Settings, trainable: int, world: int) -> tuple[int, int]:
     """(optimizer state, the step's temporaries), bytes per GPU."""
-    p = DTYPE_BYTES[s.dtype]
     state = trainable * state_bytes_per_parameter(s) // world
     largest = -(-min(shape.largest_tensor, trainable) // world)  # one rank's shard of it
-    if s.optimizer == "adamw_kahan":  # flat pieces of one tensor at a time, all arithmetic in fp32
-        step_temp = optimizers.STEP_TEMPORARIES * 4 * min(largest, optimizers.CHUNK_ELEMENTS)
-    elif s.device == "cuda":
-        step_temp = trainable * p // world  # foreach: sqrt(exp_avg_sq) of every tensor at once
-    else:
-        step_temp = 2 * largest * p  # per tensor: sqrt, then / bias correction
-    return state, step_temp
+    # in the backward (optim.in_backward) every step is of one tensor
+    return state, _step_temporaries(s, largest, largest if s.in_backward else trainable // world)
 
 
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
@@ -218,6 +228,21 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
     fused_keep, fused_bwd = _fused_op(shape, s, c)
     head_grad = v * d * p // world if not s.lora else 0
+    mid_backward, end_of_backward = head_grad, grads
+    if s.in_backward:  # each tensor steps, and its gradient goes, as soon as it is ready
+
+        def shard(elements: int) -> int:
+            return -(-min(elements, trainable) // world)
+
+        # During the backward: with tied embeddings the lm_head's gradient waits for the
+        # embedding's (the very end), while a layer's largest tensor steps; untied, the lm_head
+        # steps as soon as the fused op's backward has made its gradient. At the end the last
+        # tensor steps (tied: the embedding), bounded by the largest.
+        held = head_grad if shape.tied else 0
+        mid, last = shard(shape.intermediate * d if shape.tied else v * d), shard(shape.largest_tensor)
+        mid_backward = held + mid * p + _step_temporaries(s, mid, mid)
+        end_of_backward = last * p + _step_temporaries(s, last, last)
+        grads = max(held + mid * p, last * p)
 
     reference = 0
     if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
@@ -232,8 +257,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         + (per_layer if s.activation_checkpointing else 0)
         + layer_backward
         + layer_grad_bufs
-        + head_grad,
-        "end of backward": persistent + grads + gather_bwd + root_unsharded + n * d * c * 2,
+        + mid_backward,
+        "end of backward": persistent + end_of_backward + gather_bwd + root_unsharded + n * d * c * 2,
         "optimizer step": params + grads + state + step_temp + reference,
     }
     components = {
@@ -253,6 +278,12 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     else:
         overhead = 0
     notes = list(shape.notes)
+    if s.in_backward:
+        notes.append(
+            "optim.in_backward: each parameter steps as its gradient is ready and the gradient is freed, "
+            f"so {_gib(trainable * p // world)} of gradients never exist at once (no gradient clipping, "
+            "no gradient accumulation)"
+        )
     if s.optimizer == "adamw_kahan":
         notes.append(
             f"optim.name=adamw_kahan: {s.dtype} parameters with a compensated (Kahan) update, moments in "
@@ -268,6 +299,10 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     with_ckpt = act_ckpt + layer_backward
     without = act_full + layer_backward
     return Estimate(components, phases, overhead, without, with_ckpt, notes)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
 
 
 def with_settings(s: Settings, **changes) -> Settings:

@@ -199,6 +199,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         device=device,
         optimizer=o.name,
         state_dtype=o.state_dtype,
+        in_backward=o.in_backward,
     )
 
 
@@ -235,6 +236,17 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
     lean = with_settings(ckpt, state_dtype="bfloat16")
     if s.optimizer == "adamw_kahan" and s.state_dtype == "float32" and fits(lean):
         out.append("optim.state_dtype=bfloat16 (adamw_kahan's moments in bf16: 4 bytes per parameter less)")
+    if not s.in_backward:
+        for lean_state in (ckpt, lean if s.optimizer == "adamw_kahan" and s.state_dtype == "float32" else None):
+            if lean_state is not None and fits(with_settings(lean_state, in_backward=True)):
+                change = "optim.in_backward=true optim.max_grad_norm=0 optim.grad_accum=1"
+                if lean_state is lean:
+                    change += " optim.state_dtype=bfloat16"
+                out.append(
+                    change + " (the optimizer steps inside the backward, so the gradients never all exist; "
+                    "no clipping, no accumulation)"
+                )
+                break
     per_param = per_param_budget(shape, ckpt, budget)
     trainable = shape.lora_params if s.lora else shape.params
     p = DTYPE_BYTES[s.dtype]
@@ -246,7 +258,7 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
     else:
         kind = f"plain AdamW here: {used} = {p} x (parameter, gradient, m, v)"
     out.append(
-        f"not available yet (issue 16 item 2): 8-bit optimizer state, the optimizer step in the backward, "
+        f"not available yet (issue 16 item 2): 8-bit optimizer state, "
         f"CPU offload of optimizer state. At this micro-batch with checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
         f"({kind} plus the step's temporaries, {held})"

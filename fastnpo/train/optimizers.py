@@ -43,7 +43,7 @@ single-process only (plain tensors and a one-rank trainer run); multi-rank is un
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["CHUNK_ELEMENTS", "OPTIMIZERS", "STATE_DTYPES", "STEP_TEMPORARIES", "KahanAdamW"]
+__all__ = ["CHUNK_ELEMENTS", "OPTIMIZERS", "STATE_DTYPES", "STEP_TEMPORARIES", "KahanAdamW", "StepInBackward"]
 
 OPTIMIZERS = ("adamw", "adamw_kahan")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -166,3 +166,57 @@ class KahanAdamW(torch.optim.Optimizer):
                         self.state[p][name] = saved[key][name].to(
                             device=p.device, dtype=STATE_DTYPES[group["state_dtype"]]
                         )
+
+
+class StepInBackward:
+    """optim.in_backward: each parameter's optimizer step runs in its post-accumulate-grad hook,
+    and its gradient is freed right after, so a step never holds the whole set of gradients
+    (2 bytes per parameter in bf16: 16 GB at 8B) -- only the parameters whose gradients are
+    still being accumulated, e.g. a tied embedding from the lm_head's gradient to the end.
+
+    The optimizer is the run's ordinary one (AdamW or KahanAdamW over every parameter): when a
+    hook fires, the parameter's gradient is the only one that exists, and optimizer.step()
+    skips parameters without a gradient, so the step touches exactly that parameter, with its
+    own state and the group's current learning rate (the schedule still steps once per step).
+    Checkpoints and resumes see the same optimizer as without in_backward.
+
+    Gradient clipping and accumulation cannot work here (the config refuses them). The norm of
+    the step's gradients is still summed for the log. A non-finite gradient is not applied;
+    the step then reports a non-finite norm and the run stops (TrainingDiverged), but the
+    parameters whose gradients came earlier in the backward have already stepped: the last
+    checkpoint, not the model in memory, is the state to go back to.
+
+    FSDP2 runs these hooks itself on the sharded parameters after the reduce-scatter (torch >=
+    2.5), so each rank steps its own shards; the norm is summed across ranks in finish().
+    """
+
+    def __init__(self, parameters, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._squares: list[torch.Tensor] = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in parameters if p.requires_grad]
+
+    @torch.no_grad()
+    def _step(self, param: torch.Tensor) -> None:
+        norm = torch.linalg.vector_norm(_local(param.grad)).float()  # fp32 accumulation, no fp32 copy
+        if torch.isfinite(norm):
+            self._squares.append(norm.square())
+            self.optimizer.step()  # only `param` has a gradient now
+        else:  # not applied; the step's norm becomes non-finite and the run stops
+            self._squares.append(norm)
+        param.grad = None
+
+    def finish(self, process_group=None) -> torch.Tensor:
+        """The step's gradient norm (over every rank's shards), and a reset for the next step."""
+        if self._squares:
+            total = torch.stack([s.to(self._squares[0].device) for s in self._squares]).sum()
+        else:
+            total = torch.zeros(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total, group=process_group)
+        self._squares = []
+        return total.sqrt()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -29,6 +29,7 @@ from ..methods import (
 from ..modeling import output_weight
 from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs
 from .config import Config, ConfigError
+from .optimizers import StepInBackward
 from .setup import TrainModel
 
 
@@ -49,6 +50,7 @@ class StepContext:
     example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
     rmu: RMUState | None = None  # RMU's frozen layers and steering vector (method rmu)
     undial: UndialReference | None = None  # the reference's hidden states and lm_head (method undial)
+    in_backward: StepInBackward | None = None  # optim.in_backward: the optimizer steps inside the backward
 
     @property
     def micro_per_step(self) -> int:
@@ -108,6 +110,17 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
         stand_ins = {name: [global_batch[name][0]] for name in sets if not parts[name]}
         micro_batch_backward(ctx, {**parts, **stand_ins}, result, empty=set(stand_ins))
 
+    if ctx.in_backward is not None:  # every parameter has stepped already, inside the backward
+        result.grad_norm = ctx.in_backward.finish()
+        if not bool(torch.isfinite(result.grad_norm)):
+            raise TrainingDiverged(
+                f"the gradient norm is {float(result.grad_norm)}: training diverged. With optim.in_backward "
+                "the parameters whose gradients came before the non-finite one were already updated; nothing "
+                "is exported and the last checkpoint (if any) is kept. Lower optim.lr, raise method.beta or "
+                "check the data."
+            )
+        scheduler.step()
+        return result
     # max_grad_norm 0 measures without clipping (an infinite limit scales by exactly 1).
     limit = ctx.config.optim.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, limit)

@@ -217,6 +217,7 @@ def measure_worker() -> dict:
     from fastnpo.distributed import ProcessInfo
     from fastnpo.methods import METHODS
     from fastnpo.profiling import peak_memory_during
+    from fastnpo.train.optimizers import StepInBackward
     from fastnpo.train.setup import build_optimizer, wrap_model
     from fastnpo.train.step import StepContext, train_step
 
@@ -227,8 +228,11 @@ def measure_worker() -> dict:
         def lookup(self, name, index):
             return torch.full((len(index),), -50.0), None
 
-    def step_once(model_config: dict, steps: int, measure: bool, checkpointing: bool, start: int = 0, optim="adamw"):
+    def step_once(
+        model_config: dict, steps: int, measure: bool, checkpointing: bool, start=0, optim="adamw", in_backward=False
+    ):
         dtype = "bfloat16" if optim == "adamw_kahan" else "float32"
+        lean = ["optim.in_backward=true", "optim.max_grad_norm=0"] if in_backward else []
         config = load_structured(
             Config,
             None,
@@ -241,12 +245,15 @@ def measure_worker() -> dict:
                 f"data.batch_size={ROWS}",
                 f"data.retain_batch_size={ROWS}",
                 f"data.max_length={LENGTH}",
+                *lean,
             ],
         )
         model = LlamaForCausalLM(LlamaConfig(**model_config, attn_implementation="sdpa")).to(getattr(torch, dtype))
         train_model = wrap_model(config, model, None, info)
         optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
-        ctx = StepContext(config, METHODS["npo_rt"], info, train_model, SimpleNamespace(pad_token_id=0), Ref(), None)
+        hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
+        tokenizer = SimpleNamespace(pad_token_id=0)
+        ctx = StepContext(config, METHODS["npo_rt"], info, train_model, tokenizer, Ref(), None, in_backward=hooks)
         generator = torch.Generator().manual_seed(1)
 
         def batch():
@@ -278,9 +285,11 @@ def measure_worker() -> dict:
     step_once(micro, 1, measure=False, checkpointing=True)
     step_once(micro, 1, measure=False, checkpointing=True, optim="adamw_kahan")
     out = {}
-    for name, checkpointing, optim in ((str(False), False, "adamw"), (str(True), True, "adamw"), KAHAN_CASE):
+    for name, checkpointing, optim, in_backward in CASES:
         clean()
-        held, extra = step_once(SMALL, 1, measure=True, checkpointing=checkpointing, start=rss(), optim=optim)
+        held, extra = step_once(
+            SMALL, 1, measure=True, checkpointing=checkpointing, start=rss(), optim=optim, in_backward=in_backward
+        )
         out[name] = {"held": held, "extra": extra, "peak": held + extra}
     out["kahan_step"] = kahan_step_peaks(clean)
     return out
@@ -306,10 +315,16 @@ def kahan_step_peaks(clean) -> dict:
     return out
 
 
-KAHAN_CASE = ("kahan", True, "adamw_kahan")  # bf16 parameters, float32 moments, checkpointing
+# (name, checkpointing, optim.name, optim.in_backward); Kahan: bf16 parameters, float32 moments
+CASES = [
+    (str(False), False, "adamw", False),
+    (str(True), True, "adamw", False),
+    ("kahan", True, "adamw_kahan", False),
+    ("kahan-in-backward", True, "adamw_kahan", True),
+]
 
 
-def predicted(checkpointing: bool, optim: str = "adamw") -> dict:
+def predicted(checkpointing: bool, optim: str = "adamw", in_backward: bool = False) -> dict:
     config_json = dict(SMALL, model_type="llama")
     shape = model_shape(config_json)
     settings = Settings(
@@ -320,6 +335,7 @@ def predicted(checkpointing: bool, optim: str = "adamw") -> dict:
         padded=False,
         device="cpu",  # equal lengths: no padding mask, SDPA's native GQA
         optimizer=optim,
+        in_backward=in_backward,
     )
     return {"estimate": estimate(shape, settings), "shape": shape}
 
@@ -339,15 +355,13 @@ def measured_cpu():
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize(
-    ("case", "checkpointing", "optim"), [(str(False), False, "adamw"), (str(True), True, "adamw"), KAHAN_CASE]
-)
-def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim):
+@pytest.mark.parametrize(("case", "checkpointing", "optim", "in_backward"), CASES)
+def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim, in_backward):
     measured = measured_cpu[case]
-    e = predicted(checkpointing, optim)["estimate"]
+    e = predicted(checkpointing, optim, in_backward)["estimate"]
     ratio = e.allocated / measured["peak"]
     print(
-        f"{optim} checkpointing={checkpointing}: measured {measured['peak'] / 2**20:.1f} MiB "
+        f"{optim} checkpointing={checkpointing} in_backward={in_backward}: measured {measured['peak'] / 2**20:.1f} MiB "
         f"(held {measured['held'] / 2**20:.1f}), predicted {e.allocated / 2**20:.1f} MiB "
         f"at {e.peak_phase!r}, ratio {ratio:.3f}"
     )

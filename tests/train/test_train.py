@@ -655,3 +655,80 @@ def test_divergence_stops_the_run_keeps_the_checkpoint_and_exports_nothing(tiny,
 
     records = [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["grad_norm"]) for r in records)
+
+
+# ----------------------------------------------------------------------------- optimizer in the backward
+
+IN_BACKWARD = {"optim.in_backward": "true", "optim.max_grad_norm": 0}
+
+
+def metric_records(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "norm_rel"),
+    [
+        ({"optim.name": "adamw"}, 1e-5),
+        # clip_grad_norm_ returns a bf16 norm of bf16 gradients; the hooks sum in fp32
+        ({"optim.name": "adamw_kahan", "model.dtype": "bfloat16", "optim.lr": 3e-3}, 2**-7),
+    ],
+    ids=["adamw-fp32", "adamw_kahan-bf16"],
+)
+def test_in_backward_steps_match_the_step_after_the_backward(tiny, tmp_path, optimizer, norm_rel):
+    # The same optimizer, the same updates, one parameter at a time inside the backward. The tiny
+    # model ties its embeddings, so the lm_head's gradient waits for the embedding's there.
+    common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.max_grad_norm": 0, **optimizer}
+    train(config_for(tiny, tmp_path / "after", **common))
+    train(config_for(tiny, tmp_path / "inside", **{**common, **IN_BACKWARD}))
+    after, inside = final_weights(tmp_path / "after"), final_weights(tmp_path / "inside")
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    assert after.keys() == inside.keys()
+    for key in after:
+        assert not torch.equal(after[key], initial[key].to(after[key].dtype)), key
+        torch.testing.assert_close(inside[key], after[key], atol=0, rtol=0, msg=key)
+    for a, b in zip(metric_records(tmp_path / "after"), metric_records(tmp_path / "inside"), strict=True):
+        assert b["loss"] == a["loss"]
+        # the norm is summed per parameter instead of over torch's per-tensor norms
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=norm_rel)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"optim.grad_accum": 2}, r"optim\.in_backward: .*optim\.grad_accum=1.*got 'optim\.grad_accum=2'"),
+        ({"optim.max_grad_norm": 1.0}, r"optim\.in_backward: clipping .*got 'optim\.max_grad_norm=1\.0'"),
+    ],
+)
+def test_in_backward_refuses_accumulation_and_clipping(tiny, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        config_for(tiny, tmp_path / "run", **{**IN_BACKWARD, **extra})
+    assert not (tmp_path / "run").exists()
+
+
+def test_in_backward_divergence_stops_the_run_and_exports_nothing(tiny, tmp_path):
+    from fastnpo.train.step import TrainingDiverged
+
+    out = tmp_path / "run"
+    config = config_for(tiny, out, **IN_BACKWARD, **{"optim.lr": 1e4, "optim.max_steps": 30})
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the gradient norm is (nan|inf).*already updated"):
+        train(config)
+    assert not (out / "final").exists()
+    assert all(math.isfinite(r["grad_norm"]) for r in metric_records(out))
+
+
+def test_two_ranks_in_backward_match_one_process(tiny, tmp_path):
+    # FSDP2 runs the post-accumulate-grad hooks on the sharded parameters after the
+    # reduce-scatter: each rank steps its shards inside the backward.
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": tmp_path / "cache", **IN_BACKWARD}
+    two = run_cli(args + overrides(tiny, tmp_path / "two", **common), torchrun=True)
+    try:
+        assert two.wait(timeout=300) == 0, two.stdout.read()
+    finally:
+        two.kill()
+    train(config_for(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8}))
+    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["fsdp"] is True
+    assert_same_training(tmp_path / "two", tmp_path / "one", load_file(Path(tiny["base"]) / "model.safetensors"))
+    for a, b in zip(metric_records(tmp_path / "one"), metric_records(tmp_path / "two"), strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
