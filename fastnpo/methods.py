@@ -319,6 +319,13 @@ def _to_dtype(value, dtype):
     return value
 
 
+def rmu_trainable_pattern(config: MethodConfig) -> re.Pattern:
+    """The parameter names RMU trains: rmu_params of the decoder layers rmu_update_layers."""
+    layers = "|".join(str(i) for i in sorted(config.rmu_update_layers))
+    params = "|".join(re.escape(p) for p in config.rmu_params)
+    return re.compile(rf"(^|.*\.)layers\.({layers})\.({params})$")
+
+
 class RMUState:
     """What RMU needs beside the model being trained (WMDP, Li et al. 2024, arXiv 2403.03218).
 
@@ -346,9 +353,7 @@ class RMUState:
 
     def select_trainable(self, model: nn.Module) -> list[str]:
         """Freeze every parameter but rmu_params of rmu_update_layers; returns the trainable names."""
-        layers = "|".join(str(i) for i in sorted(self.config.rmu_update_layers))
-        params = "|".join(re.escape(p) for p in self.config.rmu_params)
-        pattern = re.compile(rf"(^|.*\.)layers\.({layers})\.({params})$")
+        pattern = rmu_trainable_pattern(self.config)
         names = []
         for name, parameter in model.named_parameters():
             chosen = bool(pattern.match(name))

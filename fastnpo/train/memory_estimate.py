@@ -74,6 +74,9 @@ class ModelShape:
     largest_tensor: int = 0  # elements of the largest parameter tensor
     linear_params: int = 0  # parameters of nn.Linear weights (autocast copies them)
     lora_params: int = 0  # trainable parameters when LoRA is on
+    method_trainable: int = 0  # RMU: the parameters it trains (rmu_params of rmu_update_layers); 0: all
+    method_frozen_copy: int = 0  # RMU: its frozen copies of decoder layers first updated .. rmu_layer
+    method_backward_layers: int = 0  # RMU: the decoder layers its backward runs through; 0: all
     notes: tuple[str, ...] = ()
 
     @property
@@ -95,6 +98,7 @@ class Settings:
     padded: bool = True  # batches carry a padding mask (SDPA then repeats K/V heads)
     lora: bool = False
     live_reference_rows: int = 0  # NPO+KL: retain rows whose full logits are built
+    undial: bool = False  # UNDIAL: a copy of the initial lm_head weight on the device
     device: str = "cuda"  # "cuda" or "cpu" (the CPU path of the fused op, per-tensor AdamW)
     optimizer: str = "adamw"  # optim.name: "adamw" or "adamw_kahan"
     state_dtype: str = "float32"  # optim.state_dtype (adamw_kahan's moments; adamw: the parameters')
@@ -176,6 +180,11 @@ def _fused_op(shape: ModelShape, s: Settings, c: int) -> tuple[int, int]:
     return keep, backward
 
 
+def trainable_params(shape: ModelShape, s: Settings) -> int:
+    """LoRA's adapters, RMU's chosen weights, or every parameter."""
+    return shape.lora_params if s.lora else (shape.method_trainable or shape.params)
+
+
 def state_bytes_per_parameter(s: Settings) -> int:
     """Optimizer state per trainable parameter: m and v (+ KahanAdamW's compensation buffer)."""
     p = DTYPE_BYTES[s.dtype]
@@ -208,7 +217,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     world = s.gpus if s.sharded else 1
     n, d, v = s.tokens, shape.hidden, shape.vocab
     residual = 4 if s.dtype == "float32" and (c == 4 or not s.sharded) else c  # the residual stream
-    trainable = shape.lora_params if s.lora else shape.params
+    trainable = trainable_params(shape, s)
+    subset = s.lora or bool(shape.method_trainable)  # LoRA / RMU: the lm_head and the root do not train
 
     params = shape.params * p // world
     grads = trainable * p // world
@@ -220,14 +230,19 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     gather_fwd = root_unsharded + (2 * shape.layer_params * c if s.sharded else 0)
     # End of the backward: the root's unsharded gradients and their reduce-dtype copy.
     reduce_bytes = (4 if s.mixed_precision == "bf16" else c) if c != 4 else 0
-    root_trainable = 0 if s.lora else shape.root_params
+    root_trainable = 0 if subset else shape.root_params
     gather_bwd = root_trainable * (c + reduce_bytes) if s.sharded else 0
-    layer_grad_bufs = (0 if s.lora else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
+    layer_grad_bufs = (0 if subset else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
 
-    per_layer, act_full, act_ckpt, layer_backward = _activations(shape, s, c, residual)
+    # RMU's loss is on a middle layer's output: autograd saves only the layers from the first
+    # updated one to that layer, and nothing flows back through the lm_head and the fused op.
+    backward_layers = shape.method_backward_layers or shape.layers
+    per_layer, act_full, act_ckpt, layer_backward = _activations(replace(shape, layers=backward_layers), s, c, residual)
     saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
     fused_keep, fused_bwd = _fused_op(shape, s, c)
-    head_grad = v * d * p // world if not s.lora else 0
+    if shape.method_backward_layers:
+        fused_keep = fused_bwd = 0
+    head_grad = v * d * p // world if not subset else 0
     mid_backward, end_of_backward = head_grad, grads
     if s.in_backward:  # each tensor steps, and its gradient goes, as soon as it is ready
 
@@ -247,6 +262,9 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     reference = 0
     if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
         reference = shape.params * p // world + 4 * s.live_reference_rows * s.seq_len * v * 4
+    reference += shape.method_frozen_copy * p  # RMU's frozen layers, copied before sharding
+    if s.undial:  # the initial lm_head, copied before sharding (its hidden states stay on the CPU)
+        reference += v * d * p
 
     persistent = params + state + autocast_copies + reference
     phases = {
@@ -270,7 +288,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         "fused log-prob op": fused_keep + fused_bwd,
         "FSDP all-gather buffers": gather_fwd + max(gather_bwd, layer_grad_bufs),
         "autocast bf16 weight copies": autocast_copies,
-        "NPO+KL live reference": reference,
+        "frozen reference copies": reference,  # NPO+KL model, RMU layers, UNDIAL lm_head
     }
     if s.device == "cuda":
         overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.gpus > 1 else 0)

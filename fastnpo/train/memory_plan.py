@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..config import ConfigError, load_structured
-from ..methods import METHODS
+from ..methods import METHODS, MethodConfig, rmu_trainable_pattern
 from .config import Config
 from .memory_estimate import (
     DTYPE_BYTES,
@@ -22,6 +22,7 @@ from .memory_estimate import (
     Settings,
     estimate,
     state_bytes_per_parameter,
+    trainable_params,
     with_settings,
 )
 
@@ -121,8 +122,11 @@ def hf_config(source: str | dict):
         ) from None
 
 
-def model_shape(source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: int = 8) -> ModelShape:
-    """Count the architecture's parameters exactly by building it on the meta device."""
+def model_shape(
+    source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: int = 8, rmu: MethodConfig | None = None
+) -> ModelShape:
+    """Count the architecture's parameters exactly by building it on the meta device (rmu: the
+    method config whose trained parameters and frozen layer copies are counted)."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -151,6 +155,18 @@ def model_shape(source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: 
             notes.append(f"fastnpo's fused op refuses this model ({name}={value}): this plan is for reference only")
     if getattr(text, "attn_logit_softcapping", None):
         notes.append("attention soft-capping: transformers may use eager attention, which keeps [T, T] scores")
+    method_trainable = method_frozen_copy = method_backward_layers = 0
+    if rmu is not None:
+        if rmu.rmu_layer >= len(layers):
+            raise ConfigError(f"method.rmu_layer: the model has {len(layers)} decoder layers, got {rmu.rmu_layer}")
+        pattern = rmu_trainable_pattern(rmu)
+        method_trainable = sum(p.numel() for name, p in model.named_parameters() if pattern.match(name))
+        if not method_trainable:
+            layers_named = rmu.rmu_update_layers
+            raise ConfigError(f"method.rmu_params: no parameter {rmu.rmu_params} in decoder layers {layers_named}")
+        copied = layers[min(rmu.rmu_update_layers) : rmu.rmu_layer + 1]
+        method_frozen_copy = sum(p.numel() for layer in copied for p in layer.parameters())
+        method_backward_layers = len(copied)
     return ModelShape(
         name=source if isinstance(source, str) else text.model_type,
         model_type=text.model_type,
@@ -168,6 +184,9 @@ def model_shape(source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: 
         largest_tensor=max(p.numel() for p in params.values()),
         linear_params=sum(m.weight.numel() for m in linears),
         lora_params=lora,
+        method_trainable=method_trainable,
+        method_frozen_copy=method_frozen_copy,
+        method_backward_layers=method_backward_layers,
         notes=tuple(notes),
     )
 
@@ -196,6 +215,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         seq_len=max(d.max_length, d.pack_tokens) if d.packing else d.max_length,
         lora=config.model.lora.enabled,
         live_reference_rows=d.retain_batch_size if method.live_reference else 0,
+        undial=method.reference_hidden,
         device=device,
         optimizer=o.name,
         state_dtype=o.state_dtype,
@@ -248,7 +268,7 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
                 )
                 break
     per_param = per_param_budget(shape, ckpt, budget)
-    trainable = shape.lora_params if s.lora else shape.params
+    trainable = trainable_params(shape, s)
     p = DTYPE_BYTES[s.dtype]
     used = 2 * p + state_bytes_per_parameter(s)
     held = f"{used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them"
@@ -295,7 +315,8 @@ def plan(
     if not source:
         raise ConfigError("model.name_or_path: is required (or pass --model)")
     lora = config.model.lora
-    shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r)
+    rmu = config.method if METHODS[config.method.name].activations else None
+    shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r, rmu)
     s = settings_from_config(config, gpus, device)
     if gpu_gib is None:
         gpu_gib = visible_gpu_gib() or DEFAULT_GPU_GIB
@@ -310,6 +331,7 @@ def plan(
         "shape": {k: v for k, v in asdict(shape).items() if k != "notes"},
         "settings": asdict(s),
         "method": config.method.name,
+        "trainable_params": trainable_params(shape, s),
         "gpu_memory_gib": gpu_gib,
         "components_gib": {k: v / GIB for k, v in e.components.items()},
         "activations_gib": {
@@ -345,7 +367,7 @@ def format_plan(result: dict) -> str:
     s, shape = result["settings"], result["shape"]
     world = f"{s['gpus']} GPU{'s' if s['gpus'] > 1 else ''} x {result['gpu_memory_gib']:.1f} GiB"
     fsdp = "FSDP2" if s["sharded"] else "no FSDP"
-    trainable = shape["lora_params"] if s["lora"] else shape["params"]
+    trainable = result["trainable_params"]
     lines = [
         f"fastnpo plan: {result['model']} ({shape['params'] / 1e9:.2f} B parameters, "
         f"{trainable / 1e9:.3g} B trainable), {world}, {fsdp}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastnpo.cli import build_parser
-from fastnpo.config import ConfigError
+from fastnpo.config import ConfigError, load_structured
 from fastnpo.train.config import Config
 from fastnpo.train.memory_estimate import GIB, Settings, estimate
 from fastnpo.train.memory_plan import KNOWN_MODELS, model_shape, plan, run_plan
@@ -101,6 +101,33 @@ def test_8b_npo_rt_on_one_40gb_gpu_does_not_fit_with_plain_adamw():
     # On one 80 GB GPU bf16 AdamW fits (the foreach step's sqrt(v) copy makes it tight); fp32 does not.
     assert plan(npo_rt_config(), model="meta-llama/Llama-3.1-8B", gpu_gib=80.0)["fits"]
     assert not plan(npo_rt_config(**{"model.dtype": "float32"}), model="meta-llama/Llama-3.1-8B", gpu_gib=80.0)["fits"]
+
+
+def test_in_backward_drops_the_gradients_and_is_suggested():
+    eight_b = "meta-llama/Llama-3.1-8B"
+    after = plan(npo_rt_config(), model=eight_b, gpu_gib=80.0)
+    inside = plan(npo_rt_config(**{"optim.in_backward": True, "optim.max_grad_norm": 0}), model=eight_b, gpu_gib=80.0)
+    # the largest tensor (the 525 M-element embedding or lm_head) is the most that exists at once
+    assert inside["components_gib"]["gradients"] == pytest.approx(128256 * 4096 * 2 / GIB)
+    assert after["components_gib"]["gradients"] == pytest.approx(8.03e9 * 2 / GIB, rel=1e-3)
+    assert inside["total_gib"] < after["total_gib"] - 20  # also no foreach sqrt(v) copy of every tensor
+    tight = plan(npo_rt_config(), model=eight_b, gpu_gib=60.0)
+    assert any(item.startswith("optim.in_backward=true optim.max_grad_norm=0") for item in tight["suggestions"])
+
+
+def test_rmu_and_undial_plans_count_what_the_methods_keep():
+    eight_b = "meta-llama/Llama-3.1-8B"
+    rmu = plan(npo_rt_config(**{"method.name": "rmu"}), model=eight_b, gpu_gib=80.0)
+    # rmu_params ["mlp.down_proj.weight"] of layers 5-7 train; frozen copies of layers 5-7
+    down_proj, layer = 14336 * 4096, 218_112_000
+    assert rmu["trainable_params"] == 3 * down_proj
+    assert rmu["components_gib"]["gradients"] == pytest.approx(3 * down_proj * 2 / GIB)
+    assert rmu["components_gib"]["frozen reference copies"] == pytest.approx(3 * layer * 2 / GIB)
+    assert rmu["components_gib"]["fused log-prob op"] == 0  # nothing flows back through the lm_head
+    undial = plan(npo_rt_config(**{"method.name": "undial"}), model=eight_b, gpu_gib=80.0)
+    assert undial["components_gib"]["frozen reference copies"] == pytest.approx(128256 * 4096 * 2 / GIB)
+    with pytest.raises(ConfigError, match=r"method\.rmu_layer: the model has 32 decoder layers, got 40"):
+        plan(npo_rt_config(**{"method.name": "rmu", "method.rmu_layer": 40}), model=eight_b)
 
 
 def test_recommended_configs():
@@ -215,7 +242,7 @@ def measure_worker() -> dict:
 
     from fastnpo.config import load_structured
     from fastnpo.distributed import ProcessInfo
-    from fastnpo.methods import METHODS
+    from fastnpo.methods import METHODS, RMUState
     from fastnpo.profiling import peak_memory_during
     from fastnpo.train.optimizers import StepInBackward
     from fastnpo.train.setup import build_optimizer, wrap_model
@@ -229,15 +256,23 @@ def measure_worker() -> dict:
             return torch.full((len(index),), -50.0), None
 
     def step_once(
-        model_config: dict, steps: int, measure: bool, checkpointing: bool, start=0, optim="adamw", in_backward=False
+        model_config: dict,
+        steps: int,
+        measure: bool,
+        checkpointing: bool,
+        start=0,
+        optim="adamw",
+        in_backward=False,
+        method="npo_rt",
     ):
         dtype = "bfloat16" if optim == "adamw_kahan" else "float32"
         lean = ["optim.in_backward=true", "optim.max_grad_norm=0"] if in_backward else []
+        lean += RMU_OVERRIDES if method == "rmu" else []
         config = load_structured(
             Config,
             None,
             [
-                "method.name=npo_rt",
+                f"method.name={method}",
                 "model.impl=torch",
                 f"model.dtype={dtype}",
                 f"optim.name={optim}",
@@ -249,11 +284,17 @@ def measure_worker() -> dict:
             ],
         )
         model = LlamaForCausalLM(LlamaConfig(**model_config, attn_implementation="sdpa")).to(getattr(torch, dtype))
+        rmu = None
+        if method == "rmu":  # as the trainer does: frozen copies and the trained subset, before wrapping
+            rmu = RMUState(config.method, model, seed=0)
+            rmu.select_trainable(model)
         train_model = wrap_model(config, model, None, info)
         optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
         hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
         tokenizer = SimpleNamespace(pad_token_id=0)
-        ctx = StepContext(config, METHODS["npo_rt"], info, train_model, tokenizer, Ref(), None, in_backward=hooks)
+        ctx = StepContext(
+            config, METHODS[method], info, train_model, tokenizer, Ref(), None, rmu=rmu, in_backward=hooks
+        )
         generator = torch.Generator().manual_seed(1)
 
         def batch():
@@ -285,10 +326,17 @@ def measure_worker() -> dict:
     step_once(micro, 1, measure=False, checkpointing=True)
     step_once(micro, 1, measure=False, checkpointing=True, optim="adamw_kahan")
     out = {}
-    for name, checkpointing, optim, in_backward in CASES:
+    for name, checkpointing, optim, in_backward, method in CASES:
         clean()
         held, extra = step_once(
-            SMALL, 1, measure=True, checkpointing=checkpointing, start=rss(), optim=optim, in_backward=in_backward
+            SMALL,
+            1,
+            measure=True,
+            checkpointing=checkpointing,
+            start=rss(),
+            optim=optim,
+            in_backward=in_backward,
+            method=method,
         )
         out[name] = {"held": held, "extra": extra, "peak": held + extra}
     out["kahan_step"] = kahan_step_peaks(clean)
@@ -315,18 +363,22 @@ def kahan_step_peaks(clean) -> dict:
     return out
 
 
-# (name, checkpointing, optim.name, optim.in_backward); Kahan: bf16 parameters, float32 moments
+# (name, checkpointing, optim.name, optim.in_backward, method); Kahan: bf16 parameters, float32
+# moments; RMU trains 2 of the 4 layers' down_proj and keeps frozen copies of layers 1-2
 CASES = [
-    (str(False), False, "adamw", False),
-    (str(True), True, "adamw", False),
-    ("kahan", True, "adamw_kahan", False),
-    ("kahan-in-backward", True, "adamw_kahan", True),
+    (str(False), False, "adamw", False, "npo_rt"),
+    (str(True), True, "adamw", False, "npo_rt"),
+    ("kahan", True, "adamw_kahan", False, "npo_rt"),
+    ("kahan-in-backward", True, "adamw_kahan", True, "npo_rt"),
+    ("rmu", False, "adamw", False, "rmu"),
 ]
+RMU_OVERRIDES = ["method.rmu_layer=2", "method.rmu_update_layers=[1,2]"]
 
 
-def predicted(checkpointing: bool, optim: str = "adamw", in_backward: bool = False) -> dict:
+def predicted(checkpointing: bool, optim: str = "adamw", in_backward: bool = False, method: str = "npo_rt") -> dict:
     config_json = dict(SMALL, model_type="llama")
-    shape = model_shape(config_json)
+    rmu = load_structured(Config, None, ["method.name=rmu", *RMU_OVERRIDES]).method if method == "rmu" else None
+    shape = model_shape(config_json, rmu=rmu)
     settings = Settings(
         dtype="bfloat16" if optim == "adamw_kahan" else "float32",
         rows=2 * ROWS,
@@ -355,13 +407,14 @@ def measured_cpu():
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize(("case", "checkpointing", "optim", "in_backward"), CASES)
-def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim, in_backward):
+@pytest.mark.parametrize(("case", "checkpointing", "optim", "in_backward", "method"), CASES)
+def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim, in_backward, method):
     measured = measured_cpu[case]
-    e = predicted(checkpointing, optim, in_backward)["estimate"]
+    e = predicted(checkpointing, optim, in_backward, method)["estimate"]
     ratio = e.allocated / measured["peak"]
     print(
-        f"{optim} checkpointing={checkpointing} in_backward={in_backward}: measured {measured['peak'] / 2**20:.1f} MiB "
+        f"{method} {optim} checkpointing={checkpointing} in_backward={in_backward}: "
+        f"measured {measured['peak'] / 2**20:.1f} MiB "
         f"(held {measured['held'] / 2**20:.1f}), predicted {e.allocated / 2**20:.1f} MiB "
         f"at {e.peak_phase!r}, ratio {ratio:.3f}"
     )
