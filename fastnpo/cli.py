@@ -81,6 +81,12 @@ def _add_demo_parser(commands) -> None:
         metavar="S,S,...",
         help="seeds of the unlearning runs (their data order); default: the preset's",
     )
+    demo.add_argument(
+        "--methods",
+        default=None,
+        metavar="M,M,...",
+        help="unlearning methods instead of the preset's (default and quick: six; full: every method)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +211,8 @@ def run_demo(args) -> dict:
     from .tofu.demo import run_demo as demo
 
     seeds = None if args.unlearn_seeds is None else [int(s) for s in args.unlearn_seeds.split(",")]
-    results = demo(args.out, args.preset, args.seed, unlearn_seeds=seeds, overwrite=args.overwrite)
+    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    results = demo(args.out, args.preset, args.seed, unlearn_seeds=seeds, methods=methods, overwrite=args.overwrite)
     return {"out": args.out, "timings_s": results["timings_s"], "cpu_s": results["cpu_s"]}
 
 

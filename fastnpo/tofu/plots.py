@@ -11,6 +11,12 @@ METHOD_LABELS = {
     "npo_rt": "NPO+RT",
     "simnpo": "SimNPO",
     "idkdpo": "IdkDPO",
+    "npo_kl": "NPO+KL",
+    "wga": "WGA",
+    "satimp": "SatImp",
+    "ceu": "CE-U",
+    "rmu": "RMU",
+    "undial": "UNDIAL",
 }
 
 
@@ -76,15 +82,17 @@ def _plot_forget_quality_vs_utility(plt, results: dict, path: Path) -> None:
     splits = list(results["runs"][seeds[0]])
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.6), squeeze=False)
     for ax, split in zip(axes[0], splits, strict=True):
-        for k, method in enumerate(results["runs"][seeds[0]][split]):
+        methods = list(results["runs"][seeds[0]][split])
+        for k, method in enumerate(methods):
+            color = f"C{k}" if len(methods) <= 10 else plt.cm.tab20(k % 20)  # C0-C9 repeat after ten
             for n, seed in enumerate(seeds):
                 epochs = results["runs"][seed][split][method]
                 mu = [e["model_utility"] for e in epochs]
                 fq = [max(e["forget_quality"], 1e-30) for e in epochs]
                 label = METHOD_LABELS.get(method, method) if n == 0 else None
-                ax.plot(mu, fq, marker="o", markersize=3, color=f"C{k}", alpha=0.8, linewidth=1, label=label)
+                ax.plot(mu, fq, marker="o", markersize=3, color=color, alpha=0.8, linewidth=1, label=label)
                 # The number at a line's end is its last epoch: the other points are the epochs before.
-                ax.annotate(str(epochs[-1]["epoch"]), (mu[-1], fq[-1]), fontsize=6, color=f"C{k}")
+                ax.annotate(str(epochs[-1]["epoch"]), (mu[-1], fq[-1]), fontsize=6, color=color)
         retain = results["retain_models"][split]
         ax.scatter([retain["model_utility"]], [1.0], marker="*", s=160, color="black", label="retain model", zorder=5)
         target = results["target"][split]

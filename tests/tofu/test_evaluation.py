@@ -140,6 +140,27 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
     assert (tmp_path / "demo" / "results.md").read_text() == committed
 
 
+def test_demo_runs_the_methods_beyond_the_default_six_at_toy_size(tmp_path):
+    from fastnpo.tofu.demo import DEFAULT_METHODS, PRESETS, run_demo
+    from fastnpo.tofu.plots import METHOD_LABELS
+
+    others = tuple(m for m in METHOD_LABELS if m not in DEFAULT_METHODS)
+    assert set(others) == {"npo_kl", "wga", "satimp", "ceu", "rmu", "undial"}
+    assert PRESETS["full"].methods == tuple(METHOD_LABELS)
+    run_demo(tmp_path / "demo", "quick", log=lambda message: None, unlearn_seeds=[0], methods=others)
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    runs = saved["runs"]["0"]["forget10"]
+    assert list(runs) == list(others)
+    for method, epochs in runs.items():
+        assert [e["epoch"] for e in epochs] == list(range(int(PRESETS["quick"].unlearn_epochs) + 1)), method
+        assert epochs[-1]["model_utility"] != epochs[0]["model_utility"], f"{method} did not change the model"
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert all(f"| {METHOD_LABELS[m]} |" in table for m in others)
+    with pytest.raises(ValueError, match=r"methods must be a non-empty list of .*got \['npo', 'nope'\]"):
+        run_demo(tmp_path / "bad", "quick", methods=["npo", "nope"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_published_demo_table_is_the_table_of_the_published_results():
     from fastnpo.tofu.plots import results_table
 
