@@ -54,9 +54,11 @@ class OptimConfig:
     """AdamW with linear warm-up over warmup_epochs, then linear decay to 0 at the last step.
     Steps: epochs x batches per epoch, or max_steps when > 0. The global batch is
     data.batch_size x processes x grad_accum.
-    name: "adamw" (torch.optim.AdamW; its state in the parameters' dtype) or "adamw_kahan"
+    name: "adamw" (torch.optim.AdamW; its state in the parameters' dtype), "adamw_kahan"
     (bf16 parameters with no fp32 master copy, a Kahan-compensated update and the moments in
-    state_dtype: "float32" or "bfloat16"; needs model.dtype=bfloat16; see optimizers.py).
+    state_dtype: "float32" or "bfloat16"; needs model.dtype=bfloat16) or "adamw_8bit" (torchao's
+    AdamW8bit: 8-bit moments, stochastic rounding of bf16 parameters; fastnpo[lean]); see
+    optimizers.py.
     in_backward: step each parameter as soon as its gradient is ready and free that gradient,
     so the whole set of gradients never exists at once (optimizers.StepInBackward); needs
     grad_accum=1 and max_grad_norm=0 (no clipping)."""

@@ -207,7 +207,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
         except TrainingDiverged as error:
             raise TrainingDiverged(f"step {step + 1}: {error}") from None
         step += 1
-        logger.step(result, step=step, lr=scheduler.get_last_lr()[0], started=started)
+        logger.step(result, step=step, lr=float(scheduler.get_last_lr()[0]), started=started)
         if (on_epoch_end is not None or run.evaluation is not None) and step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
             report = on_epoch_end(epoch, trainee.hf) if on_epoch_end is not None else None

@@ -185,11 +185,16 @@ def trainable_params(shape: ModelShape, s: Settings) -> int:
     return shape.lora_params if s.lora else (shape.method_trainable or shape.params)
 
 
-def state_bytes_per_parameter(s: Settings) -> int:
+ADAMW_8BIT_BLOCK = 256  # torchao AdamW8bit: one fp32 scale per 256 8-bit codes, for m and for v
+
+
+def state_bytes_per_parameter(s: Settings) -> float:
     """Optimizer state per trainable parameter: m and v (+ KahanAdamW's compensation buffer)."""
     p = DTYPE_BYTES[s.dtype]
     if s.optimizer == "adamw_kahan":
         return 2 * DTYPE_BYTES[s.state_dtype] + p
+    if s.optimizer == "adamw_8bit":  # tensors under 4096 values keep 2 x p: negligible in an LLM
+        return 2 * (1 + 4 / ADAMW_8BIT_BLOCK)
     return 2 * p
 
 
@@ -199,6 +204,8 @@ def _step_temporaries(s: Settings, elements: int, all_elements: int) -> int:
     p = DTYPE_BYTES[s.dtype]
     if s.optimizer == "adamw_kahan":  # flat pieces of one tensor at a time, all arithmetic in fp32
         return optimizers.STEP_TEMPORARIES * 4 * min(elements, optimizers.CHUNK_ELEMENTS)
+    if s.optimizer == "adamw_8bit":  # one tensor at a time, torch.compile'd: assumed one fp32 copy
+        return 4 * elements
     if s.device == "cuda":
         return all_elements * p  # foreach: sqrt(exp_avg_sq) of every tensor it steps at once
     return 2 * elements * p  # per tensor: sqrt, then / bias correction
@@ -206,7 +213,7 @@ def _step_temporaries(s: Settings, elements: int, all_elements: int) -> int:
 
 def _optimizer(shape: ModelShape, s: Settings, trainable: int, world: int) -> tuple[int, int]:
     """(optimizer state, the step's temporaries), bytes per GPU."""
-    state = trainable * state_bytes_per_parameter(s) // world
+    state = int(trainable * state_bytes_per_parameter(s)) // world
     largest = -(-min(shape.largest_tensor, trainable) // world)  # one rank's shard of it
     # in the backward (optim.in_backward) every step is of one tensor
     return state, _step_temporaries(s, largest, largest if s.in_backward else trainable // world)
@@ -302,13 +309,20 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
             f"so {_gib(trainable * p // world)} of gradients never exist at once (no gradient clipping, "
             "no gradient accumulation)"
         )
+    if s.optimizer == "adamw_8bit":
+        notes.append(
+            "optim.name=adamw_8bit: torchao AdamW8bit, m and v as 8-bit codes + an fp32 scale per 256 "
+            f"({state_bytes_per_parameter(s):.2f} bytes per parameter), bf16 parameters stochastically "
+            "rounded; its step's temporaries (one fp32 copy of the tensor stepping) are an assumption, "
+            "not yet measured on a GPU"
+        )
     if s.optimizer == "adamw_kahan":
         notes.append(
             f"optim.name=adamw_kahan: {s.dtype} parameters with a compensated (Kahan) update, moments in "
             f"{s.state_dtype}: {p} + {p} + {state_bytes_per_parameter(s)} bytes per parameter (parameter, "
             "gradient, m + v + compensation)"
         )
-    elif p == 2 and s.device == "cuda":
+    elif p == 2 and s.device == "cuda" and s.optimizer == "adamw":
         notes.append(
             f"model.dtype={s.dtype}: parameters, gradients and AdamW state are all {s.dtype} (fastnpo "
             "keeps no fp32 master copy); at lr ~1e-5 many updates fall below bf16's resolution and are "

@@ -267,19 +267,28 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
                     "no clipping, no accumulation)"
                 )
                 break
+    eight_bit = with_settings(ckpt, dtype="bfloat16", optimizer="adamw_8bit", state_dtype="float32", in_backward=True)
+    if s.optimizer != "adamw_8bit" and fits(eight_bit):
+        out.append(
+            "model.dtype=bfloat16 optim.name=adamw_8bit optim.in_backward=true optim.max_grad_norm=0 "
+            "optim.grad_accum=1 (torchao 8-bit moments, stochastic rounding, steps inside the backward: "
+            "~4 bytes per parameter; pip install 'fastnpo[lean]')"
+        )
     per_param = per_param_budget(shape, ckpt, budget)
     trainable = trainable_params(shape, s)
     p = DTYPE_BYTES[s.dtype]
     used = 2 * p + state_bytes_per_parameter(s)
     held = f"{used * trainable / max(1, s.gpus if s.sharded else 1) / GIB:.1f} GiB per GPU before them"
+    state = state_bytes_per_parameter(s)
     if s.optimizer == "adamw_kahan":
-        state = state_bytes_per_parameter(s)
         kind = f"adamw_kahan here: {used} = {p} + {p} + {state} (parameter, gradient, m + v + compensation)"
+    elif s.optimizer == "adamw_8bit":
+        kind = f"adamw_8bit here: {used:.2f} = {p} + {p} + {state:.2f} (parameter, gradient, 8-bit m + v)"
     else:
         kind = f"plain AdamW here: {used} = {p} x (parameter, gradient, m, v)"
     out.append(
-        f"not available yet (issue 16 item 2): 8-bit optimizer state, "
-        f"CPU offload of optimizer state. At this micro-batch with checkpointing the GPU can afford "
+        f"not available yet (issue 16 item 2): CPU offload of optimizer state. At this micro-batch with "
+        f"checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
         f"({kind} plus the step's temporaries, {held})"
     )

@@ -1,4 +1,5 @@
-"""Lean optimizer modes (optim.name): "adamw" is torch.optim.AdamW; "adamw_kahan" is KahanAdamW.
+"""Lean optimizer modes (optim.name): "adamw" is torch.optim.AdamW; "adamw_kahan" is KahanAdamW;
+"adamw_8bit" is torchao's AdamW8bit (adamw_8bit below).
 
 Why bf16 parameters without an fp32 master copy need a guard
 ------------------------------------------------------------
@@ -43,9 +44,17 @@ single-process only (plain tensors and a one-rank trainer run); multi-rank is un
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["CHUNK_ELEMENTS", "OPTIMIZERS", "STATE_DTYPES", "STEP_TEMPORARIES", "KahanAdamW", "StepInBackward"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "OPTIMIZERS",
+    "STATE_DTYPES",
+    "STEP_TEMPORARIES",
+    "KahanAdamW",
+    "StepInBackward",
+    "adamw_8bit",
+]
 
-OPTIMIZERS = ("adamw", "adamw_kahan")
+OPTIMIZERS = ("adamw", "adamw_kahan", "adamw_8bit")
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # KahanAdamW updates a parameter in flat pieces of at most this many elements, so the step's fp32
 # temporaries are a few times 64 MiB whatever the largest tensor (an 8B model's embedding is
@@ -166,6 +175,34 @@ class KahanAdamW(torch.optim.Optimizer):
                         self.state[p][name] = saved[key][name].to(
                             device=p.device, dtype=STATE_DTYPES[group["state_dtype"]]
                         )
+
+
+def adamw_8bit(params, *, lr, betas, eps, weight_decay, stochastic_rounding: bool):
+    """torchao's AdamW8bit (pip install 'fastnpo[lean]'): m and v as 8-bit codes with one fp32
+    scale per block of 256 values (tensors of >= 4096 values that split into such blocks; smaller
+    ones keep their state in the parameter's dtype), i.e. ~2.03 B per parameter for both moments
+    instead of 2 x 2 (bf16) or 2 x 4 (fp32). stochastic_rounding: bf16 parameters are rounded
+    up or down at random in proportion to the distance (torchao's bf16_stochastic_round), so an
+    update below half a bf16 gap lands with the right probability and is right on average,
+    without KahanAdamW's 2 B per parameter of compensation (tests/train/test_optimizers.py checks
+    both against the fp32-master run).
+
+    Why torchao and not bitsandbytes: torchao's optimizers are plain PyTorch tensor subclasses,
+    so they run on CPU too (this project's tests) and on FSDP2's DTensor shards, and need no
+    CUDA-specific build. Its step is torch.compile'd per parameter shape (a C++ compiler on CPU;
+    the first steps of a run compile)."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as error:
+        raise ImportError(f"optim.name=adamw_8bit needs torchao: pip install 'fastnpo[lean]' ({error})") from None
+    return AdamW8bit(
+        params,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        bf16_stochastic_round=stochastic_rounding,
+    )
 
 
 class StepInBackward:

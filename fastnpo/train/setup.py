@@ -22,7 +22,7 @@ from ..modeling import load_tokenizer as load_tokenizer_from
 from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
 from .config import Config, ConfigError
-from .optimizers import KahanAdamW
+from .optimizers import KahanAdamW, adamw_8bit
 
 
 def load_tokenizer(config: Config):
@@ -175,6 +175,10 @@ def build_optimizer(config: Config, parameters, steps_per_epoch: int):
         optimizer = KahanAdamW(
             parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, state_dtype=o.state_dtype
         )
+    elif o.name == "adamw_8bit":
+        bf16 = config.model.dtype == "bfloat16"
+        args = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, stochastic_rounding=bf16)
+        optimizer = adamw_8bit(parameters, **args)
     else:
         # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder.
         optimizer = torch.optim.AdamW(parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
