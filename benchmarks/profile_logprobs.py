@@ -81,9 +81,15 @@ def main(argv=None) -> None:
     labels = torch.randint(0, v, (n,), generator=generator).to(device)
     mode = cublas.matmul_mode(device.type, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    split = cublas.split_kernels(device)  # where Triton runs, the cublas impl is the split design
+    layout = (
+        f"split design, dlogits blocks (rows, vocab) {cublas.split_blocks(n, v, hidden.element_size(), split[2])}"
+        if split is not None
+        else f"torch blocks (rows, vocab) {cublas.blocks(n, v)}"
+    )
     print(
         f"profile: N={n} D={d} V={v} {args.dtype} on {device} ({name}); "
-        f"torch {torch.__version__}; cublas matmul_mode {mode}, blocks (rows, vocab) {cublas.blocks(n, v)}; "
+        f"torch {torch.__version__}; cublas: {layout}, matmul_mode {mode}; "
         f"allow_tf32 {torch.backends.cuda.matmul.allow_tf32}"
     )
     for impl in filter(None, args.impls.split(",")):

@@ -4,7 +4,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     backends.py  the implementations (Triton kernels, vocabulary-chunked PyTorch) and the choice
     autograd.py  the autograd functions (two-pass, and the fused loss that does both in one call)
     chunked.py   the vocabulary-chunked PyTorch backend (fp32: the CPU path)
-    cublas.py    vocabulary-blocked library matmuls in the compute dtype (no atomics, exact dW)
+    cublas.py    gradients from library matmuls, fed by Triton kernels where they run (no atomics, exact dW)
     naive.py     full logits: the correctness reference and benchmark baseline
     checks.py    input checks that name the argument
     logprobs.py  the public token_logprobs / sequence_logprobs

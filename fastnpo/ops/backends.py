@@ -4,9 +4,11 @@ A backend computes, for the kept rows of hidden [N, D] (row_ids) and their label
     forward(hidden, weight, row_ids, labels) -> (lse, target_logit)                     fp32 [n]
     backward(..., lse, grad, *, filter_eps, compute_dh, compute_dw) -> (dh [n, D], dw [V, D])  fp32
 "triton" runs the kernels in kernels/ (fastnpo.kernels), "torch" the vocabulary-chunked code in
-chunked.py (fp32, the CPU path), "cublas" the vocabulary-blocked library matmuls of cublas.py
-(low-precision operands, fp32 results, no atomics); "naive" (full logits, naive.py) has no
-backend: it is plain autograd. dh and dw may come back in fp32 or in the input's dtype.
+chunked.py (fp32, the CPU path), "cublas" the design of cublas.py: the gradients from library
+matmuls (low-precision operands, fp32 accumulation, no atomics), fed where Triton runs (CUDA, or
+the interpreter) by the Triton forward and softmax-gradient kernels, elsewhere by vocabulary blocks
+of torch ops; "naive" (full logits, naive.py) has no backend: it is plain autograd. dh and dw may
+come back in fp32 or in the input's dtype.
 """
 
 import os

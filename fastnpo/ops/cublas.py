@@ -1,25 +1,37 @@
-"""Vocabulary-blocked matmuls through the framework (cuBLAS on CUDA): the atomic-free design.
+"""The cublas design: library matmuls (cuBLAS on CUDA) for the gradients, no atomics, exact dW.
 
 The first GPU run (benchmarks/results/logprobs_cuda_h200.md) showed where time goes: the Triton
 backward with exact gradients spends ~3-4x the 6NDV floor accumulating dW with fp32 atomics, while
-a plain cuBLAS matmul runs at ~92% of the chip's rate. This design uses only library matmuls:
+a plain cuBLAS matmul runs at ~92% of the chip's rate. Two implementations, one numerics contract
+(bf16 / fp16 operands, fp32 accumulation, dW written once in the weight's dtype):
 
-  forward   for each block of Vb vocabulary rows: logits = rows @ W_b^T (bf16 / fp16 operands, fp32
-            output), its log-sum-exp merged into a running one, the target logit picked.
-  backward  for each block: recompute the block's logits, dlogits = g * (onehot - softmax), then
-            dH += dlogits @ W_b (fp32 accumulator [n, D]) and dW_b = dlogits^T @ rows over ALL rows
-            in one matmul: each dW row is written once, in the weight's dtype, with no atomics and
-            no fp32 [V, D] buffer.
+Where Triton runs (CUDA tensors, or CPU under TRITON_INTERPRET=1): the "split" design.
+  forward   the Triton forward kernel (kernels/logprobs_forward.py): 2NDV, no logits stored.
+  backward  for each block of Vc vocabulary rows (an [n, Vc] buffer of <= SPLIT_BUFFER_BYTES, ~16k
+            columns at n=8192 in bf16: a handful of blocks, three launches each):
+              kernels/softmax_gradient.py   dlogits = g * (onehot - softmax), recomputed: 2 n D Vc
+              dW[v0:v1] = dlogits^T @ rows  one matmul over all rows, written once:      2 n D Vc
+              dH += dlogits @ W_block       fp32 accumulator [n, D]:                      2 n D Vc
+            Rows are split into blocks only when n is so large that a block would be narrower than
+            MIN_SPLIT_COLUMNS (dW_b then sums over row blocks in an fp32 [Vc, D] buffer).
+  FLOPs: 2NDV forward, 6NDV backward (the recompute is the price of not keeping logits): 8NDV in
+  all, 1.33x the 6NDV floor, every FLOP in a matmul-shaped kernel; the only elementwise traffic
+  is the dlogits buffer (written once, read by the two matmuls: 3 x 2 bytes x N x V in bf16).
+  Extra memory: the buffer, one compact copy of the kept rows, the fp32 dH.
 
-FLOPs: 2NDV forward, 6NDV backward (the recompute is the price of not keeping logits): 8NDV in
-all, 1.33x the 6NDV floor at the matmul rate, against which the elementwise work on each block
-(exp, scale, cast) runs out of L2 when a block is small enough to stay there (BLOCK_BYTES).
+Elsewhere (CPU without the interpreter): vocabulary blocks of torch ops. For each block of Vb
+  rows: logits = rows @ W_b^T (fp32 result), its log-sum-exp merged into a running one and the
+  target picked; the backward recomputes the block's logits, dlogits = g * (onehot - softmax) in
+  torch, then the same two gradient matmuls. The same 8NDV, but ~20 small elementwise launches
+  per block (measured on the H200 at 1024-wide blocks: ~20 ms of elementwise work and ~2,500
+  launches per call, the GPU busy 75 of 118 ms), which is why CUDA takes the split design.
 
 Low-precision operands with an fp32 result need torch.mm(..., out_dtype=torch.float32) (CUDA);
-where the running torch lacks it (and on CPU) the block is computed in fp32 from upcast
-operands: the same function, slower. `matmul_mode` says which one a device gets.
+where the running torch lacks it (and on CPU) the matmuls take fp32 copies of their operands:
+the same function, slower. `matmul_mode` says which one a device gets.
 """
 
+import os
 from functools import cache
 
 import torch
@@ -29,6 +41,11 @@ from .chunked import add_target_logits_, softmax_gradient_
 BLOCK_BYTES = 32 * 2**20  # one fp32 [rows, Vb] logits block: fits the H100 / H200 L2 (50 / 60 MB)
 MIN_VOCAB_BLOCK = 256  # narrower blocks make the matmuls inefficient; more rows are split instead
 
+# The split design's dlogits buffer: large, because every block costs three launches and a pass of
+# the matmuls over the block's weight rows, and 256 MiB is small next to the [V, D] gradient itself.
+SPLIT_BUFFER_BYTES = 256 * 2**20
+MIN_SPLIT_COLUMNS = 2048  # the dH matmul's K: narrower blocks would split rows instead
+
 
 def blocks(num_rows: int, vocab_size: int, block_bytes: int = BLOCK_BYTES) -> tuple[int, int]:
     """(row block, vocabulary block) with row block x vocab block x 4 bytes <= block_bytes."""
@@ -36,6 +53,28 @@ def blocks(num_rows: int, vocab_size: int, block_bytes: int = BLOCK_BYTES) -> tu
     vocab_block = min(vocab_size, max(MIN_VOCAB_BLOCK, elements // max(num_rows, 1)))
     row_block = max(1, min(num_rows, elements // vocab_block))
     return row_block, vocab_block
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def split_blocks(
+    num_rows: int, vocab_size: int, element_bytes: int, multiple: int, budget: int | None = None
+) -> tuple[int, int]:
+    """(row block, vocabulary block) of the split design's dlogits buffer.
+
+    row block x vocab block x element_bytes <= budget (default SPLIT_BUFFER_BYTES); every row in one
+    block unless that leaves fewer than MIN_SPLIT_COLUMNS columns; the vocabulary in near-equal blocks
+    whose width is a multiple of `multiple` (the kernel's widest column tile: no ragged tile but the
+    vocabulary's last) unless one block holds it all.
+    """
+    elements = max((SPLIT_BUFFER_BYTES if budget is None else budget) // element_bytes, multiple)
+    min_columns = min(_round_up(vocab_size, multiple), max(MIN_SPLIT_COLUMNS, multiple))
+    row_block = max(1, min(num_rows, elements // min_columns))
+    widest = max(multiple, elements // row_block // multiple * multiple)
+    num_blocks = -(-vocab_size // widest)
+    return row_block, min(vocab_size, _round_up(-(-vocab_size // num_blocks), multiple))
 
 
 @cache
@@ -100,10 +139,33 @@ class _Matmuls:
             out.copy_(self.mm(a, b))
 
 
+def split_kernels(device: torch.device):
+    """The Triton pieces of the split design, or None where they cannot run: not CUDA and not under the
+    interpreter (read as backends.triton_interpreting does), or no triton installed."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    try:  # imported here: the package (and this backend's CPU path) works without triton
+        from ..kernels.logprobs_forward import logprobs_forward
+        from ..kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient
+    except ImportError:
+        return None
+    return logprobs_forward, softmax_gradient, COLUMN_MULTIPLE
+
+
 def cublas_forward(
     hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp and target logit (fp32 [n]) of hidden[row_ids] @ weight.T."""
+    kernels = split_kernels(hidden.device)
+    if kernels is not None:
+        return kernels[0](hidden, weight, row_ids, labels)
+    return _blocked_forward(hidden, weight, row_ids, labels)
+
+
+def _blocked_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cublas_forward without Triton: vocabulary blocks of torch ops."""
     n, vocab_size = row_ids.numel(), weight.shape[0]
     ops = _Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))
@@ -138,6 +200,86 @@ def cublas_backward(
     matmul only when every row of it is below the threshold, which the row-wide blocks make rare).
     """
     del filter_eps
+    kernels = split_kernels(hidden.device)
+    if kernels is not None:
+        _, kernel, multiple = kernels
+        return split_backward(
+            hidden,
+            weight,
+            row_ids,
+            labels,
+            lse,
+            grad,
+            compute_dh=compute_dh,
+            compute_dw=compute_dw,
+            kernel=kernel,
+            multiple=multiple,
+        )
+    return _blocked_backward(hidden, weight, row_ids, labels, lse, grad, compute_dh=compute_dh, compute_dw=compute_dw)
+
+
+def split_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    compute_dh: bool,
+    compute_dw: bool,
+    kernel,
+    multiple: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cublas_backward's split design: per vocabulary block, `kernel` (kernels.softmax_gradient) writes
+    dlogits in the compute dtype, then dW_b = dlogits^T @ rows (written once) and dH += dlogits @ W_b.
+    `multiple`: the kernel's widest column tile (split_blocks)."""
+    n, (vocab_size, dim) = row_ids.numel(), weight.shape
+    ops = _Matmuls(hidden)
+    dh = torch.zeros(n, dim, device=hidden.device) if compute_dh else None
+    # Every dW block is written below when there is a row; with none, dW is all zeros.
+    dw = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if compute_dw else None
+    if n == 0 or not (compute_dh or compute_dw):
+        return dh, dw
+    rows = ops.operand(hidden.index_select(0, row_ids)) if compute_dw else None
+    row_block, vocab_block = split_blocks(n, vocab_size, hidden.element_size(), multiple)
+    # One buffer for every block; the last (narrower) block uses a column slice of it, which both
+    # the kernel (row stride) and the matmuls (leading dimension) take without a copy.
+    buffer = torch.empty(row_block, vocab_block, device=hidden.device, dtype=hidden.dtype)
+    for v0 in range(0, vocab_size, vocab_block):
+        w_block = weight[v0 : v0 + vocab_block]
+        w = ops.operand(w_block)
+        dw_block = None  # fp32, only when the rows do not fit one block (dW_b then sums over row blocks)
+        for r0 in range(0, n, row_block):
+            r = slice(r0, r0 + row_block)
+            dlogits = buffer[: min(row_block, n - r0), : w_block.shape[0]]
+            kernel(hidden, w_block, row_ids[r], labels[r], lse[r], grad[r], v0, dlogits)
+            dlogits = ops.operand(dlogits)
+            if dh is not None:
+                ops.accumulate(dh[r], dlogits, w)
+            if dw is not None and row_block >= n:
+                ops.mm_into(dw[v0 : v0 + vocab_block], dlogits.T, rows)
+            elif dw is not None:
+                if dw_block is None:
+                    dw_block = torch.zeros(w_block.shape[0], dim, device=hidden.device)
+                ops.accumulate(dw_block, dlogits.T, rows[r])
+        if dw_block is not None:
+            dw[v0 : v0 + vocab_block] = dw_block
+    return dh, dw
+
+
+def _blocked_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    compute_dh: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cublas_backward without Triton: vocabulary blocks of torch ops."""
     n, (vocab_size, dim) = row_ids.numel(), weight.shape
     ops = _Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))

@@ -2,7 +2,8 @@
 
     python tests/kernels/aot_compile.py --arch 90 --dtype bfloat16   # prints one JSON line per compile
 
-The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward)
+The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, and
+the cublas design's split backward, which launches softmax_gradient once per vocabulary block)
 called at a real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
 binder then specialises them as a real launch would (ints == 1 become constexpr, multiples of 16
 get tt.divisibility), so the kernel compiled is the one that runs. Every autotune config is
@@ -42,10 +43,16 @@ class Recorder:
 
 
 def captured_launches(dtype_name: str):
-    """[(name, autotuner, args, kwargs)] from the launchers at SHAPE (meta tensors: no memory)."""
+    """[(name, autotuner, args, kwargs)] from the launchers at SHAPE (meta tensors: no memory).
+
+    A launcher that launches its kernel several times (one per vocabulary block) contributes each
+    distinct specialisation once (spec_key)."""
     import torch
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
+    from fastnpo.kernels import softmax_gradient as sg
+
+    from fastnpo.ops import cublas
 
     dtype = getattr(torch, dtype_name)
     n, d, v = SHAPE["n"], SHAPE["d"], SHAPE["v"]
@@ -65,6 +72,23 @@ def captured_launches(dtype_name: str):
                 hidden, weight, row_ids, labels, lse, grad, filter_eps=2.0**-12, compute_dh=True, compute_dw=True
             ),
         ),
+        (
+            sg,
+            "softmax_gradient_kernel",
+            # what cublas_backward runs on CUDA (the matmuls run on meta tensors too: shapes only)
+            lambda: cublas.split_backward(
+                hidden,
+                weight,
+                row_ids,
+                labels,
+                lse,
+                grad,
+                compute_dh=True,
+                compute_dw=True,
+                kernel=sg.softmax_gradient,
+                multiple=sg.COLUMN_MULTIPLE,
+            ),
+        ),
     ):
         kernel = getattr(module, attr)
         recorder = Recorder(kernel)
@@ -73,9 +97,31 @@ def captured_launches(dtype_name: str):
             call()
         finally:
             setattr(module, attr, kernel)
+        seen = set()
         for args, kwargs in recorder.calls:
-            out.append((attr, kernel, args, kwargs))
+            key = spec_key(kernel.fn, args, kwargs)
+            if key not in seen:
+                seen.add(key)
+                out.append((attr, kernel, args, kwargs))
     return out
+
+
+def spec_key(jit, args, kwargs) -> tuple:
+    """What the JIT specialises a launch on (tensor dtypes and 16-byte alignment; ints == 1 or divisible
+    by 16 unless do_not_specialize; anything else by value): equal keys compile the same kernel."""
+    import torch
+
+    bound = {**dict(zip(jit.arg_names, args, strict=False)), **kwargs}
+    key = []
+    for param in jit.params:
+        value = bound.get(param.name)
+        if isinstance(value, torch.Tensor):
+            key.append((param.name, str(value.dtype), value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            key.append((param.name, None if param.do_not_specialize else (value == 1, value % 16 == 0)))
+        else:
+            key.append((param.name, repr(value)))
+    return tuple(key)
 
 
 def compile_one(jit, args, kwargs, arch: int):
@@ -146,11 +192,13 @@ def main(argv=None) -> int:
     import torch
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
+    from fastnpo.kernels import softmax_gradient as sg
     from fastnpo.kernels.tiles import select_configs
 
     estimators = {
         "logprobs_forward_kernel": fwd.forward_shared_bytes,
         "logprobs_backward_kernel": bwd.backward_shared_bytes,
+        "softmax_gradient_kernel": sg.softmax_gradient_shared_bytes,
     }
     dtype_bytes = getattr(torch, args.dtype).itemsize
     limit = SHARED_LIMIT.get(args.arch)

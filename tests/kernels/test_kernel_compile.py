@@ -2,7 +2,8 @@
 
 The triton wheel ships ptxas, so a CPU machine can compile for a CUDA target: the kernels are
 compiled at a real shape (N=8192, D=4096, V=128256) with the launch arguments the project's own
-launchers pass (tests/kernels/aot_compile.py), for every autotune config. Default run: sm_90 bf16
+launchers pass (tests/kernels/aot_compile.py), for every autotune config: the fused forward and
+backward, and the softmax-gradient kernel of the cublas design's split backward. Default run: sm_90 bf16
 (one subprocess, ~30 s on 2 cores); every arch and dtype under the `slow` marker (fp32 compiles
 take 20-80 s each).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+KERNELS = ("logprobs_forward_kernel", "logprobs_backward_kernel", "softmax_gradient_kernel")
 
 
 @functools.cache
@@ -47,8 +49,8 @@ def check_compiles(arch: int, dtype: str) -> None:
     assert not failed, "\n".join(failed)
     no_log = [f"{r['kernel']} [{r['config']}]" for r in rows if r["registers"] is None]
     assert not no_log, "no ptxas register / spill report (a cached compile?): " + ", ".join(no_log)
-    assert {r["kernel"] for r in rows} == {"logprobs_forward_kernel", "logprobs_backward_kernel"}
-    for kernel in ("logprobs_forward_kernel", "logprobs_backward_kernel"):
+    assert {r["kernel"] for r in rows} == set(KERNELS)
+    for kernel in KERNELS:
         mine = [r for r in rows if r["kernel"] == kernel]
         # at least one config the pruner keeps that fits the target's shared memory (and, in bf16, does not spill)
         usable = [
@@ -88,6 +90,19 @@ def test_sm90_bf16_every_kept_autotune_config_fits_shared_memory():
     assert dropped == [
         ("logprobs_backward_kernel", "BLOCK_N=64,BLOCK_V=256,BLOCK_D=64,num_warps=8,num_ctas=1,num_stages=3")
     ]
+
+
+def test_sm90_bf16_softmax_gradient_kernel_every_config_fits_and_one_is_spill_free():
+    # The split backward's kernel: every config within sm_90's shared memory (none left to the pruner),
+    # wgmma in each, no atomics, and at least one config that ptxas fits without spilling.
+    from fastnpo.kernels.softmax_gradient import SOFTMAX_GRADIENT_CANDIDATES
+
+    rows = [r for r in compile_results(90, "bfloat16") if r["kernel"] == "softmax_gradient_kernel"]
+    # launched once per vocabulary block, all blocks with one specialisation: one compile per config
+    assert len(rows) == len(SOFTMAX_GRADIENT_CANDIDATES), rows
+    assert all(r["ok"] and r["shared"] <= r["shared_limit"] and r["kept"] for r in rows), rows
+    assert all(r["wgmma"] and not r["atomics"] for r in rows), rows
+    assert any(r["spill_bytes"] == 0 for r in rows), rows
 
 
 @pytest.mark.slow
