@@ -44,14 +44,21 @@ MICRO = dict(
     tie_word_embeddings=True,
 )
 
-# (name, model, optimizer, activation checkpointing, rows per set, length)
+# (name, model, optimizer, activation checkpointing, rows per set, length, optim.in_backward)
 GPU_CASES = [
-    ("1b-ckpt", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512),
-    ("1b-no-ckpt", "meta-llama/Llama-3.2-1B", "adamw", False, 4, 512),
-    ("8b-ckpt", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512),
-    ("8b-ckpt-kahan", "meta-llama/Llama-3.1-8B", "adamw_kahan", True, 4, 512),
+    ("1b-ckpt", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512, False),
+    ("1b-no-ckpt", "meta-llama/Llama-3.2-1B", "adamw", False, 4, 512, False),
+    ("8b-ckpt", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, False),
+    ("8b-ckpt-kahan", "meta-llama/Llama-3.1-8B", "adamw_kahan", True, 4, 512, False),
+    ("8b-ckpt-in-backward", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, True),
+    # configs/llama31_8b_npo_1gpu_40gb.yaml's optimizer (torchao compiles its step per tensor shape)
+    ("8b-ckpt-8bit-in-backward", "meta-llama/Llama-3.1-8B", "adamw_8bit", True, 4, 512, True),
 ]
-SMOKE_CASES = [("micro-ckpt", "micro", "adamw", True, 2, 64), ("micro-no-ckpt", "micro", "adamw", False, 2, 64)]
+SMOKE_CASES = [
+    ("micro-ckpt", "micro", "adamw", True, 2, 64, False),
+    ("micro-no-ckpt", "micro", "adamw", False, 2, 64, False),
+    ("micro-in-backward", "micro", "adamw", True, 2, 64, True),
+]
 
 
 def model_source(model: str):
@@ -69,10 +76,11 @@ def worker(case: list, device_name: str) -> dict:
     from fastnpo.methods import METHODS
     from fastnpo.train.config import Config
     from fastnpo.train.memory_plan import hf_config
+    from fastnpo.train.optimizers import StepInBackward
     from fastnpo.train.setup import build_optimizer, wrap_model
     from fastnpo.train.step import StepContext, train_step
 
-    _name, model, optim, checkpointing, rows, length = case
+    _name, model, optim, checkpointing, rows, length, in_backward = case
     device = torch.device(device_name)
     info = ProcessInfo(rank=0, world_size=1, local_rank=0, device=device)
     dtype = "bfloat16"
@@ -87,6 +95,7 @@ def worker(case: list, device_name: str) -> dict:
             f"data.batch_size={rows}",
             f"data.retain_batch_size={rows}",
             f"data.max_length={length}",
+            *(["optim.in_backward=true", "optim.max_grad_norm=0"] if in_backward else []),
         ],
     )
     hf = hf_config(model_source(model))
@@ -109,7 +118,9 @@ def worker(case: list, device_name: str) -> dict:
     optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
     from types import SimpleNamespace
 
-    ctx = StepContext(config, METHODS["npo_rt"], info, train_model, SimpleNamespace(pad_token_id=0), Ref(), None)
+    hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    ctx = StepContext(config, METHODS["npo_rt"], info, train_model, tokenizer, Ref(), None, in_backward=hooks)
     generator = torch.Generator().manual_seed(1)
 
     def batch():
@@ -148,7 +159,7 @@ def predicted(case: list, device_name: str) -> dict:
     from fastnpo.train.memory_estimate import Settings, estimate
     from fastnpo.train.memory_plan import model_shape
 
-    _name, model, optim, checkpointing, rows, length = case
+    _name, model, optim, checkpointing, rows, length, in_backward = case
     shape = model_shape(model_source(model))
     settings = Settings(
         dtype="bfloat16",
@@ -158,6 +169,7 @@ def predicted(case: list, device_name: str) -> dict:
         padded=False,
         device="cuda" if device_name.startswith("cuda") else "cpu",
         optimizer=optim,  # optim.state_dtype stays at its default (float32), as in the worker
+        in_backward=in_backward,
     )
     e = estimate(shape, settings)
     return {"allocated": e.allocated, "total": e.total, "phase": e.peak_phase, "params": shape.params}
@@ -183,6 +195,7 @@ FIELDS = [
     "model",
     "params",
     "optimizer",
+    "in_backward",
     "checkpointing",
     "rows",
     "length",
@@ -229,15 +242,17 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
     rows = []
     for case in cases:
-        name, model, optim, checkpointing, per_set, length = case
+        name, model, optim, checkpointing, per_set, length, in_backward = case
         plan = predicted(list(case), args.device)
-        log(f"{name}: {model} {optim} checkpointing={checkpointing} {2 * per_set}x{length} ...")
+        shape = f"{2 * per_set}x{length}"
+        log(f"{name}: {model} {optim} in_backward={in_backward} checkpointing={checkpointing} {shape} ...")
         got = run_case(list(case), args.device, args.timeout, log)
         row = dict(
             case=name,
             model=model,
             params=plan["params"],
             optimizer=optim,
+            in_backward=in_backward,
             checkpointing=checkpointing,
             rows=2 * per_set,
             length=length,
@@ -302,8 +317,9 @@ def write_markdown(md_path: Path, rows: list[dict], machine: str, torch_version:
         "|---|---|---|---|---|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
+        optimizer = r["optimizer"] + (", in backward" if str(r.get("in_backward")) == "True" else "")
         lines.append(
-            f"| {r['case']} | {r['model']} | {r['optimizer']} | {r['checkpointing']} | {r['rows']}x{r['length']} "
+            f"| {r['case']} | {r['model']} | {optimizer} | {r['checkpointing']} | {r['rows']}x{r['length']} "
             f"| {fmt(r.get('measured_peak_mib'), '.0f')} | {fmt(r['predicted_mib'], '.0f')} "
             f"| {fmt(r.get('predicted_over_measured'), '.3f')} | {r['predicted_phase']} "
             f"| {fmt(r.get('reserved_peak_mib'), '.0f')} | {r.get('step_s', r['status'])} |"

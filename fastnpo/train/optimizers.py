@@ -38,7 +38,7 @@ plus, on CUDA, its foreach step's copy of v (2 B).
 
 FSDP2: a parameter (and its state, made with zeros_like) may be a DTensor; the step works on
 each one's local shard (`to_local()`), which is elementwise-correct for any sharding. Tested
-single-process only (plain tensors and a one-rank trainer run); multi-rank is untested.
+on plain tensors and on two FSDP2 ranks against one process (tests/train/test_train.py).
 """
 
 import torch
