@@ -113,7 +113,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
         set_seed(config.run.seed)  # whatever the evaluator drew, the run starts from the seed
     micro_per_step = config.optim.grad_accum * info.world_size
     sets, batches = load_data(config, tokenizer, method, micro_per_step)  # raises on bad data, before any work
-    example_weights = load_example_weights(config)
+    example_weights = load_example_weights(config, sets["forget"])
 
     model = load_model(config, info.device)
     reference = frozen_reference(config, model) if method.live_reference else None

@@ -61,8 +61,9 @@ def load_data(config: Config, tokenizer, method: Method, micro_per_step: int):
     return sets, data.batches
 
 
-def load_example_weights(config: Config) -> torch.Tensor | None:
-    """run.example_weights as a tensor indexed by forget example index, or None."""
+def load_example_weights(config: Config, forget: list[dict]) -> torch.Tensor | None:
+    """run.example_weights as a tensor indexed by forget example index (the row in the forget
+    split), or None; refused before any work unless it has a weight for every example in `forget`."""
     if not config.run.example_weights:
         return None
     path = Path(config.run.example_weights)
@@ -74,6 +75,12 @@ def load_example_weights(config: Config) -> torch.Tensor | None:
         raise ConfigError(f"run.example_weights {str(path)!r}: not a JSON list of numbers ({error})") from None
     if weights.dim() != 1 or bool((weights < 0).any()) or not torch.isfinite(weights).all():
         raise ConfigError("run.example_weights must be a JSON list of finite numbers >= 0")
+    needed = 1 + max((item["index"] for item in forget), default=-1)
+    if len(weights) < needed:
+        raise ConfigError(
+            f"run.example_weights {str(path)!r}: {len(weights)} weights, but the forget set's examples "
+            f"reach row {needed - 1} of data.forget_split={config.data.forget_split!r} (one weight per row)"
+        )
     return weights
 
 

@@ -801,3 +801,38 @@ def test_two_ranks_match_one_process_with_each_optimizer_mode(tiny, sharded_opti
     tolerance = 2**-7 if "kahan" in name else 1e-4  # clip_grad_norm_'s norm is bf16 with bf16 gradients
     for a, b in zip(metric_records(folder / "one"), metric_records(folder / "two"), strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tolerance)
+
+
+# ----------------------------------------------------------------------------- run.example_weights (U2A)
+
+
+def test_example_weights_of_one_change_nothing_and_scale_the_forget_term(tiny, tmp_path):
+    rows = len((Path(tiny["data"]) / "full.jsonl").read_text().splitlines())
+    common = {"method.name": "npo", "optim.max_steps": 2, "run.cache_dir": tmp_path / "cache"}
+    ones, halves = tmp_path / "ones.json", tmp_path / "halves.json"
+    ones.write_text(json.dumps([1.0] * rows))
+    halves.write_text(json.dumps([0.5] * rows))
+    train(config_for(tiny, tmp_path / "plain", **common))
+    train(config_for(tiny, tmp_path / "ones", **common, **{"run.example_weights": ones}))
+    train(config_for(tiny, tmp_path / "halves", **common, **{"run.example_weights": halves}))
+    plain, weighted = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ones")
+    assert all(torch.equal(plain[key], weighted[key]) for key in plain)
+    first = {name: metric_records(tmp_path / name)[0] for name in ("plain", "halves")}
+    assert first["halves"]["loss"] == pytest.approx(0.5 * first["plain"]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[1.0, 1.0]", r"run\.example_weights .*: 2 weights, but the forget set's examples reach row \d+"),
+        ("[1.0, -1.0]", r"run\.example_weights must be a JSON list of finite numbers >= 0"),
+        ("{not json", r"run\.example_weights .*: not a JSON list of numbers"),
+    ],
+)
+def test_bad_example_weights_are_refused_before_any_work(tiny, tmp_path, content, match):
+    path = tmp_path / "weights.json"
+    path.write_text(content)
+    config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.example_weights": path})
+    with pytest.raises(ConfigError, match=match):
+        train(config)
+    assert not (tmp_path / "run").exists()
