@@ -241,3 +241,40 @@ def test_cli_evaluates_each_epoch_and_keeps_the_best(tiny, tmp_path):
     assert len((out / "epochs.jsonl").read_text().splitlines()) == EPOCHS
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == "real_authors/probability" and (out / "best" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_a_resumed_run_keeps_the_best_epoch_it_had_reached(tiny, tmp_path):
+    """Stopped in the last epoch's evaluation (after epochs 1-2 chose a best), resumed from the
+    newest checkpoint: the same best.json, best/ and final/ as a run that never stopped."""
+
+    class Stop(RuntimeError):
+        pass
+
+    def stops_at_the_last_epoch(config, tokenizer) -> EpochEvaluator:
+        inner, calls = tofu_epoch_evaluator(config, tokenizer), []
+
+        def evaluate(model):
+            calls.append(1)
+            if len(calls) == EPOCHS:
+                raise Stop("stopped in the last epoch's evaluation")
+            return inner.evaluate(model)
+
+        return EpochEvaluator(evaluate, inner.metrics, inner.notes)
+
+    every_step = {"run.checkpoint_every": 1}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(config_for(tiny, straight, **every_step), evaluator=tofu_epoch_evaluator)
+    # the best is an epoch before the last: the resumed run must carry it over, not re-find it
+    assert json.loads((straight / "best.json").read_text())["epoch"] < EPOCHS
+    with pytest.raises(Stop):
+        train(config_for(tiny, stopped, **every_step), evaluator=stops_at_the_last_epoch)
+    assert json.loads((stopped / "best.json").read_text())["epoch"] < EPOCHS and not (stopped / "final").exists()
+    result = train(config_for(tiny, stopped, **every_step), evaluator=tofu_epoch_evaluator)
+    assert result["steps"] == json.loads((straight / "run_info.json").read_text())["total_steps"]
+    assert json.loads((stopped / "best.json").read_text()) == json.loads((straight / "best.json").read_text())
+    for folder in ("best", "final"):
+        a, b = load_file(straight / folder / "model.safetensors"), load_file(stopped / folder / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
