@@ -20,6 +20,7 @@ import triton.language as tl
 from .tiles import (
     INTERPRET,
     autotune_configs,
+    gradient_tile,
     ieee_dots,
     logits_tile,
     operand_buffer_bytes,
@@ -72,25 +73,9 @@ def logprobs_backward_kernel(
     UPCAST: tl.constexpr, IEEE: tl.constexpr, FILTER: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
-    # Grouped order: GROUP_N row blocks sweep the vocabulary together, so a weight tile
-    # is read from L2 by several programs in a row.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_mask = offs_n < N
-    row_ids = tl.load(ROW_IDS + offs_n, mask=rows_mask, other=0).to(tl.int64)
-    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
-    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    cols_mask = cols < V
+    offs_n, rows_mask, row_ids, labels, lse, g, cols, cols_mask = gradient_tile(
+        ROW_IDS, LABELS, LSE, GRAD, N, V, BLOCK_N, BLOCK_V, GROUP_N,
+    )
 
     logits = logits_tile(
         H, W, row_ids, rows_mask, cols, cols_mask,

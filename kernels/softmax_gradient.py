@@ -21,6 +21,7 @@ import triton.language as tl
 from .tiles import (
     INTERPRET,
     autotune_configs,
+    gradient_tile,
     ieee_dots,
     logits_tile,
     operand_buffer_bytes,
@@ -76,26 +77,10 @@ def softmax_gradient_kernel(
     GROUP_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # W is the block's first row (V = its width). Grouped order over the (row tile, column tile)
-    # grid: GROUP_N row tiles sweep the block's columns together, so a wave of programs shares a few
-    # H and W tiles in L2 instead of streaming all of H (64 MiB at N=8192, D=4096) per column tile.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_mask = offs_n < N
-    row_ids = tl.load(ROW_IDS + offs_n, mask=rows_mask, other=0).to(tl.int64)
-    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
-    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    cols_mask = cols < V
+    # W is the block's first row (V = its width), so the grid's columns are the block's.
+    offs_n, rows_mask, row_ids, labels, lse, g, cols, cols_mask = gradient_tile(
+        ROW_IDS, LABELS, LSE, GRAD, N, V, BLOCK_N, BLOCK_V, GROUP_N,
+    )
 
     # The same tile code as the forward: the probabilities are those of the logits it summed.
     logits = logits_tile(

@@ -1,4 +1,4 @@
-"""Tile helpers shared by the forward and backward kernels.
+"""Tile helpers shared by the forward, backward and softmax-gradient kernels.
 
 The logits tile hidden[rows] @ weight[cols].T is recomputed in both passes; keeping its
 code in one place guarantees the backward sees exactly the logits the forward saw.
@@ -59,6 +59,36 @@ def logits_tile(
         w = tl.load(w_cols + offs_d[:, None] * stride_wd, mask=w_mask, other=0.0)
         acc = tile_dot(h, w, acc, UPCAST, IEEE)
     return acc
+
+
+@triton.jit
+def gradient_tile(
+    ROW_IDS, LABELS, LSE, GRAD, N, V,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """This program's (row tile, vocabulary tile) in a gradient kernel's grid and what its rows carry:
+    (offs_n, rows_mask, row_ids, labels, lse, g, cols, cols_mask); masked rows read lse = g = 0.
+
+    Grouped order: GROUP_N row tiles sweep the vocabulary tiles together, so a wave of programs
+    shares a few H and W tiles in L2 instead of streaming all of H per vocabulary tile."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_mask = offs_n < N
+    row_ids = tl.load(ROW_IDS + offs_n, mask=rows_mask, other=0).to(tl.int64)
+    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
+    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols_mask = cols < V
+    return offs_n, rows_mask, row_ids, labels, lse, g, cols, cols_mask
 
 
 # Autotune key for the row count: the next power of two, from 16 up to this cap. Rows change from
