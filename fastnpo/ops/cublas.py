@@ -234,38 +234,20 @@ def split_backward(
     """cublas_backward's split design: per vocabulary block, `kernel` (kernels.softmax_gradient) writes
     dlogits in the compute dtype, then dW_b = dlogits^T @ rows (written once) and dH += dlogits @ W_b.
     `multiple`: the kernel's widest column tile (split_blocks)."""
-    n, (vocab_size, dim) = row_ids.numel(), weight.shape
+    n = row_ids.numel()
     ops = _Matmuls(hidden)
-    dh = torch.zeros(n, dim, device=hidden.device) if compute_dh else None
-    # Every dW block is written below when there is a row; with none, dW is all zeros.
-    dw = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if compute_dw else None
-    if n == 0 or not (compute_dh or compute_dw):
-        return dh, dw
-    rows = ops.operand(hidden.index_select(0, row_ids)) if compute_dw else None
-    row_block, vocab_block = split_blocks(n, vocab_size, hidden.element_size(), multiple)
+    rows = ops.operand(hidden.index_select(0, row_ids)) if compute_dw and n else None
+    row_block, vocab_block = split_blocks(n, weight.shape[0], hidden.element_size(), multiple)
     # One buffer for every block; the last (narrower) block uses a column slice of it, which both
     # the kernel (row stride) and the matmuls (leading dimension) take without a copy.
-    buffer = torch.empty(row_block, vocab_block, device=hidden.device, dtype=hidden.dtype)
-    for v0 in range(0, vocab_size, vocab_block):
-        w_block = weight[v0 : v0 + vocab_block]
-        w = ops.operand(w_block)
-        dw_block = None  # fp32, only when the rows do not fit one block (dW_b then sums over row blocks)
-        for r0 in range(0, n, row_block):
-            r = slice(r0, r0 + row_block)
-            dlogits = buffer[: min(row_block, n - r0), : w_block.shape[0]]
-            kernel(hidden, w_block, row_ids[r], labels[r], lse[r], grad[r], v0, dlogits)
-            dlogits = ops.operand(dlogits)
-            if dh is not None:
-                ops.accumulate(dh[r], dlogits, w)
-            if dw is not None and row_block >= n:
-                ops.mm_into(dw[v0 : v0 + vocab_block], dlogits.T, rows)
-            elif dw is not None:
-                if dw_block is None:
-                    dw_block = torch.zeros(w_block.shape[0], dim, device=hidden.device)
-                ops.accumulate(dw_block, dlogits.T, rows[r])
-        if dw_block is not None:
-            dw[v0 : v0 + vocab_block] = dw_block
-    return dh, dw
+    buffer = torch.empty(row_block, vocab_block, device=hidden.device, dtype=hidden.dtype) if n else None
+
+    def dlogits_of(v0: int, w_block: torch.Tensor, w: torch.Tensor, r: slice) -> torch.Tensor:
+        out = buffer[: row_ids[r].numel(), : w_block.shape[0]]
+        return kernel(hidden, w_block, row_ids[r], labels[r], lse[r], grad[r], v0, out)
+
+    blocking = (n, row_block, vocab_block)
+    return _block_gradients(hidden, weight, rows, blocking, dlogits_of, ops, compute_dh, compute_dw)
 
 
 def _blocked_backward(
@@ -279,29 +261,55 @@ def _blocked_backward(
     compute_dh: bool,
     compute_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """cublas_backward without Triton: vocabulary blocks of torch ops."""
-    n, (vocab_size, dim) = row_ids.numel(), weight.shape
+    """cublas_backward without Triton: vocabulary blocks of torch ops (the logits recomputed in fp32)."""
+    n = row_ids.numel()
     ops = _Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))
+    neg_lse = -lse[:, None]
+
+    def dlogits_of(v0: int, w_block: torch.Tensor, w: torch.Tensor, r: slice) -> torch.Tensor:
+        return softmax_gradient_(ops.addmm(neg_lse[r], rows[r], w.T), grad[r], labels[r], v0)
+
+    blocking = (n, *blocks(n, weight.shape[0]))
+    return _block_gradients(hidden, weight, rows, blocking, dlogits_of, ops, compute_dh, compute_dw)
+
+
+def _block_gradients(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor | None,
+    blocking: tuple[int, int, int],
+    dlogits_of,
+    ops: _Matmuls,
+    compute_dh: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradient matmuls both backward paths share. blocking: (kept rows n, row block, vocabulary
+    block). For each (vocabulary block, row slice r), dlogits_of(v0, weight block, its matmul operand,
+    r) gives the block's dlogits; then dH[r] += dlogits @ W_b (fp32) and dW_b = dlogits^T @ rows,
+    written once in the weight's dtype when every row is in one block, else summed over the row
+    blocks in fp32 first. rows: the kept rows as a matmul operand (read for dW only)."""
+    n, row_block, vocab_block = blocking
+    vocab_size, dim = weight.shape
     dh = torch.zeros(n, dim, device=hidden.device) if compute_dh else None
     # Every dW block is written below when there is a row; with none, dW is all zeros.
     dw = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if compute_dw else None
-    neg_lse = -lse[:, None]
-    row_block, vocab_block = blocks(n, vocab_size)
+    if n == 0 or not (compute_dh or compute_dw):
+        return dh, dw
     for v0 in range(0, vocab_size, vocab_block):
-        w = ops.operand(weight[v0 : v0 + vocab_block])
+        w_block = weight[v0 : v0 + vocab_block]
+        w = ops.operand(w_block)
         dw_block = None  # fp32, only when the rows do not fit one block (dW_b then sums over row blocks)
         for r0 in range(0, n, row_block):
             r = slice(r0, r0 + row_block)
-            dlogits = softmax_gradient_(ops.addmm(neg_lse[r], rows[r], w.T), grad[r], labels[r], v0)
-            dlogits = ops.operand(dlogits)
+            dlogits = ops.operand(dlogits_of(v0, w_block, w, r))
             if dh is not None:
                 ops.accumulate(dh[r], dlogits, w)
-            if dw is not None and row_block == n:
+            if dw is not None and row_block >= n:
                 ops.mm_into(dw[v0 : v0 + vocab_block], dlogits.T, rows)
             elif dw is not None:
                 if dw_block is None:
-                    dw_block = torch.zeros(w.shape[0], dim, device=hidden.device)
+                    dw_block = torch.zeros(w_block.shape[0], dim, device=hidden.device)
                 ops.accumulate(dw_block, dlogits.T, rows[r])
         if dw_block is not None:
             dw[v0 : v0 + vocab_block] = dw_block
