@@ -211,10 +211,15 @@ def _step_temporaries(s: Settings, elements: int, all_elements: int) -> int:
     return 2 * elements * p  # per tensor: sqrt, then / bias correction
 
 
+def _shard(elements: int, trainable: int, world: int) -> int:
+    """Elements of one rank's shard of a trainable tensor of `elements` (at most all trainable)."""
+    return -(-min(elements, trainable) // world)
+
+
 def _optimizer(shape: ModelShape, s: Settings, trainable: int, world: int) -> tuple[int, int]:
     """(optimizer state, the step's temporaries), bytes per GPU."""
     state = int(trainable * state_bytes_per_parameter(s)) // world
-    largest = -(-min(shape.largest_tensor, trainable) // world)  # one rank's shard of it
+    largest = _shard(shape.largest_tensor, trainable, world)
     # in the backward (optim.in_backward) every step is of one tensor
     return state, _step_temporaries(s, largest, largest if s.in_backward else trainable // world)
 
@@ -252,16 +257,13 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     head_grad = v * d * p // world if not subset else 0
     mid_backward, end_of_backward = head_grad, grads
     if s.in_backward:  # each tensor steps, and its gradient goes, as soon as it is ready
-
-        def shard(elements: int) -> int:
-            return -(-min(elements, trainable) // world)
-
         # During the backward: with tied embeddings the lm_head's gradient waits for the
         # embedding's (the very end), while a layer's largest tensor steps; untied, the lm_head
         # steps as soon as the fused op's backward has made its gradient. At the end the last
         # tensor steps (tied: the embedding), bounded by the largest.
         held = head_grad if shape.tied else 0
-        mid, last = shard(shape.intermediate * d if shape.tied else v * d), shard(shape.largest_tensor)
+        mid = _shard(shape.intermediate * d if shape.tied else v * d, trainable, world)
+        last = _shard(shape.largest_tensor, trainable, world)
         mid_backward = held + mid * p + _step_temporaries(s, mid, mid)
         end_of_backward = last * p + _step_temporaries(s, last, last)
         grads = max(held + mid * p, last * p)

@@ -244,10 +244,7 @@ class StepInBackward:
 
     def finish(self, process_group=None) -> torch.Tensor:
         """The step's gradient norm (over every rank's shards), and a reset for the next step."""
-        if self._squares:
-            total = torch.stack([s.to(self._squares[0].device) for s in self._squares]).sum()
-        else:
-            total = torch.zeros(())
+        total = torch.stack(self._squares).sum() if self._squares else torch.zeros(())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total, group=process_group)
         self._squares = []
