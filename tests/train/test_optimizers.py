@@ -158,8 +158,9 @@ def test_kahan_needs_bf16_parameters():
         build_optimizer(config, [torch.nn.Parameter(torch.zeros(3))], steps_per_epoch=1)
 
 
-def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
-    """The tiny setup of test_train.py (Mini-TOFU, a random 2-layer Llama), two steps."""
+def two_bf16_steps_move_every_parameter(tmp_path, **optim):
+    """The tiny setup of test_train.py (Mini-TOFU, a random 2-layer Llama), two NPO+RT steps in
+    bf16 with the optim.* settings given; every parameter must change."""
     from transformers import AutoModelForCausalLM
 
     tiny = prepare_tiny(
@@ -174,7 +175,6 @@ def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
         "data.retain_batch_size": 4,
         "data.max_length": 64,
         "method.name": "npo_rt",
-        "optim.name": "adamw_kahan",
         # lr 3e-3: at 1e-3 two steps move the norm weights (1.0) by ~2e-3, under half a bf16
         # gap there (2^-9); Kahan rightly holds that in its buffer, and they would not change.
         "optim.lr": 3e-3,
@@ -182,6 +182,7 @@ def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
         "run.output_dir": tmp_path / "run",
         "run.progress": False,
         "run.checkpoint_every": 0,
+        **{f"optim.{key}": value for key, value in optim.items()},
     }
     config = load_config(REPO / "configs" / "tiny_cpu.yaml", [f"{k}={v}" for k, v in values.items()])
     result = train(config)
@@ -193,6 +194,10 @@ def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
     named = dict(initial.named_parameters())
     still = [n for n, p in exported.named_parameters() if torch.equal(p, named[n])]
     assert not still, f"every parameter should move after two steps: {still}"
+
+
+def test_trainer_runs_adamw_kahan_on_bf16_and_moves_every_parameter(tmp_path):
+    two_bf16_steps_move_every_parameter(tmp_path, name="adamw_kahan")
 
 
 def reference_kahan_step(opt: KahanAdamW) -> None:
@@ -306,39 +311,7 @@ def test_adamw_8bit_keeps_about_two_bytes_of_state_per_parameter(eager_torchao):
 
 
 def test_trainer_runs_adamw_8bit_in_the_backward_on_bf16(tmp_path, eager_torchao):
-    from transformers import AutoModelForCausalLM
-
-    tiny = prepare_tiny(
-        tmp_path / "tiny", num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
-    )
-    values = {
-        "model.name_or_path": tiny["base"],
-        "model.dtype": "bfloat16",
-        "data.forget": tiny["data"],
-        "data.retain": tiny["data"],
-        "data.batch_size": 4,
-        "data.retain_batch_size": 4,
-        "data.max_length": 64,
-        "method.name": "npo_rt",
-        "optim.name": "adamw_8bit",
-        "optim.in_backward": "true",
-        "optim.max_grad_norm": 0,
-        "optim.lr": 3e-3,
-        "optim.max_steps": 2,
-        "run.output_dir": tmp_path / "run",
-        "run.progress": False,
-        "run.checkpoint_every": 0,
-    }
-    config = load_config(REPO / "configs" / "tiny_cpu.yaml", [f"{k}={v}" for k, v in values.items()])
-    result = train(config)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    exported = AutoModelForCausalLM.from_pretrained(result["final"], dtype=torch.bfloat16)
-    initial = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16)
-    named = dict(initial.named_parameters())
-    still = [n for n, p in exported.named_parameters() if torch.equal(p, named[n])]
-    assert not still, f"every parameter should move after two steps: {still}"
+    two_bf16_steps_move_every_parameter(tmp_path, name="adamw_8bit", in_backward="true", max_grad_norm=0)
 
 
 def test_adamw_8bit_without_torchao_says_what_to_install(monkeypatch):

@@ -614,6 +614,21 @@ def test_grad_accum_over_an_empty_micro_batch_matches_one_big_batch(tiny, tmp_pa
     assert_same_training(tmp_path / "accum", tmp_path / "big", initial, trained)
 
 
+def two_rank_job(root: Path, runs: list[list[str]], *, timeout: float) -> subprocess.CompletedProcess:
+    """Training runs (each a list of tiny_cpu.yaml overrides) one after the other in ONE torchrun
+    job of two gloo ranks (tests/train/two_rank_runs.py): torchrun's start-up is paid once."""
+    config = str(REPO / "configs" / "tiny_cpu.yaml")
+    (root / "runs.json").write_text(json.dumps([{"config": config, "overrides": values} for values in runs]))
+    driver = Path(__file__).parent / "two_rank_runs.py"
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), str(root / "runs.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny, tmp_path_factory):
     """Every method's ragged run on two ranks, in one torchrun job (tests/train/two_rank_runs.py:
@@ -623,17 +638,8 @@ def two_rank_runs(tiny, tmp_path_factory):
     for method in sorted(METHODS):
         (root / method).mkdir()
         values = overrides(tiny, root / method / "two", **ragged_overrides(tiny, root / method, method, 2))
-        runs.append({"config": str(REPO / "configs" / "tiny_cpu.yaml"), "overrides": values})
-    (root / "runs.json").write_text(json.dumps(runs))
-    driver = Path(__file__).parent / "two_rank_runs.py"
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), str(root / "runs.json")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return root, job
+        runs.append(values)
+    return root, two_rank_job(root, runs, timeout=900)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -760,18 +766,8 @@ def sharded_optimizer_runs(tiny, tmp_path_factory):
     runs = []
     for name, extra in SHARDED_OPTIMIZERS.items():
         common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": root / name / "cache", **extra}
-        values = overrides(tiny, root / name / "two", **common)
-        runs.append({"config": str(REPO / "configs" / "tiny_cpu.yaml"), "overrides": values})
-    (root / "runs.json").write_text(json.dumps(runs))
-    driver = Path(__file__).parent / "two_rank_runs.py"
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(driver), str(root / "runs.json")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return root, job
+        runs.append(overrides(tiny, root / name / "two", **common))
+    return root, two_rank_job(root, runs, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(SHARDED_OPTIMIZERS))

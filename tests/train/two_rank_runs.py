@@ -9,6 +9,7 @@ RUNS.json: a list of {"config": path or null, "overrides": ["key=value", ...]}.
 
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -18,7 +19,7 @@ from fastnpo.train.config import load_config
 
 
 def main(path: str) -> None:
-    runs = json.loads(open(path).read())
+    runs = json.loads(Path(path).read_text())
     dist.init_process_group(backend="gloo")
     # train() joins the job and leaves it (setup / teardown); here the group outlives each run.
     distributed.teardown = lambda: None
