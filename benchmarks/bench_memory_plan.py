@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -44,20 +45,25 @@ MICRO = dict(
     tie_word_embeddings=True,
 )
 
-# (name, model, optimizer, activation checkpointing, rows per set, length, optim.in_backward)
+# (name, model, optimizer, activation checkpointing, rows per set, length, optim.in_backward,
+# optim.offload)
 GPU_CASES = [
-    ("1b-ckpt", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512, False),
-    ("1b-no-ckpt", "meta-llama/Llama-3.2-1B", "adamw", False, 4, 512, False),
-    ("8b-ckpt", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, False),
-    ("8b-ckpt-kahan", "meta-llama/Llama-3.1-8B", "adamw_kahan", True, 4, 512, False),
-    ("8b-ckpt-in-backward", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, True),
+    ("1b-ckpt", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512, False, False),
+    ("1b-no-ckpt", "meta-llama/Llama-3.2-1B", "adamw", False, 4, 512, False, False),
+    ("8b-ckpt", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, False, False),
+    ("8b-ckpt-kahan", "meta-llama/Llama-3.1-8B", "adamw_kahan", True, 4, 512, False, False),
+    ("8b-ckpt-in-backward", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, True, False),
     # configs/llama31_8b_npo_1gpu_40gb.yaml's optimizer (torchao compiles its step per tensor shape)
-    ("8b-ckpt-8bit-in-backward", "meta-llama/Llama-3.1-8B", "adamw_8bit", True, 4, 512, True),
+    ("8b-ckpt-8bit-in-backward", "meta-llama/Llama-3.1-8B", "adamw_8bit", True, 4, 512, True, False),
+    # FSDP2 CPU offload over one GPU: the step runs in host memory (fused CPU AdamW)
+    ("1b-ckpt-offload", "meta-llama/Llama-3.2-1B", "adamw", True, 4, 512, False, True),
+    ("8b-ckpt-offload", "meta-llama/Llama-3.1-8B", "adamw", True, 4, 512, False, True),
 ]
 SMOKE_CASES = [
-    ("micro-ckpt", "micro", "adamw", True, 2, 64, False),
-    ("micro-no-ckpt", "micro", "adamw", False, 2, 64, False),
-    ("micro-in-backward", "micro", "adamw", True, 2, 64, True),
+    ("micro-ckpt", "micro", "adamw", True, 2, 64, False, False),
+    ("micro-no-ckpt", "micro", "adamw", False, 2, 64, False, False),
+    ("micro-in-backward", "micro", "adamw", True, 2, 64, True, False),
+    ("micro-offload", "micro", "adamw", True, 2, 64, False, True),
 ]
 
 
@@ -71,8 +77,8 @@ def worker(case: list, device_name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fastnpo import distributed
     from fastnpo.config import load_structured
-    from fastnpo.distributed import ProcessInfo
     from fastnpo.methods import METHODS
     from fastnpo.train.config import Config
     from fastnpo.train.memory_plan import hf_config
@@ -80,9 +86,9 @@ def worker(case: list, device_name: str) -> dict:
     from fastnpo.train.setup import build_optimizer, wrap_model
     from fastnpo.train.step import StepContext, train_step
 
-    _name, model, optim, checkpointing, rows, length, in_backward = case
-    device = torch.device(device_name)
-    info = ProcessInfo(rank=0, world_size=1, local_rank=0, device=device)
+    _name, model, optim, checkpointing, rows, length, in_backward, offload = case
+    info = distributed.setup(device_name, offload=offload)  # offload: FSDP2 over a group of one
+    device = info.device
     dtype = "bfloat16"
     config = load_structured(
         Config,
@@ -96,6 +102,7 @@ def worker(case: list, device_name: str) -> dict:
             f"data.retain_batch_size={rows}",
             f"data.max_length={length}",
             *(["optim.in_backward=true", "optim.max_grad_norm=0"] if in_backward else []),
+            *(["optim.offload=true"] if offload else []),
         ],
     )
     hf = hf_config(model_source(model))
@@ -141,7 +148,9 @@ def worker(case: list, device_name: str) -> dict:
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t0)
         grad_norms.append(float(out.grad_norm))
-    result = {"build_s": build_s, "step_s": step_s, "grad_norms": grad_norms}
+    # the process's peak resident set (model build included): what offload asks of host memory
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"build_s": build_s, "step_s": step_s, "grad_norms": grad_norms, "host_peak": host_peak}
     if device.type == "cuda":
         result.update(
             peak_allocated=torch.cuda.max_memory_allocated(device),
@@ -159,7 +168,7 @@ def predicted(case: list, device_name: str) -> dict:
     from fastnpo.train.memory_estimate import Settings, estimate
     from fastnpo.train.memory_plan import model_shape
 
-    _name, model, optim, checkpointing, rows, length, in_backward = case
+    _name, model, optim, checkpointing, rows, length, in_backward, offload = case
     shape = model_shape(model_source(model))
     settings = Settings(
         dtype="bfloat16",
@@ -170,9 +179,11 @@ def predicted(case: list, device_name: str) -> dict:
         device="cuda" if device_name.startswith("cuda") else "cpu",
         optimizer=optim,  # optim.state_dtype stays at its default (float32), as in the worker
         in_backward=in_backward,
+        offload=offload,
+        sharded=offload,
     )
     e = estimate(shape, settings)
-    return {"allocated": e.allocated, "total": e.total, "phase": e.peak_phase, "params": shape.params}
+    return {"allocated": e.allocated, "total": e.total, "phase": e.peak_phase, "params": shape.params, "host": e.host}
 
 
 def run_case(case, device_name: str, timeout: float, log) -> dict:
@@ -196,6 +207,7 @@ FIELDS = [
     "params",
     "optimizer",
     "in_backward",
+    "offload",
     "checkpointing",
     "rows",
     "length",
@@ -205,6 +217,8 @@ FIELDS = [
     "predicted_over_measured",
     "predicted_phase",
     "predicted_total_gib",
+    "predicted_host_gib",
+    "host_peak_gib",
     "reserved_peak_mib",
     "device_used_mib",
     "step_s",
@@ -242,7 +256,7 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
     rows = []
     for case in cases:
-        name, model, optim, checkpointing, per_set, length, in_backward = case
+        name, model, optim, checkpointing, per_set, length, in_backward, offload = case
         plan = predicted(list(case), args.device)
         shape = f"{2 * per_set}x{length}"
         log(f"{name}: {model} {optim} in_backward={in_backward} checkpointing={checkpointing} {shape} ...")
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
             params=plan["params"],
             optimizer=optim,
             in_backward=in_backward,
+            offload=offload,
             checkpointing=checkpointing,
             rows=2 * per_set,
             length=length,
@@ -260,6 +275,7 @@ def main(argv=None) -> int:
             predicted_mib=plan["allocated"] / MIB,
             predicted_phase=plan["phase"],
             predicted_total_gib=plan["total"] / 2**30,
+            predicted_host_gib=plan["host"] / 2**30,
         )
         if got["status"] == "ok":
             row.update(
@@ -268,6 +284,7 @@ def main(argv=None) -> int:
                 device_used_mib=got["device_used"] / MIB,
                 step_s=";".join(f"{s:.2f}" for s in got["step_s"]),
                 build_s=got["build_s"],
+                host_peak_gib=got["host_peak"] / 2**30,
             )
             if args.device.startswith("cuda"):  # CPU: a whole-process RSS, not comparable
                 row["predicted_over_measured"] = plan["allocated"] / got["peak_allocated"]
@@ -318,6 +335,7 @@ def write_markdown(md_path: Path, rows: list[dict], machine: str, torch_version:
     ]
     for r in rows:
         optimizer = r["optimizer"] + (", in backward" if str(r.get("in_backward")) == "True" else "")
+        optimizer += ", offload" if str(r.get("offload")) == "True" else ""
         lines.append(
             f"| {r['case']} | {r['model']} | {optimizer} | {r['checkpointing']} | {r['rows']}x{r['length']} "
             f"| {fmt(r.get('measured_peak_mib'), '.0f')} | {fmt(r['predicted_mib'], '.0f')} "

@@ -465,8 +465,10 @@ def main(argv=None) -> int:
             common.append("--csv-only")
             # 1B, 8B (plain AdamW and Kahan) agreed within 1% on the H200 (benchmarks/results/
             # memory_plan_cuda_h200*.md): the window re-checks 1B and measures the optimizer step
-            # inside the backward, plain and with 8-bit moments (the 8B 40 GB config's optimizer).
-            gpu = ["--cases", "1b-ckpt,8b-ckpt-in-backward,8b-ckpt-8bit-in-backward", "--timeout", "150"]
+            # inside the backward, plain and with 8-bit moments (the 8B 40 GB config's optimizer),
+            # and the CPU offload (1B first: cheap; 8B last, its step runs on the host's cores).
+            cases = "1b-ckpt,1b-ckpt-offload,8b-ckpt-in-backward,8b-ckpt-8bit-in-backward,8b-ckpt-offload"
+            gpu = ["--cases", cases, "--timeout", "150"]
             return [[*common, "--smoke"]] if smoke else [[*common, *gpu]]
         return None
 

@@ -29,8 +29,12 @@ class ProcessInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> ProcessInfo:
-    """Join the torchrun job if there is one (env:// rendezvous, multi-node included)."""
+def setup(device: str = "auto", *, offload: bool = False) -> ProcessInfo:
+    """Join the torchrun job if there is one (env:// rendezvous, multi-node included).
+
+    offload (optim.offload, FSDP2's CPU offload): a process group even for one process, since
+    FSDP2 shards over a group (of one here), and on GPU gloo beside nccl, for the collectives on
+    the gradients that live in CPU memory (clipping's global norm)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,9 +45,14 @@ def setup(device: str = "auto") -> ProcessInfo:
         target = torch.device("cuda", local_rank)
     else:
         target = torch.device(device)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    if (world_size > 1 or offload) and not dist.is_initialized():
+        backend = "gloo"
+        if target.type == "cuda":
+            backend = "cuda:nccl,cpu:gloo" if offload else "nccl"
+        if world_size > 1:
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:  # no torchrun: a group of one over an in-process store
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return ProcessInfo(rank, world_size, local_rank, target)
 
 

@@ -61,11 +61,17 @@ class OptimConfig:
     optimizers.py.
     in_backward: step each parameter as soon as its gradient is ready and free that gradient,
     so the whole set of gradients never exists at once (optimizers.StepInBackward); needs
-    grad_accum=1 and max_grad_norm=0 (no clipping)."""
+    grad_accum=1 and max_grad_norm=0 (no clipping).
+    offload: keep the parameters, gradients and optimizer state in CPU memory and step there
+    (FSDP2's CPUOffloadPolicy, over one process too); the GPU holds only the layers in use, their
+    gradients until they are reduced, and the activations. Needs a CUDA GPU and FSDP
+    (distributed.fsdp auto or on); adamw steps with torch's fused CPU AdamW. Not with in_backward
+    (the gradients are in CPU memory already) or adamw_8bit (its state is 2 bytes per parameter)."""
 
     name: str = "adamw"
     state_dtype: str = "float32"
     in_backward: bool = False
+    offload: bool = False
 
     lr: float = 1e-5
     weight_decay: float = 0.01
@@ -107,6 +113,17 @@ class OptimConfig:
                 "the first parameters have already stepped: set optim.max_grad_norm=0 (no clipping)"
             )
             require(clip == 0, "optim.in_backward", message, f"optim.max_grad_norm={clip}")
+        if self.offload:
+            message = (
+                "the gradients go to CPU memory as each layer's are reduced and the step runs there, so "
+                "stepping inside the backward saves no GPU memory: set optim.in_backward=false"
+            )
+            require(not self.in_backward, "optim.offload", message, "optim.in_backward=true")
+            message = (
+                "adamw_8bit's state is 2 bytes per parameter on the GPU and its step a torch.compile'd GPU "
+                "kernel: offload applies to adamw and adamw_kahan"
+            )
+            require(self.name != "adamw_8bit", "optim.offload", message, f"optim.name={self.name}")
 
 
 @dataclass
@@ -187,6 +204,9 @@ def check_config(config: Config) -> None:
     require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {config.method.name}", d.retain)
     # DataConfig (data/) does not check its own values yet.
     require(bool(r.output_dir), "run.output_dir", "is required", r.output_dir)
+    if config.optim.offload:
+        message = "offload is FSDP2's CPUOffloadPolicy: set distributed.fsdp=auto or on (one process is a group of one)"
+        require(config.distributed.fsdp != "off", "optim.offload", message, "distributed.fsdp=off")
     if r.eval_every_epoch:
         message = "is required by run.eval_every_epoch (a folder of TOFU-schema files or a hub name)"
         require(bool(r.eval_data), "run.eval_data", message, r.eval_data)

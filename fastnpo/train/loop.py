@@ -33,6 +33,7 @@ from .output import OutputFolder, prepare_output_dir
 from .setup import (
     build_optimizer,
     cached_reference_logprobs,
+    check_offload_device,
     frozen_reference,
     load_data,
     load_example_weights,
@@ -57,7 +58,7 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
             "run.eval_every_epoch: this caller supplies no evaluator "
             "(train(config, evaluator=...); the TOFU one is built from run.eval_data)"
         )
-    info = distributed.setup(config.run.device)
+    info = distributed.setup(config.run.device, offload=config.optim.offload)
     try:
         return _train(config, info, on_epoch_end, evaluator)
     finally:
@@ -66,10 +67,11 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
 
 def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluator=None) -> dict:
     log = console(info)
+    check_offload_device(config, info)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
     run = _build(config, info, plan.resume_from, log, evaluator)
     if on_epoch_end is not None and run.trainee.sharded:
-        raise ConfigError("on_epoch_end needs the unsharded model: run in one process")
+        raise ConfigError("on_epoch_end needs the unsharded model: run in one process without optim.offload")
     # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
     folder = OutputFolder(plan, info)
     folder.begin()

@@ -35,6 +35,12 @@ What fastnpo does, and so what is modelled (setup.py, sharding.py, step.py, ops/
   with c the compute dtype's bytes, p' = 4 under autocast or fp32, else c. With activation
   checkpointing each layer keeps only its input (D per token in the residual dtype) and one
   layer's activations are recomputed at a time during the backward.
+- optim.offload (FSDP2's CPUOffloadPolicy, also over one GPU): the parameter shards, their
+  gradients, the optimizer state and its step (torch's fused CPU AdamW: no temporaries; KahanAdamW
+  as above) are in CPU memory, reported apart as host memory; the GPU keeps what FSDP2 unshards
+  (the root and two layers), a layer's gradients until they are reduced and the root's at the end
+  of the backward, the activations and the fused op. The shards' short-lived GPU copies made for
+  each all-gather (1/world of a unit) are not counted.
 - The fused log-prob op never builds [tokens x vocab] logits. It keeps row ids, labels and the
   log-sum-exp (20 B per target token) from forward to backward; its backward makes fp32 dW
   [V, D] and fp32 dH [n, D] (atomic accumulation buffers on GPU), casts them to the compute
@@ -103,6 +109,7 @@ class Settings:
     optimizer: str = "adamw"  # optim.name: "adamw" or "adamw_kahan"
     state_dtype: str = "float32"  # optim.state_dtype (adamw_kahan's moments; adamw: the parameters')
     in_backward: bool = False  # optim.in_backward: each parameter steps (and frees its gradient) in the backward
+    offload: bool = False  # optim.offload: shards, gradients and optimizer state in CPU memory (FSDP2)
 
     @property
     def tokens(self) -> int:
@@ -117,6 +124,7 @@ class Estimate:
     activations_without_checkpointing: int
     activations_with_checkpointing: int
     notes: list[str] = field(default_factory=list)
+    host: int = 0  # optim.offload on a GPU: CPU memory per process (shards, gradients, state, step)
 
     @property
     def peak_phase(self) -> str:
@@ -206,6 +214,8 @@ def _step_temporaries(s: Settings, elements: int, all_elements: int) -> int:
         return optimizers.STEP_TEMPORARIES * 4 * min(elements, optimizers.CHUNK_ELEMENTS)
     if s.optimizer == "adamw_8bit":  # one tensor at a time, torch.compile'd: assumed one fp32 copy
         return 4 * elements
+    if s.offload:  # torch's fused CPU AdamW: one pass over each tensor, no temporaries
+        return 0
     if s.device == "cuda":
         return all_elements * p  # foreach: sqrt(exp_avg_sq) of every tensor it steps at once
     return 2 * elements * p  # per tensor: sqrt, then / bias correction
@@ -268,13 +278,24 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         end_of_backward = last * p + _step_temporaries(s, last, last)
         grads = max(held + mid * p, last * p)
 
-    reference = 0
+    reference = reference_model = 0
     if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
-        reference = shape.params * p // world + 4 * s.live_reference_rows * s.seq_len * v * 4
+        reference_model = shape.params * p // world
+        reference = reference_model + 4 * s.live_reference_rows * s.seq_len * v * 4
     reference += shape.method_frozen_copy * p  # RMU's frozen layers, copied before sharding
     if s.undial:  # the initial lm_head, copied before sharding (its hidden states stay on the CPU)
         reference += v * d * p
 
+    host = 0
+    if s.offload and s.device == "cuda":
+        # Shards, their gradients, the state and the step live in CPU memory; the GPU keeps the
+        # unsharded units in use (gather_fwd), a layer's gradients until they are reduced
+        # (layer_grad_bufs) and the root's at the end of the backward (gather_bwd). (On a CPU
+        # "device" the two memories are one: nothing moves.)
+        host = params + grads + state + step_temp + reference_model  # NPO+KL's copy is offloaded too
+        params = grads = state = step_temp = end_of_backward = 0
+        reference -= reference_model
+        mid_backward = v * d * c if not subset else 0  # the root's unsharded lm_head gradient, reduced at the end
     persistent = params + state + autocast_copies + reference
     phases = {
         "backward start (fused op backward)": persistent + gather_fwd + saved + fused_keep + fused_bwd,
@@ -330,9 +351,15 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
             "keeps no fp32 master copy); at lr ~1e-5 many updates fall below bf16's resolution and are "
             "lost unless optim.name=adamw_kahan (a compensated update)"
         )
+    if s.offload:
+        notes.append(
+            "optim.offload: FSDP2's CPUOffloadPolicy keeps the parameter shards, gradients and optimizer state "
+            f"in CPU memory ({_gib(host)} per process, pinned) and runs the optimizer step there; each step "
+            "copies every unit's parameters to the GPU and its gradients back (PCIe time, not GPU memory)"
+        )
     with_ckpt = act_ckpt + layer_backward
     without = act_full + layer_backward
-    return Estimate(components, phases, overhead, without, with_ckpt, notes)
+    return Estimate(components, phases, overhead, without, with_ckpt, notes, host)
 
 
 def _gib(n: int) -> str:

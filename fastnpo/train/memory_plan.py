@@ -200,6 +200,8 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
     if fsdp == "off" and gpus > 1:
         raise ConfigError("distributed.fsdp: off with several GPUs: data parallelism needs FSDP here")
     o = config.optim
+    if o.offload and fsdp == "off":  # as check_config refuses it
+        raise ConfigError("optim.offload: is FSDP2's CPUOffloadPolicy: set distributed.fsdp=auto or on")
     if o.name == "adamw_kahan" and config.model.dtype != "bfloat16":  # as build_optimizer refuses it
         raise ConfigError(
             f"optim.name: adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16, "
@@ -210,7 +212,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         mixed_precision=config.distributed.mixed_precision,
         activation_checkpointing=config.distributed.activation_checkpointing,
         gpus=gpus,
-        sharded=fsdp == "on" or (fsdp == "auto" and gpus > 1),
+        sharded=fsdp == "on" or (fsdp == "auto" and gpus > 1) or o.offload,
         rows=rows,
         seq_len=max(d.max_length, d.pack_tokens) if d.packing else d.max_length,
         lora=config.model.lora.enabled,
@@ -220,6 +222,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         optimizer=o.name,
         state_dtype=o.state_dtype,
         in_backward=o.in_backward,
+        offload=o.offload,
     )
 
 
@@ -274,6 +277,21 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
             "optim.grad_accum=1 (torchao 8-bit moments, stochastic rounding, steps inside the backward: "
             "~4 bytes per parameter; pip install 'fastnpo[lean]')"
         )
+    if not s.offload and config.distributed.fsdp != "off":
+        offloaded = with_settings(ckpt, offload=True, sharded=True, in_backward=False)
+        if s.optimizer == "adamw_8bit":
+            offloaded = with_settings(offloaded, optimizer="adamw_kahan", state_dtype="bfloat16")
+        if fits(offloaded):
+            host = estimate(shape, offloaded).host
+            change = "optim.offload=true" + (" optim.in_backward=false" if s.in_backward else "")
+            if s.optimizer == "adamw_8bit":
+                change += " optim.name=adamw_kahan optim.state_dtype=bfloat16"
+            out.append(
+                f"{change} (FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory, "
+                f"{host / GIB:.1f} GiB per process; the step runs on the CPU)"
+            )
+    if s.offload:
+        return out
     per_param = per_param_budget(shape, ckpt, budget)
     trainable = trainable_params(shape, s)
     p = DTYPE_BYTES[s.dtype]
@@ -287,8 +305,7 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
     else:
         kind = f"plain AdamW here: {used} = {p} x (parameter, gradient, m, v)"
     out.append(
-        f"not available yet (issue 16 item 2): CPU offload of optimizer state. At this micro-batch with "
-        f"checkpointing the GPU can afford "
+        f"budget: at this micro-batch with checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
         f"({kind} plus the step's temporaries, {held})"
     )
@@ -350,6 +367,7 @@ def plan(
         "reference_cache": "fp32 per example in host memory (4 B each); one micro-batch's values on the GPU",
         "phases_gib": {k: v / GIB for k, v in e.phases.items()},
         "peak_phase": e.peak_phase,
+        "host_memory_gib": e.host / GIB,
         "allocated_gib": e.allocated / GIB,
         "overhead_gib": e.overhead / GIB,
         "total_gib": e.total / GIB,
@@ -395,6 +413,8 @@ def format_plan(result: dict) -> str:
     )
     lines.append(f"  {'reference cache (GPU)':<34}{0.0:>8.2f}   fp32 per example, kept in host memory")
     lines.append(f"  {'CUDA context, NCCL, fragmentation':<34}{result['overhead_gib']:>8.2f}")
+    if result["host_memory_gib"]:
+        lines.append(f"  {'CPU memory per process (offload)':<34}{result['host_memory_gib']:>8.2f}   not GPU memory")
     lines.append("")
     lines.append(f"  peak allocated at '{result['peak_phase']}': {result['allocated_gib']:.2f} GiB")
     for phase, gib in result["phases_gib"].items():
@@ -405,7 +425,7 @@ def format_plan(result: dict) -> str:
         f"({result['headroom_gib']:+.2f} GiB)"
     )
     for item in result["suggestions"]:
-        lines.append(f"  would fit: {item}" if not item.startswith("not available") else f"  {item}")
+        lines.append(f"  {item}" if item.startswith("budget:") else f"  would fit: {item}")
     for note in result["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -24,6 +24,18 @@ from . import sharding
 from .config import Config, ConfigError
 from .optimizers import KahanAdamW, adamw_8bit
 
+# optim.offload moves state from GPU memory to CPU memory: meaningless on any other device. Tests
+# add "cpu" to run the same code path (FSDP2's offload policy over one process) on the CPU.
+OFFLOAD_DEVICES = ("cuda",)
+
+
+def check_offload_device(config: Config, info: ProcessInfo) -> None:
+    if config.optim.offload and info.device.type not in OFFLOAD_DEVICES:
+        raise ConfigError(
+            f"optim.offload: moves the optimizer state from GPU memory to CPU memory and needs a CUDA GPU; "
+            f"this run's device is {info.device.type} (run.device={config.run.device!r}): set optim.offload=false"
+        )
+
 
 def load_tokenizer(config: Config):
     what = "model.tokenizer" if config.model.tokenizer else "model.name_or_path"
@@ -144,11 +156,12 @@ def wrap_model(config: Config, model: nn.Module, reference: SequenceLogprobModel
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapper = SequenceLogprobModel(model, impl=config.model.impl)
-    sharded = sharding.use_fsdp(config.distributed, info)
+    offload = config.optim.offload
+    sharded = offload or sharding.use_fsdp(config.distributed, info)
     if sharded:
-        sharding.shard(wrapper, config.distributed, info)
+        sharding.shard(wrapper, config.distributed, info, offload=offload)
         if reference is not None:
-            sharding.shard(reference, config.distributed, info)
+            sharding.shard(reference, config.distributed, info, offload=offload)
     return TrainModel(
         hf=model,
         wrapper=wrapper,
@@ -171,7 +184,8 @@ def linear_schedule(total_steps: int, warmup_steps: int):
 def build_optimizer(config: Config, parameters, steps_per_epoch: int):
     """The optimizer named by optim.name (AdamW, or KahanAdamW for bf16 parameters without an
     fp32 master copy) and its linear warm-up / decay schedule; returns (optimizer, scheduler,
-    total steps)."""
+    total steps). With optim.offload the parameters are CPU DTensors (FSDP2's offload policy), so
+    the state is made, and the step runs, in CPU memory."""
     o = config.optim
     if o.name == "adamw_kahan":
         if config.model.dtype != "bfloat16":
@@ -187,8 +201,12 @@ def build_optimizer(config: Config, parameters, steps_per_epoch: int):
         args = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, stochastic_rounding=bf16)
         optimizer = adamw_8bit(parameters, **args)
     else:
-        # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder.
-        optimizer = torch.optim.AdamW(parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder. Offloaded,
+        # the state and the step are in CPU memory, where the fused step is the fast one.
+        fused = True if o.offload else None
+        optimizer = torch.optim.AdamW(
+            parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+        )
     total_steps = o.max_steps or math.ceil(o.epochs * steps_per_epoch)
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))

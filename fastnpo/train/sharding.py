@@ -22,6 +22,9 @@ class DistributedConfig:
     reshard_after_forward: bool = True
 
     def __post_init__(self):
+        # YAML 1.1 reads on / off (and true / false) as booleans, which reach a str field as
+        # "True" / "False": `fsdp: off` means off.
+        self.fsdp = {"True": "on", "False": "off"}.get(str(self.fsdp), self.fsdp)
         require(self.fsdp in ("auto", "on", "off"), "distributed.fsdp", "must be auto, on or off", self.fsdp)
         precision = self.mixed_precision
         require(precision in ("none", "bf16"), "distributed.mixed_precision", "must be none or bf16", precision)
@@ -41,14 +44,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
-def shard(root: nn.Module, config: DistributedConfig, info: ProcessInfo) -> nn.Module:
-    """fully_shard each decoder layer, then the root (embeddings, norm, lm_head stay in the root)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(root: nn.Module, config: DistributedConfig, info: ProcessInfo, offload: bool = False) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, norm, lm_head stay in the root).
+
+    offload (optim.offload): CPUOffloadPolicy keeps every shard, its gradient and so the optimizer
+    state in CPU memory (pinned on GPU machines, for asynchronous copies); a unit's parameters come
+    to the GPU for its forward and backward only, its gradients go back once reduced."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
     if config.mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    placement = CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if offload else OffloadPolicy()
+    options = dict(mp_policy=policy, offload_policy=placement, reshard_after_forward=config.reshard_after_forward)
     for layer in decoder_layers(root):
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
-    fully_shard(root, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
     return root

@@ -14,7 +14,7 @@ from fastnpo.cli import build_parser
 from fastnpo.config import ConfigError, load_structured
 from fastnpo.train.config import Config
 from fastnpo.train.memory_estimate import GIB, Settings, estimate
-from fastnpo.train.memory_plan import KNOWN_MODELS, model_shape, plan, run_plan
+from fastnpo.train.memory_plan import KNOWN_MODELS, format_plan, model_shape, plan, run_plan
 from fastnpo.train.optimizers import STEP_TEMPORARIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,8 @@ def test_8b_npo_rt_on_one_40gb_gpu_does_not_fit_with_plain_adamw():
     bf16 = plan(npo_rt_config(), model="meta-llama/Llama-3.1-8B", gpu_gib=40.0)
     assert not bf16["fits"]
     assert bf16["components_gib"]["parameters"] + bf16["components_gib"]["optimizer state"] > 40
-    assert any("not available yet" in item for item in bf16["suggestions"])
+    assert any(item.startswith("optim.offload=true") for item in bf16["suggestions"])
+    assert any(item.startswith("budget: ") for item in bf16["suggestions"])
     assert any("GPUs with FSDP2" in item for item in bf16["suggestions"])
     fp32 = plan(npo_rt_config(**{"model.dtype": "float32"}), model="meta-llama/Llama-3.1-8B", gpu_gib=40.0)
     assert fp32["total_gib"] > 8.03e9 * 16 / GIB
@@ -113,6 +114,27 @@ def test_in_backward_drops_the_gradients_and_is_suggested():
     assert inside["total_gib"] < after["total_gib"] - 20  # also no foreach sqrt(v) copy of every tensor
     tight = plan(npo_rt_config(), model=eight_b, gpu_gib=60.0)
     assert any(item.startswith("optim.in_backward=true optim.max_grad_norm=0") for item in tight["suggestions"])
+
+
+def test_offload_moves_shards_gradients_and_state_to_host_memory():
+    """optim.offload on one 40 GB GPU: the GPU keeps the root unit (embeddings, lm_head) and two
+    layers unsharded, the gradients until reduced, activations and the fused op; the parameters,
+    gradients and optimizer state are counted as CPU memory."""
+    eight_b = "meta-llama/Llama-3.1-8B"
+    plain = plan(npo_rt_config(), model=eight_b, gpu_gib=40.0)
+    offloaded = plan(npo_rt_config(**{"optim.offload": True}), model=eight_b, gpu_gib=40.0)
+    assert offloaded["settings"]["sharded"] and offloaded["fits"] and not plain["fits"]
+    for name in ("parameters", "gradients", "optimizer state", "optimizer step temporaries"):
+        assert offloaded["components_gib"][name] == 0, name
+    # bf16 parameters, gradients and AdamW's m and v, 8 B per parameter, all in host memory
+    assert offloaded["host_memory_gib"] == pytest.approx(8.03e9 * 8 / GIB, rel=1e-3)
+    assert plain["host_memory_gib"] == 0
+    root = (128256 * 4096 * 2 + 4096) * 2  # embeddings + lm_head + final norm, unsharded bf16
+    assert offloaded["components_gib"]["FSDP all-gather buffers"] * GIB >= root
+    assert offloaded["total_gib"] < 25, offloaded["total_gib"]
+    assert "CPU memory per process (offload)" in format_plan(offloaded)
+    with pytest.raises(ConfigError, match=r"optim\.offload: .*distributed\.fsdp"):
+        plan(npo_rt_config(**{"optim.offload": True, "distributed.fsdp": "off"}), model=eight_b)
 
 
 def test_rmu_and_undial_plans_count_what_the_methods_keep():
@@ -248,6 +270,7 @@ def measure_worker() -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fastnpo import distributed
     from fastnpo.config import load_structured
     from fastnpo.distributed import ProcessInfo
     from fastnpo.methods import METHODS, RMUState
@@ -272,9 +295,11 @@ def measure_worker() -> dict:
         optim="adamw",
         in_backward=False,
         method="npo_rt",
+        offload=False,
     ):
         dtype = "bfloat16" if optim == "adamw_kahan" else "float32"
         lean = ["optim.in_backward=true", "optim.max_grad_norm=0"] if in_backward else []
+        lean += ["optim.offload=true"] if offload else []
         lean += RMU_OVERRIDES if method == "rmu" else []
         config = load_structured(
             Config,
@@ -334,7 +359,8 @@ def measure_worker() -> dict:
     step_once(micro, 1, measure=False, checkpointing=True)
     step_once(micro, 1, measure=False, checkpointing=True, optim="adamw_kahan")
     out = {}
-    for name, checkpointing, optim, in_backward, method in CASES:
+    distributed.setup("cpu", offload=True)  # the offload case's FSDP2 shards over this group of one
+    for name, checkpointing, optim, in_backward, method, offload in CASES:
         clean()
         held, extra = step_once(
             SMALL,
@@ -345,6 +371,7 @@ def measure_worker() -> dict:
             optim=optim,
             in_backward=in_backward,
             method=method,
+            offload=offload,
         )
         out[name] = {"held": held, "extra": extra, "peak": held + extra}
     out["kahan_step"] = kahan_step_peaks(clean)
@@ -371,19 +398,24 @@ def kahan_step_peaks(clean) -> dict:
     return out
 
 
-# (name, checkpointing, optim.name, optim.in_backward, method); Kahan: bf16 parameters, float32
-# moments; RMU trains 2 of the 4 layers' down_proj and keeps frozen copies of layers 1-2
+# (name, checkpointing, optim.name, optim.in_backward, method, optim.offload); Kahan: bf16
+# parameters, float32 moments; RMU trains 2 of the 4 layers' down_proj and keeps frozen copies of
+# layers 1-2; offload: FSDP2 over one CPU process with CPUOffloadPolicy and the fused CPU AdamW
+# (host and "device" memory are one here: this checks the sharded accounting and the fused step)
 CASES = [
-    (str(False), False, "adamw", False, "npo_rt"),
-    (str(True), True, "adamw", False, "npo_rt"),
-    ("kahan", True, "adamw_kahan", False, "npo_rt"),
-    ("kahan-in-backward", True, "adamw_kahan", True, "npo_rt"),
-    ("rmu", False, "adamw", False, "rmu"),
+    (str(False), False, "adamw", False, "npo_rt", False),
+    (str(True), True, "adamw", False, "npo_rt", False),
+    ("kahan", True, "adamw_kahan", False, "npo_rt", False),
+    ("kahan-in-backward", True, "adamw_kahan", True, "npo_rt", False),
+    ("rmu", False, "adamw", False, "rmu", False),
+    ("offload", True, "adamw", False, "npo_rt", True),
 ]
 RMU_OVERRIDES = ["method.rmu_layer=2", "method.rmu_update_layers=[1,2]"]
 
 
-def predicted(checkpointing: bool, optim: str = "adamw", in_backward: bool = False, method: str = "npo_rt") -> dict:
+def predicted(
+    checkpointing: bool, optim: str = "adamw", in_backward: bool = False, method: str = "npo_rt", offload: bool = False
+) -> dict:
     config_json = dict(SMALL, model_type="llama")
     rmu = load_structured(Config, None, ["method.name=rmu", *RMU_OVERRIDES]).method if method == "rmu" else None
     shape = model_shape(config_json, rmu=rmu)
@@ -396,6 +428,8 @@ def predicted(checkpointing: bool, optim: str = "adamw", in_backward: bool = Fal
         device="cpu",  # equal lengths: no padding mask, SDPA's native GQA
         optimizer=optim,
         in_backward=in_backward,
+        offload=offload,
+        sharded=offload,
     )
     return {"estimate": estimate(shape, settings), "shape": shape}
 
@@ -415,10 +449,10 @@ def measured_cpu():
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.mark.parametrize(("case", "checkpointing", "optim", "in_backward", "method"), CASES)
-def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim, in_backward, method):
+@pytest.mark.parametrize(("case", "checkpointing", "optim", "in_backward", "method", "offload"), CASES)
+def test_plan_matches_measured_cpu_peak(measured_cpu, case, checkpointing, optim, in_backward, method, offload):
     measured = measured_cpu[case]
-    e = predicted(checkpointing, optim, in_backward, method)["estimate"]
+    e = predicted(checkpointing, optim, in_backward, method, offload)["estimate"]
     ratio = e.allocated / measured["peak"]
     print(
         f"{method} {optim} checkpointing={checkpointing} in_backward={in_backward}: "

@@ -20,7 +20,7 @@ from fastnpo.methods import METHODS
 from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
-from fastnpo.train.config import ConfigError, load_config
+from fastnpo.train.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -745,9 +745,110 @@ def test_in_backward_divergence_stops_the_run_and_exports_nothing(tiny, tmp_path
     assert all(math.isfinite(r["grad_norm"]) for r in metric_records(out))
 
 
+# ----------------------------------------------------------------------------- optimizer state offloaded to CPU memory
+
+OFFLOAD = {"optim.offload": "true"}
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    """optim.offload refuses any device but CUDA (there is nothing to offload from); on CPU the
+    same code runs (FSDP2 over a group of one, CPUOffloadPolicy, the fused CPU step) when allowed."""
+    import fastnpo.train.setup as setup
+
+    monkeypatch.setattr(setup, "OFFLOAD_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [{"optim.name": "adamw", "optim.grad_accum": 2}, {"optim.name": "adamw_kahan", "model.dtype": "bfloat16"}],
+    ids=["adamw-fp32-accumulating", "adamw_kahan-bf16"],
+)
+def test_offload_matches_the_run_without_it(tiny, tmp_path, offload_on_cpu, optimizer):
+    # With clipping (the default max_grad_norm=1: its norm is a collective over CPU DTensors) and,
+    # for AdamW, gradient accumulation; torch's fused CPU AdamW against its default step.
+    common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.lr": 3e-3, **optimizer}
+    train(config_for(tiny, tmp_path / "plain", **common))
+    train(config_for(tiny, tmp_path / "offload", **common, **OFFLOAD))
+    assert json.loads((tmp_path / "offload" / "run_info.json").read_text())["fsdp"] is True
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    plain, offloaded = final_weights(tmp_path / "plain"), final_weights(tmp_path / "offload")
+    assert plain.keys() == offloaded.keys()
+    for key in plain:
+        moved = (plain[key].float() - initial[key].to(plain[key].dtype).float()).abs().max().item()
+        assert moved > 1e-4, key
+        gap = (offloaded[key].float() - plain[key].float()).abs().max().item()
+        # fp32: the fused step rounds differently (measured <= 1e-6 of the distance moved); bf16:
+        # the same arithmetic, so the same weights
+        assert gap <= (1e-4 * moved if plain[key].dtype == torch.float32 else 0), (key, gap, moved)
+    for a, b in zip(metric_records(tmp_path / "plain"), metric_records(tmp_path / "offload"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_offload_on_cuda_matches_the_run_without_it(tiny, tmp_path):
+    # The GPU path: pinned shards, nccl beside gloo, clipping's norm over CPU-resident gradients.
+    common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.lr": 3e-3, "run.device": "cuda"}
+    train(config_for(tiny, tmp_path / "plain", **common))
+    train(config_for(tiny, tmp_path / "offload", **common, **OFFLOAD))
+    plain, offloaded = final_weights(tmp_path / "plain"), final_weights(tmp_path / "offload")
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    for key in plain:
+        moved = (plain[key] - initial[key]).abs().max().item()
+        assert moved > 1e-4, key
+        # GPU matmuls and reductions run in another order in the sharded run
+        torch.testing.assert_close(offloaded[key], plain[key], atol=0.01 * moved, rtol=0, msg=key)
+
+
+def test_offload_state_lives_in_cpu_memory_as_dtensor_shards(tiny, tmp_path, offload_on_cpu):
+    from torch.distributed.tensor import DTensor
+
+    from fastnpo import distributed
+    from fastnpo.train.setup import build_optimizer, load_model, wrap_model
+
+    config = config_for(tiny, tmp_path / "run", **OFFLOAD)
+    info = distributed.setup("cpu", offload=True)
+    try:
+        trainee = wrap_model(config, load_model(config, info.device), None, info)
+        optimizer, _, _ = build_optimizer(config, trainee.parameters, 1)
+        assert trainee.sharded and optimizer.param_groups[0]["fused"] is True
+        assert all(isinstance(p, DTensor) and p.to_local().device.type == "cpu" for p in trainee.parameters)
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (IN_BACKWARD, r"optim\.offload: .*set optim\.in_backward=false, got 'optim\.in_backward=true'"),
+        ({"optim.name": "adamw_8bit"}, r"optim\.offload: adamw_8bit.*got 'optim\.name=adamw_8bit'"),
+        ({"distributed.fsdp": "off"}, r"optim\.offload: .*FSDP2's CPUOffloadPolicy.*got 'distributed\.fsdp=off'"),
+    ],
+)
+def test_offload_refuses_combinations_that_cannot_work(tiny, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        config_for(tiny, tmp_path / "run", **OFFLOAD, **extra)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("written", "meant"), [("off", "off"), ("on", "on"), ("false", "off"), ("auto", "auto")])
+def test_yaml_on_and_off_are_fsdp_modes_not_booleans(written, meant):
+    # YAML 1.1 reads on / off as booleans: `fsdp: off` was refused as "got 'False'"
+    from fastnpo.config import load_structured
+
+    assert load_structured(Config, None, [f"distributed.fsdp={written}"]).distributed.fsdp == meant
+
+
+def test_offload_without_a_gpu_is_refused_before_any_work(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.offload: .*needs a CUDA GPU; this run's device is cpu"):
+        train(config_for(tiny, tmp_path / "run", **OFFLOAD))
+    assert not (tmp_path / "run").exists()
+
+
 # Optimizer modes on two FSDP2 ranks (DTensor shards): in-backward steps (FSDP2 runs the
-# post-accumulate-grad hooks on the sharded parameters after the reduce-scatter) and KahanAdamW's
-# update of each rank's local shard.
+# post-accumulate-grad hooks on the sharded parameters after the reduce-scatter), KahanAdamW's
+# update of each rank's local shard, and the offload policy (two_rank_runs.py allows it on CPU).
 SHARDED_OPTIMIZERS = {
     "in_backward": {**IN_BACKWARD},
     "kahan_bf16": {"optim.name": "adamw_kahan", "model.dtype": "bfloat16", "optim.lr": 3e-3},
@@ -757,6 +858,8 @@ SHARDED_OPTIMIZERS = {
         "optim.lr": 3e-3,
         **IN_BACKWARD,
     },
+    # CPUOffloadPolicy on two ranks: gloo reduce-scatters, shards and the fused step in CPU memory
+    "offload": {**OFFLOAD},
 }
 
 
@@ -771,7 +874,7 @@ def sharded_optimizer_runs(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(SHARDED_OPTIMIZERS))
-def test_two_ranks_match_one_process_with_each_optimizer_mode(tiny, sharded_optimizer_runs, name):
+def test_two_ranks_match_one_process_with_each_optimizer_mode(tiny, sharded_optimizer_runs, name, offload_on_cpu):
     root, job = sharded_optimizer_runs
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     folder = root / name

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from fastnpo import distributed
-from fastnpo.train import train
+from fastnpo.train import setup, train
 from fastnpo.train.config import load_config
 
 
@@ -23,6 +23,8 @@ def main(path: str) -> None:
     dist.init_process_group(backend="gloo")
     # train() joins the job and leaves it (setup / teardown); here the group outlives each run.
     distributed.teardown = lambda: None
+    # optim.offload runs on CPU only in tests (see test_train.py's offload_on_cpu).
+    setup.OFFLOAD_DEVICES = ("cuda", "cpu")
     try:
         for run in runs:
             train(load_config(run["config"], run["overrides"]))
