@@ -381,6 +381,43 @@ def time_contenders(specs, s: Settings, batches, schedule: str, log) -> dict:
     return results
 
 
+PROFILED_STEPS = 3
+
+
+def profile_steps(spec: Spec, s: Settings, batches, log, row_limit: int = 25) -> None:
+    """Where one step of `spec` spends its time: torch.profiler over PROFILED_STEPS steps (after
+    a warm-up step on each batch), the operators / kernels by their own device time, and the
+    device-busy share of the wall time (a launch- or host-bound step shows a low share)."""
+    device = torch.device(s.device)
+    c = Contender(spec, s)
+    if spec.reference == "cached":
+        c.build_cache(used_items(batches))
+    chosen = batches[s.warmup : s.warmup + PROFILED_STEPS]
+    for items in chosen:
+        c.step(items)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for items in chosen:
+            c.step(items)
+        synchronize(device)
+    wall_ms = (time.perf_counter() - started) * 1e3 / len(chosen)
+    events = prof.key_averages()
+    own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy_ms = sum(getattr(e, own, 0.0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_ms /= 1e3 * len(chosen)
+    log(f"\nprofile of {spec.name}: {len(chosen)} steps, {wall_ms:.1f} ms wall per step (profiler on)")
+    if device.type == "cuda":
+        log(f"  device busy {busy_ms:.1f} ms per step ({busy_ms / wall_ms:.0%} of the wall)")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(events.table(sort_by=sort, row_limit=row_limit, max_name_column_width=70))
+    del c
+    clean_memory(device)
+
+
 def current_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
@@ -709,6 +746,7 @@ def main(argv=None):
     parser.add_argument("--schedule", choices=("round-robin", "sequential"), default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--profile", default=None, help="contender whose steps to profile after the timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output stem")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
@@ -756,6 +794,8 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {list(SPEC_BY_NAME)}")
         specs = [spec for spec in SPECS if spec.name in wanted]
+    if args.profile and args.profile not in SPEC_BY_NAME:
+        raise SystemExit(f"--profile {args.profile!r}: not a contender; known: {list(SPEC_BY_NAME)}")
     schedule = args.schedule or ("sequential" if cuda else "round-robin")
     device = torch.device(s.device)
     if cuda:
@@ -786,6 +826,8 @@ def main(argv=None):
     log(f"timing ({schedule}, {s.warmup} warm-up + {s.steps} timed steps):")
     timing = time_contenders(specs, s, batches, schedule, log)
     cpu_share = (sum(os.times()[:2]) - cpu_started) / (time.perf_counter() - started)
+    if args.profile:
+        profile_steps(SPEC_BY_NAME[args.profile], s, batches, log)
     memory = {}
     if not args.no_memory:
         log("peak memory (one fresh subprocess per contender):")

@@ -74,6 +74,26 @@ def test_resume_drops_the_killed_runs_metrics_past_the_checkpoint(tiny, tmp_path
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
+def test_offloaded_run_resumes_to_the_same_parameters(tiny, tmp_path, monkeypatch):
+    # The optimizer state of an offloaded run is CPU DTensors: the checkpoint must carry it.
+    import fastnpo.train.setup as setup
+
+    extra = {"method.name": "npo_rt", "optim.max_steps": 4, "run.checkpoint_every": 2, "optim.offload": "true"}
+    allow = ("cuda", "cpu")  # optim.offload is refused on CPU outside tests (test_train.py's offload_on_cpu)
+    monkeypatch.setattr(setup, "OFFLOAD_DEVICES", allow)
+    train(config_for(tiny, tmp_path / "straight", **extra))
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 4)  # the newest checkpoint is step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_for(tiny, out, **extra))
+    monkeypatch.undo()
+    monkeypatch.setattr(setup, "OFFLOAD_DEVICES", allow)
+    train(config_for(tiny, out, **extra))
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_run_that_crashed_before_its_first_checkpoint_restarts(tiny, tmp_path, monkeypatch, capsys):
     extra = {"method.name": "npo_rt", "optim.max_steps": 4, "run.checkpoint_every": 3}
     train(config_for(tiny, tmp_path / "straight", **extra))
