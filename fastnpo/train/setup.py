@@ -203,9 +203,9 @@ def build_optimizer(config: Config, parameters, steps_per_epoch: int):
     else:
         # Looked up at call time: tests swap torch.optim.AdamW for a gradient recorder. Offloaded,
         # the state and the step are in CPU memory, where the fused step is the fast one.
-        fused = True if o.offload else None
+        fused = {"fused": True} if o.offload else {}
         optimizer = torch.optim.AdamW(
-            parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+            parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **fused
         )
     total_steps = o.max_steps or math.ceil(o.epochs * steps_per_epoch)
     warmup_steps = round(o.warmup_epochs * steps_per_epoch)
