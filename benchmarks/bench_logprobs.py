@@ -9,7 +9,8 @@ One process, one command:
 
 Contenders (see README.md): naive PyTorch (full logits), torch.compile of naive, fastnpo impl="torch",
 fastnpo impl="triton", Liger-Kernel's fused linear cross-entropy (reduction="none") and its chunked
-selective log-prob op, Cut Cross-Entropy (reduction="none"), and the NPO loss (naive / unfused / fused).
+selective log-prob op, Cut Cross-Entropy (reduction="none"), and the NPO loss (naive / unfused /
+fused / one-pass: npo_loss with fused=False, True, "one_pass").
 A contender that cannot run here is recorded as skipped with the reason, never dropped.
 
 Modes: "fwd" (under no_grad: reference log-probs, evaluation) and "fwd+bwd" (gradients for hidden and
@@ -172,7 +173,7 @@ class Contender:
     modes: tuple = MODES
     mode_skip: dict = field(default_factory=dict)
     impl: str = "auto"  # npo kind only
-    fused: bool = False  # npo kind only
+    fused: bool | str = False  # npo kind only: npo_loss's fused (False, True or "one_pass")
 
 
 def naive_logprobs(hidden, weight, labels):
@@ -291,13 +292,14 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
         ("npo-naive", "naive", False),
         ("npo-unfused", "auto", False),
         ("npo-fused", "auto", True),
+        ("npo-one-pass", "auto", "one_pass"),
     ):
         out.append(
             Contender(
                 name,
                 None,
                 kind="npo",
-                note=f"npo_loss(impl='{impl}', fused={fused}), T={NPO_SEQ_LEN}",
+                note=f"npo_loss(impl='{impl}', fused={fused!r}), T={NPO_SEQ_LEN}",
                 modes=("fwd+bwd",),
                 mode_skip={"fwd": fwd_only_reason},
                 impl=impl,

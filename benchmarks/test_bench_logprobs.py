@@ -1,4 +1,5 @@
-"""pytest-benchmark suite at tiny CPU sizes: fastnpo impl="naive" vs impl="torch", forward and fwd+bwd.
+"""pytest-benchmark suite at tiny CPU sizes: fastnpo impl="naive" vs impl="torch", forward and fwd+bwd,
+and the NPO loss's designs (npo_loss fused=False / True / "one_pass", bench_logprobs' npo-* contenders).
 
 Not part of the main test run (pyproject's testpaths is ["tests"]); run it explicitly:
 
@@ -9,13 +10,14 @@ Each case checks its values (and gradients) against the naive implementation bef
 
 import pytest
 import torch
-from bench_logprobs import make_inputs  # benchmarks/ is on sys.path when pytest collects this file
+from bench_logprobs import Contender, make_inputs, make_npo_fn, npo_labels  # benchmarks/ is on sys.path in pytest
 
 import fastnpo
 
 pytest.importorskip("pytest_benchmark")
 
 N, D, V = 256, 64, 8192
+NPO_T = 64  # four sequences
 
 
 @pytest.fixture(scope="module")
@@ -53,5 +55,26 @@ def test_forward_backward(benchmark, inputs, impl):
     got = benchmark.pedantic(
         _forward_backward, args=(hidden, weight, labels, upstream, impl), rounds=5, warmup_rounds=1
     )
+    for mine, ref in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True, "one_pass"])
+def test_npo_forward_backward(benchmark, inputs, fused):
+    # The npo-unfused / npo-fused / npo-one-pass contenders' path, against npo-naive.
+    hidden, weight, labels, _ = inputs
+    labels = npo_labels(labels, NPO_T)
+    ref_logps = torch.randn(N // NPO_T, generator=torch.Generator().manual_seed(2)) - 100
+
+    def run(contender):
+        h = hidden.detach().requires_grad_()
+        w = weight.detach().requires_grad_()
+        loss = make_npo_fn(contender, NPO_T, ref_logps)(h, w, labels)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    expected = run(Contender("npo-naive", None, kind="npo", impl="naive"))
+    contender = Contender("npo", None, kind="npo", impl="torch", fused=fused)
+    got = benchmark.pedantic(run, args=(contender,), rounds=5, warmup_rounds=1)
     for mine, ref in zip(got, expected, strict=True):
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from .ops import (
     IGNORE_INDEX,
     aligned_labels,
     ce_u_token_losses,
+    check_fused,
     fused_sequence_loss,
     sequence_logprobs,
     token_logprobs_flat,
@@ -160,7 +161,7 @@ def npo_loss(
     weights: torch.Tensor | None = None,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool = False,
+    fused: bool | str = False,
 ) -> torch.Tensor:
     """NPO loss from hidden states: mean_b w_b (2/beta) softplus(beta (logp_b - ref_logps_b)).
 
@@ -170,15 +171,20 @@ def npo_loss(
     targets, weights [B] >= 0 (default 1). Every row needs at least one target token (else
     ValueError naming the rows).
 
-    fused=True computes the gradients in the forward call (see ops.FusedSequenceLossFunction)
-    and allows one backward; fused=False (default) runs the usual forward, then backward. Both
-    give the same values and gradients. Fusing saves no FLOPs (the log-sum-exp must be complete
-    before any probability is known) and measured no faster on CPU (benchmarks/results/
-    logprobs_cpu.md, npo-fused vs npo-unfused); whether it pays on GPU is still to be measured.
+    fused: False (default) runs the usual forward, then backward. True computes the gradients in
+    the forward call (ops.autograd.FusedSequenceLossFunction) and allows one backward; it saves no
+    FLOPs (the log-sum-exp must be complete before any probability is known: two sweeps over the
+    vocabulary, 8NDV) and measured no faster on CPU (benchmarks/results/logprobs_cpu.md, npo-fused
+    vs npo-unfused). "one_pass" also computes them in the forward call and allows one backward, in
+    ONE sweep of chunks of whole sequences (ops/one_pass.py: 6NDV, library matmuls, exact,
+    filter_eps unused), valid because NPO is a mean of per-sequence terms. All three give the same
+    values and gradients up to rounding. Weights or ref_logps that require grad (U2A) take the
+    fused=False path whatever fused says: the fused designs return no gradient for them.
     """
     check_hidden_and_weight(hidden, weight, exact_dim=3)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
     beta = check_positive("beta", beta)
+    fused = check_fused(fused)
     batch = hidden.shape[0]
     ref_logps = check_per_sequence("ref_logps", ref_logps, batch, hidden.device)
     if weights is not None:
@@ -189,7 +195,7 @@ def npo_loss(
         return npo_from_logprobs(logps, ref_logps, beta=beta, weights=weights)
 
     if fused and not (ref_logps.requires_grad or (weights is not None and weights.requires_grad)):
-        return _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps)
+        return _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, fused)
     logps = sequence_logprobs(
         hidden, weight, labels, shift=shift, ignore_index=ignore_index, impl=impl, filter_eps=filter_eps
     )
@@ -217,16 +223,20 @@ def ga_loss(
     ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool = False,
+    fused: bool | str = False,
 ) -> torch.Tensor:
     """Gradient-ascent loss: minus the token-mean cross-entropy over all target tokens of the batch.
 
     Equal to -(the `loss` a Hugging Face causal LM returns for these labels), so minimising it
     is gradient ascent on the targets. hidden [B, T, D] with shift=True ([..., D] without),
     labels aligned as in sequence_logprobs / token_logprobs. Raises if no token is a target.
+
+    fused: as in npo_loss (False, True or "one_pass"); the fused designs see every target token
+    as its own sequence, so "one_pass" (valid: the loss is a sum over tokens) chunks by tokens.
     """
     check_hidden_and_weight(hidden, weight, exact_dim=3 if shift else None)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
+    fused = check_fused(fused)
     targets = aligned_labels(labels, shift, ignore_index) if shift else labels.long()
     count = int((targets != ignore_index).sum())
     if count == 0:
@@ -237,16 +247,16 @@ def ga_loss(
 
     dim = hidden.shape[-1]
     if fused:
-        flat = hidden.reshape(-1, dim)
         return _fused(
-            flat.unsqueeze(0),
+            hidden.reshape(-1, 1, dim),
             weight,
-            targets.reshape(1, -1),
+            targets.reshape(-1, 1),
             loss_from_logprobs,
             False,
             ignore_index,
             impl,
             filter_eps,
+            fused,
         )
     return (
         token_logprobs_flat(hidden.reshape(-1, dim), weight, targets.reshape(-1), ignore_index, impl, filter_eps).sum()
@@ -254,7 +264,7 @@ def ga_loss(
     )
 
 
-def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps):
+def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, fused):
     batch, length, dim = hidden.shape
     targets = aligned_labels(labels, shift, ignore_index)
     return fused_sequence_loss(
@@ -266,6 +276,7 @@ def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl
         ignore_index=ignore_index,
         impl=impl,
         filter_eps=filter_eps,
+        fused=fused,
     )
 
 

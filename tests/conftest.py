@@ -19,6 +19,18 @@ if not HAS_CUDA:
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def assert_as_good_as_torch(ours, same_dtype_torch, ref64, tol, what):
+    """|ours - ref64| <= |torch in the same dtype - ref64| + tol * max(1, |ref64|) (max norms).
+
+    The tolerance scales with the magnitude above 1: a bf16 gradient entry of size 8 is
+    rounded to 1/16 on output alone, which an absolute 1e-2 could never accept.
+    """
+    err = (ours.double().cpu() - ref64.cpu()).abs().max().item()
+    base = (same_dtype_torch.double().cpu() - ref64.cpu()).abs().max().item()
+    allowed = base + tol * max(1.0, ref64.abs().max().item())
+    assert err <= allowed, f"{what}: error {err:.3e} > torch's {base:.3e} + tolerance ({allowed:.3e})"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -3,6 +3,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
 
     backends.py  the implementations (Triton kernels, vocabulary-chunked PyTorch) and the choice
     autograd.py  the autograd functions (two-pass, and the fused loss that does both in one call)
+    one_pass.py  the fused loss's one-pass design: chunks of whole sequences, 6NDV (separable losses)
     chunked.py   the vocabulary-chunked PyTorch backend (fp32: the CPU path)
     cublas.py    gradients from library matmuls, fed by Triton kernels where they run (no atomics, exact dW)
     naive.py     full logits: the correctness reference and benchmark baseline
@@ -13,7 +14,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
 """
 
-from .autograd import fused_sequence_loss, token_logprobs_flat
+from .autograd import check_fused, fused_sequence_loss, token_logprobs_flat
 from .backends import IMPLS, resolve_filter_eps, resolve_impl
 from .ce_u import ce_u_token_losses
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
@@ -26,6 +27,7 @@ __all__ = [
     "IMPLS",
     "aligned_labels",
     "ce_u_token_losses",
+    "check_fused",
     "fused_sequence_loss",
     "naive_token_logprobs",
     "packed_sequence_logprobs",

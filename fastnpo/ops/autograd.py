@@ -1,15 +1,19 @@
-"""Autograd functions of the fused linear + log-softmax log-probs, over a backend (backends.py).
+"""Autograd functions of the fused linear + log-softmax log-probs, over a backend (backends.py), and
+of a loss of per-sequence log-probs with its gradients computed in the forward call (two designs:
+two sweeps over a backend, or one pass of chunks of whole sequences, one_pass.py).
 
 Rows whose label is ignore_index are dropped before any backend runs (prompts and padding
 often make up most of a batch), and their log-prob is exactly 0.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
 from .naive import naive_token_logprobs
+from .one_pass import one_pass_sequence_loss
 
 
 def _scatter_rows(compact: torch.Tensor | None, row_ids: torch.Tensor, like: torch.Tensor):
@@ -49,12 +53,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
 class FusedSequenceLossFunction(torch.autograd.Function):
     """A loss of per-sequence log-probs, with its gradients produced in the forward call.
 
-    The loss needs nothing but the per-sequence log-probs (reference log-probs are cached),
-    so its gradient with respect to every token's log-prob is known as soon as the forward
-    is done: the backward kernel runs right away and autograd's backward only scales the
-    stored gradients. The log-sum-exp must be complete before any probability is known, so
-    this is still two sweeps over the vocabulary; what fusing saves is the saved-for-backward
-    state and one autograd round trip (benchmarks/ measures whether that pays).
+    The loss needs nothing but the per-sequence log-probs (reference log-probs are cached), so its
+    gradient with respect to every token's log-prob is known as soon as the log-probs are: `design`
+    computes the loss and both gradients at once and autograd's backward only scales the stored
+    gradients. Two designs, both (hidden, weight, row_ids, labels, sequence_ids, num_sequences,
+    loss_from_logprobs, *, compute_dh, compute_dw) -> (loss, dH [N, D] or None, dW [V, D] or None):
+    two_sweep_sequence_loss (fused=True, any loss) and one_pass.one_pass_sequence_loss
+    (fused="one_pass", separable losses only).
     """
 
     @staticmethod
@@ -67,33 +72,23 @@ class FusedSequenceLossFunction(torch.autograd.Function):
         sequence_ids,
         num_sequences: int,
         loss_from_logprobs: Callable,
-        backend: Backend,
-        filter_eps: float,
-        want_grads: bool,
+        design: Callable,
+        compute_dh: bool,
+        compute_dw: bool,
     ):
-        lse, target = backend.forward(hidden, weight, row_ids, labels)
-        token_logps = target - lse
-        sequence_logps = token_logps.new_zeros(num_sequences).index_add_(0, sequence_ids, token_logps)
-        with torch.enable_grad():
-            leaf = sequence_logps.detach().requires_grad_()
-            loss = loss_from_logprobs(leaf)
-        if not want_grads:
-            return loss.detach()
-        (grad_sequence,) = torch.autograd.grad(loss, leaf)
-        dh, dw = backend.backward(
+        loss, dh, dw = design(
             hidden,
             weight,
             row_ids,
             labels,
-            lse,
-            grad_sequence[sequence_ids].contiguous(),
-            filter_eps=filter_eps,
-            compute_dh=hidden.requires_grad,
-            compute_dw=weight.requires_grad,
+            sequence_ids,
+            num_sequences,
+            loss_from_logprobs,
+            compute_dh=compute_dh,
+            compute_dw=compute_dw,
         )
         ctx.consumed = False
-        ctx.dh = _scatter_rows(dh, row_ids, hidden)
-        ctx.dw = dw.to(weight.dtype) if dw is not None else None
+        ctx.dh, ctx.dw = dh, dw
         return loss.detach()
 
     @staticmethod
@@ -107,6 +102,49 @@ class FusedSequenceLossFunction(torch.autograd.Function):
             dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
             dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
         return dh, dw, None, None, None, None, None, None, None, None
+
+
+def two_sweep_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+    loss_from_logprobs: Callable,
+    *,
+    compute_dh: bool,
+    compute_dw: bool,
+    backend: Backend,
+    filter_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """fused=True's design: the backend's forward, then its backward with the loss's gradient.
+
+    The log-sum-exp must be complete before any probability is known, so this is still two sweeps
+    over the vocabulary (8NDV with the backward's recompute); what fusing saves is the
+    saved-for-backward state and one autograd round trip (benchmarks/ measures whether that pays).
+    """
+    lse, target = backend.forward(hidden, weight, row_ids, labels)
+    token_logps = target - lse
+    sequence_logps = token_logps.new_zeros(num_sequences).index_add_(0, sequence_ids, token_logps)
+    with torch.enable_grad():
+        leaf = sequence_logps.detach().requires_grad_()
+        loss = loss_from_logprobs(leaf)
+    if not (compute_dh or compute_dw):
+        return loss.detach(), None, None
+    (grad_sequence,) = torch.autograd.grad(loss, leaf)
+    dh, dw = backend.backward(
+        hidden,
+        weight,
+        row_ids,
+        labels,
+        lse,
+        grad_sequence[sequence_ids].contiguous(),
+        filter_eps=filter_eps,
+        compute_dh=compute_dh,
+        compute_dw=compute_dw,
+    )
+    return loss.detach(), _scatter_rows(dh, row_ids, hidden), dw.to(weight.dtype) if dw is not None else None
 
 
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -133,6 +171,16 @@ def token_logprobs_flat(
     return logps.new_zeros(labels.shape[0]).index_copy(0, row_ids, logps)
 
 
+def check_fused(fused) -> bool | str:
+    """fused as npo_loss / ga_loss / fused_sequence_loss take it, validated (ValueError naming it)."""
+    if isinstance(fused, bool) or (isinstance(fused, str) and fused == "one_pass"):
+        return fused
+    raise ValueError(
+        "fused must be False (forward, then backward), True (gradients in the forward call, two sweeps "
+        f"over the vocabulary) or 'one_pass' (one sweep; separable losses only), got {fused!r}"
+    )
+
+
 def fused_sequence_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -143,16 +191,33 @@ def fused_sequence_loss(
     ignore_index: int,
     impl: str,
     filter_eps,
+    fused: bool | str = True,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """loss_from_logprobs(summed per-sequence log-probs) for hidden [B*T, D], labels [B*T] (already
-    aligned: labels[i] is predicted by hidden[i]), gradients computed in the same call."""
+    aligned: labels[i] is predicted by hidden[i]).
+
+    fused: True computes the gradients in the same call over the `impl` backend (two sweeps over the
+    vocabulary; any loss); "one_pass" in the same call in one sweep of chunks of whole sequences
+    (one_pass.py: library matmuls, exact, `impl` and filter_eps unused but impl="naive"), valid ONLY
+    for a loss that is a sum of per-sequence terms, which the caller vouches for; False runs the
+    two-call path (token log-probs, then autograd through the loss). impl="naive" is always the
+    two-call path over full logits. chunk_bytes: the one-pass design's fp32 logits per chunk
+    (default one_pass.CHUNK_BYTES).
+    """
+    fused = check_fused(fused)
     impl = resolve_impl(impl, hidden.device)
     num_sequences = labels.shape[0] // sequence_length
-    if impl == "naive":
-        token_logps = naive_token_logprobs(hidden, weight, labels, ignore_index)
+    if impl == "naive" or fused is False:
+        token_logps = token_logprobs_flat(hidden, weight, labels, ignore_index, impl, filter_eps)
         return loss_from_logprobs(token_logps.view(num_sequences, sequence_length).sum(dim=1))
+    if fused == "one_pass":
+        design = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes)
+    else:
+        filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
+        design = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)
     row_ids = kept_rows(labels, ignore_index)
-    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    want_grads = torch.is_grad_enabled()
     return FusedSequenceLossFunction.apply(
         hidden,
         weight,
@@ -161,7 +226,7 @@ def fused_sequence_loss(
         row_ids // sequence_length,
         num_sequences,
         loss_from_logprobs,
-        backend_for(impl),
-        resolve_filter_eps(filter_eps, hidden.dtype),
-        want_grads,
+        design,
+        want_grads and hidden.requires_grad,
+        want_grads and weight.requires_grad,
     )

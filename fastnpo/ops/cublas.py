@@ -102,7 +102,7 @@ def matmul_mode(device_type: str, dtype: torch.dtype) -> str:
     return "upcast"
 
 
-class _Matmuls:
+class Matmuls:
     """fp32-result matmuls for one call, in the mode the device supports."""
 
     def __init__(self, like: torch.Tensor):
@@ -167,7 +167,7 @@ def _blocked_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cublas_forward without Triton: vocabulary blocks of torch ops."""
     n, vocab_size = row_ids.numel(), weight.shape[0]
-    ops = _Matmuls(hidden)
+    ops = Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))
     lse = torch.full((n,), float("-inf"), device=hidden.device)
     target = torch.zeros(n, device=hidden.device)
@@ -235,7 +235,7 @@ def split_backward(
     dlogits in the compute dtype, then dW_b = dlogits^T @ rows (written once) and dH += dlogits @ W_b.
     `multiple`: the kernel's widest column tile (split_blocks)."""
     n = row_ids.numel()
-    ops = _Matmuls(hidden)
+    ops = Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids)) if compute_dw and n else None
     row_block, vocab_block = split_blocks(n, weight.shape[0], hidden.element_size(), multiple)
     # One buffer for every block; the last (narrower) block uses a column slice of it, which both
@@ -263,7 +263,7 @@ def _blocked_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """cublas_backward without Triton: vocabulary blocks of torch ops (the logits recomputed in fp32)."""
     n = row_ids.numel()
-    ops = _Matmuls(hidden)
+    ops = Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))
     neg_lse = -lse[:, None]
 
@@ -280,7 +280,7 @@ def _block_gradients(
     rows: torch.Tensor | None,
     blocking: tuple[int, int, int],
     dlogits_of,
-    ops: _Matmuls,
+    ops: Matmuls,
     compute_dh: bool,
     compute_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

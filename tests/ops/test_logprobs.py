@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo.ops.naive import naive_token_logprobs
@@ -31,18 +31,6 @@ def make_inputs(n, d, v, dtype, device, *, scale=1.0, ignore_fraction=0.3):
     labels = torch.randint(0, v, (n,))
     labels[torch.rand(n) < ignore_fraction] = IGNORE
     return hidden, weight, labels.to(device)
-
-
-def assert_as_good_as_torch(ours, same_dtype_torch, ref64, tol, what):
-    """|ours - ref64| <= |torch in the same dtype - ref64| + tol * max(1, |ref64|) (max norms).
-
-    The tolerance scales with the magnitude above 1: a bf16 gradient entry of size 8 is
-    rounded to 1/16 on output alone, which an absolute 1e-2 could never accept.
-    """
-    err = (ours.double().cpu() - ref64.cpu()).abs().max().item()
-    base = (same_dtype_torch.double().cpu() - ref64.cpu()).abs().max().item()
-    allowed = base + tol * max(1.0, ref64.abs().max().item())
-    assert err <= allowed, f"{what}: error {err:.3e} > torch's {base:.3e} + tolerance ({allowed:.3e})"
 
 
 def grads(fn, hidden, weight, labels, upstream):

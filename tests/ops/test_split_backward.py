@@ -9,7 +9,7 @@ rule). Interpreter shapes stay tiny: the kernel test computes one narrow vocabul
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, assert_as_good_as_torch
 from fastnpo.kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient
 
 import fastnpo
@@ -17,14 +17,6 @@ from fastnpo.ops import cublas
 
 IGNORE = -100
 DTYPES = [(torch.float32, 5e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
-
-
-def assert_as_good_as_torch(ours, same_dtype_torch, ref64, tol, what):
-    """max |ours - ref64| <= max |torch in the same dtype - ref64| + tol * max(1, max |ref64|)."""
-    err = (ours.double().cpu() - ref64.cpu()).abs().max().item()
-    base = (same_dtype_torch.double().cpu() - ref64.cpu()).abs().max().item()
-    allowed = base + tol * max(1.0, ref64.abs().max().item())
-    assert err <= allowed, f"{what}: error {err:.3e} > torch's {base:.3e} + tolerance ({allowed:.3e})"
 
 
 def softmax_gradient_formula(logits, lse, grad, labels, v0):

@@ -1,0 +1,182 @@
+"""The one-pass design of a per-sequence loss: logits, loss gradient and weight gradients in one sweep.
+
+fused=True (autograd.FusedSequenceLossFunction over a backend) already computes the gradients in
+the forward call, but sweeps the vocabulary twice: the log-sum-exp must be complete before any
+probability is known, so the backward recomputes the logits (8NDV FLOPs). When the loss is a SUM
+OF PER-SEQUENCE TERMS, the gradient of a sequence's log-prob needs only that sequence, so chunks of
+WHOLE SEQUENCES can run everything at once. For each chunk (its kept rows only: prompt and padding
+rows were dropped, as autograd.kept_rows does):
+
+    logits   = rows @ W^T               one matmul, fp32 result              2 n D V
+    epilogue row max, exp, row sums, target log-probs, per-sequence sums (torch ops, in place)
+    g        = d loss / d logp of the chunk's sequences (see "separable" below)
+    dlogits  = g * (onehot - softmax)   in place in the logits, written once in the operand dtype
+    dH_chunk = dlogits @ W              one matmul, written into dH's rows     2 n D V
+    dW      += dlogits^T @ rows         one matmul, accumulated into dW         2 n D V
+
+6NDV FLOPs in all, the floor: no recompute, no atomics, every FLOP in a library matmul (cuBLAS on
+CUDA with low-precision operands and out_dtype=torch.float32 results, cublas.matmul_mode's contract;
+fp32 operands elsewhere, e.g. the CPU).
+
+Chunk size: CHUNK_BYTES of fp32 logits (1 GiB: 2093 rows at V = 128256), rounded DOWN to whole
+sequences by their kept rows, at least one sequence (which may alone exceed the budget).
+
+Memory beyond inputs: dH [N, D] and dW [V, D] in the inputs' dtype (the gradients themselves,
+(N + V) D 2 bytes in bf16), one chunk of fp32 logits, its dlogits in the operand dtype (bf16 / fp16
+on CUDA; none on CPU, where the fp32 logits are the operand), the chunk's gathered rows and its fp32
+dH rows. dW accumulates IN THE WEIGHT'S DTYPE: each chunk adds its fp32-accumulated product with one
+rounding (cuBLAS addmm with fp32 compute into a bf16 / fp16 C; where the operands are fp32, an fp32
+product added with one rounding), so dW costs no fp32 [V, D] accumulator (2 GiB at V = 128256,
+D = 4096) and carries one rounding of the running sum per chunk: at most `chunks` half-ulps of the
+partial sums, ~sqrt(chunks) of them for random signs (4 chunks at the size below); a one-chunk call
+rounds once, as a plain matmul does. fp32 inputs accumulate in fp32. Where bf16 / fp16 inputs get
+fp32 operands (the CPU, or a torch without out_dtype), W also has an fp32 copy and each chunk's dW
+product is an fp32 [V, D] temporary: the slow path's price.
+
+Separable losses only. A chunk's gradient must be known before the later chunks are seen, which is
+exact only when loss = sum_b f_b(logp_b) (any per-sequence scale included): NPO's mean over the
+batch, GA's token sum / count and the Hugging Face patch's -sum / denominator all are. The loss
+closure of autograd.fused_sequence_loss (logps [S] -> scalar) is kept: each chunk evaluates it on the
+full-length vector of the log-probs known so far, the sequences not yet seen holding 0 as a
+placeholder, and takes the gradient of the chunk's entries; the loss returned is the closure on the
+complete vector. A non-separable closure (a batch softmax, a normalisation by the batch's log-probs)
+would get gradients that depend on the placeholders, silently wrong: only callers that know their
+loss is separable select this design (fused="one_pass").
+
+Floors at N = 8192, D = 4096, V = 128256, bf16, T = 512, on an H100 (~750 TFLOP/s dense bf16
+achievable, ~3 TB/s HBM), written before any GPU run; 4 chunks of 2048 rows (1002 MiB of logits each):
+  FLOPs   6NDV = 2.58e13 -> 34.4 ms at 750 TFLOP/s.
+  bytes   per logit (N V = 1.05e9): the logits matmul's fp32 write 4, the torch-op epilogue 30 (row
+          max read 4, subtract 8, exp 8, row sum read 4, scale read 4 + bf16 dlogits write 2), the
+          two gradient matmuls' dlogits reads 2 + 2: 38 B, 39.9 GB; W read by two matmuls and dW
+          read + written once per chunk: 4.2 GB x 4 chunks = 16.8 GB; dW / dH zero fill 1.1 GB.
+          57.8 GB -> 19.3 ms at 3 TB/s.
+  The matmuls are compute-bound (2048-row chunks keep the dW update's K at 2048), but the epilogue's
+  31.5 GB are separate elementwise kernels that cannot overlap them: predicted ~53 ms = matmuls at
+  ~85% of 750 TFLOP/s (40.5 ms) + the epilogue at ~85% of 3 TB/s (12.4 ms) + small ops (~0.5 ms).
+  For comparison, fused=True's floor is 8NDV = 45.9 ms; a fused epilogue kernel (one read for the
+  row max and sum, one read + bf16 write: 10 B per logit) would bring the prediction to ~45 ms.
+  Peak extra memory: the gradients 1066 MiB + fp32 logits 1002 MiB + bf16 dlogits 501 MiB + the
+  chunk's rows and fp32 dH rows 48 MiB: ~2.6 GiB.
+"""
+
+import itertools
+from bisect import bisect_right
+from collections.abc import Callable
+
+import torch
+
+from .cublas import Matmuls
+
+CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
+
+
+def chunk_rows(sequence_ids: torch.Tensor, num_sequences: int, vocab_size: int, chunk_bytes: int) -> list[int]:
+    """Boundaries [0, r1, ..., n] in the kept rows of chunks of whole sequences whose fp32 logits fit
+    chunk_bytes, or one sequence alone where it does not. sequence_ids: the kept rows' sequences,
+    nondecreasing (rows are kept in order)."""
+    n = sequence_ids.numel()
+    max_rows = max(1, chunk_bytes // (4 * vocab_size))
+    # Where each sequence's kept rows end (sequences without kept rows repeat the previous end).
+    ends = torch.bincount(sequence_ids, minlength=num_sequences).cumsum(0).tolist()
+    bounds = [0]
+    while bounds[-1] < n:
+        start = bounds[-1]
+        within = bisect_right(ends, start + max_rows)  # the sequences that end within the budget
+        end = ends[within - 1] if within else 0
+        if end <= start:  # the next sequence alone is over the budget
+            end = ends[bisect_right(ends, start)]
+        bounds.append(end)
+    return bounds
+
+
+def _target_logprobs_(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax at the labels, row sums of exp(logits - row max)), fp32 [n]; leaves
+    exp(logits - row max) in `logits` for the gradient (in place: no second [n, V] buffer)."""
+    logits.sub_(logits.amax(dim=1, keepdim=True))
+    shifted_target = logits.gather(1, labels[:, None])[:, 0]
+    sum_exp = logits.exp_().sum(dim=1)
+    return shifted_target - sum_exp.log(), sum_exp
+
+
+def _softmax_gradient(
+    exps: torch.Tensor, sum_exp: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """grad * (onehot(labels) - softmax) from exps = exp(logits - row max), in `dtype`: in place in
+    exps when dtype is fp32, else written once into a new tensor (the gradient matmuls' operand)."""
+    # The label's column becomes e_y - sum (fp32, before any rounding), so the one scale below gives
+    # grad * (1 - p_y) there: the onehot is not added after the cast, where p_y ~ 1 would cancel.
+    exps.scatter_add_(1, labels[:, None], -sum_exp[:, None])
+    scale = (-grad / sum_exp)[:, None]
+    if dtype == exps.dtype:
+        return exps.mul_(scale)
+    return torch.mul(exps, scale, out=torch.empty(exps.shape, dtype=dtype, device=exps.device))
+
+
+def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps: torch.Tensor) -> torch.Tensor:
+    """d loss / d sequence_logps with the sequences not yet seen at their placeholder 0 (exact for the
+    seen ones when the loss is separable)."""
+    with torch.enable_grad():
+        leaf = sequence_logps.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_from_logprobs(leaf), leaf)
+    return grad
+
+
+def _accumulate_(ops: Matmuls, dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dw += a @ b with fp32 accumulation and one rounding into dw's dtype."""
+    if ops.dtype == dw.dtype:
+        dw.addmm_(a, b)  # operands in dw's dtype: cuBLAS computes in fp32 and rounds the sum once
+    else:  # fp32 operands for a low-precision dW: an fp32 product, added with one rounding
+        dw.add_(ops.mm(a, b))
+
+
+@torch.no_grad()
+def one_pass_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_ids: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+    loss_from_logprobs: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    compute_dh: bool,
+    compute_dw: bool,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss, dH [N, D] in hidden's dtype or None, dW [V, D] in weight's dtype or None) of
+    loss_from_logprobs(per-sequence summed log-probs), in one sweep of chunks of whole sequences.
+
+    hidden [N, D], weight [V, D]; row_ids: the kept rows (ascending), labels their targets,
+    sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
+    chunk_bytes: fp32 logits per chunk (default CHUNK_BYTES, read at call time).
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    ops = Matmuls(hidden)
+    w = ops.operand(weight)
+    sequence_logps = torch.zeros(num_sequences, device=hidden.device)
+    dh = hidden.new_zeros(hidden.shape) if compute_dh else None
+    dw = torch.zeros_like(weight) if compute_dw else None
+
+    def run_chunk(ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor) -> None:
+        # A function so that the chunk's buffers are freed on return, before the next chunk's exist.
+        rows = ops.operand(hidden.index_select(0, ids))
+        logits = ops.mm(rows, w.T)
+        token_logps, sum_exp = _target_logprobs_(logits, targets)
+        sequence_logps.index_add_(0, sequences, token_logps)
+        if dh is None and dw is None:
+            return
+        grad = _chunk_gradient(loss_from_logprobs, sequence_logps)[sequences]
+        dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
+        del logits  # when dlogits is a copy, the fp32 buffer goes before the matmuls' outputs exist
+        if dh is not None:
+            dh.index_copy_(0, ids, ops.mm(dlogits, w).to(dh.dtype))
+        if dw is not None:
+            _accumulate_(ops, dw, dlogits.T, rows)
+
+    bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], chunk_bytes)
+    for r0, r1 in itertools.pairwise(bounds):
+        run_chunk(row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1])
+    return loss_from_logprobs(sequence_logps), dh, dw

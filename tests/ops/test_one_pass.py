@@ -1,0 +1,335 @@
+"""fused="one_pass" (fastnpo/ops/one_pass.py): a per-sequence loss and its gradients in one sweep of
+chunks of whole sequences.
+
+Everything is checked against a plain float64 formula written here (full logits, autograd), a
+low-precision result judged against plain torch in the same dtype (tests/ops/test_logprobs.py's
+rule), with the chunk budget forced small so that several chunks run. Separability cannot be
+detected, so the documented callers (npo_loss, ga_loss, the Hugging Face patch's NLL) are checked to
+give what fused=False gives.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_as_good_as_torch
+
+import fastnpo
+from fastnpo import losses
+from fastnpo.ops import cublas, fused_sequence_loss, one_pass
+
+IGNORE = -100
+BETA = 0.37
+DTYPES = [(torch.float32, 5e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
+
+
+def make_batch(b, t, d, v, dtype, device="cpu"):
+    """hidden [b*t, d], weight [v, d], aligned labels [b*t]: each row a prompt prefix of ignored labels
+    (the first row's is the whole row when b > 1: a sequence with no kept row), the last row right
+    padding."""
+    hidden = (torch.randn(b * t, d, dtype=torch.float64) * 2).to(dtype).to(device)
+    weight = (torch.randn(v, d, dtype=torch.float64) / d**0.5).to(dtype).to(device)
+    labels = torch.randint(0, v, (b, t))
+    for row in range(b):
+        labels[row, : int(torch.randint(1, t - 1, ()))] = IGNORE
+    if b > 1:
+        labels[0] = IGNORE
+    labels[-1, -1] = IGNORE
+    return hidden, weight, labels.reshape(-1).to(device)
+
+
+def sequence_logprobs_plain(hidden, weight, labels, t, logits_dtype):
+    """Summed log-probs per sequence through full logits in logits_dtype (float64: the reference;
+    the inputs' dtype, upcast to fp32 for the softmax: what a model's lm_head gives)."""
+    logits = (hidden @ weight.T).to(logits_dtype)
+    ignored = labels == IGNORE
+    picked = logits.log_softmax(-1).gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0]
+    return picked.masked_fill(ignored, 0.0).view(-1, t).sum(dim=1)
+
+
+def npo_closure(ref_logps, weights):
+    return lambda logps: losses.npo_from_logprobs(logps, ref_logps, beta=BETA, weights=weights)
+
+
+def value_and_grads(fn, hidden, weight, upstream=1.0, hidden_grad=True, weight_grad=True):
+    h = hidden.detach().clone().requires_grad_(hidden_grad)
+    w = weight.detach().clone().requires_grad_(weight_grad)
+    loss = fn(h, w)
+    if loss.requires_grad:
+        (loss * upstream).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def one_pass_fn(labels, t, loss_fn, chunk_bytes):
+    return lambda h, w: fused_sequence_loss(
+        h,
+        w,
+        labels,
+        t,
+        loss_fn,
+        ignore_index=IGNORE,
+        impl="auto",
+        filter_eps=None,
+        fused="one_pass",
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def check_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upstream, **requires_grad):
+    """One pass vs float64 and vs plain torch in the inputs' dtype: an NPO loss with weights."""
+    b = labels.numel() // t
+    true_logps = sequence_logprobs_plain(hidden.double(), weight.double(), labels, t, torch.float64)
+    noise, weights = torch.randn(b, dtype=torch.float64) * 3, torch.rand(b) * 2
+    loss_fn = npo_closure((true_logps + noise.to(labels.device)).float(), weights.to(labels.device))
+    ours = value_and_grads(one_pass_fn(labels, t, loss_fn, chunk_bytes), hidden, weight, upstream, **requires_grad)
+    plain = value_and_grads(
+        lambda h, w: loss_fn(sequence_logprobs_plain(h, w, labels, t, torch.float32)),
+        hidden,
+        weight,
+        upstream,
+        **requires_grad,
+    )
+    ref = value_and_grads(
+        lambda h, w: loss_fn(sequence_logprobs_plain(h, w, labels, t, torch.float64)),
+        hidden.double(),
+        weight.double(),
+        upstream,
+        **requires_grad,
+    )
+    assert ours[0].dtype == torch.float32 and ours[0].dim() == 0
+    assert_as_good_as_torch(ours[0], plain[0], ref[0], tol, "loss")
+    for got, same_dtype, want, like, name in zip(
+        ours[1:], plain[1:], ref[1:], (hidden, weight), ("dH", "dW"), strict=True
+    ):
+        if want is None:
+            assert got is None, f"{name} computed for an input that does not require grad"
+            continue
+        assert got.dtype == like.dtype and torch.isfinite(got).all()
+        assert_as_good_as_torch(got, same_dtype, want, tol, name)
+    return ours
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("v", [33, 257])
+@pytest.mark.parametrize("d", [16, 40])
+@pytest.mark.parametrize("t", [5, 17])
+@pytest.mark.parametrize("b", [1, 3])
+def test_one_pass_matches_float64(b, t, d, v, dtype, tol):
+    hidden, weight, labels = make_batch(b, t, d, v, dtype)
+    # Half the kept rows per chunk: never everything in one chunk when two sequences have rows;
+    # a sequence over the budget goes alone, short ones share.
+    sequence_ids = (labels != IGNORE).nonzero()[:, 0] // t
+    chunk_bytes = 4 * v * max(1, sequence_ids.numel() // 2)
+    chunks = len(one_pass.chunk_rows(sequence_ids, b, v, chunk_bytes)) - 1
+    assert chunks == 1 if b == 1 else chunks >= 2
+    _, dh, _ = check_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upstream=-1.7)
+    assert torch.all(dh[labels == IGNORE] == 0), "an ignored row got a gradient"
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+@pytest.mark.parametrize("hidden_grad,weight_grad", [(True, False), (False, True), (False, False)])
+def test_one_pass_computes_only_the_gradients_asked_for(hidden_grad, weight_grad, dtype, tol):
+    hidden, weight, labels = make_batch(3, 9, 24, 61, dtype)
+    requires = dict(hidden_grad=hidden_grad, weight_grad=weight_grad)
+    check_against_float64(hidden, weight, labels, 9, tol, 4 * 61 * 4, upstream=0.6, **requires)
+
+
+def test_chunks_are_whole_sequences_within_the_budget():
+    # Kept rows per sequence 3, 0, 5, 2, 2, 7, 1: sequence ends 3, 3, 8, 10, 12, 19, 20.
+    counts = [3, 0, 5, 2, 2, 7, 1]
+    sequence_ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    vocab = 10
+    assert one_pass.chunk_rows(sequence_ids, 7, vocab, 4 * vocab * 5) == [0, 3, 8, 12, 19, 20]
+    assert one_pass.chunk_rows(sequence_ids, 7, vocab, 4 * vocab * 8) == [0, 8, 12, 20]
+    assert one_pass.chunk_rows(sequence_ids, 7, vocab, 1) == [0, 3, 8, 10, 12, 19, 20]  # one sequence each
+    assert one_pass.chunk_rows(sequence_ids, 7, vocab, 2**30) == [0, 20]
+    assert one_pass.chunk_rows(sequence_ids[:0], 7, vocab, 2**30) == [0]
+    # Sequences after the last kept row (none here beyond 6) and an empty one inside change nothing.
+    assert one_pass.chunk_rows(sequence_ids, 9, vocab, 4 * vocab * 5) == [0, 3, 8, 12, 19, 20]
+
+
+def test_one_pass_without_kept_rows_or_gradients():
+    hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
+    loss_fn = lambda logps: -logps.sum() / 5
+    none_kept = torch.full_like(labels, IGNORE)
+    loss, dh, dw = value_and_grads(one_pass_fn(none_kept, 6, loss_fn, None), hidden, weight)
+    assert loss.item() == 0 and torch.all(dh == 0) and torch.all(dw == 0)
+    with torch.no_grad():
+        value = one_pass_fn(labels, 6, loss_fn, 4 * 37)(hidden.requires_grad_(), weight)
+    assert not value.requires_grad
+    want = loss_fn(sequence_logprobs_plain(hidden.double(), weight.double(), labels, 6, torch.float64))
+    torch.testing.assert_close(value.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_scales_the_stored_gradients():
+    hidden, weight, labels = make_batch(3, 7, 16, 41, torch.float32)
+    loss_fn = npo_closure(torch.randn(3) - 20, None)
+    fn = one_pass_fn(labels, 7, loss_fn, 4 * 41 * 3)
+    once = value_and_grads(fn, hidden, weight)
+    scaled = value_and_grads(fn, hidden, weight, upstream=-2.5)
+    torch.testing.assert_close(scaled[1], -2.5 * once[1])
+    torch.testing.assert_close(scaled[2], -2.5 * once[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_pass_with_low_precision_operands(dtype, monkeypatch):
+    # The CUDA path's numerics, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
+    # operands with fp32 results, so the dlogits are written in the input's dtype and dW is
+    # accumulated by addmm_ in it, as cuBLAS does on the GPU.
+    class LowPrecisionOperands(cublas.Matmuls):
+        def __init__(self, like):
+            self.mode, self.dtype = "out_dtype", like.dtype
+
+        def mm(self, a, b):
+            return a.float() @ b.float()
+
+    monkeypatch.setattr(one_pass, "Matmuls", LowPrecisionOperands)
+    hidden, weight, labels = make_batch(3, 17, 40, 257, dtype)
+    check_against_float64(hidden, weight, labels, 17, 1e-2, 4 * 257 * 8, upstream=1.3)
+
+
+def test_weight_gradient_rounds_once_per_chunk():
+    # dW accumulates in bf16, one rounding of the running sum per chunk. Over 24 one-sequence chunks
+    # its error stays near the random-walk sqrt(24) ~ 4.9 half-ulps of max |dW| (measured: at most
+    # 4.2 over 60 seeds), far below the worst case of 24; one chunk rounds once (<= 1 half-ulp),
+    # as an fp32 accumulator would.
+    b, t, d, v = 24, 8, 32, 97
+    hidden, weight, labels = make_batch(b, t, d, v, torch.bfloat16)
+    labels[:t] = torch.randint(0, v, (t,))  # no empty sequence: 24 chunks
+    loss_fn = lambda logps: -logps.sum() / 100
+    assert len(one_pass.chunk_rows((labels != IGNORE).nonzero()[:, 0] // t, b, v, 1)) - 1 == b
+    _, _, dw_ref = value_and_grads(
+        lambda h, w: loss_fn(sequence_logprobs_plain(h, w, labels, t, torch.float64)),
+        hidden.double(),
+        weight.double(),
+    )
+    half_ulp = 2.0**-8 * dw_ref.abs().max().item()
+    for chunk_bytes, allowed in ((1, 6.0), (None, 1.1)):
+        _, _, dw = value_and_grads(one_pass_fn(labels, t, loss_fn, chunk_bytes), hidden, weight)
+        err = (dw.double() - dw_ref).abs().max().item() / half_ulp
+        assert err <= allowed, f"dW error {err:.2f} half-ulps of max |dW| with chunk_bytes={chunk_bytes}"
+
+
+# Relative to max |gradient|: fp32 agrees to rounding; in bf16 the fused designs scale gradients
+# already rounded to bf16 and one pass rounds dW once per chunk, so they differ by a few half-ulps.
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 4 * 2.0**-8)])
+@pytest.mark.parametrize("caller", ["npo_loss", "ga_loss", "ga_loss unshifted", "hf_nll"])
+def test_documented_callers_match_the_other_designs(caller, dtype, rel, monkeypatch):
+    # fused="one_pass" must equal fused=False (two calls) and fused=True (two sweeps) for every
+    # caller documented as separable, with chunks smaller than a sequence.
+    monkeypatch.setattr(one_pass, "CHUNK_BYTES", 4 * 53 * 3)
+    b, t, d, v = 4, 11, 24, 53
+    flat, weight, labels = make_batch(b, t, d, v, dtype)
+    hidden, labels = flat.view(b, t, d), labels.view(b, t)
+    labels[0, 2:] = torch.randint(0, v, (t - 2,))  # npo_loss needs targets in every row
+    if caller == "npo_loss":
+        ref_logps, weights = torch.randn(b) - 30, torch.rand(b) * 2
+        call = lambda fused: (
+            lambda h, w: fastnpo.npo_loss(
+                h, w, labels, ref_logps, beta=BETA, weights=weights, impl="torch", filter_eps=None, fused=fused
+            )
+        )
+    elif caller == "ga_loss":
+        call = lambda fused: lambda h, w: fastnpo.ga_loss(h, w, labels, impl="torch", filter_eps=None, fused=fused)
+    elif caller == "ga_loss unshifted":
+        hidden, labels = hidden.view(2, 2, t, d), labels.view(2, 2, t)
+        call = lambda fused: (
+            lambda h, w: fastnpo.ga_loss(h, w, labels, shift=False, impl="torch", filter_eps=None, fused=fused)
+        )
+    else:
+        targets = fastnpo.ops.aligned_labels(labels, True, IGNORE).reshape(-1)
+        denominator = (targets != IGNORE).sum()
+        call = lambda fused: (
+            lambda h, w: fused_sequence_loss(
+                h.reshape(b * t, d),
+                w,
+                targets,
+                t,
+                lambda logps: -logps.sum() / denominator,
+                ignore_index=IGNORE,
+                impl="torch",
+                filter_eps=None,
+                fused=fused,
+            )
+        )
+    results = {fused: value_and_grads(call(fused), hidden, weight, upstream=0.8) for fused in (False, True, "one_pass")}
+    for other in (False, True):
+        for got, want, name in zip(results["one_pass"], results[other], ("loss", "dH", "dW"), strict=True):
+            atol = rel * want.abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=f"{name} vs {other}")
+
+
+def test_bad_fused_value_names_the_argument():
+    hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
+    for bad in ("one-pass", "True", 1, None):
+        with pytest.raises(ValueError, match="fused must be"):
+            fastnpo.npo_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), torch.zeros(2), fused=bad)
+        with pytest.raises(ValueError, match="fused must be"):
+            fastnpo.ga_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), fused=bad)
+        with pytest.raises(ValueError, match="fused must be"):
+            fused_sequence_loss(
+                hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, fused=bad
+            )
+    with pytest.raises(ValueError, match="chunk_bytes must be"):
+        one_pass_fn(labels, 6, torch.sum, 0)(hidden, weight)
+
+
+def test_one_pass_refuses_a_second_backward():
+    hidden, weight, labels = make_batch(3, 8, 16, 37, torch.float32)
+    labels[:8] = torch.randint(0, 37, (8,))
+    h = hidden.view(3, 8, 16).clone().requires_grad_()
+    loss = fastnpo.npo_loss(h, weight, labels.view(3, 8), torch.zeros(3), impl="torch", fused="one_pass")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_one_pass_on_cuda(dtype, tol):
+    # cuBLAS with out_dtype=float32 (cublas.matmul_mode) and chunks of ~3 sequences.
+    b, t, d, v = 12, 160, 256, 5003
+    hidden, weight, labels = make_batch(b, t, d, v, dtype, device="cuda")
+    check_against_float64(hidden, weight, labels, t, tol, 4 * v * 3 * t, upstream=0.9)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    import fastnpo
+    from fastnpo.ops import one_pass
+    from fastnpo.profiling import peak_memory_during
+    torch.manual_seed(0)
+    b, t, d, v = 8, 128, 64, 32768
+    one_pass.CHUNK_BYTES = 4 * v * 2 * t  # two sequences: a quarter of the batch's logits
+    hidden = torch.randn(b, t, d, requires_grad=True)
+    weight = (torch.randn(v, d) / d**0.5).requires_grad_()
+    labels = torch.randint(0, v, (b, t))
+
+    def work(hidden, weight, labels):
+        ref_logps = torch.zeros(hidden.shape[0])
+        fastnpo.npo_loss(hidden, weight, labels, ref_logps, impl="torch", fused="one_pass").backward()
+
+    # Warm-up on a small input: one-time allocations (thread pools) are not the op's.
+    work(hidden[:2, :8].detach().requires_grad_(), weight[:64].detach().requires_grad_(), labels[:2, :8] % 64)
+    _, peak = peak_memory_during(lambda: work(hidden, weight, labels), "cpu")
+    grads = hidden.grad.numel() * 4 + weight.grad.numel() * 4  # outputs: the memory floor, not extra
+    print(json.dumps({"extra": peak - grads, "chunk": one_pass.CHUNK_BYTES, "logits": b * t * v * 4}))
+    """
+)
+
+
+def test_one_pass_holds_one_chunk_of_logits():
+    # A fresh process with every large tensor its own mmap (tests/ops/test_memory.py): the peak
+    # resident set is the live high-water mark. fp32 on CPU: the logits are the matmul operand, so
+    # the extra memory is one chunk (a quarter of the batch's logits) and small change.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], env=env, capture_output=True, text=True, check=True, timeout=300
+    )
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["extra"] < 1.5 * measured["chunk"] < measured["logits"], measured
