@@ -33,7 +33,7 @@ from .output import OutputFolder, prepare_output_dir
 from .setup import (
     build_optimizer,
     cached_reference_logprobs,
-    check_offload_device,
+    check_offload,
     frozen_reference,
     load_data,
     load_example_weights,
@@ -67,7 +67,7 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
 
 def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluator=None) -> dict:
     log = console(info)
-    check_offload_device(config, info)
+    check_offload(config, info, log)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
     run = _build(config, info, plan.resume_from, log, evaluator)
     if on_epoch_end is not None and run.trainee.sharded:

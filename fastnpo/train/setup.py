@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -29,12 +30,47 @@ from .optimizers import KahanAdamW, adamw_8bit
 OFFLOAD_DEVICES = ("cuda",)
 
 
-def check_offload_device(config: Config, info: ProcessInfo) -> None:
-    if config.optim.offload and info.device.type not in OFFLOAD_DEVICES:
+def check_offload(config: Config, info: ProcessInfo, log) -> None:
+    """optim.offload, before any work: refused without a CUDA GPU, and refused when the planned host
+    memory of this node's processes (memory_plan: shards, gradients, optimizer state) exceeds what
+    the node has available, rather than being killed after the model is loaded and pinned."""
+    if not config.optim.offload:
+        return
+    if info.device.type not in OFFLOAD_DEVICES:
         raise ConfigError(
             f"optim.offload: moves the optimizer state from GPU memory to CPU memory and needs a CUDA GPU; "
             f"this run's device is {info.device.type} (run.device={config.run.device!r}): set optim.offload=false"
         )
+    from .memory_plan import plan
+
+    try:
+        per_process = plan(config, gpus=info.world_size, gpu_gib=DEFAULT_PLAN_GPU_GIB)["host_memory_gib"]
+    except (OSError, ValueError) as error:  # a model the planner cannot read: loading it will say more
+        log(f"optim.offload: no host-memory plan ({error})")
+        return
+    node = per_process * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = available_host_gib()
+    shown = "unknown" if available is None else f"{available:.1f} GiB"
+    log(f"optim.offload: planned host memory {node:.1f} GiB on this node, {shown} available")
+    if available is not None and node > available:
+        raise ConfigError(
+            f"optim.offload: the parameter shards, gradients and optimizer state need about {node:.1f} GiB of "
+            f"host memory on this node (fastnpo plan), {available:.1f} GiB is available: use more nodes, "
+            "optim.name=adamw_kahan optim.state_dtype=bfloat16 (10 bytes per parameter), or no offload"
+        )
+
+
+DEFAULT_PLAN_GPU_GIB = 80.0  # the host-memory plan does not depend on it
+
+
+def available_host_gib() -> float | None:
+    """MemAvailable of /proc/meminfo in GiB (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 2**20
 
 
 def load_tokenizer(config: Config):

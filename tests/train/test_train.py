@@ -840,6 +840,17 @@ def test_yaml_on_and_off_are_fsdp_modes_not_booleans(written, meant):
     assert load_structured(Config, None, [f"distributed.fsdp={written}"]).distributed.fsdp == meant
 
 
+def test_offload_more_than_the_host_has_is_refused_before_any_work(tiny, tmp_path, offload_on_cpu, monkeypatch, capsys):
+    import fastnpo.train.setup as setup
+
+    monkeypatch.setattr(setup, "available_host_gib", lambda: 1e-6)
+    match = r"optim\.offload: .*need about [0-9.]+ GiB of host memory on this node \(fastnpo plan\), 0\.0 GiB is"
+    with pytest.raises(ConfigError, match=match):
+        train(config_for(tiny, tmp_path / "run", **OFFLOAD))
+    assert not (tmp_path / "run").exists()
+    assert "optim.offload: planned host memory" in capsys.readouterr().out
+
+
 def test_offload_without_a_gpu_is_refused_before_any_work(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.offload: .*needs a CUDA GPU; this run's device is cpu"):
         train(config_for(tiny, tmp_path / "run", **OFFLOAD))
