@@ -46,8 +46,8 @@ def backward_shared_bytes(config, dtype_bytes: int) -> int:
     probabilities / dlogits layout conversions. Against triton 3.9 compiles in bf16 (D=4096) it is exact
     for 64x256x64 on sm_90 (253,952 B: over the 232,448 B limit, so pruned) and above the others
     (sm_90: 106,496 / 163,840 / 106,496 / 81,920 B, the last exact; sm_80: 98,304 / 131,072 / 180,224 /
-    98,304 / 57,344 B); the compile tests check that it bounds every compiled config. It is loose for 128x128x64 on sm_80 (estimate
-    229,376 B, compiled 131,072 B), which the pruner therefore drops there.
+    98,304 / 57,344 B); the compile tests check that it bounds every compiled config. It is loose for
+    128x128x64 on sm_80 (estimate 229,376 B, compiled 131,072 B), which the pruner therefore drops there.
     """
     k = config.kwargs
     bn, bv = k["BLOCK_N"], k["BLOCK_V"]

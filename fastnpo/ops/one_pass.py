@@ -8,9 +8,9 @@ WHOLE SEQUENCES can run everything at once. For each chunk (its kept rows only: 
 rows were dropped, as autograd.kept_rows does):
 
     logits   = rows @ W^T               one matmul, fp32 result              2 n D V
-    epilogue row max, exp, row sums, target log-probs, per-sequence sums (torch ops, in place)
+    epilogue log-sum-exp and target logit per row -> token log-probs, per-sequence sums
     g        = d loss / d logp of the chunk's sequences (see "separable" below)
-    dlogits  = g * (onehot - softmax)   in place in the logits, written once in the operand dtype
+    dlogits  = g * (onehot - softmax)   written once in the operand dtype (epilogue, second part)
     dH_chunk = dlogits @ W              one matmul, written into dH's rows     2 n D V
     dW      += dlogits^T @ rows         one matmul, accumulated into dW         2 n D V
 
@@ -18,20 +18,33 @@ rows were dropped, as autograd.kept_rows does):
 CUDA with low-precision operands and out_dtype=torch.float32 results, cublas.matmul_mode's contract;
 fp32 operands elsewhere, e.g. the CPU).
 
+The epilogue, one code path per situation (epilogue_kernels):
+  bf16 / fp16 operands where Triton runs (CUDA; any device under TRITON_INTERPRET=1): the two kernels
+    of kernels/sequence_epilogue.py. row_statistics reads the logits once (online max and sum of exp
+    over vocabulary blocks) for lse and the target logit; logits_gradient reads them once more and
+    writes g * (onehot - exp(logit - lse)) once, rounded from fp32 into a new buffer of the operand
+    dtype (the label's column g * (1 - p_y) formed in fp32 before that rounding). 10 bytes per logit
+    in bf16; the fp32 logits are left as they are.
+  fp32 operands (fp32 inputs; the CPU, whose matmuls take fp32 operands even under the interpreter;
+    a torch without out_dtype), or no triton installed: torch ops in place in the logits
+    (_target_logprobs_, _softmax_gradient): row max, subtract, exp, row sums, scale, ~30 bytes per
+    logit in five passes; with fp32 operands the scaled logits are the dlogits, no second buffer.
+
 Chunk size: CHUNK_BYTES of fp32 logits (1 GiB: 2093 rows at V = 128256), rounded DOWN to whole
 sequences by their kept rows, at least one sequence (which may alone exceed the budget).
 
 Memory beyond inputs: dH [N, D] and dW [V, D] in the inputs' dtype (the gradients themselves,
 (N + V) D 2 bytes in bf16), one chunk of fp32 logits, its dlogits in the operand dtype (bf16 / fp16
 on CUDA; none on CPU, where the fp32 logits are the operand), the chunk's gathered rows and its fp32
-dH rows. dW accumulates IN THE WEIGHT'S DTYPE: each chunk adds its fp32-accumulated product with one
-rounding (cuBLAS addmm with fp32 compute into a bf16 / fp16 C; where the operands are fp32, an fp32
-product added with one rounding), so dW costs no fp32 [V, D] accumulator (2 GiB at V = 128256,
-D = 4096) and carries one rounding of the running sum per chunk: at most `chunks` half-ulps of the
-partial sums, ~sqrt(chunks) of them for random signs (4 chunks at the size below); a one-chunk call
-rounds once, as a plain matmul does. fp32 inputs accumulate in fp32. Where bf16 / fp16 inputs get
-fp32 operands (the CPU, or a torch without out_dtype), W also has an fp32 copy and each chunk's dW
-product is an fp32 [V, D] temporary: the slow path's price.
+dH rows (and fp32 lse / target [n] on the kernel path). dW accumulates IN THE WEIGHT'S DTYPE: each
+chunk adds its fp32-accumulated product with one rounding (cuBLAS addmm with fp32 compute into a
+bf16 / fp16 C; where the operands are fp32, an fp32 product added with one rounding), so dW costs no
+fp32 [V, D] accumulator (2 GiB at V = 128256, D = 4096) and carries one rounding of the running sum
+per chunk: at most `chunks` half-ulps of the partial sums, ~sqrt(chunks) of them for random signs
+(4 chunks at the size below); a one-chunk call rounds once, as a plain matmul does. fp32 inputs
+accumulate in fp32. Where bf16 / fp16 inputs get fp32 operands (the CPU, or a torch without
+out_dtype), W also has an fp32 copy and each chunk's dW product is an fp32 [V, D] temporary:
+the slow path's price.
 
 Separable losses only. A chunk's gradient must be known before the later chunks are seen, which is
 exact only when loss = sum_b f_b(logp_b) (any per-sequence scale included): NPO's mean over the
@@ -44,23 +57,27 @@ would get gradients that depend on the placeholders, silently wrong: only caller
 loss is separable select this design (fused="one_pass").
 
 Floors at N = 8192, D = 4096, V = 128256, bf16, T = 512, on an H100 (~750 TFLOP/s dense bf16
-achievable, ~3 TB/s HBM), written before any GPU run; 4 chunks of 2048 rows (1002 MiB of logits each):
+achievable, ~3 TB/s HBM), written before any GPU run (PREDICTIONS: neither path has been timed on a
+GPU); 4 chunks of 2048 rows (1002 MiB of logits each); bf16 on CUDA takes the epilogue kernels:
   FLOPs   6NDV = 2.58e13 -> 34.4 ms at 750 TFLOP/s.
-  bytes   per logit (N V = 1.05e9): the logits matmul's fp32 write 4, the torch-op epilogue 30 (row
-          max read 4, subtract 8, exp 8, row sum read 4, scale read 4 + bf16 dlogits write 2), the
-          two gradient matmuls' dlogits reads 2 + 2: 38 B, 39.9 GB; W read by two matmuls and dW
-          read + written once per chunk: 4.2 GB x 4 chunks = 16.8 GB; dW / dH zero fill 1.1 GB.
-          57.8 GB -> 19.3 ms at 3 TB/s.
+  bytes   per logit (N V = 1.05e9): the logits matmul's fp32 write 4, the epilogue kernels 10
+          (row_statistics read 4, logits_gradient read 4 + bf16 dlogits write 2), the two gradient
+          matmuls' dlogits reads 2 + 2: 18 B, 18.9 GB; W read by two matmuls and dW read + written
+          once per chunk: 4.2 GB x 4 chunks = 16.8 GB; dW / dH zero fill 1.1 GB.
+          36.8 GB -> 12.3 ms at 3 TB/s.
   The matmuls are compute-bound (2048-row chunks keep the dW update's K at 2048), but the epilogue's
-  31.5 GB are separate elementwise kernels that cannot overlap them: predicted ~53 ms = matmuls at
-  ~85% of 750 TFLOP/s (40.5 ms) + the epilogue at ~85% of 3 TB/s (12.4 ms) + small ops (~0.5 ms).
-  For comparison, fused=True's floor is 8NDV = 45.9 ms; a fused epilogue kernel (one read for the
-  row max and sum, one read + bf16 write: 10 B per logit) would bring the prediction to ~45 ms.
+  10.5 GB are separate bandwidth-bound kernels that cannot overlap them: predicted ~45 ms = matmuls
+  at ~85% of 750 TFLOP/s (40.5 ms) + the epilogue kernels at ~85% of 3 TB/s (4.1 ms) + small ops
+  (~0.5 ms). Their exps (2 per logit, 2.1e9) are ~0.6 ms of the SFUs' rate, hidden under the bytes.
+  The torch-op epilogue instead (30 B per logit: row max read 4, subtract 8, exp 8, row sum read 4,
+  scale read 4 + bf16 write 2; 57.8 GB in all) was predicted at ~53 ms (its 31.5 GB: 12.4 ms).
+  For comparison, fused=True's floor is 8NDV = 45.9 ms.
   Peak extra memory: the gradients 1066 MiB + fp32 logits 1002 MiB + bf16 dlogits 501 MiB + the
-  chunk's rows and fp32 dH rows 48 MiB: ~2.6 GiB.
+  chunk's rows and fp32 dH rows 48 MiB: ~2.6 GiB (the same on both epilogue paths).
 """
 
 import itertools
+import os
 from bisect import bisect_right
 from collections.abc import Callable
 
@@ -113,6 +130,22 @@ def _softmax_gradient(
     return torch.mul(exps, scale, out=torch.empty(exps.shape, dtype=dtype, device=exps.device))
 
 
+def epilogue_kernels(device: torch.device, operand_dtype: torch.dtype):
+    """kernels/sequence_epilogue.py where the chunk epilogue takes it, else None (the torch ops):
+    bf16 / fp16 operands (the dlogits are then a new buffer, written once by the kernel) where
+    Triton runs, by cublas.split_kernels' rule: CUDA, or any device under TRITON_INTERPRET=1, with
+    triton installed. fp32 operands (the CPU, fp32 inputs) keep the torch ops, in place."""
+    if operand_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    try:  # imported here: the package (and the CPU path) works without triton
+        from ..kernels import sequence_epilogue
+    except ImportError:
+        return None
+    return sequence_epilogue
+
+
 def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps: torch.Tensor) -> torch.Tensor:
     """d loss / d sequence_logps with the sequences not yet seen at their placeholder 0 (exact for the
     seen ones when the loss is separable)."""
@@ -155,6 +188,7 @@ def one_pass_sequence_loss(
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
     ops = Matmuls(hidden)
+    kernels = epilogue_kernels(hidden.device, ops.dtype)
     w = ops.operand(weight)
     sequence_logps = torch.zeros(num_sequences, device=hidden.device)
     dh = hidden.new_zeros(hidden.shape) if compute_dh else None
@@ -164,12 +198,20 @@ def one_pass_sequence_loss(
         # A function so that the chunk's buffers are freed on return, before the next chunk's exist.
         rows = ops.operand(hidden.index_select(0, ids))
         logits = ops.mm(rows, w.T)
-        token_logps, sum_exp = _target_logprobs_(logits, targets)
+        if kernels is None:
+            token_logps, sum_exp = _target_logprobs_(logits, targets)
+        else:  # one read of the logits, which stay as they are
+            lse, target = kernels.row_statistics(logits, targets)
+            token_logps = target - lse
         sequence_logps.index_add_(0, sequences, token_logps)
         if dh is None and dw is None:
             return
         grad = _chunk_gradient(loss_from_logprobs, sequence_logps)[sequences]
-        dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
+        if kernels is None:
+            dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
+        else:  # one read of the logits, one write in the operand dtype
+            dlogits = torch.empty(logits.shape, dtype=ops.dtype, device=logits.device)
+            kernels.logits_gradient(logits, targets, lse, grad, dlogits)
         del logits  # when dlogits is a copy, the fp32 buffer goes before the matmuls' outputs exist
         if dh is not None:
             dh.index_copy_(0, ids, ops.mm(dlogits, w).to(dh.dtype))

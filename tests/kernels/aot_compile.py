@@ -2,9 +2,11 @@
 
     python tests/kernels/aot_compile.py --arch 90 --dtype bfloat16   # prints one JSON line per compile
 
-The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, and
-the cublas design's split backward, which launches softmax_gradient once per vocabulary block)
-called at a real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
+The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, the
+cublas design's split backward, which launches softmax_gradient once per vocabulary block, and the
+one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient on one chunk of
+fp32 logits, where one_pass.epilogue_kernels takes them: bf16 / fp16 operands on CUDA) called at a
+real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
 binder then specialises them as a real launch would (ints == 1 become constexpr, multiples of 16
 get tt.divisibility), so the kernel compiled is the one that runs. Every autotune config is
 compiled; each result reports shared memory (and the kernel's own estimate of it, and whether its
@@ -26,6 +28,7 @@ import sys
 
 SHARED_LIMIT = {90: 232_448, 80: 166_912}  # per-block shared memory (opt-in maximum)
 SHAPE = dict(n=8192, d=4096, v=128256)
+CHUNK_ROWS = 2048  # one_pass's chunk at SHAPE: CHUNK_BYTES (1 GiB) of fp32 logits is 2093 rows, whole sequences of 512
 
 
 class Recorder:
@@ -52,7 +55,7 @@ def captured_launches(dtype_name: str):
     from fastnpo.kernels import logprobs_forward as fwd
     from fastnpo.kernels import softmax_gradient as sg
 
-    from fastnpo.ops import cublas
+    from fastnpo.ops import cublas, one_pass
 
     dtype = getattr(torch, dtype_name)
     n, d, v = SHAPE["n"], SHAPE["d"], SHAPE["v"]
@@ -62,8 +65,7 @@ def captured_launches(dtype_name: str):
     labels = torch.empty(n, dtype=torch.int64, device="meta")
     lse = torch.empty(n, dtype=torch.float32, device="meta")
     grad = torch.empty(n, dtype=torch.float32, device="meta")
-    out = []
-    for module, attr, call in (
+    launches = [
         (fwd, "logprobs_forward_kernel", lambda: fwd.logprobs_forward(hidden, weight, row_ids, labels)),
         (
             bwd,
@@ -89,7 +91,23 @@ def captured_launches(dtype_name: str):
                 multiple=sg.COLUMN_MULTIPLE,
             ),
         ),
-    ):
+    ]
+    # The one-pass epilogue on one chunk, as one_pass_sequence_loss runs it on CUDA: none for fp32.
+    ep = one_pass.epilogue_kernels(torch.device("cuda"), dtype)
+    if ep is not None:
+        logits = torch.empty(CHUNK_ROWS, v, dtype=torch.float32, device="meta")
+        chunk_lse, chunk_grad = lse[:CHUNK_ROWS], grad[:CHUNK_ROWS]
+        dlogits = torch.empty(logits.shape, dtype=dtype, device="meta")
+        launches += [
+            (ep, "row_statistics_kernel", lambda: ep.row_statistics(logits, labels[:CHUNK_ROWS])),
+            (
+                ep,
+                "logits_gradient_kernel",
+                lambda: ep.logits_gradient(logits, labels[:CHUNK_ROWS], chunk_lse, chunk_grad, dlogits),
+            ),
+        ]
+    out = []
+    for module, attr, call in launches:
         kernel = getattr(module, attr)
         recorder = Recorder(kernel)
         setattr(module, attr, recorder)
@@ -186,12 +204,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kernel", action="append", help="compile only these kernels (repeatable; default all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be defined as real JIT functions")
     import torch
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
+    from fastnpo.kernels import sequence_epilogue as ep
     from fastnpo.kernels import softmax_gradient as sg
     from fastnpo.kernels.tiles import select_configs
 
@@ -199,10 +219,14 @@ def main(argv=None) -> int:
         "logprobs_forward_kernel": fwd.forward_shared_bytes,
         "logprobs_backward_kernel": bwd.backward_shared_bytes,
         "softmax_gradient_kernel": sg.softmax_gradient_shared_bytes,
+        "row_statistics_kernel": ep.statistics_shared_bytes,
+        "logits_gradient_kernel": ep.gradient_shared_bytes,
     }
     dtype_bytes = getattr(torch, args.dtype).itemsize
     limit = SHARED_LIMIT.get(args.arch)
     for name, autotuner, call_args, call_kwargs in captured_launches(args.dtype):
+        if args.kernel and name not in args.kernel:
+            continue
         # what the autotuner's early_config_prune keeps on a device with this arch's limit
         kept = select_configs(autotuner.configs, estimators[name], limit, dtype_bytes) if limit else autotuner.configs
         for config in autotuner.configs:

@@ -3,9 +3,10 @@
 The triton wheel ships ptxas, so a CPU machine can compile for a CUDA target: the kernels are
 compiled at a real shape (N=8192, D=4096, V=128256) with the launch arguments the project's own
 launchers pass (tests/kernels/aot_compile.py), for every autotune config: the fused forward and
-backward, and the softmax-gradient kernel of the cublas design's split backward. Default run: sm_90 bf16
-(one subprocess, ~30 s on 2 cores); every arch and dtype under the `slow` marker (fp32 compiles
-take 20-80 s each).
+backward, the softmax-gradient kernel of the cublas design's split backward, and the one-pass design's
+epilogue kernels (kernels/sequence_epilogue.py, on a 2048-row chunk of fp32 logits; bf16 / fp16
+operands only, as one_pass runs them). Default run: sm_90 bf16 (one subprocess, ~35 s on 2 cores);
+every arch and dtype under the `slow` marker (fp32 compiles take 20-80 s each).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-KERNELS = ("logprobs_forward_kernel", "logprobs_backward_kernel", "softmax_gradient_kernel")
+# Kernels with a tl.dot: each config must use the tensor cores (wgmma on sm_90, mma on sm_80) in bf16 / fp16.
+DOT_KERNELS = ("logprobs_forward_kernel", "logprobs_backward_kernel", "softmax_gradient_kernel")
+# The one-pass epilogue: elementwise and row reductions over fp32 logits, no dot; launched only with
+# bf16 / fp16 operands (fp32 keeps one_pass's torch ops), so not compiled for fp32.
+EPILOGUE_KERNELS = ("row_statistics_kernel", "logits_gradient_kernel")
+KERNELS = DOT_KERNELS + EPILOGUE_KERNELS
+
+
+def expected_kernels(dtype: str) -> tuple[str, ...]:
+    return DOT_KERNELS if dtype == "float32" else KERNELS
 
 
 @functools.cache
@@ -49,8 +59,8 @@ def check_compiles(arch: int, dtype: str) -> None:
     assert not failed, "\n".join(failed)
     no_log = [f"{r['kernel']} [{r['config']}]" for r in rows if r["registers"] is None]
     assert not no_log, "no ptxas register / spill report (a cached compile?): " + ", ".join(no_log)
-    assert {r["kernel"] for r in rows} == set(KERNELS)
-    for kernel in KERNELS:
+    assert {r["kernel"] for r in rows} == set(expected_kernels(dtype))
+    for kernel in expected_kernels(dtype):
         mine = [r for r in rows if r["kernel"] == kernel]
         # at least one config the pruner keeps that fits the target's shared memory (and, in bf16, does not spill)
         usable = [
@@ -59,9 +69,11 @@ def check_compiles(arch: int, dtype: str) -> None:
             if r["kept"] and r["shared"] <= r["shared_limit"] and (dtype != "bfloat16" or not r["spill_bytes"])
         ]
         assert usable, f"{kernel}: no config fits sm_{arch}'s shared memory (spill-free in bf16): {mine}"
-        if dtype in ("bfloat16", "float16"):
+        if dtype in ("bfloat16", "float16") and kernel in DOT_KERNELS:
             tensor_cores = "wgmma" if arch >= 90 else "mma"
             assert all(r[tensor_cores] for r in mine), f"{kernel}: a config without {tensor_cores}: {mine}"
+        if kernel in EPILOGUE_KERNELS:
+            assert all(not r["atomics"] for r in mine), f"{kernel}: atomics in an atomic-free kernel: {mine}"
     check_shared_memory(rows)
     for r in rows:
         # relaxed atomics: acq_rel ones become MEMBAR + cache invalidation per vector atomic on sm_90
@@ -103,6 +115,21 @@ def test_sm90_bf16_softmax_gradient_kernel_every_config_fits_and_one_is_spill_fr
     assert all(r["ok"] and r["shared"] <= r["shared_limit"] and r["kept"] for r in rows), rows
     assert all(r["wgmma"] and not r["atomics"] for r in rows), rows
     assert any(r["spill_bytes"] == 0 for r in rows), rows
+
+
+def test_sm90_bf16_epilogue_kernels_every_config_fits_without_spills_or_atomics():
+    # The one-pass epilogue: one compile per config (one launch each at the chunk's shape), every
+    # config kept and within sm_90's shared memory, none spilling, no atomics (a row's reduction
+    # stays in one program), no tensor-core instructions (there is no dot).
+    from fastnpo.kernels.sequence_epilogue import GRADIENT_CANDIDATES, STATISTICS_CANDIDATES
+
+    rows = compile_results(90, "bfloat16")
+    for kernel, candidates in zip(EPILOGUE_KERNELS, (STATISTICS_CANDIDATES, GRADIENT_CANDIDATES), strict=True):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert len(mine) == len(candidates), mine
+        assert all(r["ok"] and r["kept"] and r["shared"] <= r["shared_limit"] for r in mine), mine
+        assert all(r["spill_bytes"] == 0 and not r["atomics"] for r in mine), mine
+        assert not any(r["wgmma"] or r["mma"] for r in mine), mine
 
 
 @pytest.mark.slow

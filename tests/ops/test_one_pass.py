@@ -5,7 +5,9 @@ Everything is checked against a plain float64 formula written here (full logits,
 low-precision result judged against plain torch in the same dtype (tests/ops/test_logprobs.py's
 rule), with the chunk budget forced small so that several chunks run. Separability cannot be
 detected, so the documented callers (npo_loss, ga_loss, the Hugging Face patch's NLL) are checked to
-give what fused=False gives.
+give what fused=False gives. The epilogue kernels (kernels/sequence_epilogue.py, taken with bf16 /
+fp16 operands where Triton runs) run here under the interpreter on tiny odd shapes, alone against
+float64 and inside the design with the CUDA path's low-precision operands emulated.
 """
 
 import json
@@ -16,7 +18,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_as_good_as_torch
+from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from fastnpo.kernels import sequence_epilogue
 
 import fastnpo
 from fastnpo import losses
@@ -175,21 +178,126 @@ def test_backward_scales_the_stored_gradients():
     torch.testing.assert_close(scaled[2], -2.5 * once[2])
 
 
+class LowPrecisionOperands(cublas.Matmuls):
+    """The CUDA path's matmuls, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
+    operands with fp32 results, so the dlogits are written in the input's dtype and dW is accumulated
+    by addmm_ in it, as cuBLAS does on the GPU."""
+
+    def __init__(self, like):
+        self.mode, self.dtype = "out_dtype", like.dtype
+
+    def mm(self, a, b):
+        return a.float() @ b.float()
+
+
+def epilogue_launches(monkeypatch) -> list[str]:
+    """Records every launch of the epilogue kernels by one_pass (which looks them up at call time)."""
+    launched = []
+    for name in ("row_statistics", "logits_gradient"):
+        real = getattr(sequence_epilogue, name)
+        wrapper = lambda *a, _real=real, _name=name, **k: launched.append(_name) or _real(*a, **k)
+        monkeypatch.setattr(sequence_epilogue, name, wrapper)
+    return launched
+
+
+@pytest.mark.parametrize("epilogue", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_pass_with_low_precision_operands(dtype, monkeypatch):
-    # The CUDA path's numerics, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
-    # operands with fp32 results, so the dlogits are written in the input's dtype and dW is
-    # accumulated by addmm_ in it, as cuBLAS does on the GPU.
-    class LowPrecisionOperands(cublas.Matmuls):
-        def __init__(self, like):
-            self.mode, self.dtype = "out_dtype", like.dtype
-
-        def mm(self, a, b):
-            return a.float() @ b.float()
-
+def test_one_pass_with_low_precision_operands(dtype, epilogue, monkeypatch):
+    # Low-precision operands where Triton runs (the interpreter without a GPU) take the epilogue
+    # kernels; where it does not (no triton installed), the torch ops.
     monkeypatch.setattr(one_pass, "Matmuls", LowPrecisionOperands)
-    hidden, weight, labels = make_batch(3, 17, 40, 257, dtype)
+    if epilogue == "torch":
+        monkeypatch.setattr(one_pass, "epilogue_kernels", lambda device, dtype: None)
+    launched = epilogue_launches(monkeypatch)
+    hidden, weight, labels = make_batch(3, 17, 40, 257, dtype, device=TRITON_DEVICE)
     check_against_float64(hidden, weight, labels, 17, 1e-2, 4 * 257 * 8, upstream=1.3)
+    if epilogue == "triton":  # two chunks at least, each one launch of each kernel
+        chunks = len(launched) // 2
+        assert chunks >= 2 and launched == ["row_statistics", "logits_gradient"] * chunks, launched
+    else:
+        assert launched == []
+
+
+@pytest.mark.parametrize("hidden_grad,weight_grad", [(True, False), (False, False)])
+def test_epilogue_kernels_compute_only_what_is_asked_for(hidden_grad, weight_grad, monkeypatch):
+    # Without gradients only the statistics kernel runs; one gradient still needs the dlogits.
+    monkeypatch.setattr(one_pass, "Matmuls", LowPrecisionOperands)
+    launched = epilogue_launches(monkeypatch)
+    hidden, weight, labels = make_batch(3, 9, 24, 61, torch.bfloat16, device=TRITON_DEVICE)
+    requires = dict(hidden_grad=hidden_grad, weight_grad=weight_grad)
+    check_against_float64(hidden, weight, labels, 9, 1e-2, 4 * 61 * 4, upstream=0.6, **requires)
+    assert "row_statistics" in launched
+    assert ("logits_gradient" in launched) == (hidden_grad or weight_grad), launched
+
+
+def test_epilogue_kernels_run_where_triton_runs_with_low_precision_operands(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert one_pass.epilogue_kernels(cpu, torch.bfloat16) is sequence_epilogue
+    assert one_pass.epilogue_kernels(cpu, torch.float16) is sequence_epilogue
+    assert one_pass.epilogue_kernels(cpu, torch.float32) is None  # fp32 operands: the torch ops, in place
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert one_pass.epilogue_kernels(cpu, torch.bfloat16) is None  # no Triton on a plain CPU
+    assert one_pass.epilogue_kernels(torch.device("cuda"), torch.bfloat16) is sequence_epilogue
+
+
+EPILOGUE_SHAPES = [(n, v) for n in (1, 5, 17) for v in (33, 257, 1031)]  # ragged against any block
+
+
+def epilogue_inputs(n, v):
+    """fp32 logits [n, v] of large magnitude (row offsets ~20, spread ~4), inside a NaN-poisoned buffer
+    with extra rows and columns (a read outside the rows or columns poisons the result), labels at
+    the first and last columns among random ones, and every third row's label dominant (p_y ~ 1, so
+    the label's gradient g * (1 - p_y) is small and a cancellation would show)."""
+    logits64 = torch.randn(n, v, dtype=torch.float64) * 4 + torch.randn(n, 1, dtype=torch.float64) * 20
+    labels = torch.randint(0, v, (n,))
+    labels[0], labels[-1] = 0, v - 1
+    dominant = torch.arange(1, n, 3)
+    logits64[dominant, labels[dominant]] = logits64[dominant].amax(dim=1) + 9
+    buffer = torch.full((n + 2, v + 7), float("nan"), device=TRITON_DEVICE)
+    buffer[:n, :v] = logits64.float().to(TRITON_DEVICE)
+    logits = buffer[:n, :v]
+    return logits, logits.double().cpu(), labels.to(TRITON_DEVICE)  # the reference: the fp32 logits, exactly
+
+
+@pytest.mark.parametrize("n,v", EPILOGUE_SHAPES)
+def test_row_statistics_kernel_matches_float64(n, v):
+    logits, exact, labels = epilogue_inputs(n, v)
+    lse, target = sequence_epilogue.row_statistics(logits, labels)
+    assert lse.dtype == target.dtype == torch.float32 and lse.shape == target.shape == (n,)
+    ref = exact.logsumexp(dim=1)
+    # a few fp32 roundings of lse (its size included), far inside the design's rule, also checked
+    err = (lse.double().cpu() - ref).abs()
+    assert torch.all(err <= 2.0**-21 * (ref.abs() + 1)), (err, ref)
+    assert_as_good_as_torch(lse, logits.logsumexp(dim=1), ref, 5e-4, "lse")
+    assert torch.equal(target.cpu(), logits.cpu().gather(1, labels.cpu()[:, None])[:, 0])  # a load: exact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v", EPILOGUE_SHAPES)
+def test_logits_gradient_kernel_matches_float64(n, v, dtype):
+    logits, exact, labels = epilogue_inputs(n, v)
+    lse64 = exact.logsumexp(dim=1)  # exact here, so only the kernel is judged
+    grad64 = torch.randn(n, dtype=torch.float64) * 3
+    onehot = torch.nn.functional.one_hot(labels.cpu(), v).double()
+    ref = grad64[:, None] * (onehot - (exact - lse64[:, None]).exp())
+    same_dtype = (grad64[:, None].float() * (onehot.float() - exact.float().softmax(dim=1))).to(dtype)
+
+    # Poisoned, with rows and columns beyond the output: the kernel writes exactly [n, v].
+    buffer = torch.full((n + 2, v + 5), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    lse, grad = lse64.float().to(TRITON_DEVICE), grad64.float().to(TRITON_DEVICE)
+    out = sequence_epilogue.logits_gradient(logits, labels, lse, grad, buffer[:n, :v])
+    assert out.dtype == dtype and out.data_ptr() == buffer.data_ptr()
+    assert torch.isfinite(out).all()
+    assert torch.isnan(buffer[n:]).all() and torch.isnan(buffer[:, v:]).all(), "wrote outside the rows"
+    assert_as_good_as_torch(out, same_dtype, ref, 1e-2, "dlogits")
+    # Each element within one ulp of its fp32 value (the label's column included: g * (1 - p_y) formed
+    # before the rounding, not g - g * p_y from rounded terms, which would be off by ~g / 512 where
+    # p_y ~ 1). One ulp, not half: the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest).
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    err = (out.double().cpu() - ref).abs()
+    allowed = ulp * ref.abs() + 1e-5 * grad64.abs()[:, None] + 6e-8  # fp32 p, fp16 subnormal steps
+    assert torch.all(err <= allowed), (err - allowed).max()
 
 
 def test_weight_gradient_rounds_once_per_chunk():

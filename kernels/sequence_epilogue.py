@@ -1,0 +1,200 @@
+"""Epilogue kernels of the one-pass design: log-sum-exp, target logit and dlogits of an fp32 logits buffer.
+
+fastnpo/ops/one_pass.py makes a chunk's fp32 logits [n, V] with one library matmul; these two
+kernels do the rest of the chunk's elementwise work on that buffer, which they never modify:
+
+    row_statistics    one read of each row: an online max / sum of exp over BLOCK_V-wide column
+                      blocks gives lse [n]; the target logit logits[r, labels[r]] is one more load
+                      per row. Token log-prob = target - lse.
+    logits_gradient   one read, one write: dlogits[r, v] = grad[r] * (onehot(labels[r] == v)
+                      - exp(logits[r, v] - lse[r])), computed in fp32 and rounded once into the
+                      output's dtype (the gradient matmuls' operand: bf16 / fp16). The label's
+                      column is grad * (1 - p_y) in fp32 before that rounding, never a difference
+                      of two rounded numbers (p_y ~ 1 would cancel them).
+
+Bytes per logit in bf16: 4 (statistics read) + 4 (gradient read) + 2 (bf16 write) = 10, against 30
+for the torch-op epilogue they replace (row max, subtract, exp, row sums, scale: five passes).
+
+Grids: row_statistics one program per BLOCK_N rows looping over the vocabulary (no atomics: a row's
+reduction stays in one program); logits_gradient one program per [BLOCK_N, BLOCK_V] tile, the
+vocabulary tiles of a row consecutive in the grid. Offsets row * stride are int64.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import INTERPRET, prune_by_shared_memory, row_bucket
+
+# (BLOCK_N, BLOCK_V, num_warps, num_stages) tried on GPU. Both kernels are bandwidth-bound streams:
+# 16-32 fp32 elements per thread per step keep enough loads in flight; a row per program is enough
+# programs at a chunk's ~2048 rows (15 per SM on 132 SMs).
+STATISTICS_CANDIDATES = [
+    (1, 4096, 4, 1),
+    (1, 8192, 8, 1),
+    (1, 16384, 16, 1),
+    (2, 4096, 8, 1),
+]
+GRADIENT_CANDIDATES = [
+    (1, 2048, 4, 1),
+    (1, 4096, 8, 1),
+    (2, 4096, 8, 1),
+    (4, 2048, 8, 1),
+]
+
+
+def epilogue_configs(candidates):
+    """One config under the interpreter (its autotuner cannot run several; small tiles with several
+    rows, so that tests reach the row and column masks), the list on GPU (tiles.autotune_configs' rule)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 4, "BLOCK_V": 256}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w, num_stages=s) for bn, bv, w, s in candidates
+    ]
+
+
+STATISTICS_CONFIGS = epilogue_configs(STATISTICS_CANDIDATES)
+GRADIENT_CONFIGS = epilogue_configs(GRADIENT_CANDIDATES)
+
+
+def statistics_shared_bytes(config, dtype_bytes: int) -> int:
+    """row_statistics_kernel's shared memory: the cross-warp scratch of its two row reductions per
+    step (max, sum), at most one fp32 per warp and row each. No operand buffers: its loads are not
+    pipelined through shared memory. triton 3.9 compiles every config to half this (one scratch
+    for both reductions) on sm_90 and sm_80. dtype_bytes is unused (the logits are fp32 in every
+    case); the compile tests check the bound on every config."""
+    del dtype_bytes
+    return 2 * config.kwargs["BLOCK_N"] * config.num_warps * 4
+
+
+def gradient_shared_bytes(config, dtype_bytes: int) -> int:
+    """logits_gradient_kernel's shared memory: none is needed (an elementwise tile loaded and stored
+    in one layout; triton 3.9 compiles every config to 0 B on sm_90 and sm_80); bounded by one
+    output tile in the output dtype, should a layout conversion for the store appear. The compile
+    tests check the bound on every config."""
+    return config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"] * dtype_bytes
+
+
+@triton.autotune(
+    configs=STATISTICS_CONFIGS,
+    # V fixed per model, the row count per chunk: configs are timed per row bucket. Every trial
+    # writes all of LSE and TARGET and reads only LOGITS and LABELS: nothing to restore.
+    key=["V", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory(statistics_shared_bytes, "LOGITS")},
+)
+# The row count changes every chunk: not specialising on it keeps one binary per config.
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def row_statistics_kernel(
+    LOGITS, LABELS, LSE, TARGET,
+    N, V, N_BUCKET, stride_ln,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_mask = offs_n < N
+    # Rows past N read row N - 1 and are not stored: every row read is real, so its running max is
+    # finite after the first block (V >= 1) and no -inf - -inf appears.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    row_ptrs = LOGITS + rows[:, None] * stride_ln
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptrs + cols[None, :], mask=(cols < V)[None, :], other=float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+
+    labels = tl.load(LABELS + rows).to(tl.int64)
+    target = tl.load(LOGITS + rows * stride_ln + labels)
+    tl.store(LSE + offs_n, lse, mask=rows_mask)
+    tl.store(TARGET + offs_n, target, mask=rows_mask)
+
+
+@triton.autotune(
+    configs=GRADIENT_CONFIGS,
+    # Every trial writes every element of OUT and reads only the inputs: nothing to restore.
+    key=["V", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory(gradient_shared_bytes, "OUT")},
+)
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def logits_gradient_kernel(
+    LOGITS, LABELS, LSE, GRAD, OUT,
+    N, V, N_BUCKET, stride_ln, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_v = tl.cdiv(V, BLOCK_V)
+    pid_n = pid // num_v
+    pid_v = pid % num_v
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_mask = offs_n < N
+    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
+    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
+    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = rows_mask[:, None] & (cols < V)[None, :]
+    rows = offs_n.to(tl.int64)
+
+    # Masked elements read -inf: p = 0 there, nothing overflows, and they are not stored.
+    x = tl.load(LOGITS + rows[:, None] * stride_ln + cols[None, :], mask=mask, other=float("-inf"))
+    p = tl.exp(x - lse[:, None])
+    # fp32 throughout, one rounding at the store: the label's column is g * (1 - p_y), 1 - p_y exact.
+    is_target = cols[None, :] == labels[:, None]
+    dlogits = g[:, None] * (is_target.to(tl.float32) - p)
+    tl.store(OUT + rows[:, None] * stride_on + cols[None, :], dlogits.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _check_buffer(name: str, x: torch.Tensor, shape: tuple[int, int]) -> None:
+    assert x.shape == shape and x.stride(1) == 1, f"{name} must be {list(shape)} with unit column stride"
+
+
+def row_statistics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, target logit), fp32 [n] each, of the rows of `logits`.
+
+    logits fp32 [n, V] with unit column stride (any row stride); labels int64 [n], each in [0, V)
+    (the kernel reads logits[r, labels[r]] unchecked: the callers' rows are kept rows, validated).
+    """
+    n, vocab_size = logits.shape
+    _check_buffer("logits", logits, (n, vocab_size))
+    assert logits.dtype == torch.float32 and labels.shape == (n,)
+    lse = torch.empty(n, device=logits.device, dtype=torch.float32)
+    target = torch.empty(n, device=logits.device, dtype=torch.float32)
+    if n == 0:
+        return lse, target
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    row_statistics_kernel[grid](
+        logits, labels, lse, target,
+        n, vocab_size, row_bucket(n), logits.stride(0),
+    )
+    return lse, target
+
+
+def logits_gradient(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Write out[r, v] = grad[r] * (onehot(labels[r] == v) - exp(logits[r, v] - lse[r])); returns out.
+
+    logits fp32 [n, V] and out [n, V] (its dtype: bf16 / fp16, or fp32), both with unit column
+    stride (a slice of a larger buffer is fine); labels int64, lse and grad fp32 [n].
+    """
+    n, vocab_size = logits.shape
+    _check_buffer("logits", logits, (n, vocab_size))
+    _check_buffer("out", out, (n, vocab_size))
+    assert logits.dtype == torch.float32 and labels.shape == lse.shape == grad.shape == (n,)
+    if n == 0 or vocab_size == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab_size, meta["BLOCK_V"]),)
+
+    logits_gradient_kernel[grid](
+        logits, labels, lse, grad, out,
+        n, vocab_size, row_bucket(n), logits.stride(0), out.stride(0),
+    )
+    return out
