@@ -13,7 +13,7 @@ from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
 from fastnpo.train.config import Config, ConfigError, load_config
-from fastnpo.train.optimizers import STATE_DTYPES, KahanAdamW
+from fastnpo.train.optimizers import STATE_DTYPES, KahanAdamW, StepInBackward
 from fastnpo.train.setup import build_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,3 +327,30 @@ def test_adamw_8bit_without_torchao_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     with pytest.raises(ImportError, match=r"optim\.name=adamw_8bit needs torchao: pip install 'fastnpo\[lean\]'"):
         adamw_8bit_for([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_in_backward_hooks_step_one_parameter_each_and_restore_the_group():
+    # Each hook narrows the param group to its parameter for one step (no walk over every other
+    # parameter: that walk made the host time of a step grow as P^2), then puts the group back.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    seen = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append([len(group["params"]) for group in self.param_groups])
+            return super().step(closure)
+
+    optimizer = Spy(params, lr=1e-2)
+    everyone = optimizer.param_groups[0]["params"]
+    hooks = StepInBackward(params, optimizer)
+    sum((p * p * (i + 1)).sum() for i, p in enumerate(params)).backward()
+    hooks.finish()
+    assert seen == [[1]] * 5
+    assert optimizer.param_groups[0]["params"] is everyone and all(p.grad is None for p in params)
+    plain = torch.optim.AdamW(twins, lr=1e-2)
+    sum((p * p * (i + 1)).sum() for i, p in enumerate(twins)).backward()
+    plain.step()
+    for stepped, reference in zip(params, twins, strict=True):
+        torch.testing.assert_close(stepped, reference, atol=0, rtol=0)
