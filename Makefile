@@ -44,9 +44,11 @@ bench: install-dev
 # gpu-wheels (here, with internet): the packages the GPU image lacks, as Python 3.12 manylinux
 # x86_64 wheels, into wheels/ (ignored by git; carry it to the GPU machine). rouge-score has no
 # wheel on PyPI: it is built here (pure Python). defusedxml is nltk's and missing there too.
+# torchao (optim.name=adamw_8bit; 0.18 is the release built for the image's torch 2.11).
 WHEELS ?= wheels
 GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 \
-	datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 trl==1.16.0 defusedxml==0.7.1
+	datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 trl==1.16.0 defusedxml==0.7.1 \
+	torchao==0.18.0
 PIP_GPU := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 # The suite's Python: .venv's where there is one (CPU), else python3 (the GPU image's).

@@ -71,7 +71,7 @@ GPU_SHAPES = "8192x4096x128256,8192x3584x152064,8192x2304x256000,8192x2048x12825
 # Tiny analogues for --smoke: a prime V and N = 1 x the NPO sequence length (the interpreter
 # takes ~1 ms per program iteration).
 SMOKE_SHAPES = "32x16x67,32x24x128"
-PEERS = ("liger_kernel", "cut_cross_entropy", "trl", "transformers", "peft", "datasets", "omegaconf")
+PEERS = ("liger_kernel", "cut_cross_entropy", "trl", "transformers", "peft", "datasets", "omegaconf", "torchao")
 
 # The import hook written by the `import` part (see ensure_importable).
 FINDER = '''"""fastnpo from a source tree without pip install -e (written by benchmarks/gpu_suite.py)."""
