@@ -518,6 +518,8 @@ def main(argv=None) -> int:
                             "cp",
                             "--platform",
                             "manylinux2014_x86_64",
+                            "--platform",  # torchao's wheel; the GPU image has glibc 2.39
+                            "manylinux_2_28_x86_64",
                         ]
                     code, _ = run_command([*pip, *wheels], timeout=limit, env=env, log=log)
                     if code != 0:
