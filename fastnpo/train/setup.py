@@ -41,10 +41,10 @@ def check_offload(config: Config, info: ProcessInfo, log) -> None:
             f"optim.offload: moves the optimizer state from GPU memory to CPU memory and needs a CUDA GPU; "
             f"this run's device is {info.device.type} (run.device={config.run.device!r}): set optim.offload=false"
         )
-    from .memory_plan import plan
+    from .memory_plan import DEFAULT_GPU_GIB, plan
 
-    try:
-        per_process = plan(config, gpus=info.world_size, gpu_gib=DEFAULT_PLAN_GPU_GIB)["host_memory_gib"]
+    try:  # the host memory does not depend on the GPU's size
+        per_process = plan(config, gpus=info.world_size, gpu_gib=DEFAULT_GPU_GIB)["host_memory_gib"]
     except (OSError, ValueError) as error:  # a model the planner cannot read: loading it will say more
         log(f"optim.offload: no host-memory plan ({error})")
         return
@@ -58,9 +58,6 @@ def check_offload(config: Config, info: ProcessInfo, log) -> None:
             f"host memory on this node (fastnpo plan), {available:.1f} GiB is available: use more nodes, "
             "optim.name=adamw_kahan optim.state_dtype=bfloat16 (10 bytes per parameter), or no offload"
         )
-
-
-DEFAULT_PLAN_GPU_GIB = 80.0  # the host-memory plan does not depend on it
 
 
 def available_host_gib() -> float | None:
