@@ -11,14 +11,13 @@ of torch ops; "naive" (full logits, naive.py) has no backend: it is plain autogr
 come back in fp32 or in the input's dtype.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from .chunked import chunked_backward, chunked_forward
-from .cublas import cublas_backward, cublas_forward
+from .cublas import cublas_backward, cublas_forward, triton_runs_on
 
 IMPLS = ("auto", "triton", "cublas", "torch", "naive")
 
@@ -65,17 +64,13 @@ TORCH_BACKEND = Backend("torch", chunked_forward, chunked_backward)
 CUBLAS_BACKEND = Backend("cublas", cublas_forward, cublas_backward)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The concrete implementation for `impl` on `device` ("auto": triton on CUDA, torch elsewhere)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not triton_interpreting():
+    if impl == "triton" and not triton_runs_on(device):
         raise ValueError(
             f"impl='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
             "before importing fastnpo, or use impl='torch'"

@@ -139,10 +139,17 @@ class Matmuls:
             out.copy_(self.mm(a, b))
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels run on `device`'s tensors: CUDA, or any device under the interpreter
+    (TRITON_INTERPRET=1, read at call time). The one rule for impl="triton", this design's split and
+    the one-pass epilogue (one_pass.py)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def split_kernels(device: torch.device):
-    """The Triton pieces of the split design, or None where they cannot run: not CUDA and not under the
-    interpreter (read as backends.triton_interpreting does), or no triton installed."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    """The Triton pieces of the split design, or None where they cannot run (not triton_runs_on the
+    device, or no triton installed)."""
+    if not triton_runs_on(device):
         return None
     try:  # imported here: the package (and this backend's CPU path) works without triton
         from ..kernels.logprobs_forward import logprobs_forward

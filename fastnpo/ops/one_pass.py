@@ -77,13 +77,12 @@ GPU); 4 chunks of 2048 rows (1002 MiB of logits each); bf16 on CUDA takes the ep
 """
 
 import itertools
-import os
 from bisect import bisect_right
 from collections.abc import Callable
 
 import torch
 
-from .cublas import Matmuls
+from .cublas import Matmuls, triton_runs_on
 
 CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
 
@@ -133,11 +132,9 @@ def _softmax_gradient(
 def epilogue_kernels(device: torch.device, operand_dtype: torch.dtype):
     """kernels/sequence_epilogue.py where the chunk epilogue takes it, else None (the torch ops):
     bf16 / fp16 operands (the dlogits are then a new buffer, written once by the kernel) where
-    Triton runs, by cublas.split_kernels' rule: CUDA, or any device under TRITON_INTERPRET=1, with
-    triton installed. fp32 operands (the CPU, fp32 inputs) keep the torch ops, in place."""
-    if operand_dtype not in (torch.bfloat16, torch.float16):
-        return None
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    Triton runs (cublas.triton_runs_on: CUDA, or any device under TRITON_INTERPRET=1), with triton
+    installed. fp32 operands (the CPU, fp32 inputs) keep the torch ops, in place."""
+    if operand_dtype not in (torch.bfloat16, torch.float16) or not triton_runs_on(device):
         return None
     try:  # imported here: the package (and the CPU path) works without triton
         from ..kernels import sequence_epilogue
