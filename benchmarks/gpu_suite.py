@@ -76,6 +76,7 @@ PEERS = ("liger_kernel", "cut_cross_entropy", "trl", "transformers", "peft", "da
 # The import hook written by the `import` part (see ensure_importable).
 FINDER = '''"""fastnpo from a source tree without pip install -e (written by benchmarks/gpu_suite.py)."""
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -88,6 +89,12 @@ class _SourceTreeFinder(importlib.abc.MetaPathFinder):
         if name not in PACKAGES:
             return None
         where = PACKAGES[name]
+        if name == "fastnpo.kernels":
+            # kernels/ has no __init__.py (kernels/README.md): a namespace package, found here
+            # even where the fastnpo/kernels link did not survive the copy to the machine.
+            spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            spec.submodule_search_locations = [where]
+            return spec
         return importlib.util.spec_from_file_location(
             name, where + "/__init__.py", submodule_search_locations=[where]
         )
