@@ -16,7 +16,8 @@ A contender that cannot run here is recorded as skipped with the reason, never d
 Modes: "fwd" (under no_grad: reference log-probs, evaluation) and "fwd+bwd" (gradients for hidden and
 weight from a random per-token upstream gradient; the NPO rows use the loss's own gradient).
 
-Writes benchmarks/results/logprobs_<device>[_<dtype>][_randn][_quick].{csv,md,png}.
+Writes runs/benchmarks/logprobs_<device>[_<dtype>][_randn][_quick].{csv,md,png} (--out-dir benchmarks/results:
+the committed results).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ from fastnpo.losses import npo_from_logprobs
 from fastnpo.ops import IMPLS
 from fastnpo.profiling import peak_memory_during
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
+# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
+# (from the repository root) regenerates them, under the same file names.
+OUT_DIR = "runs/benchmarks"
 CUDA_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 2304, 256000), (8192, 2048, 128256)]
 CPU_SHAPES = [(2048, 256, 131072), (1024, 256, 32768), (512, 128, 32000)]  # the first is the CPU target
 CPU_QUICK_SHAPES = [(1024, 256, 32768), (512, 128, 32000)]
@@ -946,7 +950,7 @@ def plot_from_csv(path: Path) -> Path:
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -967,7 +971,7 @@ def main(argv=None):
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output stem (default from device etc.)")
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     parser.add_argument(
         "--cuda-ms",
         default="100,400",
@@ -976,7 +980,11 @@ def main(argv=None):
     parser.add_argument(
         "--plot-from", default=None, help="only draw <csv>'s plot beside it (e.g. a GPU suite's logprobs.csv)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.plot_from:
         plot_from_csv(Path(args.plot_from))
         return

@@ -15,7 +15,8 @@ fixed 1 GiB + 5% for them).
 The first H200 run (benchmarks/results/memory_plan_cuda_h200.md) predates the planner's model of
 optim.name=adamw_kahan: its Kahan row shows the plain-AdamW plan and no ratio.
 
-Writes <out-dir>/<out>.csv and <out>.md.
+Writes <out-dir>/<out>.csv and <out>.md (--out-dir: runs/benchmarks unless given; benchmarks/results holds
+the committed results).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
+# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
+# (from the repository root) regenerates them, under the same file names.
+OUT_DIR = "runs/benchmarks"
 MIB = 2**20
 
 MICRO = dict(
@@ -226,17 +230,21 @@ FIELDS = [
 ]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="a micro Llama (any device)")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per case")
     parser.add_argument("--out", default=None, help="output stem (default memory_plan_<device>)")
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     parser.add_argument("--csv-only", action="store_true", help="no markdown table (the GPU suite's file limit)")
     parser.add_argument("--markdown-from", default=None, help="only write <csv>'s markdown table beside it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.markdown_from:
         markdown_from_csv(Path(args.markdown_from))
         return 0

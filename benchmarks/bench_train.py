@@ -25,7 +25,8 @@ the same batches, medians after warm-up (CPU: interleaved round-robin, so load f
 processes hits every contender alike; CUDA: one contender at a time). Peak memory: each contender
 in a fresh subprocess (CPU with MALLOC_MMAP_THRESHOLD_=65536, so the resident-set peak is exact).
 
-Writes benchmarks/results/train_<device>[_quick].{csv,md,png}.
+Writes runs/benchmarks/train_<device>[_quick].{csv,md,png} (--out-dir benchmarks/results: the committed
+results).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ from fastnpo.profiling import peak_memory_during
 from fastnpo.refcache import sharded_item_logprobs
 from fastnpo.train.memory_plan import KNOWN_MODELS
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
+# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
+# (from the repository root) regenerates them, under the same file names.
+OUT_DIR = "runs/benchmarks"
 PAD_ID = 0  # random token ids are drawn from [1, V)
 MIB = 2**20
 
@@ -727,7 +731,7 @@ def logit_profile(s: Settings, items: list[dict]) -> str:
     return f"logit std {float(logits.std()):.2f}, probabilities >= 2^-12: {share:.2e}, max p {float(probs.max()):.3f}"
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -749,13 +753,17 @@ def main(argv=None):
     parser.add_argument("--profile", default=None, help="contender whose steps to profile after the timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output stem")
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="output folder (default benchmarks/results)")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     parser.add_argument(
         "--plot-from", default=None, help="only draw <csv>'s plot beside it (e.g. a GPU suite's train.csv)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     if args.plot_from:
         plot_from_csv(Path(args.plot_from))

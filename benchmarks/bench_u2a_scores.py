@@ -11,7 +11,8 @@ Methods (fastnpo.u2a.compute_scores; each includes the one backward of J):
   per_example  one batch-1 backward per candidate (what the U2A authors do): the reference.
   central_fixed_h  central with the step h that "central" calibrated, given: the cost without calibration.
 Agreement with per_example: Spearman rank correlation, max |s - s_ref| / max |s_ref|, median
-elementwise relative error. Writes benchmarks/results/u2a_scores_<device>[_1b].{csv,md}.
+elementwise relative error. Writes runs/benchmarks/u2a_scores_<device>[_1b].{csv,md} (--out-dir
+benchmarks/results: the committed results).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from scipy.stats import spearmanr
 from fastnpo import u2a
 from fastnpo.u2a.preference import synthetic_candidates
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
+# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
+# (from the repository root) regenerates them, under the same file names.
+OUT_DIR = "runs/benchmarks"
 
 
 def tiny_problem(args):
@@ -100,10 +104,9 @@ def timed(problem, method, repeats, device, fd_step=0.0):
 def write_results(args, rows: list[dict], what: str) -> None:
     """<stem>.csv (the rows under a header of the run's settings and machine) and <stem>.md."""
     info = machine_info()
-    stem = args.out or str(
-        RESULTS_DIR / f"u2a_scores_{'cpu' if args.device == 'cpu' else 'cuda'}"
-        f"{'_1b' if args.model_size == '1b' else ''}"
-    )
+    device = "cpu" if args.device == "cpu" else "cuda"
+    name = args.out or f"u2a_scores_{device}{'_1b' if args.model_size == '1b' else ''}"
+    stem = str(Path(args.out_dir) / name)
     header = [
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"model: {what}",
@@ -136,7 +139,7 @@ def write_results(args, rows: list[dict], what: str) -> None:
     print(text)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-size", choices=("tiny", "1b"), default="tiny")
@@ -150,7 +153,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--sft-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="", help="output stem (default results/u2a_scores_<device>[_1b])")
+    parser.add_argument("--out", default="", help="output stem (default u2a_scores_<device>[_1b])")
+    parser.add_argument("--out-dir", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (64 if args.model_size == "tiny" else 16)
     if args.threads > 0:

@@ -28,12 +28,17 @@ SKIPPED_BLOCKS = {
     "make demo": "the whole demo (minutes) and the whole test suite; the quick demo preset runs in "
     "tests/tofu/test_evaluation.py",
     "from fastnpo.integrations.hf import patch_model": "needs a Hugging Face model, trl and peft; "
-    "tests/integrations/test_integrations.py runs these calls on a tiny model",
-    'from_pretrained("meta-llama/Llama-3.2-1B"': "hub-only: downloads Llama-3.2-1B",
-    "trainer = transformers.Trainer(": "a fragment: model, args, data and collator come from the reader's code",
-    'load_dataset("locuslab/TOFU"': "hub-only: downloads locuslab/TOFU and needs a model and tokenizer",
-    "get_peft_model(model, LoraConfig(r=16, lora_alpha=32": "a fragment on the reader's model (needs peft)",
-    "FusedDPOTrainer(\n    model,": "a fragment on the reader's model and preference data (needs trl)",
+    "tests/integrations/test_documented_routes.py runs it as written on a tiny model",
+    'from_pretrained("meta-llama/Llama-3.2-1B"': "hub-only: downloads Llama-3.2-1B "
+    "(tests/integrations/test_documented_routes.py runs it on a tiny model)",
+    "trainer = transformers.Trainer(": "a fragment: model, args, data and collator come from the reader's code "
+    "(tests/integrations/test_documented_routes.py supplies them)",
+    'load_dataset("locuslab/TOFU"': "hub-only: downloads locuslab/TOFU and needs a model and tokenizer "
+    "(tests/integrations/test_documented_routes.py runs it on local look-alikes)",
+    "get_peft_model(model, LoraConfig(r=16, lora_alpha=32": "a fragment on the reader's model (needs peft; "
+    "tests/integrations/test_documented_routes.py runs it)",
+    "FusedDPOTrainer(\n    model,": "a fragment on the reader's model and preference data (needs trl; "
+    "tests/integrations/test_documented_routes.py runs it)",
 }
 # Commands that never run here (GPU-only, hub-only, long benchmarks): prefix -> reason.
 SKIPPED_COMMANDS = {
