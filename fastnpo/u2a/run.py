@@ -265,30 +265,56 @@ def run_prepared(config: U2AConfig, task: PreparedTask, log: Callable[[str], Non
 
 
 def save_plot(result: dict, path: Path) -> None:
-    """J, the held-out metrics per outer iteration and the final weights, coloured by kind."""
+    """J, the held-out metrics per outer iteration and the final weights, coloured by kind; every
+    panel says on its y axis what it measures and in which unit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     history = result["history"]
+    if not history:
+        raise ValueError("result['history'] is empty: no outer iteration to plot")
     its = [h["iteration"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot(its, [h["j"] for h in history], "o-")
-    axes[0].set(title="J (DPO loss on the J set)", xlabel="outer iteration")
-    for key in ("pref_accuracy", "logp_accuracy", "reward"):
+    axes[0].set(title="J (DPO loss on the J set)", xlabel="outer iteration", ylabel="DPO loss (nats, lower is better)")
+    names = {
+        "pref_accuracy": "preference accuracy (DPO margin > 0)",
+        "logp_accuracy": "log-prob accuracy (chosen > rejected)",
+    }
+    for key, name in names.items():
         if key in history[0]["metrics"]:
-            axes[1].plot(its, [h["metrics"][key] for h in history], "o-", label=key)
-    axes[1].set(title="held-out metrics", xlabel="outer iteration")
-    axes[1].legend()
+            axes[1].plot(its, [h["metrics"][key] for h in history], "o-", label=name)
+    axes[1].set(title="held-out metrics", xlabel="outer iteration", ylim=(-0.05, 1.05))
+    axes[1].set_ylabel("fraction of held-out pairs")
+    lines = axes[1].get_lines()
+    if "reward" in history[0]["metrics"]:
+        # The synthetic reward lives on [-1, 1]: its own axis, not the accuracies'.
+        reward = axes[1].twinx()
+        lines += reward.plot(
+            its,
+            [h["metrics"]["reward"] for h in history],
+            "s--",
+            color="tab:purple",
+            label="mean reward of greedy answers",
+        )
+        reward.set(ylim=(-1.1, 1.1), ylabel="reward (-1 rude ... +1 polite)")
+    axes[1].legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
     for ax in axes[:2]:
         ax.set_xticks(its)
     colors = {"bad": "tab:green", "decoy": "tab:red", "neutral": "tab:gray"}
     kinds, weights = result["kinds"], result["final_weights"]
     axes[2].bar(range(len(weights)), weights, color=[colors.get(k, "tab:blue") for k in kinds], width=1.0)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors.get(k, "tab:blue")) for k in dict.fromkeys(kinds)]
-    axes[2].legend(handles, list(dict.fromkeys(kinds)))
-    axes[2].set(title="final weights by candidate", xlabel="candidate")
+    axes[2].legend(handles, list(dict.fromkeys(kinds)), title="candidate kind", fontsize=8)
+    axes[2].set(
+        title="final weights by candidate",
+        xlabel="candidate",
+        ylabel=f"weight w_i (no unit; they sum to {sum(weights):.3g})",
+    )
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))  # candidate indices: no 2.5
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
