@@ -8,6 +8,7 @@ ConfigError naming its dotted key. What a lone section cannot know (a key the me
 a value every run must set) is checked on the whole tree by check_config.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,10 @@ class RunConfig:
     eval_max_examples / eval_max_new_tokens / eval_generate: as EvalConfig's (eval_generate
     off: no ROUGE, no model_utility). keep_best: a summary key (forget_quality,
     model_utility, forget/probability, ...): the epoch with the best value is exported to
-    <output_dir>/best, and best.json names it; keep_best_mode: max (higher is better) or min."""
+    <output_dir>/best, and best.json names it; keep_best_mode: max (higher is better) or min.
+    gpu_memory_gib: the memory per GPU, in GiB, this run is meant for: `fastnpo plan` plans
+    against it (its --gpu-memory flag overrides it; null: the visible GPU's, else 80). Training
+    does not read it."""
 
     output_dir: str = "runs/unlearn"
     seed: int = 0
@@ -163,8 +167,12 @@ class RunConfig:
     eval_generate: bool = True
     keep_best: str = ""
     keep_best_mode: str = "max"
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self):
+        gib = self.gpu_memory_gib
+        message = "must be a positive number of GiB per GPU (or null: the visible GPU's)"
+        require(gib is None or (math.isfinite(gib) and gib > 0), "run.gpu_memory_gib", message, gib)
         every = self.checkpoint_every
         require(every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)", every)
         require(self.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", self.log_every)

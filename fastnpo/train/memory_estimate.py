@@ -83,6 +83,7 @@ class ModelShape:
     method_trainable: int = 0  # RMU: the parameters it trains (rmu_params of rmu_update_layers); 0: all
     method_frozen_copy: int = 0  # RMU: its frozen copies of decoder layers first updated .. rmu_layer
     method_backward_layers: int = 0  # RMU: the decoder layers its backward runs through; 0: all
+    config_dtype: str = ""  # the dtype the model's config names (dtype / torch_dtype); "": none or unusable
     notes: tuple[str, ...] = ()
 
     @property

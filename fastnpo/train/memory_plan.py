@@ -2,18 +2,24 @@
 
 Reads a run config (or --model plus dotted overrides), counts the model's parameters on the
 meta device (never loads weights), estimates every component (memory_estimate.py states the
-formulas), prints a table (or --json) against --gpu-memory and says which settings would fit.
+formulas), prints a table (or --json) against the GPU memory and says which settings would fit.
 
-`fastnpo plan` (fastnpo/cli.py) parses the arguments and calls run_plan(args).
+The dtype planned: model.dtype when the run config (file or override) sets it, else the dtype
+the model's own config names (config.json `dtype`, or `torch_dtype` before transformers 5),
+else float32. The GPU memory: --gpu-memory, else the config's run.gpu_memory_gib, else the
+visible GPU's, else DEFAULT_GPU_GIB. The plan says where each came from.
+
+`fastnpo plan` (fastnpo/cli.py) parses the arguments and calls run_plan(args); a plan that does
+not fit makes the command exit with EXIT_DOES_NOT_FIT.
 """
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..config import ConfigError, load_structured
 from ..methods import METHODS, MethodConfig, rmu_trainable_pattern
-from .config import Config
+from .config import Config, ModelConfig
 from .memory_estimate import (
     DTYPE_BYTES,
     FRAGMENTATION,
@@ -28,7 +34,10 @@ from .memory_estimate import (
 
 # Public config.json values (no hub access at plan or test time). Llama-3.x rope_scaling does
 # not change any parameter count and is left out.
-_LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256)
+# dtype: what the hub's config.json names (torch_dtype); the Gemma-2 entries name none (float32 planned).
+_LLAMA = dict(
+    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256, dtype="bfloat16"
+)
 KNOWN_MODELS = {
     "meta-llama/Llama-3.2-1B": dict(
         _LLAMA,
@@ -62,6 +71,7 @@ KNOWN_MODELS = {
     ),
     "Qwen/Qwen2.5-7B": dict(
         model_type="qwen2",
+        dtype="bfloat16",
         hidden_act="silu",
         vocab_size=152064,
         hidden_size=3584,
@@ -95,6 +105,8 @@ for _name in list(KNOWN_MODELS):
     KNOWN_MODELS[_name + "-Instruct"] = KNOWN_MODELS[_name]
 KNOWN_MODELS["google/gemma-2-9b-it"] = KNOWN_MODELS["google/gemma-2-9b"]
 DEFAULT_GPU_GIB = 80.0
+EXIT_DOES_NOT_FIT = 3  # `fastnpo plan`'s exit status when the plan does not fit (the cli's plan parser says it too)
+TRAINABLE_DTYPES = ("float32", "bfloat16", "float16")  # what model.dtype accepts
 
 
 def hf_config(source: str | dict):
@@ -120,6 +132,22 @@ def hf_config(source: str | dict):
             f"model.name_or_path: cannot read the config of {source!r} ({str(error).splitlines()[0]}); "
             f"offline, pass a local folder with config.json or one of: {known}"
         ) from None
+
+
+def config_dtype(config) -> str:
+    """The dtype a transformers config names ("bfloat16", ...): `dtype` (transformers 5), else
+    `torch_dtype` (transformers 4 and older config.json files); "" when it names none or one that
+    fastnpo does not train in."""
+    value = None
+    for item in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        if item is None:
+            continue
+        # vars(): transformers 5 keeps torch_dtype only as a deprecated alias of dtype
+        value = getattr(item, "dtype", None) or vars(item).get("torch_dtype")
+        if value is not None:
+            break
+    name = str(value).removeprefix("torch.") if value is not None else ""
+    return name if name in TRAINABLE_DTYPES else ""
 
 
 def model_shape(
@@ -187,6 +215,7 @@ def model_shape(
         method_trainable=method_trainable,
         method_frozen_copy=method_frozen_copy,
         method_backward_layers=method_backward_layers,
+        config_dtype=config_dtype(config),
         notes=tuple(notes),
     )
 
@@ -332,9 +361,19 @@ def per_param_budget(shape: ModelShape, s: Settings, budget: int) -> float:
 
 
 def plan(
-    config: Config, model: str | dict | None = None, gpu_gib: float | None = None, gpus: int = 1, device: str = "cuda"
+    config: Config,
+    model: str | dict | None = None,
+    gpu_gib: float | None = None,
+    gpus: int = 1,
+    device: str = "cuda",
+    *,
+    dtype_from_model: bool = False,
 ) -> dict:
-    """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs."""
+    """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs.
+
+    gpu_gib: memory per GPU (--gpu-memory); None: config.run.gpu_memory_gib, else the visible
+    GPU's, else DEFAULT_GPU_GIB. dtype_from_model: the run config does not set model.dtype, so
+    plan the dtype the model's config names (float32 when it names none); False: model.dtype."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus: must be an int >= 1, got {gpus!r}")
     source = model if model is not None else config.model.name_or_path
@@ -343,11 +382,25 @@ def plan(
     lora = config.model.lora
     rmu = config.method if METHODS[config.method.name].activations else None
     shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r, rmu)
+    extra_notes = []
+    if dtype_from_model:
+        dtype = shape.config_dtype or "float32"
+        if shape.config_dtype:
+            dtype_source = "from the model's config: model.dtype not set"
+        else:
+            dtype_source = "the default: model.dtype not set and the model's config names no dtype"
+        trainer_default = ModelConfig.__dataclass_fields__["dtype"].default
+        if dtype != trainer_default:
+            extra_notes.append(
+                f"model.dtype is not set: planned in {dtype}, the model's config dtype; `fastnpo train` loads "
+                f"the model in model.dtype (default {trainer_default}): set model.dtype={dtype} to train what "
+                "this plans"
+            )
+        config = replace(config, model=replace(config.model, dtype=dtype))
+    else:
+        dtype_source = "set in the run config"
     s = settings_from_config(config, gpus, device)
-    if gpu_gib is None:
-        gpu_gib = visible_gpu_gib() or DEFAULT_GPU_GIB
-    if not (gpu_gib > 0 and math.isfinite(gpu_gib)):
-        raise ConfigError(f"--gpu-memory: must be a positive number of GiB, got {gpu_gib!r}")
+    gpu_gib, gpu_source = gpu_memory(gpu_gib, config)
     budget = int(gpu_gib * GIB)
     e = estimate(shape, s)
     other = estimate(shape, with_settings(s, activation_checkpointing=not s.activation_checkpointing))
@@ -358,7 +411,9 @@ def plan(
         "settings": asdict(s),
         "method": config.method.name,
         "trainable_params": trainable_params(shape, s),
+        "dtype_source": dtype_source,
         "gpu_memory_gib": gpu_gib,
+        "gpu_memory_source": gpu_source,
         "components_gib": {k: v / GIB for k, v in e.components.items()},
         "activations_gib": {
             "with_checkpointing": e.activations_with_checkpointing / GIB,
@@ -375,8 +430,23 @@ def plan(
         "headroom_gib": (budget - e.total) / GIB,
         "peak_other_checkpointing_gib": other.total / GIB,
         "suggestions": [] if fits else suggestions(shape, s, config, budget),
-        "notes": e.notes,
+        "notes": extra_notes + e.notes,
     }
+
+
+def gpu_memory(flag: float | None, config: Config) -> tuple[float, str]:
+    """GiB per GPU and where the number came from: --gpu-memory > run.gpu_memory_gib > the
+    visible GPU > DEFAULT_GPU_GIB."""
+    if flag is not None:
+        if not (flag > 0 and math.isfinite(flag)):
+            raise ConfigError(f"--gpu-memory: must be a positive number of GiB, got {flag!r}")
+        return float(flag), "--gpu-memory"
+    if config.run.gpu_memory_gib is not None:  # RunConfig checked it
+        return float(config.run.gpu_memory_gib), "run.gpu_memory_gib"
+    visible = visible_gpu_gib()
+    if visible:
+        return visible, "the visible GPU"
+    return DEFAULT_GPU_GIB, "the default: no GPU visible, neither --gpu-memory nor run.gpu_memory_gib"
 
 
 def visible_gpu_gib() -> float | None:
@@ -392,13 +462,17 @@ def visible_gpu_gib() -> float | None:
 
 def format_plan(result: dict) -> str:
     s, shape = result["settings"], result["shape"]
-    world = f"{s['gpus']} GPU{'s' if s['gpus'] > 1 else ''} x {result['gpu_memory_gib']:.1f} GiB"
+    world = (
+        f"{s['gpus']} GPU{'s' if s['gpus'] > 1 else ''} x {result['gpu_memory_gib']:.1f} GiB "
+        f"({result['gpu_memory_source']})"
+    )
     fsdp = "FSDP2" if s["sharded"] else "no FSDP"
     trainable = result["trainable_params"]
     lines = [
         f"fastnpo plan: {result['model']} ({shape['params'] / 1e9:.2f} B parameters, "
         f"{trainable / 1e9:.3g} B trainable), {world}, {fsdp}",
-        f"  {result['method']}, model.dtype={s['dtype']}, mixed_precision={s['mixed_precision']}, "
+        f"  {result['method']}, model.dtype={s['dtype']} ({result['dtype_source']}), "
+        f"mixed_precision={s['mixed_precision']}, "
         f"micro-batch {s['rows']} rows x {s['seq_len']} tokens, activation checkpointing "
         f"{'on' if s['activation_checkpointing'] else 'off'}",
         "",
@@ -431,10 +505,21 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sets_key(path, overrides, key: str) -> bool:
+    """Whether the YAML file or the dotted overrides give `key` a value (rather than the
+    dataclass default). Call after load_structured has read them (it reports their errors)."""
+    from omegaconf import OmegaConf
+
+    given = [OmegaConf.load(path)] if path is not None else []
+    given.append(OmegaConf.from_dotlist(list(overrides)))
+    return any(OmegaConf.select(tree, key, default=None) is not None for tree in given)
+
+
 def run_plan(args) -> dict:
-    """Print the plan (unless --json) and return it."""
+    """Print the plan (unless --json) and return it; result["fits"] decides the exit status."""
     config = load_structured(Config, args.config, args.overrides)
-    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus)
+    dtype_set = sets_key(args.config, args.overrides, "model.dtype")
+    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus, dtype_from_model=not dtype_set)
     if not args.json:
         print(format_plan(result))
     return result
