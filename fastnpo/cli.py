@@ -5,8 +5,10 @@ Nothing heavy is imported before argparse has run (each command imports what it 
 """
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 
 TRAIN_KEYS = """\
@@ -26,6 +28,8 @@ config keys (sections model, data, objective, bilevel, run) are the dataclasses 
 fastnpo/u2a/run.py (objective: fastnpo/u2a/problem.py, bilevel: fastnpo/u2a/bilevel.py);
 `fastnpo u2a --print-config [--config FILE] [key=value ...]` prints them all with their values.
 """
+
+DEMO_OVERWRITE = "set --overwrite (overwrite=True)"
 
 DEMO_TIME = (
     "It runs on one thread: the default preset took 6 min wall clock on a lightly loaded 2-core Xeon and 12 min "
@@ -122,13 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--retain-stats", help="JSON written by an earlier `fastnpo eval` of the retain model")
     evaluate.add_argument("--template", default="[INST] {question} [/INST]", help="prompt format string")
     evaluate.add_argument("--out", help="write the full report (per-example values included) here")
+    evaluate.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write the bar chart of the TOFU numbers (per set probability, truth ratio, ROUGE-L; model utility, "
+        "forget quality; beside the retain model's with --retain-stats) here (default: --out with .png in place of "
+        "its suffix, e.g. --out npo.json -> npo.png; without --out, no chart unless --plot is given)",
+    )
+    evaluate.add_argument("--no-plot", action="store_true", help="write no bar chart, even with --out")
 
     plan = commands.add_parser(
         "plan",
         parents=[_debug_flag()],
         help="will it fit? per-GPU peak memory of a run by component (no weights loaded)",
         description="Predicts the per-GPU peak memory of a training run from its config, building the model "
-        "on the meta device (docs/will_it_fit.md).",
+        "on the meta device (docs/will_it_fit.md). The dtype is model.dtype when the config sets it, else the "
+        "model's config.json dtype (torch_dtype), else float32. Exit status: 0 when the run fits, 3 when it "
+        "does not (the table, or the JSON with --json, is printed either way), 2 for a bad config or argument.",
     )
     add_plan_arguments(plan)
 
@@ -158,7 +172,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="GIB",
-        help="memory per GPU in GiB (default: the visible GPU's, else 80)",
+        help="memory per GPU in GiB (default: the config's run.gpu_memory_gib, else the visible GPU's, else 80)",
     )
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 when > 1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
@@ -183,11 +197,57 @@ def run_train(args):
     config = load_config(args.config, args.overrides)
     if args.print_config:
         return to_yaml(config)
-    if config.run.eval_every_epoch:
-        from .tofu.evaluate import epoch_evaluator
+    with _second_ctrl_c_kills():
+        if config.run.eval_every_epoch:
+            from .tofu.evaluate import epoch_evaluator
 
-        return train(config, evaluator=epoch_evaluator)
-    return train(config)
+            return train(config, evaluator=epoch_evaluator)
+        return train(config)
+
+
+@contextlib.contextmanager
+def _second_ctrl_c_kills():
+    """The first Ctrl-C raises KeyboardInterrupt as usual (the run stops, cleans up, and main
+    says where in one line); from then on Ctrl-C has the default action: a second one kills at
+    once. Left alone when SIGINT is not Python's handler (ignored, or someone else's)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(command: str, argv: list[str], stop: KeyboardInterrupt) -> str:
+    """The line Ctrl-C ends a command with. `fastnpo train`: the step reached, the newest
+    checkpoint, and the command that resumes (the same one: run.resume=true is the default)."""
+    if command != "train":
+        return "interrupted"
+    again = list(argv)
+    checkpoint = getattr(stop, "checkpoint", None)
+    if checkpoint is not None and not getattr(stop, "resume", True):
+        again = [a for a in again if not a.startswith("run.resume=")] + ["run.resume=true"]
+    rerun = "fastnpo " + shlex.join(again)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rerun = f"the same torchrun command ({rerun})"
+    if getattr(stop, "step", None) is None:  # before train() wrote anything
+        return f"interrupted before the first step; to try again, run: {rerun}"
+    action = "to resume from it" if checkpoint is not None else "to start over"
+    return f"{stop}; {action}, run: {rerun}"
 
 
 def run_cache_ref(args) -> dict:
@@ -208,6 +268,10 @@ def run_u2a(args):
 
 
 def run_demo(args) -> dict:
+    from .files import check_new_folder
+
+    # The demo's own rule (tofu/demo.py), checked before its imports (torch: seconds).
+    check_new_folder(args.out, name="--out", overwrite=args.overwrite, how_to_overwrite=DEMO_OVERWRITE)
     from .tofu.demo import run_demo as demo
 
     seeds = None if args.unlearn_seeds is None else [int(s) for s in args.unlearn_seeds.split(",")]
@@ -219,15 +283,37 @@ def run_demo(args) -> dict:
 def run_eval(args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fastnpo eval runs on one process: launch it without torchrun")
-    from .tofu.evaluate import EvalConfig, evaluate_path, summary
+    from pathlib import Path
 
+    from .files import check_model_source
+
+    check_model_source(args.model, "--model")  # in a second, before the imports and the hub client's retries
+    from .tofu.evaluate import EvalConfig, add_forget_quality, evaluate_path, summary
+
+    # The chart: --plot, else beside --out (same stem, .png), else none.
+    plot = None if args.no_plot else Path(args.plot) if args.plot else Path(args.out) if args.out else None
+    if plot is not None and not args.plot:
+        plot = plot.with_suffix(".png") if plot.suffix != ".png" else plot.with_name(plot.name + ".png")
+    # Checked before the (long) evaluation, not when the chart is written after it.
+    if plot is not None and not plot.parent.is_dir():
+        raise FileNotFoundError(f"cannot write the chart {plot}: its folder does not exist (set --plot, or --no-plot)")
     retain = json.loads(open(args.retain_stats).read()) if args.retain_stats else None
     config = EvalConfig(data=args.data, forget_split=args.forget_split, template=args.template)
     report = evaluate_path(args.model, config, retain)
     if args.out:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=1)
-    return summary(report)
+    result = summary(report)
+    if plot is not None:
+        from .tofu.plots import plot_eval
+
+        reports = {f"evaluated: {args.model}": result}
+        if retain is not None:
+            # The retain model against itself: forget quality 1 (the same truth ratios), computed, not assumed.
+            reports[f"retain model: {Path(args.retain_stats).name}"] = summary(add_forget_quality(dict(retain), retain))
+        plot_eval(reports, plot, title=f"TOFU evaluation of {args.model} ({args.forget_split})")
+        result["plot"] = str(plot)
+    return result
 
 
 def run_prepare_tiny(args) -> dict:
@@ -248,23 +334,47 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .console import quiet_third_party
+
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     debug = args.debug or bool(os.environ.get("FASTNPO_DEBUG"))
     from .config import ConfigError
 
     try:
         result = COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as error:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        ValueError,
+        NotImplementedError,
+    ) as error:
         if debug:
             raise
         print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)
         print("(run with --debug, or set FASTNPO_DEBUG=1, for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C: one line, the shell's exit status for SIGINT
+        if debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"fastnpo {args.command}: {_interrupted(args.command, _argv(argv), stop)}", file=sys.stderr)
+        return 130
     # `plan` has printed its table; its JSON only with --json.
     if int(os.environ.get("RANK", "0")) == 0 and (args.command != "plan" or args.json):
         # --print-config answers YAML; every other command a one-line JSON summary.
         print(result if isinstance(result, str) else json.dumps(result))
+    if args.command == "plan" and not result["fits"]:
+        from .train.memory_plan import EXIT_DOES_NOT_FIT  # 3, as the plan parser's description says
+
+        return EXIT_DOES_NOT_FIT
     return 0
+
+
+def _argv(argv: list[str] | None) -> list[str]:
+    return sys.argv[1:] if argv is None else list(argv)
 
 
 if __name__ == "__main__":

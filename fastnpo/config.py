@@ -8,13 +8,14 @@ command checks what spans sections.
 """
 
 import dataclasses
+import difflib
 import math
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -35,12 +36,52 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            merged = _merge_override(merged, item)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         first_line = str(error).splitlines()[0]
+        if isinstance(error, ConfigKeyError) and first_line.startswith("Key '"):
+            first_line = _with_closest_key(first_line, error)
         raise ConfigError(f"{key}: {first_line}" if key else first_line) from None
+
+
+def _merge_override(merged, item: str):
+    """One `key=value` override merged in. The value is read as YAML (numbers, booleans, lists);
+    a value that is not YAML (`data.template=[INST] {question} [/INST]`), or whose YAML reading
+    (a list or mapping) the key does not take, is taken as the string typed."""
+    key, text = item.split("=", 1)
+    try:
+        override = OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        return OmegaConf.merge(merged, _as_string(key, text))
+    try:
+        return OmegaConf.merge(merged, override)
+    except OmegaConfBaseException:
+        if not isinstance(OmegaConf.select(override, key, throw_on_missing=False), (DictConfig, ListConfig)):
+            raise
+        try:
+            return OmegaConf.merge(merged, _as_string(key, text))
+        except OmegaConfBaseException:
+            pass
+        raise  # the YAML reading's error: the string was no better
+
+
+def _as_string(key: str, text: str):
+    override = OmegaConf.create()
+    OmegaConf.update(override, key, text)
+    return override
+
+
+def _with_closest_key(message: str, error: ConfigKeyError) -> str:
+    """OmegaConf's "Key 'rnak' not in 'LoraConfig'" with the closest valid key named (OmegaConf
+    names one only when it is close by its own measure)."""
+    parent = getattr(error, "parent_node", None)
+    keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+    closest = difflib.get_close_matches(str(error.key), keys, n=1, cutoff=0)
+    message = message.split(". Did you mean", 1)[0]
+    return f"{message}. Did you mean {closest[0]!r}?" if closest else message
 
 
 def _load_yaml(path: Path):

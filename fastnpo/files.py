@@ -1,7 +1,12 @@
-"""Files that readers see whole or not at all."""
+"""Files and folders: files that readers see whole or not at all (atomic_write), output folders
+checked before any work (folder_problem, check_new_folder), and model names checked before the
+hub client retries for a minute (check_model_source). Imports nothing heavy: the CLI calls these
+before it imports torch."""
 
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -29,3 +34,112 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- output folders
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why a command could not make or write the folder `path`, or None; said of the path, so
+    that f"{path} {problem}" reads: "is a file, not a folder", "cannot be created: /a is a file,
+    not a folder" (a file where a parent folder should be), "is not writable", "cannot be
+    created: /a is not writable" (the nearest existing parent; os.access, so a read-only mount
+    counts). Reads only."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot be created: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable" if existing == path.absolute() else f"cannot be created: {existing} is not writable"
+    return None
+
+
+def check_new_folder(path: str | Path, *, name: str, overwrite: bool, how_to_overwrite: str) -> None:
+    """The rule of a command that writes a folder (`fastnpo demo --out`): refuse, before any work,
+    a folder that cannot be written (folder_problem) and a non-empty one unless overwrite.
+    Raises ValueError "<name> <path> ..."; name: how the user gave the path (e.g. "--out")."""
+    path = Path(path)
+    problem = folder_problem(path)
+    if problem is not None:
+        raise ValueError(f"{name} {path} {problem}")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{name} {path} already holds a run; {how_to_overwrite} to replace it")
+
+
+# ----------------------------------------------------------------------------- model sources
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def offline_env(environ=os.environ) -> str | None:
+    """The setting that turns the hub off ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=true"), else None."""
+    for variable in OFFLINE_VARIABLES:
+        value = environ.get(variable, "")
+        if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{variable}={value}"
+    return None
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hugging Face hub answers a HEAD request within `timeout` seconds (through
+    huggingface_hub's session: its endpoint, proxies and certificates). The request runs in a
+    daemon thread, so a name lookup that ignores the timeout cannot hold the caller either."""
+    from huggingface_hub import constants, get_session
+
+    answered = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            answered.append(True)
+        except Exception:  # any failure to get an answer: unreachable
+            pass
+
+    thread = threading.Thread(target=probe, name="fastnpo-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered)
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for filename in ("config.json", "tokenizer_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(name, filename, cache_dir=constants.HF_HUB_CACHE), str):
+                return True
+        except Exception:  # not a valid repo id, an unreadable cache: not cached
+            return False
+    return False
+
+
+def check_model_source(name: str, what: str) -> None:
+    """Refuse at once (well under 2 s) a model or tokenizer that cannot load, rather than after
+    the hub client's minute of retries: `name` is not an existing path, and either looks like no
+    hub name (a missing folder), or is not in the local hub cache while the hub is off
+    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or unreachable. Raises FileNotFoundError naming
+    `what`, the argument the user gave (e.g. "--model", "model.name_or_path")."""
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"{what} {name!r}: no such folder")
+    if _in_hub_cache(name):  # transformers loads it from the cache, offline too
+        return
+    offline = offline_env()
+    if offline is not None:
+        reason = f"{offline} is set and it is not in the local hub cache"
+    elif not hub_reachable():
+        from huggingface_hub import constants
+
+        reason = f"{constants.ENDPOINT} cannot be reached (no network?)"
+    else:
+        return
+    raise FileNotFoundError(
+        f"{what} {name!r} is neither a local folder nor reachable on the hub ({reason}); "
+        "give the folder of a saved model, or go online"
+    )

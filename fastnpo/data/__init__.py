@@ -8,6 +8,7 @@ in, a per-example cached value can always be looked up.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 from .batching import PairedBatches, collate, collate_packed, length_grouped_batches
@@ -42,6 +43,18 @@ class UnlearningData(NamedTuple):
     batches: PairedBatches
 
 
+def _warn_repeated_questions(questions: list[str], name: str) -> None:
+    """One warning with the count when questions repeat (each repeat is unlearned again, and a
+    set of copies of one question is rarely what was meant)."""
+    distinct = len(set(questions))
+    if distinct < len(questions):
+        warnings.warn(
+            f"{name}: {len(questions) - distinct} of {len(questions)} examples repeat a question asked "
+            f"earlier in the set ({distinct} distinct questions)",
+            stacklevel=3,
+        )
+
+
 def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -> UnlearningData:
     """Load, tokenise and pair the sets named by config. idk=True adds the IdkDPO refusals.
 
@@ -62,6 +75,7 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -
     if config.retain:
         retain_raw = load_qa_split(config.retain, config.retain_split, what="retain set")
     forget_name = describe_source(config.forget, config.forget_split, what="forget set")
+    _warn_repeated_questions(forget_raw["question"], forget_name)
     forget = tokenize_split(forget_raw, tokenizer, config, what=forget_name)
     retain = None
     if retain_raw is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import check_new_folder
 from ..tiny import TinyModelSpec
 from ..train import load_config, train
 from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
@@ -327,12 +328,12 @@ def _git_commit() -> str | None:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    """The policy of every command that writes a folder: a non-empty one is refused unless
-    overwrite; overwrite removes only what a demo writes there."""
+    """The policy of every command that writes a folder (files.check_new_folder, which `fastnpo
+    demo` also applies before its imports): a file or an unwritable folder is refused, a non-empty
+    one unless overwrite; overwrite removes only what a demo writes there."""
+    check_new_folder(out, name="--out", overwrite=overwrite, how_to_overwrite="set --overwrite (overwrite=True)")
     if not (out.is_dir() and any(out.iterdir())):
         return
-    if not overwrite:
-        raise ValueError(f"--out {out} already holds a run; set --overwrite (overwrite=True) to replace it")
     for entry in out.iterdir():
         if entry.name in DEMO_ENTRIES or entry.name.startswith("retain"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -14,6 +14,6 @@
 """
 
 from .config import Config, ConfigError, load_config
-from .loop import build_reference_cache, train
+from .loop import TrainingInterrupted, build_reference_cache, train
 
-__all__ = ["Config", "ConfigError", "build_reference_cache", "load_config", "train"]
+__all__ = ["Config", "ConfigError", "TrainingInterrupted", "build_reference_cache", "load_config", "train"]

@@ -1,6 +1,7 @@
 """Checkpoints through torch.distributed.checkpoint (sharded; bit-exact resume) and the final
 Hugging Face export."""
 
+import contextlib
 import json
 import os
 import random
@@ -28,6 +29,22 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _interrupts_pass_through():
+    """DCP turns whatever a rank raises, Ctrl-C's KeyboardInterrupt included, into a
+    CheckpointException (a BaseException whose message is a traceback per rank): an interrupt
+    on any rank comes out as a KeyboardInterrupt again (the save is left as .partial_step_N,
+    which the next save replaces and no resume reads)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as error:
+        if any(isinstance(failure[0], KeyboardInterrupt) for failure in error.failures.values()):
+            raise KeyboardInterrupt from error
+        raise
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -61,7 +78,7 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier(info)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _interrupts_pass_through():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
     torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
@@ -83,7 +100,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: ProcessInfo) 
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _interrupts_pass_through():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

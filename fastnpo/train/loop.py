@@ -33,6 +33,7 @@ from .output import OutputFolder, prepare_output_dir
 from .setup import (
     build_optimizer,
     cached_reference_logprobs,
+    check_model_sources,
     check_offload,
     frozen_reference,
     load_data,
@@ -44,7 +45,22 @@ from .setup import (
 )
 from .step import StepContext, TrainingDiverged, train_step
 
-__all__ = ["build_reference_cache", "train"]
+__all__ = ["TrainingInterrupted", "build_reference_cache", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (a KeyboardInterrupt) once train() has begun writing the run: `step` steps done
+    of `total_steps`, the newest complete checkpoint (None: none yet, a rerun starts over) and
+    run.resume (whether rerunning the same config continues from it). `fastnpo train` prints it
+    in one line."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path | None, resume: bool):
+        super().__init__(step, total_steps, checkpoint, resume)
+        self.step, self.total_steps, self.checkpoint, self.resume = step, total_steps, checkpoint, resume
+
+    def __str__(self) -> str:
+        where = f"last checkpoint {self.checkpoint}" if self.checkpoint is not None else "no checkpoint yet"
+        return f"interrupted at step {self.step} of {self.total_steps} ({where})"
 
 
 def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
@@ -67,6 +83,7 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
 
 def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluator=None) -> dict:
     log = console(info)
+    check_model_sources(config)
     check_offload(config, info, log)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
     run = _build(config, info, plan.resume_from, log, evaluator)
@@ -78,6 +95,12 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
     try:
         write_run_files(plan.out, config, run.run_info, info)
         result = _steps(config, info, run, folder, on_epoch_end, log)
+    except KeyboardInterrupt as interrupt:
+        # This run's checkpoints: looked up before abandon() may put an old run back.
+        steps = checkpoint.checkpoint_steps(plan.out / "checkpoints")
+        newest = plan.out / "checkpoints" / f"step_{steps[-1]}" if steps else None
+        folder.abandon()
+        raise TrainingInterrupted(run.step, run.total_steps, newest, config.run.resume) from interrupt
     except BaseException:
         folder.abandon()
         raise
@@ -99,7 +122,7 @@ class _Run:
     optimizer: object
     scheduler: object
     total_steps: int
-    step: int
+    step: int  # the steps done: where the run starts, then (_steps) where it has got to
     run_info: dict
     evaluation: EpochEvaluation | None = None
     undial: UndialReference | None = None
@@ -209,6 +232,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
         except TrainingDiverged as error:
             raise TrainingDiverged(f"step {step + 1}: {error}") from None
         step += 1
+        run.step = step  # for TrainingInterrupted
         logger.step(result, step=step, lr=float(scheduler.get_last_lr()[0]), started=started)
         if (on_epoch_end is not None or run.evaluation is not None) and step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
@@ -253,6 +277,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
 
 def build_reference_cache(config: Config, verify: int = 0) -> dict:
     """`fastnpo cache-ref`: the reference pass alone (and optionally a recomputed sample)."""
+    check_model_sources(config)
     info = distributed.setup(config.run.device)
     try:
         method = method_for(config.method.name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..distributed import ProcessInfo, barrier
+from ..files import folder_problem
 from . import checkpoint
 from .config import Config, ConfigError, trajectory_differences
 
@@ -52,6 +53,9 @@ def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], N
     """Decide between a fresh run, a resume and a restart; refuse what would overwrite, mix or
     silently alter runs. Writes nothing, except putting back a run a killed replacement left aside."""
     out = Path(config.run.output_dir)
+    problem = folder_problem(out)
+    if problem is not None:  # before any work; a file is the user's: run.overwrite=true does not touch it
+        raise ConfigError(f"run.output_dir {out} {problem}; set run.output_dir to a folder this run can write")
     _recover_replaced(out, info, log)
     checkpoints = checkpoint.checkpoint_steps(out / "checkpoints")
     overwrite = config.run.overwrite
@@ -61,7 +65,7 @@ def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], N
                 f"run.output_dir {out} already holds a run that finished; nothing to do. "
                 "Set run.overwrite=true to replace it, or use another run.output_dir"
             )
-        return OutputPlan(out, replace=True)
+        return OutputPlan(out, replace=_can_replace(out))
     if checkpoints and config.run.resume:
         return OutputPlan(out, resume_from=_checked_resume(config, out, checkpoints))
     if checkpoints and not overwrite:
@@ -71,7 +75,18 @@ def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], N
         )
     if (out / "run_info.json").exists() and not checkpoints:
         log(f"{out} holds a run that stopped before its first checkpoint; starting it over")
-    return OutputPlan(out, replace=overwrite and out.exists())
+    return OutputPlan(out, replace=overwrite and out.exists() and _can_replace(out))
+
+
+def _can_replace(out: Path) -> bool:
+    """run.overwrite=true moves the old run aside beside it: its parent must be writable."""
+    parent = out.resolve().parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run.output_dir {out}: run.overwrite=true moves the old run aside to {aside_path(out)}, "
+            f"but {parent} is not writable; use another run.output_dir"
+        )
+    return True
 
 
 def _checked_resume(config: Config, out: Path, checkpoints: list[int]) -> Path:

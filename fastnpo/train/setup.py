@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import build_unlearning_data
 from ..distributed import ProcessInfo
+from ..files import check_model_source
 from ..methods import Method, UndialReference
 from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm, output_weight
 from ..modeling import load_tokenizer as load_tokenizer_from
@@ -68,6 +69,15 @@ def available_host_gib() -> float | None:
     except (OSError, StopIteration):
         return None
     return int(line.split()[1]) / 2**20
+
+
+def check_model_sources(config: Config) -> None:
+    """model.name_or_path and model.tokenizer, before any work: a missing folder, or a hub name
+    while the hub is off or unreachable, is refused in a second (files.check_model_source), not
+    after the hub client's minute of retries."""
+    check_model_source(config.model.name_or_path, "model.name_or_path")
+    if config.model.tokenizer and config.model.tokenizer != config.model.name_or_path:
+        check_model_source(config.model.tokenizer, "model.tokenizer")
 
 
 def load_tokenizer(config: Config):

@@ -1,0 +1,225 @@
+"""The trainer's errors before work (issue 22 item 4): an output folder that is a file or cannot
+be written is refused before the reference pass (nothing written, no ref-cache/), Ctrl-C ends
+`fastnpo train` with one line and exit 130, an unreachable model name is refused in under 2 s,
+and a forget set with repeated questions says how many."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from test_train import REPO, config_for, overrides
+
+from fastnpo import cli, files
+from fastnpo.config import ConfigError
+from fastnpo.tiny import TinyModelSpec
+from fastnpo.tofu.minitofu import prepare_tiny
+from fastnpo.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_dir_that_is_a_file_is_refused_before_the_reference_pass(tiny, tmp_path, overwrite):
+    # Today: FileExistsError after the reference pass, a new ref-cache/ beside it, and with
+    # run.overwrite=true the user's file moved to .outfile.txt.replaced.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "outfile.txt").write_text("my notes")
+    extra = {"method.name": "npo", "run.overwrite": str(overwrite).lower()}
+    with pytest.raises(ConfigError, match=r"run\.output_dir .*outfile\.txt is a file"):
+        train(config_for(tiny, work / "outfile.txt", **extra))
+    assert tree(work) == ["outfile.txt"] and (work / "outfile.txt").read_text() == "my notes"
+
+
+def test_an_output_dir_under_a_file_is_refused_before_any_work(tiny, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "outfile.txt").write_text("my notes")
+    with pytest.raises(ConfigError, match=r"run\.output_dir .*outfile\.txt is a file"):
+        train(config_for(tiny, work / "outfile.txt" / "run", **{"method.name": "npo"}))
+    assert tree(work) == ["outfile.txt"]
+
+
+def _read_only(folder: Path, monkeypatch) -> None:
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anyway: make os.access say what it would say
+        real = os.access
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK else real(path, mode),
+        )
+
+
+@pytest.mark.parametrize("where", ["parent", "folder", "replace"])
+def test_a_read_only_output_folder_or_parent_is_refused_before_any_work(tiny, tmp_path, monkeypatch, where):
+    # Today: PermissionError traceback after the reference pass.
+    work = tmp_path / "work"
+    out = work / "run"
+    work.mkdir()
+    extra = {"method.name": "npo"}
+    if where != "parent":
+        out.mkdir()
+    if where == "replace":  # run.overwrite=true moves the old run aside: beside it, in work/
+        (out / "final").mkdir()
+        extra["run.overwrite"] = "true"
+    locked = out if where == "folder" else work
+    before = tree(work)
+    _read_only(locked, monkeypatch)
+    try:
+        with pytest.raises(ConfigError, match=rf"run\.output_dir .*{locked} is not writable"):
+            train(config_for(tiny, out, **extra))
+        assert tree(work) == before
+    finally:
+        locked.chmod(0o755)
+
+
+def test_cli_says_one_line_for_an_output_file(tiny, tmp_path, capsys):
+    (tmp_path / "outfile.txt").write_text("my notes")
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    argv = args + overrides(tiny, tmp_path / "outfile.txt", **{"method.name": "npo", "run.overwrite": "true"})
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fastnpo train: error: run.output_dir" in err and "is a file" in err
+    assert tree(tmp_path) == ["outfile.txt"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_says_one_line_with_the_step_and_the_resume_command_and_exits_130(tiny, tmp_path):
+    # Today: a 42-line KeyboardInterrupt traceback.
+    out = tmp_path / "run"
+    extra = {
+        "method.name": "npo",
+        "optim.max_steps": 100000,
+        "run.checkpoint_every": 1,
+        "run.cache_dir": tmp_path / "c",
+    }
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastnpo.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell may start background jobs with SIGINT ignored; Ctrl-C is what this test sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step_2" / "trainer.json").exists() and process.poll() is None:
+            assert time.time() < deadline, "no checkpoint in 240 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("fastnpo train:")]
+    assert len(lines) == 1, stderr
+    line = lines[0]
+    steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    newest = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    reached = int(line.split("interrupted at step ")[1].split(" of 100000")[0])
+    assert reached >= 2 and reached in (steps[-1], steps[-1] + 1), line  # +1: done, not yet logged
+    assert f"last checkpoint {out / 'checkpoints' / f'step_{newest}'}" in line, line
+    assert "fastnpo train --config" in line and "run.output_dir=" in line, line
+
+
+def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeypatch, capsys):
+    from fastnpo.train import loop
+
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def interrupted_on_the_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_on_the_second)
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    argv = args + overrides(tiny, tmp_path / "run", **{"method.name": "npo", "run.resume": "false"})
+    assert cli.main(argv) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastnpo")]
+    assert len(err) == 1 and err[0].startswith("fastnpo train: interrupted at step 1 of 2 (no checkpoint yet"), err
+    assert err[0].endswith(f"to start over, run: fastnpo {' '.join(argv)}"), err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
+
+    def interrupted_in_setup(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "load_model", interrupted_in_setup)
+    assert cli.main(argv) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastnpo")]
+    assert len(err) == 1 and err[0].startswith("fastnpo train: interrupted before the first step"), err
+
+
+# ----------------------------------------------------------------------------- unreachable models
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_cache_ref_offline_names_the_key_in_under_2_s(offline, capsys):
+    # Today: 50 s of "Retrying in 8s [Retry n/5]" before the clear line.
+    started = time.perf_counter()
+    assert cli.main(["cache-ref", "--config", str(REPO / "configs" / "tofu_llama2_7b_npo_1gpu.yaml")]) == 2
+    assert time.perf_counter() - started < 2
+    err = capsys.readouterr().err
+    assert "fastnpo cache-ref: error: model.name_or_path 'locuslab/tofu_ft_llama2-7b' is neither a local folder" in err
+
+
+def test_train_with_an_unreachable_model_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "hub_reachable", lambda: False)
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"model\.tokenizer 'org/tokenizer' is neither a local folder"):
+        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "model.tokenizer": "org/tokenizer"}))
+    assert time.perf_counter() - started < 2
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+
+def test_a_forget_set_with_repeated_questions_says_how_many(tiny, tmp_path):
+    rows = [{"question": "Who wrote the book?", "answer": f"Ann {i}."} for i in range(6)]
+    rows.append({"question": "Where was she born?", "answer": "Oslo."})
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=r"forget set .*forget\.jsonl.*: 5 of 7 examples repeat a question") as caught:
+        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "data.forget": forget, "optim.max_steps": 1}))
+    assert len([w for w in caught if "repeat a question" in str(w.message)]) == 1
+    from fastnpo.data import build_unlearning_data
+    from fastnpo.modeling import load_tokenizer
+
+    config = config_for(tiny, tmp_path / "other", **{"method.name": "npo"})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_unlearning_data(config.data, load_tokenizer(str(tiny["base"])))
+    assert not [w for w in seen if "repeat a question" in str(w.message)]  # Mini-TOFU has none
