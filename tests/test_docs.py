@@ -11,6 +11,8 @@ FASTNPO_DOCS_FULL=1; GPU-only and hub-only ones never run here, for the reasons 
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,8 @@ SKIPPED_COMMANDS = {
     "fastnpo eval --model my-unlearned-llama": "hub-only: a hub model on locuslab/TOFU",
     "python benchmarks/": "benchmarks take minutes; benchmarks/test_bench_*.py run them at tiny shapes",
 }
+# What a checkout holds that is the user's, not the repository's (left out of the scratch root).
+USER_STATE = {"runs", ".venv", ".venv-latest", ".git", ".pytest_cache", "build", "wheels"}
 # Commands that take 15-60 s on 2 CPU cores: FASTNPO_DOCS_FULL=1 runs them.
 LONG_COMMANDS = ("fastnpo train --config", "fastnpo eval")
 
@@ -115,7 +119,11 @@ def test_commands_run_as_written(path, tmp_path, monkeypatch, capsys):
     """In document order, in a scratch folder: cheap commands run, trainer configs are loaded, the
     folders eval reads must have been written by an earlier command."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").symlink_to(REPO / "configs")
+    # The repository root as a user's checkout has it (every top-level entry but their own runs/),
+    # so that a command runs with the same folders on sys.path as it would from the root.
+    for entry in REPO.iterdir():
+        if entry.name not in USER_STATE:
+            (tmp_path / entry.name).symlink_to(entry)
     outputs, written = {}, set()
     for line, lang, text in code_blocks(path):
         if lang != "bash" or skip_reason(text):
@@ -141,4 +149,8 @@ def test_commands_run_as_written(path, tmp_path, monkeypatch, capsys):
                 assert stats is None or stats in written, f"{where}: nothing before it writes {stats}"
             if command.startswith(LONG_COMMANDS) and not FULL:
                 continue
-            assert cli.main(args[1:]) == 0, f"{where} failed:\n{capsys.readouterr().err}"
+            # As a user runs it: a new process, started in the root (`fastnpo` is `python -m fastnpo.cli`).
+            done = subprocess.run(
+                [sys.executable, "-m", "fastnpo.cli", *args[1:]], capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, f"{where} failed (rc {done.returncode}):\n{done.stderr[-3000:]}"

@@ -51,10 +51,10 @@ def captured_launches(dtype_name: str):
     A launcher that launches its kernel several times (one per vocabulary block) contributes each
     distinct specialisation once (spec_key)."""
     import torch
+
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
     from fastnpo.kernels import softmax_gradient as sg
-
     from fastnpo.ops import cublas, one_pass
 
     dtype = getattr(torch, dtype_name)
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be defined as real JIT functions")
     import torch
+
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
     from fastnpo.kernels import sequence_epilogue as ep

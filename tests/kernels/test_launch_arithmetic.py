@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import triton
+
 from fastnpo.kernels import logprobs_backward as bwd
 from fastnpo.kernels import logprobs_forward as fwd
 from fastnpo.kernels.tiles import ROW_BUCKET_CAP, operand_buffer_bytes, row_bucket, select_configs

@@ -6,10 +6,10 @@ On CPU these run under the interpreter (conftest.py) at tiny shapes.
 import pytest
 import torch
 from conftest import TRITON_DEVICE
-from fastnpo.kernels.logprobs_backward import logprobs_backward
-from fastnpo.kernels.logprobs_forward import logprobs_forward
 
 import fastnpo
+from fastnpo.kernels.logprobs_backward import logprobs_backward
+from fastnpo.kernels.logprobs_forward import logprobs_forward
 
 
 def reference(hidden, weight, labels):

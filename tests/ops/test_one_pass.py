@@ -19,10 +19,10 @@ import textwrap
 import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_as_good_as_torch
-from fastnpo.kernels import sequence_epilogue
 
 import fastnpo
 from fastnpo import losses
+from fastnpo.kernels import sequence_epilogue
 from fastnpo.ops import cublas, fused_sequence_loss, one_pass
 
 IGNORE = -100

@@ -61,6 +61,10 @@ def _head_weight(model: nn.Module) -> torch.Tensor:
     return weight
 
 
+# transformers 5.25 renamed the outputs' past_key_values to cache; reading the old name warns.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
 class FusedCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast from a patched model: logits=None, plus per-sequence log-probs when asked.
@@ -296,7 +300,7 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
     out = FusedCausalLMOutput(
         loss=loss,
         logits=None,
-        past_key_values=getattr(outputs, "past_key_values", None),
+        **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)},
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),
         sequence_logps=sequence_logps,

@@ -103,13 +103,13 @@ def _undial_key(input_ids, labels) -> tuple | None:
     return (tuple(input_ids[: positions[-1] + 1]), positions) if positions else None
 
 
-@torch.no_grad()
 class _UndialRows:
     """UNDIAL's reference for the Hugging Face route: methods.UndialReference of every forget row
     of the train and eval datasets, computed from the model when the trainer is built (its initial
     state), and each row's place in it by content (_undial_key): rows arrive shuffled and without
     an index column."""
 
+    @torch.no_grad()
     def __init__(self, model, datasets: list, pad_token_id: int, impl: str):
         items, self.places = [], {}
         for dataset in datasets:

@@ -1,0 +1,42 @@
+"""What a `fastnpo` command prints: fastnpo's own lines and real warnings, not third-party noise.
+
+Imported by the CLI before anything heavy, so the filters are in place before the libraries that
+log at import time (transformers imports torchao when it is installed) are imported.
+"""
+
+import logging
+import os
+
+# Messages, by the logger that emits them, that say nothing a fastnpo user can act on:
+# - torchao's optional C++/CUDA extensions (MX formats, CUTLASS) fail to load on a CPU or on a torch
+#   they were not built for; fastnpo never uses them (its 8-bit AdamW is plain PyTorch).
+# - torch tells torchao that an Enum it registers is now natively supported (a deprecation for torchao).
+NOISE = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+# Progress bars of datasets (a "Generating train split" bar per local JSON file) and of transformers /
+# huggingface_hub (weights loaded, shards written, downloads). fastnpo draws its own bars for its long
+# steps. A user who wants them back sets the variable to 0.
+PROGRESS_BARS = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Drop the NOISE messages (only those: other warnings and every error still show) and turn
+    off third-party progress bars unless the user set their variables. Idempotent."""
+    for name in PROGRESS_BARS:
+        os.environ.setdefault(name, "1")
+    for name, fragments in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
