@@ -1,7 +1,9 @@
 """README.md's and docs/*.md's code blocks, run as written (issue 14 item 3), so the docs cannot rot.
 
 Every ```bash / ```python block must be classified below: a block nobody classified fails the
-test. Cheap commands run in a scratch folder (with configs/ linked in); every trainer command's
+test. Cheap commands run as a user runs them, each a new `python -m fastnpo.cli` process started in a
+scratch copy of the repository root (its top-level entries linked in, so the same folders are on
+sys.path as in the root, and the root's runs/ is not touched); every trainer command's
 config and overrides are loaded (unknown keys, bad values, two commands writing one folder);
 every `fastnpo eval --model` must be a folder an earlier command of the same file creates. The
 long CPU commands (training, evaluation: 15-60 s each on 2 cores) run only with
@@ -116,8 +118,8 @@ def _train_config(command: str):
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_commands_run_as_written(path, tmp_path, monkeypatch, capsys):
-    """In document order, in a scratch folder: cheap commands run, trainer configs are loaded, the
-    folders eval reads must have been written by an earlier command."""
+    """In document order, in a scratch copy of the root: cheap commands run, trainer configs are
+    loaded, the folders eval reads must have been written by an earlier command."""
     monkeypatch.chdir(tmp_path)
     # The repository root as a user's checkout has it (every top-level entry but their own runs/),
     # so that a command runs with the same folders on sys.path as it would from the root.

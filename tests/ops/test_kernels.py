@@ -97,13 +97,20 @@ def test_filter_default_is_exact_for_fp32_and_on_for_bf16():
         resolve_filter_eps(1.5, torch.float32)
 
 
-def test_fp32_dots_follow_torchs_tf32_switch(monkeypatch):
+def test_fp32_dots_follow_torchs_tf32_switch():
     from fastnpo.kernels.tiles import ieee_dots
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert ieee_dots(torch.float32) and not ieee_dots(torch.bfloat16) and not ieee_dots(torch.float16)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert not ieee_dots(torch.float32)
+    # Saved and restored by hand: pytest >= 9.2's monkeypatch deletes on undo an attribute that is not
+    # in the object's __dict__, and torch's cuBLASModule serves allow_tf32 through __getattr__.
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert ieee_dots(torch.float32) and not ieee_dots(torch.bfloat16) and not ieee_dots(torch.float16)
+        matmul.allow_tf32 = True
+        assert not ieee_dots(torch.float32)
+    finally:
+        matmul.allow_tf32 = saved
 
 
 def test_poisoned_outputs_are_overwritten(monkeypatch):
