@@ -49,6 +49,31 @@ def load_tokenizer(source: str, *, what: str = "tokenizer"):
     return tokenizer
 
 
+def config_dtype(config) -> str:
+    """The dtype a transformers config names ("bfloat16", ...): `dtype` (transformers 5), else
+    `torch_dtype` (older config.json files); "" when it names none or one fastnpo does not train in."""
+    value = None
+    for item in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        if item is None:
+            continue
+        # vars(): transformers 5 keeps torch_dtype only as a deprecated alias of dtype
+        value = getattr(item, "dtype", None) or vars(item).get("torch_dtype")
+        if value is not None:
+            break
+    name = str(value).removeprefix("torch.") if value is not None else ""
+    return name if name in DTYPES else ""
+
+
+def checkpoint_dtype(name_or_path: str, *, what: str = "model") -> str:
+    """What dtype "auto" means for a checkpoint: the one its config.json names, else float32."""
+    from transformers import AutoConfig
+
+    try:
+        return config_dtype(AutoConfig.from_pretrained(name_or_path)) or "float32"
+    except (OSError, ValueError) as error:
+        raise _not_loadable(what, name_or_path, error) from None
+
+
 def load_causal_lm(
     name_or_path: str,
     *,

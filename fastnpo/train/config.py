@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from ..config import ConfigError, load_structured, require, require_finite, to_yaml
 from ..data import DataConfig
 from ..methods import METHODS, MethodConfig
-from ..modeling import LoraConfig
+from ..modeling import DTYPES, LoraConfig
 from ..ops import IMPLS
 from .optimizers import OPTIMIZERS, STATE_DTYPES
 from .sharding import DistributedConfig
@@ -29,19 +29,21 @@ __all__ = ["Config", "ConfigError", "ModelConfig", "OptimConfig", "RunConfig", "
 class ModelConfig:
     """name_or_path: a hub name or a local folder of a causal LM (from_pretrained).
     random_init: build the architecture from its config.json with fresh random weights
-    (benchmarks). tokenizer: defaults to name_or_path."""
+    (benchmarks). tokenizer: defaults to name_or_path. dtype: the parameters' dtype; "auto" (the
+    default): the one the model's config.json names (bfloat16 for most hub LLMs), else float32;
+    `fastnpo train` and `fastnpo plan` resolve it the same way and say what they chose."""
 
     name_or_path: str = ""
     tokenizer: str = ""
     random_init: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"
     impl: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
-        dtypes = ("float32", "bfloat16", "float16")
-        require(self.dtype in dtypes, "model.dtype", "must be float32, bfloat16 or float16", self.dtype)
+        dtypes = ("auto", *DTYPES)
+        require(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}", self.dtype)
         require(self.impl in IMPLS, "model.impl", f"must be one of {IMPLS}", self.impl)
         # LoraConfig is shared with other routes; its values only matter here when it is on.
         if self.lora.enabled:

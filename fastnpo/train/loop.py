@@ -40,6 +40,7 @@ from .setup import (
     load_example_weights,
     load_model,
     load_tokenizer,
+    resolve_model_dtype,
     undial_reference,
     wrap_model,
 )
@@ -84,6 +85,7 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
 def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluator=None) -> dict:
     log = console(info)
     check_model_sources(config)
+    config = resolve_model_dtype(config, log)
     check_offload(config, info, log)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
     run = _build(config, info, plan.resume_from, log, evaluator)
@@ -280,13 +282,14 @@ def build_reference_cache(config: Config, verify: int = 0) -> dict:
     check_model_sources(config)
     info = distributed.setup(config.run.device)
     try:
+        log = console(info)
+        config = resolve_model_dtype(config, log)
         method = method_for(config.method.name)
         if not method.ref_sets:
             raise ConfigError(f"method {config.method.name} uses no cached reference log-probs")
         tokenizer = load_tokenizer(config)
         sets, _ = load_data(config, tokenizer, method, 1)
         model = load_model(config, info.device)
-        log = console(info)
         ref, hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
         report = None
         if verify:

@@ -4,9 +4,9 @@ Reads a run config (or --model plus dotted overrides), counts the model's parame
 meta device (never loads weights), estimates every component (memory_estimate.py states the
 formulas), prints a table (or --json) against the GPU memory and says which settings would fit.
 
-The dtype planned: model.dtype when the run config (file or override) sets it, else the dtype
-the model's own config names (config.json `dtype`, or `torch_dtype` before transformers 5),
-else float32. The GPU memory: --gpu-memory, else the config's run.gpu_memory_gib, else the
+The dtype planned: model.dtype; "auto" (its default) as the trainer resolves it: the dtype the
+model's own config names (config.json `dtype`, or `torch_dtype` before transformers 5), else
+float32. The GPU memory: --gpu-memory, else the config's run.gpu_memory_gib, else the
 visible GPU's, else DEFAULT_GPU_GIB. The plan says where each came from.
 
 `fastnpo plan` (fastnpo/cli.py) parses the arguments and calls run_plan(args); a plan that does
@@ -18,8 +18,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..config import ConfigError, load_structured
+from ..files import check_model_source
 from ..methods import METHODS, MethodConfig, rmu_trainable_pattern
-from .config import Config, ModelConfig
+from ..modeling import config_dtype
+from .config import Config
 from .memory_estimate import (
     DTYPE_BYTES,
     FRAGMENTATION,
@@ -106,7 +108,6 @@ for _name in list(KNOWN_MODELS):
 KNOWN_MODELS["google/gemma-2-9b-it"] = KNOWN_MODELS["google/gemma-2-9b"]
 DEFAULT_GPU_GIB = 80.0
 EXIT_DOES_NOT_FIT = 3  # `fastnpo plan`'s exit status when the plan does not fit (the cli's plan parser says it too)
-TRAINABLE_DTYPES = ("float32", "bfloat16", "float16")  # what model.dtype accepts
 
 
 def hf_config(source: str | dict):
@@ -122,32 +123,17 @@ def hf_config(source: str | dict):
     path = Path(source)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: the folder {source} has no config.json")
-    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise ConfigError(f"model.name_or_path: {source!r} is neither a folder nor a hub name (owner/name)")
+    known = ", ".join(sorted(k for k in KNOWN_MODELS if not k.endswith(("-Instruct", "-it"))))
     try:
+        check_model_source(source, "model.name_or_path")  # in a second, not after the hub client's retries
         return AutoConfig.from_pretrained(source)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error}; offline, `fastnpo plan` also knows: {known}") from None
     except (OSError, ValueError) as error:
-        known = ", ".join(sorted(k for k in KNOWN_MODELS if not k.endswith(("-Instruct", "-it"))))
         raise ConfigError(
             f"model.name_or_path: cannot read the config of {source!r} ({str(error).splitlines()[0]}); "
             f"offline, pass a local folder with config.json or one of: {known}"
         ) from None
-
-
-def config_dtype(config) -> str:
-    """The dtype a transformers config names ("bfloat16", ...): `dtype` (transformers 5), else
-    `torch_dtype` (transformers 4 and older config.json files); "" when it names none or one that
-    fastnpo does not train in."""
-    value = None
-    for item in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
-        if item is None:
-            continue
-        # vars(): transformers 5 keeps torch_dtype only as a deprecated alias of dtype
-        value = getattr(item, "dtype", None) or vars(item).get("torch_dtype")
-        if value is not None:
-            break
-    name = str(value).removeprefix("torch.") if value is not None else ""
-    return name if name in TRAINABLE_DTYPES else ""
 
 
 def model_shape(
@@ -366,14 +352,11 @@ def plan(
     gpu_gib: float | None = None,
     gpus: int = 1,
     device: str = "cuda",
-    *,
-    dtype_from_model: bool = False,
 ) -> dict:
     """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs.
 
     gpu_gib: memory per GPU (--gpu-memory); None: config.run.gpu_memory_gib, else the visible
-    GPU's, else DEFAULT_GPU_GIB. dtype_from_model: the run config does not set model.dtype, so
-    plan the dtype the model's config names (float32 when it names none); False: model.dtype."""
+    GPU's, else DEFAULT_GPU_GIB. model.dtype "auto": the dtype the model's config names, else float32."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus: must be an int >= 1, got {gpus!r}")
     source = model if model is not None else config.model.name_or_path
@@ -382,20 +365,10 @@ def plan(
     lora = config.model.lora
     rmu = config.method if METHODS[config.method.name].activations else None
     shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r, rmu)
-    extra_notes = []
-    if dtype_from_model:
+    if config.model.dtype == "auto":  # as the trainer resolves it (setup.resolve_model_dtype)
         dtype = shape.config_dtype or "float32"
-        if shape.config_dtype:
-            dtype_source = "from the model's config: model.dtype not set"
-        else:
-            dtype_source = "the default: model.dtype not set and the model's config names no dtype"
-        trainer_default = ModelConfig.__dataclass_fields__["dtype"].default
-        if dtype != trainer_default:
-            extra_notes.append(
-                f"model.dtype is not set: planned in {dtype}, the model's config dtype; `fastnpo train` loads "
-                f"the model in model.dtype (default {trainer_default}): set model.dtype={dtype} to train what "
-                "this plans"
-            )
+        named = "named in the model's config" if shape.config_dtype else "the model's config names none"
+        dtype_source = f"auto: {named}"
         config = replace(config, model=replace(config.model, dtype=dtype))
     else:
         dtype_source = "set in the run config"
@@ -430,7 +403,7 @@ def plan(
         "headroom_gib": (budget - e.total) / GIB,
         "peak_other_checkpointing_gib": other.total / GIB,
         "suggestions": [] if fits else suggestions(shape, s, config, budget),
-        "notes": extra_notes + e.notes,
+        "notes": e.notes,
     }
 
 
@@ -505,21 +478,10 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def sets_key(path, overrides, key: str) -> bool:
-    """Whether the YAML file or the dotted overrides give `key` a value (rather than the
-    dataclass default). Call after load_structured has read them (it reports their errors)."""
-    from omegaconf import OmegaConf
-
-    given = [OmegaConf.load(path)] if path is not None else []
-    given.append(OmegaConf.from_dotlist(list(overrides)))
-    return any(OmegaConf.select(tree, key, default=None) is not None for tree in given)
-
-
 def run_plan(args) -> dict:
     """Print the plan (unless --json) and return it; result["fits"] decides the exit status."""
     config = load_structured(Config, args.config, args.overrides)
-    dtype_set = sets_key(args.config, args.overrides, "model.dtype")
-    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus, dtype_from_model=not dtype_set)
+    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus)
     if not args.json:
         print(format_plan(result))
     return result

@@ -19,7 +19,7 @@ from ..data import build_unlearning_data
 from ..distributed import ProcessInfo
 from ..files import check_model_source
 from ..methods import Method, UndialReference
-from ..modeling import SequenceLogprobModel, add_lora, load_causal_lm, output_weight
+from ..modeling import SequenceLogprobModel, add_lora, checkpoint_dtype, load_causal_lm, output_weight
 from ..modeling import load_tokenizer as load_tokenizer_from
 from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
@@ -78,6 +78,23 @@ def check_model_sources(config: Config) -> None:
     check_model_source(config.model.name_or_path, "model.name_or_path")
     if config.model.tokenizer and config.model.tokenizer != config.model.name_or_path:
         check_model_source(config.model.tokenizer, "model.tokenizer")
+
+
+def resolve_model_dtype(config: Config, log) -> Config:
+    """model.dtype "auto" made concrete, once, before anything depends on it (the reference cache's
+    key, the optimizer, config.yaml): the dtype the model's config.json names, else float32, as
+    `fastnpo plan` plans it. Plain AdamW on 16-bit parameters loses small updates: said, not refused."""
+    m = config.model
+    if m.dtype != "auto":
+        return config
+    dtype = checkpoint_dtype(m.name_or_path, what="model.name_or_path")
+    log(f"model.dtype=auto: {dtype} (the model's config)")
+    if dtype != "float32" and config.optim.name == "adamw":
+        log(
+            f"note: plain AdamW on {dtype} parameters has no fp32 master copy and loses updates much smaller "
+            "than the weights (README: The trainer); optim.name=adamw_kahan or model.dtype=float32 keeps them"
+        )
+    return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype))
 
 
 def load_tokenizer(config: Config):

@@ -67,15 +67,13 @@ def test_dtype_defaults_to_the_model_config(tmp_path, no_gpu):
     result = planned(["--model", saved])
     assert result["settings"]["dtype"] == "bfloat16"
     assert result["shape"]["config_dtype"] == "bfloat16"
-    assert result["dtype_source"].startswith("from the model's config")
-    # the trainer loads model.dtype (default float32): the plan says how to train what it planned
-    assert any("set model.dtype=bfloat16" in note for note in result["notes"])
+    assert result["dtype_source"] == "auto: named in the model's config"
     # a config.json written before transformers 5 names it torch_dtype
     old = tiny_folder(tmp_path / "old", torch_dtype="float16")
     assert planned(["--model", old])["settings"]["dtype"] == "float16"
     # none named: float32, and the plan says why
     bare = planned(["--model", tiny_folder(tmp_path / "bare")])
-    assert bare["settings"]["dtype"] == "float32" and bare["dtype_source"].startswith("the default")
+    assert bare["settings"]["dtype"] == "float32" and bare["dtype_source"] == "auto: the model's config names none"
     # a dtype fastnpo does not train in is not taken
     assert planned(["--model", tiny_folder(tmp_path / "f64", torch_dtype="float64")])["settings"]["dtype"] == "float32"
 
@@ -84,7 +82,6 @@ def test_a_dtype_the_run_config_sets_wins(tmp_path, no_gpu):
     folder = saved_folder(tmp_path / "model", "bfloat16")
     override = planned(["--model", folder, "model.dtype=float32"])
     assert override["settings"]["dtype"] == "float32" and override["dtype_source"] == "set in the run config"
-    assert not any("model.dtype is not set" in note for note in override["notes"])
     config = write_config(tmp_path / "run.yaml", f"model:\n  name_or_path: {folder}\n  dtype: float32\n")
     assert planned(["--config", config])["settings"]["dtype"] == "float32"
     assert planned(["--config", config, "model.dtype=float16"])["settings"]["dtype"] == "float16"
@@ -97,7 +94,7 @@ def test_the_printed_plan_names_where_dtype_and_memory_came_from(tmp_path, no_gp
     folder = saved_folder(tmp_path / "model", "bfloat16")
     assert main(["plan", "--model", folder, "--gpu-memory", "24"]) == 0
     table = capsys.readouterr().out
-    assert "model.dtype=bfloat16 (from the model's config: model.dtype not set)" in table
+    assert "model.dtype=bfloat16 (auto: named in the model's config)" in table
     assert "1 GPU x 24.0 GiB (--gpu-memory)" in table
 
 
@@ -209,3 +206,26 @@ def test_readme_plan_command_plans_what_its_text_says(no_gpu, monkeypatch):
     assert 75 < result["total_gib"] <= result["gpu_memory_gib"] == 80.0 and result["fits"]
     for argv in commands:  # every command in the section runs offline and plans a run that fits
         assert main(["plan", *argv, *([] if "--json" in argv else ["--json"])]) == 0, argv
+
+
+def test_the_trainer_resolves_auto_as_the_plan_plans_it(tmp_path, no_gpu):
+    """`fastnpo plan` and `fastnpo train` read model.dtype=auto the same way (one rule, in modeling)."""
+    from fastnpo.train import load_config
+    from fastnpo.train.setup import resolve_model_dtype
+
+    for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        folder = saved_folder(tmp_path / name, dtype)
+        config = write_config(tmp_path / f"{name}.yaml", f"model:\n  name_or_path: {folder}\n")
+        lines = []
+        trained = resolve_model_dtype(load_config(config, ["data.forget=x", "run.output_dir=y"]), lines.append)
+        assert trained.model.dtype == planned(["--config", config])["settings"]["dtype"] == dtype
+        assert lines[0] == f"model.dtype=auto: {dtype} (the model's config)"
+        # plain AdamW on 16-bit parameters is said, not refused
+        assert any("plain AdamW on bfloat16" in line for line in lines) == (dtype == "bfloat16")
+
+
+def test_an_override_that_is_not_yaml_is_planned(tmp_path, no_gpu):
+    """A template override (not valid YAML) is a string for the plan as for the trainer."""
+    folder = saved_folder(tmp_path / "model", "bfloat16")
+    result = planned(["--model", folder, "data.template=[INST] {question} [/INST]"])
+    assert result["settings"]["dtype"] == "bfloat16"
