@@ -29,8 +29,6 @@ fastnpo/u2a/run.py (objective: fastnpo/u2a/problem.py, bilevel: fastnpo/u2a/bile
 `fastnpo u2a --print-config [--config FILE] [key=value ...]` prints them all with their values.
 """
 
-DEMO_OVERWRITE = "set --overwrite (overwrite=True)"
-
 DEMO_TIME = (
     "It runs on one thread: the default preset took 6 min wall clock on a lightly loaded 2-core Xeon and 12 min "
     "on the same machine shared with other jobs (see README, 'The demo')."
@@ -140,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_debug_flag()],
         help="will it fit? per-GPU peak memory of a run by component (no weights loaded)",
         description="Predicts the per-GPU peak memory of a training run from its config, building the model "
-        "on the meta device (docs/will_it_fit.md). The dtype is model.dtype when the config sets it, else the "
-        "model's config.json dtype (torch_dtype), else float32. Exit status: 0 when the run fits, 3 when it "
+        "on the meta device (docs/will_it_fit.md). The dtype is model.dtype; its default, auto, is the "
+        "model's config.json dtype (torch_dtype), else float32, as `fastnpo train` loads it. "
+        "Exit status: 0 when the run fits, 3 when it "
         "does not (the table, or the JSON with --json, is printed either way), 2 for a bad config or argument.",
     )
     add_plan_arguments(plan)
@@ -268,10 +267,10 @@ def run_u2a(args):
 
 
 def run_demo(args) -> dict:
-    from .files import check_new_folder
+    from .files import OVERWRITE_OPTION, check_new_folder
 
     # The demo's own rule (tofu/demo.py), checked before its imports (torch: seconds).
-    check_new_folder(args.out, name="--out", overwrite=args.overwrite, how_to_overwrite=DEMO_OVERWRITE)
+    check_new_folder(args.out, name="--out", overwrite=args.overwrite, how_to_overwrite=OVERWRITE_OPTION)
     from .tofu.demo import run_demo as demo
 
     seeds = None if args.unlearn_seeds is None else [int(s) for s in args.unlearn_seeds.split(",")]
@@ -334,10 +333,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help answers before anything is imported
     from .console import quiet_third_party
 
     quiet_third_party()
-    args = build_parser().parse_args(argv)
     debug = args.debug or bool(os.environ.get("FASTNPO_DEBUG"))
     from .config import ConfigError
 

@@ -15,10 +15,9 @@ NOISE = {
     "torchao": ("Failed to load ",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
 }
-# Progress bars of datasets (a "Generating train split" bar per local JSON file) and of transformers /
-# huggingface_hub (weights loaded, shards written, downloads). fastnpo draws its own bars for its long
-# steps. A user who wants them back sets the variable to 0.
-PROGRESS_BARS = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+# Progress bars of datasets: a "Generating train split" bar per local JSON file. A user who wants them
+# back sets the variable to 0.
+DATASETS_BARS = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 
 
 class _DropMessages(logging.Filter):
@@ -32,11 +31,19 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Drop the NOISE messages (only those: other warnings and every error still show) and turn
-    off third-party progress bars unless the user set their variables. Idempotent."""
-    for name in PROGRESS_BARS:
-        os.environ.setdefault(name, "1")
+    """Drop the NOISE messages (only those: other warnings and every error still show), turn off
+    datasets' bars unless the user set their variable, and transformers' own bars (weights loaded,
+    shards written: a bar per file, fastnpo says what it loads) while keeping huggingface_hub's
+    download bars, the one sign of progress while a multi-GB checkpoint downloads. Idempotent."""
+    os.environ.setdefault(DATASETS_BARS, "1")
     for name, fragments in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    downloads_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # turns off huggingface_hub's bars too
+    if downloads_shown:
+        enable_progress_bars()

@@ -61,6 +61,15 @@ def test_the_filters_drop_only_the_noise(caplog):
     ]
 
 
+def test_download_bars_stay_and_transformers_bars_go():
+    """A multi-GB download keeps huggingface_hub's bar; transformers' per-file bars go."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    quiet_third_party()
+    assert not are_progress_bars_disabled() and not transformers_logging.is_progress_bar_enabled()
+
+
 def test_foreign_lines_catches_what_it_must():
     noise = (
         "Failed to load /x/torchao/_C_cutlass_90a.abi3.so: Could not load this library\n"
