@@ -48,7 +48,8 @@ from fastnpo.profiling import peak_memory_during
 
 # Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
 # ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
-# (from the repository root) regenerates them, under the same file names.
+# (from the repository root) regenerates them, under the same file names. The other
+# benchmark scripts import it from here.
 OUT_DIR = "runs/benchmarks"
 CUDA_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 2304, 256000), (8192, 2048, 128256)]
 CPU_SHAPES = [(2048, 256, 131072), (1024, 256, 32768), (512, 128, 32000)]  # the first is the CPU target

@@ -31,10 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
-# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
-# (from the repository root) regenerates them, under the same file names.
-OUT_DIR = "runs/benchmarks"
 MIB = 2**20
 
 MICRO = dict(
@@ -231,6 +227,10 @@ FIELDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: the case workers import this module, and bench_logprobs
+    # imports torch and fastnpo (benchmarks/ is on sys.path when run as a script).
+    from bench_logprobs import OUT_DIR
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="a micro Llama (any device)")

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 # Header and memory helpers shared with bench_logprobs.py (benchmarks/ is on sys.path when run as a script).
-from bench_logprobs import clean_memory, machine_info, read_results_csv
+from bench_logprobs import OUT_DIR, clean_memory, machine_info, read_results_csv
 
 from fastnpo.data import collate, length_grouped_batches
 from fastnpo.distributed import ProcessInfo
@@ -61,10 +61,6 @@ from fastnpo.profiling import peak_memory_during
 from fastnpo.refcache import sharded_item_logprobs
 from fastnpo.train.memory_plan import KNOWN_MODELS
 
-# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
-# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
-# (from the repository root) regenerates them, under the same file names.
-OUT_DIR = "runs/benchmarks"
 PAD_ID = 0  # random token ids are drawn from [1, V)
 MIB = 2**20
 

@@ -26,16 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_u2a_compare import machine_info  # benchmarks/ is on sys.path when run as a script
+from bench_logprobs import OUT_DIR  # benchmarks/ is on sys.path when run as a script
+from bench_u2a_compare import machine_info
 from scipy.stats import spearmanr
 
 from fastnpo import u2a
 from fastnpo.u2a.preference import synthetic_candidates
-
-# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
-# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
-# (from the repository root) regenerates them, under the same file names.
-OUT_DIR = "runs/benchmarks"
 
 
 def tiny_problem(args):

@@ -58,10 +58,15 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
+# how_to_overwrite of the commands with an --overwrite option (and their functions' overwrite=True)
+OVERWRITE_OPTION = "set --overwrite (overwrite=True)"
+
+
 def check_new_folder(path: str | Path, *, name: str, overwrite: bool, how_to_overwrite: str) -> None:
-    """The rule of a command that writes a folder (`fastnpo demo --out`): refuse, before any work,
-    a folder that cannot be written (folder_problem) and a non-empty one unless overwrite.
-    Raises ValueError "<name> <path> ..."; name: how the user gave the path (e.g. "--out")."""
+    """The rule of a command that writes a folder (`fastnpo demo --out`, `fastnpo prepare-tiny
+    --out`, `fastnpo u2a run.output_dir=`): refuse, before any work, a folder that cannot be
+    written (folder_problem) and a non-empty one unless overwrite. Raises ValueError
+    "<name> <path> ..."; name: how the user gave the path (e.g. "--out")."""
     path = Path(path)
     problem = folder_problem(path)
     if problem is not None:

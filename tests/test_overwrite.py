@@ -16,7 +16,7 @@ def test_prepare_tiny_refuses_an_existing_setup_and_replaces_it_on_overwrite(tmp
     base = (out / "base" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert cli.main(["prepare-tiny", "--out", str(out), "--seed", "1"]) == 2
-    assert "already holds files; set --overwrite" in capsys.readouterr().err
+    assert "already holds a run; set --overwrite" in capsys.readouterr().err
     assert (out / "data" / "manifest.json").read_text() == manifest  # untouched
     assert (out / "base" / "model.safetensors").read_bytes() == base
     assert cli.main(["prepare-tiny", "--out", str(out), "--seed", "1", "--overwrite"]) == 0
@@ -33,6 +33,27 @@ def test_prepare_tiny_accepts_an_empty_folder(tmp_path):
         tmp_path, num_authors=10, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
     )
     assert paths["base"].is_dir()
+
+
+@pytest.mark.parametrize(
+    ("command", "argument"),
+    [
+        (["u2a"], "run.output_dir={}"),
+        (["prepare-tiny", "--out"], "{}"),
+        (["prepare-tiny", "--overwrite", "--out"], "{}"),
+    ],
+)
+def test_an_output_that_is_a_file_is_refused_in_one_line_naming_the_argument(tmp_path, capsys, command, argument):
+    # Before: u2a wrote into it (NotADirectoryError traceback), prepare-tiny too.
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert cli.main([*command, argument.format(file)]) == 2
+    err = capsys.readouterr().err
+    name = "run.output_dir" if command == ["u2a"] else "--out"
+    errors = [line for line in err.splitlines() if line.startswith(f"fastnpo {command[0]}: error:")]
+    assert errors == [f"fastnpo {command[0]}: error: {name} {file} is a file, not a folder"], err
+    assert "Traceback" not in err
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_u2a_refuses_an_earlier_run(tmp_path, capsys):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import check_new_folder
+from ..files import OVERWRITE_OPTION, check_new_folder
 from ..tiny import TinyModelSpec
 from ..train import load_config, train
 from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
@@ -331,7 +331,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     """The policy of every command that writes a folder (files.check_new_folder, which `fastnpo
     demo` also applies before its imports): a file or an unwritable folder is refused, a non-empty
     one unless overwrite; overwrite removes only what a demo writes there."""
-    check_new_folder(out, name="--out", overwrite=overwrite, how_to_overwrite="set --overwrite (overwrite=True)")
+    check_new_folder(out, name="--out", overwrite=overwrite, how_to_overwrite=OVERWRITE_OPTION)
     if not (out.is_dir() and any(out.iterdir())):
         return
     for entry in out.iterdir():

@@ -387,18 +387,21 @@ def prepare_tiny(
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write <out_dir>/data and <out_dir>/base (a random tiny model with its tokenizer); returns
-    their paths. A non-empty out_dir is refused unless overwrite, which replaces data/ and base/."""
-    from ..tiny import TinyModelSpec, build_tiny_model
+    their paths. A file or an unwritable folder is refused, and a non-empty out_dir unless
+    overwrite, which replaces data/ and base/."""
+    from ..files import OVERWRITE_OPTION, check_new_folder
 
-    spec = spec or TinyModelSpec()
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()):
-        # Same policy as `fastnpo train`: another seed's model must not replace this one silently.
-        if not overwrite:
-            raise ValueError(f"--out {out} already holds files; set --overwrite (overwrite=True) to replace it")
+    # The rule of every command that writes a folder (files.check_new_folder), checked before the
+    # imports below (torch): another seed's model must not replace this one silently.
+    check_new_folder(out, name="--out", overwrite=overwrite, how_to_overwrite=OVERWRITE_OPTION)
+    if overwrite:
         for name in ("data", "base"):
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
+    from ..tiny import TinyModelSpec, build_tiny_model
+
+    spec = spec or TinyModelSpec()
     data_dir = write_minitofu(out / "data", seed=seed, num_authors=num_authors, qa_per_author=qa_per_author)
     tokenizer = minitofu_tokenizer(
         generate_minitofu(seed, num_authors, qa_per_author), vocab_size=spec.vocab_size

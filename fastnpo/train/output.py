@@ -65,7 +65,8 @@ def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], N
                 f"run.output_dir {out} already holds a run that finished; nothing to do. "
                 "Set run.overwrite=true to replace it, or use another run.output_dir"
             )
-        return OutputPlan(out, replace=_can_replace(out))
+        _check_aside_writable(out)
+        return OutputPlan(out, replace=True)
     if checkpoints and config.run.resume:
         return OutputPlan(out, resume_from=_checked_resume(config, out, checkpoints))
     if checkpoints and not overwrite:
@@ -75,18 +76,21 @@ def prepare_output_dir(config: Config, info: ProcessInfo, log: Callable[[str], N
         )
     if (out / "run_info.json").exists() and not checkpoints:
         log(f"{out} holds a run that stopped before its first checkpoint; starting it over")
-    return OutputPlan(out, replace=overwrite and out.exists() and _can_replace(out))
+    replace = overwrite and out.exists()
+    if replace:
+        _check_aside_writable(out)
+    return OutputPlan(out, replace=replace)
 
 
-def _can_replace(out: Path) -> bool:
+def _check_aside_writable(out: Path) -> None:
     """run.overwrite=true moves the old run aside beside it: its parent must be writable."""
     parent = out.resolve().parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    problem = folder_problem(parent)
+    if problem is not None:
         raise ConfigError(
             f"run.output_dir {out}: run.overwrite=true moves the old run aside to {aside_path(out)}, "
-            f"but {parent} is not writable; use another run.output_dir"
+            f"but {parent} {problem}; use another run.output_dir"
         )
-    return True
 
 
 def _checked_resume(config: Config, out: Path, checkpoints: list[int]) -> Path:

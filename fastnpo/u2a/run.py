@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ConfigError, load_structured, require
 from ..data.preference import load_preference_data
+from ..files import check_new_folder
 from ..modeling import DTYPES, LoraConfig, add_lora, load_causal_lm, load_tokenizer
 from . import preference as pref
 from .bilevel import BilevelConfig, check_bilevel, run_bilevel
@@ -325,9 +326,14 @@ def run_u2a(config_path=None, overrides=(), log: Callable[[str], None] = print) 
     results.json (and u2a.png) to run.output_dir and returns a summary dict."""
     config = load_u2a_config(config_path, overrides)
     out_dir = Path(config.run.output_dir)
-    # Refused before any work, like `fastnpo train`: an earlier run's results are not replaced silently.
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not config.run.overwrite:
-        raise ConfigError(f"run.output_dir {out_dir} already holds a run; set run.overwrite=true to replace it")
+    # Refused before any work, like `fastnpo train`: an earlier run's results are not replaced
+    # silently, and a file or an unwritable folder is not a run.output_dir.
+    try:
+        check_new_folder(
+            out_dir, name="run.output_dir", overwrite=config.run.overwrite, how_to_overwrite="set run.overwrite=true"
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     torch.manual_seed(config.run.seed)
