@@ -52,8 +52,9 @@ def _best(epochs: list[dict]) -> dict:
 
 def results_table(results: dict) -> str:
     """Forget quality (FQ) / model utility (MU) per method and split, as median [min, max] over
-    the unlearning seeds: at the final epoch, and at the epoch with the best forget quality."""
-    seeds = list(results["runs"])
+    the unlearning seeds: at the final epoch, and at the epoch with the best forget quality.
+    Every seed must hold every split and method: a ValueError names the first one missing."""
+    seeds, _ = _check_results(results)
     first = results["runs"][seeds[0]]
     lines = [
         f"Unlearning seeds {', '.join(seeds)}: median [min, max] over the seeds.",
@@ -115,7 +116,11 @@ def epoch_spread(runs: Sequence[Sequence[Mapping]], key: str) -> Spread:
 
 
 def _check_results(results: Mapping) -> tuple[list[str], list[str]]:
-    """The seeds and splits of a demo results dict; a clear error for what a figure cannot use."""
+    """The seeds and splits of a demo results dict; a clear error for what a figure cannot use.
+
+    Every seed must hold every split seed 0 has, and in each split every method any seed has, with
+    at least one evaluated epoch: a seed missing one is a ValueError naming the seed, split and
+    method, not a median silently taken over fewer seeds than the figure and table say."""
     runs = results.get("runs") if isinstance(results, Mapping) else None
     if not runs:
         raise ValueError("results['runs'] is empty: no unlearning run to plot")
@@ -127,6 +132,18 @@ def _check_results(results: Mapping) -> tuple[list[str], list[str]]:
         for split in splits:
             if split not in runs[seed] or not runs[seed][split]:
                 raise ValueError(f"results['runs'][{seed!r}] has no method for split {split!r}")
+    for split in splits:
+        methods = dict.fromkeys(m for seed in seeds for m in runs[seed][split])
+        for seed in seeds:
+            for method in methods:
+                if method not in runs[seed][split]:
+                    have = [s for s in seeds if method in runs[s][split]]
+                    raise ValueError(
+                        f"results['runs'][{seed!r}][{split!r}] has no method {method!r} "
+                        f"(seed(s) {', '.join(map(repr, have))} have it): every seed needs every method"
+                    )
+                if not runs[seed][split][method]:
+                    raise ValueError(f"results['runs'][{seed!r}][{split!r}][{method!r}] has no evaluated epoch")
     for what in ("target", "retain_models"):
         for split in splits:
             if split not in results.get(what, {}):
@@ -160,7 +177,10 @@ def _method_colors(plt, methods: list[str]) -> dict:
 def plot_forget_quality_vs_utility(results: dict, path: Path) -> None:
     """One column per split. Top: forget quality against model utility, each method's median over
     the seeds through its epochs (the NPO paper's figure), the final epoch's min-max over the seeds as
-    error bars. Below: forget quality and model utility per epoch, median line and min-max band."""
+    error bars. Below: forget quality and model utility per epoch, median line and min-max band;
+    their ticks are every epoch any method of the split was evaluated at. A split may lack a method
+    another split has (the one legend still names every method), but every seed must hold the same
+    methods per split: see _check_results for the ValueError otherwise."""
     seeds, splits = _check_results(results)
     plt = _pyplot()
     methods = list(dict.fromkeys(m for split in splits for m in results["runs"][seeds[0]][split]))
@@ -193,9 +213,11 @@ def plot_forget_quality_vs_utility(results: dict, path: Path) -> None:
                 zorder=1,
                 label="target (epoch 0)",
             )
+            epochs: set[int] = set()  # every method's evaluated epochs: the per-epoch panels' ticks
             for method in results["runs"][seeds[0]][split]:
                 runs = [results["runs"][seed][split][method] for seed in seeds]
                 fq, mu = epoch_spread(runs, "forget_quality"), epoch_spread(runs, "model_utility")
+                epochs.update(fq.epochs)
                 color, label = colors[method], METHOD_LABELS.get(method, method)
                 floor = [max(v, FQ_FLOOR) for v in fq.median]
                 trade.plot(
@@ -233,7 +255,7 @@ def plot_forget_quality_vs_utility(results: dict, path: Path) -> None:
             mu_ax.set_title(f"{split}: model utility per epoch")
             for ax in (fq_ax, mu_ax):
                 ax.set_xlabel("epoch")
-                ax.set_xticks(fq.epochs)
+                ax.set_xticks(sorted(epochs))
             for ax in axes[:, col]:
                 ax.grid(alpha=0.3, zorder=0)
         handles, labels = axes[0][0].get_legend_handles_labels()

@@ -21,6 +21,7 @@ from fastnpo.tofu.plots import (
     plot_eval,
     plot_forget_quality_vs_utility,
     plot_results,
+    results_table,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,12 +128,53 @@ def test_forget_quality_vs_utility_draws_medians_bands_and_one_legend(tmp_path, 
     assert min(t.get_fontsize() for t in texts if t.get_text()) >= 9
 
 
-def test_plot_results_with_one_seed_and_a_split_missing_a_method(tmp_path):
+def test_plot_results_with_one_seed_and_a_split_missing_a_method(tmp_path, figures):
     rng = random.Random()
-    results = synthetic_results(rng, seeds=1, splits=("forget10",), methods=("ga", "simnpo"), epochs=1)
+    results = synthetic_results(rng, seeds=1, splits=("forget01", "forget10"), methods=("ga", "simnpo"), epochs=1)
+    # The first split (whose panel the legend starts from) lacks SimNPO; the second has it.
+    del results["runs"]["0"]["forget01"]["simnpo"]
     plot_results(results, tmp_path)
     for name in ("forget_quality_vs_utility.png", "memorisation.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG), name
+    fig = figures[0]
+    first_panel = fig.axes[0].get_legend_handles_labels()[1]
+    assert "GA" in first_panel and "SimNPO" not in first_panel
+    assert len(fig.legends) == 1
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"GA", "SimNPO"} <= set(legend) and len(legend) == len(set(legend)), legend
+
+
+def test_per_epoch_ticks_are_every_methods_epochs(tmp_path, figures):
+    rng = random.Random()
+    results = synthetic_results(rng, seeds=2, splits=("forget05",), methods=("ga", "npo"), epochs=5)
+    # The last method drawn stopped early: the ticks must still reach GA's last epoch.
+    for seed in results["runs"].values():
+        seed["forget05"]["npo"] = [e for e in seed["forget05"]["npo"] if e["epoch"] <= 2]
+    plot_forget_quality_vs_utility(results, tmp_path / "fq.png")
+    (fig,) = figures
+    for ax in fig.axes[1:3]:  # one split: forget quality and model utility per epoch
+        assert list(ax.get_xticks()) == [0, 2, 4, 6, 8], ax.get_title()
+
+
+def test_a_seed_missing_a_method_is_a_clear_error(tmp_path):
+    rng = random.Random()
+    results = synthetic_results(rng, seeds=3, methods=("ga", "npo"))
+    del results["runs"]["1"]["forget05"]["npo"]
+    message = r"results\['runs'\]\['1'\]\['forget05'\] has no method 'npo' \(seed\(s\) '0', '2' have it\)"
+    with pytest.raises(ValueError, match=message):
+        plot_forget_quality_vs_utility(results, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=message):
+        results_table(results)
+    # A method only a later seed has is no more drawable over all the seeds.
+    results = synthetic_results(rng, seeds=2, methods=("ga",))
+    results["runs"]["1"]["forget01"]["rmu"] = results["runs"]["1"]["forget01"]["ga"]
+    with pytest.raises(ValueError, match=r"\['0'\]\['forget01'\] has no method 'rmu' \(seed\(s\) '1' have it\)"):
+        plot_forget_quality_vs_utility(results, tmp_path / "x.png")
+    results = synthetic_results(rng, seeds=2, methods=("ga",))
+    results["runs"]["1"]["forget01"]["ga"] = []
+    with pytest.raises(ValueError, match=r"\['1'\]\['forget01'\]\['ga'\] has no evaluated epoch"):
+        plot_forget_quality_vs_utility(results, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_plot_results_refuses_what_it_cannot_draw(tmp_path):
