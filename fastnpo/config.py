@@ -79,9 +79,12 @@ def _with_closest_key(message: str, error: ConfigKeyError) -> str:
     names one only when it is close by its own measure)."""
     parent = getattr(error, "parent_node", None)
     keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
-    closest = difflib.get_close_matches(str(error.key), keys, n=1, cutoff=0)
+    # 0.3: 'rnak' finds 'r' (0.4); a key like nothing there ('foo') gets the list instead of a guess
+    closest = difflib.get_close_matches(str(error.key), keys, n=1, cutoff=0.3)
     message = message.split(". Did you mean", 1)[0]
-    return f"{message}. Did you mean {closest[0]!r}?" if closest else message
+    if closest:
+        return f"{message}. Did you mean {closest[0]!r}?"
+    return f"{message}. Valid keys: {', '.join(keys)}" if keys else message
 
 
 def _load_yaml(path: Path):

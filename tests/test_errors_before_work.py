@@ -222,3 +222,13 @@ def test_output_folder_problems(tmp_path, monkeypatch):
     real = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else real(path, mode))
     assert f"{tmp_path} is not writable" in files.folder_problem(tmp_path / "run")
+
+
+def test_a_key_like_no_valid_key_lists_them_instead_of_guessing():
+    from fastnpo.config import ConfigError
+    from fastnpo.train import load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.lora.zzzz=4"])
+    message = str(error.value)
+    assert "Did you mean" not in message and "Valid keys: enabled, r, alpha, dropout, target_modules" in message

@@ -57,7 +57,9 @@ def test_torch_and_triton_stay_out_of_the_lock():
     assert not {n for n in LOCK if n in TORCH_CPU or n.startswith("nvidia-")}
 
 
-def test_makefile_installs_with_the_lock():
-    recipe = subprocess.run(["make", "-n", "install-dev"], cwd=REPO, capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("target", ["install", "install-dev"])  # what make demo / make test run
+def test_makefile_installs_with_the_lock(target):
+    recipe = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
     lines = [line for line in recipe.stdout.splitlines() if re.search(r"pip install .*-e", line)]
     assert lines and all("-c requirements/lock.txt" in line for line in lines), recipe.stdout
+    assert any("pip install -r requirements/torch-cpu.txt" in line for line in recipe.stdout.splitlines())
