@@ -68,3 +68,14 @@ def build_tiny_llama(vocab_size: int, *, seed: int | None = None, **overrides):
 def tiny_llama():
     """The factory build_tiny_llama(vocab_size, seed=None, **LlamaConfig overrides)."""
     return build_tiny_llama
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, for the test: a suite started in the
+    background (nohup, `&`, some CI runners) inherits SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

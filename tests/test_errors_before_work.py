@@ -81,7 +81,7 @@ def train_config_from(path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
-def test_after_the_first_ctrl_c_a_second_one_kills_at_once():
+def test_after_the_first_ctrl_c_a_second_one_kills_at_once(python_sigint):
     import signal
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -145,7 +145,7 @@ def test_ctrl_c_says_one_line_with_the_step_and_the_resume_command_and_exits_130
     assert "fastnpo train --config" in line and "run.output_dir=" in line, line
 
 
-def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeypatch, capsys, python_sigint):
     from fastnpo.train import loop
 
     calls = {"n": 0}
