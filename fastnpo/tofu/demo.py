@@ -118,6 +118,7 @@ def _finetune(model: Path, data: Path, split: str, out: Path, preset: DemoPreset
         None,
         [
             f"model.name_or_path={model}",
+            "model.dtype=float32",  # the tiny model's own; said once here rather than logged by every run
             f"data.forget={data}",
             f"data.forget_split={split}",
             f"data.batch_size={preset.batch_size}",
@@ -211,6 +212,7 @@ def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path
         None,
         [
             f"model.name_or_path={target}",
+            "model.dtype=float32",
             f"data.forget={data}",
             f"data.forget_split={split}",
             f"data.retain={data}",
