@@ -42,9 +42,19 @@ def _interrupts_pass_through():
     try:
         yield
     except CheckpointException as error:
-        if any(isinstance(failure[0], KeyboardInterrupt) for failure in error.failures.values()):
+        if any(_interrupted(failure[0]) for failure in error.failures.values()):
             raise KeyboardInterrupt from error
         raise
+
+
+def _interrupted(error: BaseException | None, depth: int = 0) -> bool:
+    """Whether a KeyboardInterrupt is `error` or what it was raised from or during: one that lands
+    inside torch.save's zip writer surfaces as the writer's RuntimeError ("unexpected pos") on exit."""
+    if error is None or depth > 8:
+        return False
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    return _interrupted(error.__cause__, depth + 1) or _interrupted(error.__context__, depth + 1)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:

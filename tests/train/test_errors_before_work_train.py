@@ -223,3 +223,29 @@ def test_a_forget_set_with_repeated_questions_says_how_many(tiny, tmp_path):
         warnings.simplefilter("always")
         build_unlearning_data(config.data, load_tokenizer(str(tiny["base"])))
     assert not [w for w in seen if "repeat a question" in str(w.message)]  # Mini-TOFU has none
+
+
+def test_an_interrupt_inside_a_checkpoint_write_stays_an_interrupt():
+    """Ctrl-C inside torch.save's zip writer comes out of DCP as the writer's RuntimeError, raised
+    during the KeyboardInterrupt, wrapped in a CheckpointException: still an interrupt. A real
+    write error stays what it is."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastnpo.train.checkpoint import _interrupts_pass_through
+
+    def failed_write(interrupted: bool) -> CheckpointException:
+        try:
+            try:
+                if interrupted:
+                    raise KeyboardInterrupt
+            finally:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 642 vs 598")
+        except RuntimeError as error:
+            return CheckpointException("write", {0: (error, traceback.extract_tb(error.__traceback__))})
+
+    with pytest.raises(KeyboardInterrupt), _interrupts_pass_through():
+        raise failed_write(interrupted=True)
+    with pytest.raises(CheckpointException), _interrupts_pass_through():
+        raise failed_write(interrupted=False)
