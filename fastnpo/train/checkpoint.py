@@ -94,7 +94,7 @@ def save_checkpoint(
     torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
     barrier(info)
     if info.is_main:
-        (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        (partial / "trainer.json").write_text(json.dumps(_json_tensors(trainer_state), indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in checkpoint_steps(directory)[:-keep] if keep > 0 else []:
@@ -120,7 +120,29 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: ProcessInfo) 
             f"checkpoint {path} has no RNG state for rank {info.rank}: saved with another world size?"
         )
     _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "trainer.json").read_text())
+    return json.loads((path / "trainer.json").read_text(), object_hook=_tensor_from_json)
+
+
+# Tensors in the trainer state: torchao's AdamW8bit keeps each group's lr as a 0-dim tensor, so the
+# scheduler's state_dict holds base_lrs: [tensor(0.001)]. Written with their dtype and read back as
+# the same tensors (on the CPU), so a resumed run computes its learning rates bit for bit as before.
+TENSOR_KEY = "__tensor__"
+
+
+def _json_tensors(value):
+    if isinstance(value, torch.Tensor):
+        return {TENSOR_KEY: value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {key: _json_tensors(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_tensors(item) for item in value]
+    return value
+
+
+def _tensor_from_json(value: dict):
+    if TENSOR_KEY in value:
+        return torch.tensor(value[TENSOR_KEY], dtype=getattr(torch, value["dtype"]))
+    return value
 
 
 def full_state_dict(model: nn.Module) -> dict:

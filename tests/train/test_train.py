@@ -339,6 +339,46 @@ def test_killed_run_resumes_to_the_same_parameters(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("in_backward", [False, True], ids=["adamw_8bit", "adamw_8bit-in_backward"])
+def test_adamw_8bit_checkpoints_and_resumes_to_the_same_parameters(tiny, tmp_path, monkeypatch, in_backward):
+    """torchao's AdamW8bit keeps its learning rates as tensors (the scheduler's base_lrs too): the
+    checkpoint stores them as tensors, and a run stopped after its step-2 checkpoint resumes to the
+    parameters of an uninterrupted run, bit for bit."""
+    pytest.importorskip("torchao", reason="optim.name=adamw_8bit needs fastnpo[lean] (in fastnpo[dev])")
+    from fastnpo.train import loop
+
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **options: fn)  # torchao's step, eagerly
+    common = {
+        "optim.name": "adamw_8bit",
+        "model.dtype": "bfloat16",
+        "optim.max_steps": 4,
+        "run.checkpoint_every": 2,
+        "method.name": "npo_rt",
+        "run.cache_dir": tmp_path / "cache",
+        **(IN_BACKWARD if in_backward else {}),
+    }
+    train(config_for(tiny, tmp_path / "straight", **common))
+
+    real_step, calls = loop.train_step, []
+
+    def stop_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", stop_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(tiny, tmp_path / "stopped", **common))
+    saved = json.loads((tmp_path / "stopped" / "checkpoints" / "step_2" / "trainer.json").read_text())
+    assert saved["scheduler"]["base_lrs"][0]["dtype"] == "float32", saved["scheduler"]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(config_for(tiny, tmp_path / "stopped", **common))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
