@@ -35,6 +35,7 @@ from .setup import (
     cached_reference_logprobs,
     check_model_sources,
     check_offload,
+    check_optimizer,
     frozen_reference,
     load_data,
     load_example_weights,
@@ -86,6 +87,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
     log = console(info)
     check_model_sources(config)
     config = resolve_model_dtype(config, log)
+    check_optimizer(config)
     check_offload(config, info, log)
     plan = prepare_output_dir(config, info, log)  # refuses before any work
     run = _build(config, info, plan.resume_from, log, evaluator)

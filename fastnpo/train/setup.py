@@ -241,18 +241,30 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+def check_optimizer(config: Config) -> None:
+    """What optim.name needs of the rest of the config and of the installation, checked before any
+    work (the trainer calls it once model.dtype is resolved, before the reference pass)."""
+    o = config.optim
+    if o.name == "adamw_kahan" and config.model.dtype != "bfloat16":
+        raise ConfigError(
+            f"optim.name: adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16, "
+            f"got model.dtype={config.model.dtype!r} (use optim.name=adamw)"
+        )
+    if o.name == "adamw_8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("optim.name: adamw_8bit is torchao's AdamW8bit: pip install 'fastnpo[lean]'")
+
+
 def build_optimizer(config: Config, parameters, steps_per_epoch: int):
     """The optimizer named by optim.name (AdamW, or KahanAdamW for bf16 parameters without an
     fp32 master copy) and its linear warm-up / decay schedule; returns (optimizer, scheduler,
     total steps). With optim.offload the parameters are CPU DTensors (FSDP2's offload policy), so
     the state is made, and the step runs, in CPU memory."""
     o = config.optim
+    check_optimizer(config)
     if o.name == "adamw_kahan":
-        if config.model.dtype != "bfloat16":
-            raise ConfigError(
-                f"optim.name: adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16, "
-                f"got model.dtype={config.model.dtype!r} (use optim.name=adamw)"
-            )
         optimizer = KahanAdamW(
             parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, state_dtype=o.state_dtype
         )

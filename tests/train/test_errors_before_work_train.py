@@ -249,3 +249,15 @@ def test_an_interrupt_inside_a_checkpoint_write_stays_an_interrupt():
         raise failed_write(interrupted=True)
     with pytest.raises(CheckpointException), _interrupts_pass_through():
         raise failed_write(interrupted=False)
+
+
+def test_an_optimizer_the_dtype_cannot_take_is_refused_before_the_reference_pass(tiny, tmp_path, capsys):
+    """Issue 26 item 6: adamw_kahan with float32 parameters was refused only after the reference pass
+    had run and written its cache. Now: one line, exit 2, nothing written."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    extra = {"method.name": "npo", "optim.name": "adamw_kahan", "model.dtype": "float32", "run.cache_dir": cache}
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16" in err and "Traceback" not in err
+    assert not out.exists() and not cache.exists()
