@@ -344,14 +344,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = COMMANDS[args.command](args)
-    except (
-        ConfigError,
-        FileNotFoundError,
-        FileExistsError,
-        PermissionError,
-        ValueError,
-        NotImplementedError,
-    ) as error:
+    # OSError: a file missing or in the way, a permission, a full disk: each says which file
+    except (ConfigError, OSError, ValueError, NotImplementedError) as error:
         if debug:
             raise
         print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ from .. import distributed
 from ..methods import RMUState, UndialReference, method_for
 from ..modeling import SequenceLogprobModel
 from ..profiling import reset_peak_memory
-from ..refcache import item_logprobs
+from ..refcache import cache_path, item_logprobs
 from . import checkpoint
 from .config import Config, ConfigError
 from .evaluation import EpochEvaluation
@@ -41,6 +41,7 @@ from .setup import (
     load_example_weights,
     load_model,
     load_tokenizer,
+    reference_cache_dir,
     resolve_model_dtype,
     undial_reference,
     wrap_model,
@@ -293,6 +294,9 @@ def build_reference_cache(config: Config, verify: int = 0) -> dict:
         sets, _ = load_data(config, tokenizer, method, 1)
         model = load_model(config, info.device)
         ref, hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
+        stored = cache_path(reference_cache_dir(config), ref.key)
+        if not stored.is_file():  # the trainer goes on with the computed values; storing them is this command's job
+            raise OSError(f"the reference cache could not be stored as {stored} (the line above says why)")
         report = None
         if verify:
             from ..refcache import verify_ref_logprobs

@@ -156,10 +156,14 @@ def load_example_weights(config: Config, forget: list[dict]) -> torch.Tensor | N
     return weights
 
 
+def reference_cache_dir(config: Config) -> Path:
+    """run.cache_dir, or by default ref-cache/ beside the output folder (shared by runs beside each other)."""
+    return Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
+
+
 def cached_reference_logprobs(config: Config, model, tokenizer, sets, ref_sets, info: ProcessInfo, log):
     """The reference pass (refcache.reference_logprobs), cached in run.cache_dir or, by default,
     in ref-cache/ beside the output folder (shared by runs beside each other)."""
-    cache_dir = Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
     return reference_logprobs(
         model,
         tokenizer,
@@ -167,7 +171,7 @@ def cached_reference_logprobs(config: Config, model, tokenizer, sets, ref_sets, 
         pad_token_id=tokenizer.pad_token_id,
         batch_size=2 * config.data.batch_size,
         impl=config.model.impl,
-        cache_dir=cache_dir,
+        cache_dir=reference_cache_dir(config),
         info=info,
         progress=config.run.progress,
         log=log,

@@ -261,3 +261,25 @@ def test_an_optimizer_the_dtype_cannot_take_is_refused_before_the_reference_pass
     err = capsys.readouterr().err
     assert "adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16" in err and "Traceback" not in err
     assert not out.exists() and not cache.exists()
+
+
+def test_cache_ref_exits_non_zero_when_it_cannot_store_the_cache(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: `fastnpo cache-ref` said {"hit": false} and exited 0 with no file written
+    (disk full). The trainer still goes on with the computed values; the command fails in one line."""
+    import errno
+
+    from fastnpo.refcache import build
+
+    def disk_full(path, ref):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(build, "save_ref_logprobs", disk_full)
+    cache = tmp_path / "cache"
+    extra = {"method.name": "npo", "run.cache_dir": cache}
+    config = str(REPO / "configs" / "tiny_cpu.yaml")
+    argv = ["cache-ref", "--config", config, *overrides(tiny, tmp_path / "run", **extra)]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("fastnpo cache-ref: error:")]
+    assert len(errors) == 1 and "could not be stored" in errors[0] and str(cache) in errors[0], captured.err
+    assert "No space left on device" in captured.out + captured.err  # the reason, from the line before
