@@ -12,6 +12,15 @@ kernels do the rest of the chunk's elementwise work on that buffer, which they n
                       column is grad * (1 - p_y) in fp32 before that rounding, never a difference
                       of two rounded numbers (p_y ~ 1 would cancel them).
 
+    logits_gradient_  the same values, written IN PLACE: one program per row walks its column
+                      blocks in order and stores the bf16 / fp16 dlogits over the first half of the
+                      row's own fp32 storage (block j's 2-byte outputs land on fp32 slots
+                      [j B / 2, (j + 1) B / 2), all read by this program already; a barrier between
+                      each block's loads and its stores keeps a lagging warp's reads ahead of the
+                      other warps' writes). The fp32 logits and the dlogits never coexist: one
+                      [n, V] fp32 buffer per chunk in all. The result is a [n, V] view with row
+                      stride 2 x (the fp32 row stride), which the matmuls take as their lda.
+
 Bytes per logit in bf16: 4 (statistics read) + 4 (gradient read) + 2 (bf16 write) = 10, against 30
 for the torch-op epilogue they replace (row max, subtract, exp, row sums, scale: five passes).
 
@@ -195,6 +204,69 @@ def logits_gradient(
 
     logits_gradient_kernel[grid](
         logits, labels, lse, grad, out,
+        n, vocab_size, row_bucket(n), logits.stride(0), out.stride(0),
+    )
+    return out
+
+
+# logits_gradient_ (in place): one row per program, BLOCK_V columns per step, in column order.
+INPLACE_CANDIDATES = [(1024, 4), (2048, 4), (4096, 8)]
+
+
+def inplace_configs():
+    if INTERPRET:  # small blocks: tests reach several blocks per row and the ragged last one
+        return [triton.Config({"BLOCK_V": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=1) for bv, w in INPLACE_CANDIDATES]
+
+
+@triton.autotune(
+    configs=inplace_configs(),
+    key=["V", "N_BUCKET"],
+    # Every trial overwrites LOGITS: the autotuner restores it before the real launch.
+    restore_value=["LOGITS"],
+)
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def logits_gradient_inplace_kernel(
+    LOGITS, OUT, LABELS, LSE, GRAD,
+    N, V, N_BUCKET, stride_ln, stride_on,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row).to(tl.int64)
+    lse = tl.load(LSE + row)
+    g = tl.load(GRAD + row)
+    src = LOGITS + row * stride_ln
+    dst = OUT + row * stride_on
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(src + cols, mask=mask, other=float("-inf"))
+        # fp32 throughout, one rounding at the store: the label's column is g * (1 - p_y).
+        dlogits = g * ((cols == label).to(tl.float32) - tl.exp(x - lse))
+        # Every warp has consumed its loads of this block (and of the earlier ones) before any warp
+        # stores over them: the stores of block j cover fp32 slots [j B / 2, (j + 1) B / 2).
+        tl.debug_barrier()
+        tl.store(dst + cols, dlogits.to(OUT.dtype.element_ty), mask=mask)
+
+
+def logits_gradient_(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """logits_gradient in place: returns dlogits [n, V] in `dtype` (bf16 / fp16), a view over the
+    first half of each row of `logits`' storage, whose fp32 values are consumed (not valid after).
+
+    logits fp32 [n, V] with unit column stride (any row stride: a slice of a larger buffer is
+    fine, its other columns untouched); labels int64, lse and grad fp32 [n].
+    """
+    n, vocab_size = logits.shape
+    _check_buffer("logits", logits, (n, vocab_size))
+    assert logits.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+    assert labels.shape == lse.shape == grad.shape == (n,)
+    out = logits.view(dtype)[:, :vocab_size]  # row stride 2 x logits', same first byte per row
+    if n == 0:
+        return out
+    logits_gradient_inplace_kernel[(n,)](
+        logits, out, labels, lse, grad,
         n, vocab_size, row_bucket(n), logits.stride(0), out.stride(0),
     )
     return out

@@ -10,7 +10,7 @@ rows were dropped, as autograd.kept_rows does):
     logits   = rows @ W^T               one matmul, fp32 result              2 n D V
     epilogue log-sum-exp and target logit per row -> token log-probs, per-sequence sums
     g        = d loss / d logp of the chunk's sequences (see "separable" below)
-    dlogits  = g * (onehot - softmax)   written once in the operand dtype (epilogue, second part)
+    dlogits  = g * (onehot - softmax)   written once in the operand dtype, in place over the logits
     dH_chunk = dlogits @ W              one matmul, written into dH's rows     2 n D V
     dW      += dlogits^T @ rows         one matmul, accumulated into dW         2 n D V
 
@@ -21,29 +21,44 @@ fp32 operands elsewhere, e.g. the CPU).
 The epilogue, one code path per situation (epilogue_kernels):
   bf16 / fp16 operands where Triton runs (CUDA; any device under TRITON_INTERPRET=1): the two kernels
     of kernels/sequence_epilogue.py. row_statistics reads the logits once (online max and sum of exp
-    over vocabulary blocks) for lse and the target logit; logits_gradient reads them once more and
-    writes g * (onehot - exp(logit - lse)) once, rounded from fp32 into a new buffer of the operand
-    dtype (the label's column g * (1 - p_y) formed in fp32 before that rounding). 10 bytes per logit
-    in bf16; the fp32 logits are left as they are.
+    over vocabulary blocks) for lse and the target logit; logits_gradient_ reads them once more and
+    writes g * (onehot - exp(logit - lse)) once, rounded from fp32 into the operand dtype IN PLACE
+    over the first half of each fp32 row (the label's column g * (1 - p_y) formed in fp32 before
+    that rounding): a view with twice the row stride, which the gradient matmuls take as it is.
+    10 bytes per logit in bf16; the fp32 logits and the dlogits never coexist (one buffer).
   fp32 operands (fp32 inputs; the CPU, whose matmuls take fp32 operands even under the interpreter;
     a torch without out_dtype), or no triton installed: torch ops in place in the logits
     (_target_logprobs_, _softmax_gradient): row max, subtract, exp, row sums, scale, ~30 bytes per
     logit in five passes; with fp32 operands the scaled logits are the dlogits, no second buffer.
 
-Chunk size: CHUNK_BYTES of fp32 logits (1 GiB: 2093 rows at V = 128256), rounded DOWN to whole
-sequences by their kept rows, at least one sequence (which may alone exceed the budget).
+Chunk size (the rule): a budget of fp32 logits per chunk, by default max(CHUNK_BYTES, 4 V
+MIN_CHUNK_ROWS) bytes, i.e. R = max(CHUNK_BYTES / 4V, MIN_CHUNK_ROWS) rows: 2093 rows (1 GiB) at
+V = 128256, 2048 rows (2 GiB) at V = 262144. Chunks are whole sequences packed greedily up to R rows,
+so two neighbouring chunks together exceed R: chunks < 2 N / R + 1 <= 2 N / MIN_CHUNK_ROWS + 1, and
+dW takes chunks - 1 read-modify-writes (the first chunk writes it), a bound independent of V (the
+v1 rule, CHUNK_BYTES / 4V rows alone, shrank the chunks as 1/V: dW traffic grew as V^2). An explicit
+chunk_bytes is taken as given (tests, benchmarks). A sequence over the budget goes alone; one whose
+fp32 logits exceed max(budget, MAX_CHUNK_BYTES = 4 GiB) is refused before any work (ValueError
+naming the sequence and its length): splitting it would need its gradient before its log-prob is
+complete. The boundaries come from ONE device-to-host copy before the loop; the loop has no sync
+of its own (tests/ops/test_one_pass_budget.py counts them, the launches, fills and FLOPs). What
+remains per chunk is the caller's closure: npo_loss's re-validates ref_logps / weights on every call
+(losses.py -> checks.check_per_sequence: one or two syncs per chunk).
 
 Memory beyond inputs: dH [N, D] and dW [V, D] in the inputs' dtype (the gradients themselves,
-(N + V) D 2 bytes in bf16), one chunk of fp32 logits, its dlogits in the operand dtype (bf16 / fp16
-on CUDA; none on CPU, where the fp32 logits are the operand), the chunk's gathered rows and its fp32
-dH rows (and fp32 lse / target [n] on the kernel path). dW accumulates IN THE WEIGHT'S DTYPE: each
+(N + V) D 2 bytes in bf16), never zero-filled: the first chunk writes dW with one matmul (out=), each
+chunk writes its rows of dH once in dH's dtype (index_copy_ of a matmul in that dtype where the
+operands are: no fp32 [n, D] intermediate), and only the dropped rows of dH are zeroed; plus one
+chunk of fp32 logits (the dlogits live in it: in place, in the operand dtype on the kernel
+path, fp32 on the torch-op path), the chunk's gathered rows (and fp32
+lse / target [n] on the kernel path). dW accumulates IN THE WEIGHT'S DTYPE: each
 chunk adds its fp32-accumulated product with one rounding (cuBLAS addmm with fp32 compute into a
 bf16 / fp16 C; where the operands are fp32, an fp32 product added with one rounding), so dW costs no
 fp32 [V, D] accumulator (2 GiB at V = 128256, D = 4096) and carries one rounding of the running sum
 per chunk: at most `chunks` half-ulps of the partial sums, ~sqrt(chunks) of them for random signs
 (4 chunks at the size below); a one-chunk call rounds once, as a plain matmul does. fp32 inputs
 accumulate in fp32. Where bf16 / fp16 inputs get fp32 operands (the CPU, or a torch without
-out_dtype), W also has an fp32 copy and each chunk's dW product is an fp32 [V, D] temporary:
+out_dtype), W also has an fp32 copy and each chunk's dW / dH product is an fp32 temporary:
 the slow path's price.
 
 Separable losses only. A chunk's gradient must be known before the later chunks are seen, which is
@@ -74,6 +89,23 @@ GPU); 4 chunks of 2048 rows (1002 MiB of logits each); bf16 on CUDA takes the ep
   For comparison, fused=True's floor is 8NDV = 45.9 ms.
   Peak extra memory: the gradients 1066 MiB + fp32 logits 1002 MiB + bf16 dlogits 501 MiB + the
   chunk's rows and fp32 dH rows 48 MiB: ~2.6 GiB (the same on both epilogue paths).
+
+v2 (this version: no zero fill, dH written once, the row floor, no sync in the loop), PREDICTED at
+the same size before any GPU run, H100 (DESIGN.md's measured 790 TFLOP/s bf16 matmul, 3.0 TB/s):
+  chunks   R = 2093 rows -> 4 chunks of 4 sequences (2048 rows): dW written once + 3 RMWs.
+  matmuls  6NDV = 2.58e13 at ~85% of 790 TFLOP/s: 38.4 ms (their operand / result bytes: the
+           logits' fp32 write 4.2 GB, the dlogits' reads 4.2 GB, W 8.4 GB, dW 7.4 GB, inside).
+  epilogue the two kernels, 10 B per logit: 10.5 GB at ~85% of 3.0 TB/s: 4.1 ms, not overlapped.
+  small    dH index_copy_ (2 x 67 MB), lse / grad vectors, ~30 launches per chunk (~130 in all,
+           ~5 us each, issued ahead of the GPU: no sync in the loop): ~0.1 ms exposed; the v1
+           zero fills (1.1 GB: ~0.4 ms) are gone. npo_loss's closure still syncs once or twice per
+           chunk: ~4 x 30 us of bubble.
+  total    ~43 ms per step (1.25x the 34.4 ms floor at 750 TFLOP/s; 1.31x 6NDV's 32.7 ms at 790).
+  Peak extra memory: the gradients 1066 MiB + one fp32 logits buffer 1002 MiB (the bf16 dlogits
+  written in place in it: -501 MiB against v1) + the chunk's rows 16 MiB: ~2.1 GiB.
+  Not done yet (issue 24 item 1's last part): ONE row kernel reading each fp32 row once (the
+  statistics and the in-place dlogits together, g applied after the matmuls): 6 B per logit,
+  4.1 -> 2.5 ms: predicted ~41.5 ms.
 """
 
 import itertools
@@ -85,23 +117,58 @@ import torch
 from .cublas import Matmuls, triton_runs_on
 
 CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
+MIN_CHUNK_ROWS = 2048  # the default budget's floor in rows, whatever V: bounds the dW read-modify-writes
+MAX_CHUNK_BYTES = 4 * 2**30  # hard cap on one chunk's fp32 logits (a lone over-budget sequence included)
 
 
-def chunk_rows(sequence_ids: torch.Tensor, num_sequences: int, vocab_size: int, chunk_bytes: int) -> list[int]:
+def chunk_budget(vocab_size: int, chunk_bytes: int | None) -> int:
+    """fp32 logits bytes per chunk: chunk_bytes as given, or by default max(CHUNK_BYTES,
+    4 V MIN_CHUNK_ROWS), i.e. at least MIN_CHUNK_ROWS rows per chunk at any V (module docstring)."""
+    if chunk_bytes is None:
+        return max(CHUNK_BYTES, 4 * vocab_size * MIN_CHUNK_ROWS)
+    return chunk_bytes
+
+
+def chunk_rows(
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+    vocab_size: int,
+    chunk_bytes: int,
+    max_bytes: int | None = None,
+) -> list[int]:
     """Boundaries [0, r1, ..., n] in the kept rows of chunks of whole sequences whose fp32 logits fit
     chunk_bytes, or one sequence alone where it does not. sequence_ids: the kept rows' sequences,
-    nondecreasing (rows are kept in order)."""
+    nondecreasing (rows are kept in order).
+
+    A sequence whose fp32 logits alone exceed max(chunk_bytes, max_bytes) (default MAX_CHUNK_BYTES,
+    read at call time) is refused with a ValueError naming it and its length: one pass cannot split
+    a sequence (its gradient needs the whole sequence's log-prob). One device-to-host copy (the
+    sequences' ends, .tolist()), no other sync: nothing here waits inside the chunk loop."""
     n = sequence_ids.numel()
     max_rows = max(1, chunk_bytes // (4 * vocab_size))
-    # Where each sequence's kept rows end (sequences without kept rows repeat the previous end).
-    ends = torch.bincount(sequence_ids, minlength=num_sequences).cumsum(0).tolist()
+    cap = max(chunk_bytes, MAX_CHUNK_BYTES if max_bytes is None else max_bytes)
+    max_alone = max(1, cap // (4 * vocab_size))
+    if n == 0:
+        return [0]
+    # Where each sequence's kept rows end (sequences without kept rows repeat the previous end):
+    # searchsorted, not bincount (which syncs on CUDA to size its output).
+    starts = torch.arange(num_sequences, device=sequence_ids.device, dtype=sequence_ids.dtype)
+    ends = torch.searchsorted(sequence_ids, starts, right=True).tolist()
     bounds = [0]
     while bounds[-1] < n:
         start = bounds[-1]
         within = bisect_right(ends, start + max_rows)  # the sequences that end within the budget
         end = ends[within - 1] if within else 0
         if end <= start:  # the next sequence alone is over the budget
-            end = ends[bisect_right(ends, start)]
+            sequence = bisect_right(ends, start)
+            end = ends[sequence]
+            if end - start > max_alone:
+                raise ValueError(
+                    f"labels: sequence {sequence} has {end - start} target tokens; their fp32 logits "
+                    f"({end - start} x {vocab_size} x 4 B = {(end - start) * vocab_size * 4 / 2**30:.2f} GiB) "
+                    f"exceed the one-pass cap of {cap} B (max(chunk_bytes, one_pass.MAX_CHUNK_BYTES)) and one "
+                    "pass cannot split a sequence: use fused=True, shorter sequences or a larger MAX_CHUNK_BYTES"
+                )
         bounds.append(end)
     return bounds
 
@@ -152,12 +219,47 @@ def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps: torch.Tensor) 
     return grad
 
 
+def _write_(ops: Matmuls, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b with fp32 accumulation and one rounding into out's dtype (the first chunk's dW:
+    no zero fill, no read of out)."""
+    if ops.dtype == out.dtype and out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:  # fp32 operands for a low-precision out: an fp32 product, rounded once
+        out.copy_(ops.mm(a, b))
+
+
 def _accumulate_(ops: Matmuls, dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """dw += a @ b with fp32 accumulation and one rounding into dw's dtype."""
     if ops.dtype == dw.dtype:
         dw.addmm_(a, b)  # operands in dw's dtype: cuBLAS computes in fp32 and rounds the sum once
     else:  # fp32 operands for a low-precision dW: an fp32 product, added with one rounding
         dw.add_(ops.mm(a, b))
+
+
+def _rows_product(ops: Matmuls, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`: straight from the matmul when its operands are in that dtype (fp32
+    accumulation inside, one rounding), else an fp32 product rounded once."""
+    if ops.dtype == dtype:
+        return torch.mm(a, b)
+    return ops.mm(a, b).to(dtype)
+
+
+def _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw):
+    """dH [N, D] and dW [V, D], uninitialised where the chunks write them: dW entirely (the first
+    chunk writes it), dH's kept rows (each written once by its chunk); only the dropped rows of dH
+    are zeroed (index_fill_), and dW when no row is kept. No sync: the dropped rows are found by a
+    stable sort of the kept-row mask, their count N - n known on the host."""
+    n, num_rows = row_ids.numel(), hidden.shape[0]
+    dh = dw = None
+    if compute_dh:
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if n < num_rows:
+            kept = torch.zeros(num_rows, dtype=torch.uint8, device=hidden.device).index_fill_(0, row_ids, 1)
+            dropped = torch.argsort(kept, stable=True)[: num_rows - n]
+            dh.index_fill_(0, dropped, 0)
+    if compute_dw:
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if n else torch.zeros_like(weight)
+    return dh, dw
 
 
 @torch.no_grad()
@@ -179,19 +281,23 @@ def one_pass_sequence_loss(
 
     hidden [N, D], weight [V, D]; row_ids: the kept rows (ascending), labels their targets,
     sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
-    chunk_bytes: fp32 logits per chunk (default CHUNK_BYTES, read at call time).
+    chunk_bytes: fp32 logits per chunk (default: chunk_budget's rule, read at call time).
+    Everything is validated and sized before the loop (one .tolist() in chunk_rows); the loop itself
+    makes no host sync of its own (the closure's, if any, are the caller's).
     """
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+    if chunk_bytes is not None and (
+        isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+    ):
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    budget = chunk_budget(weight.shape[0], chunk_bytes)
+    bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], budget)
     ops = Matmuls(hidden)
     kernels = epilogue_kernels(hidden.device, ops.dtype)
     w = ops.operand(weight)
     sequence_logps = torch.zeros(num_sequences, device=hidden.device)
-    dh = hidden.new_zeros(hidden.shape) if compute_dh else None
-    dw = torch.zeros_like(weight) if compute_dw else None
+    dh, dw = _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw)
 
-    def run_chunk(ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor) -> None:
+    def run_chunk(ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor, first: bool) -> None:
         # A function so that the chunk's buffers are freed on return, before the next chunk's exist.
         rows = ops.operand(hidden.index_select(0, ids))
         logits = ops.mm(rows, w.T)
@@ -206,16 +312,14 @@ def one_pass_sequence_loss(
         grad = _chunk_gradient(loss_from_logprobs, sequence_logps)[sequences]
         if kernels is None:
             dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
-        else:  # one read of the logits, one write in the operand dtype
-            dlogits = torch.empty(logits.shape, dtype=ops.dtype, device=logits.device)
-            kernels.logits_gradient(logits, targets, lse, grad, dlogits)
-        del logits  # when dlogits is a copy, the fp32 buffer goes before the matmuls' outputs exist
-        if dh is not None:
-            dh.index_copy_(0, ids, ops.mm(dlogits, w).to(dh.dtype))
+        else:  # one more read of the logits, the dlogits written in place over them (a view)
+            dlogits = kernels.logits_gradient_(logits, targets, lse, grad, ops.dtype)
+        del logits  # the fp32 values are spent: dlogits is the buffer's only live use
+        if dh is not None:  # the chunk's rows of dH, written once in dH's dtype
+            dh.index_copy_(0, ids, _rows_product(ops, dlogits, w, dh.dtype))
         if dw is not None:
-            _accumulate_(ops, dw, dlogits.T, rows)
+            (_write_ if first else _accumulate_)(ops, dw, dlogits.T, rows)
 
-    bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], chunk_bytes)
     for r0, r1 in itertools.pairwise(bounds):
-        run_chunk(row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1])
+        run_chunk(row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1], r0 == 0)
     return loss_from_logprobs(sequence_logps), dh, dw

@@ -193,7 +193,7 @@ class LowPrecisionOperands(cublas.Matmuls):
 def epilogue_launches(monkeypatch) -> list[str]:
     """Records every launch of the epilogue kernels by one_pass (which looks them up at call time)."""
     launched = []
-    for name in ("row_statistics", "logits_gradient"):
+    for name in ("row_statistics", "logits_gradient_"):
         real = getattr(sequence_epilogue, name)
         wrapper = lambda *a, _real=real, _name=name, **k: launched.append(_name) or _real(*a, **k)
         monkeypatch.setattr(sequence_epilogue, name, wrapper)
@@ -213,7 +213,7 @@ def test_one_pass_with_low_precision_operands(dtype, epilogue, monkeypatch):
     check_against_float64(hidden, weight, labels, 17, 1e-2, 4 * 257 * 8, upstream=1.3)
     if epilogue == "triton":  # two chunks at least, each one launch of each kernel
         chunks = len(launched) // 2
-        assert chunks >= 2 and launched == ["row_statistics", "logits_gradient"] * chunks, launched
+        assert chunks >= 2 and launched == ["row_statistics", "logits_gradient_"] * chunks, launched
     else:
         assert launched == []
 
@@ -227,7 +227,7 @@ def test_epilogue_kernels_compute_only_what_is_asked_for(hidden_grad, weight_gra
     requires = dict(hidden_grad=hidden_grad, weight_grad=weight_grad)
     check_against_float64(hidden, weight, labels, 9, 1e-2, 4 * 61 * 4, upstream=0.6, **requires)
     assert "row_statistics" in launched
-    assert ("logits_gradient" in launched) == (hidden_grad or weight_grad), launched
+    assert ("logits_gradient_" in launched) == (hidden_grad or weight_grad), launched
 
 
 def test_epilogue_kernels_run_where_triton_runs_with_low_precision_operands(monkeypatch):
@@ -330,6 +330,7 @@ def test_documented_callers_match_the_other_designs(caller, dtype, rel, monkeypa
     # fused="one_pass" must equal fused=False (two calls) and fused=True (two sweeps) for every
     # caller documented as separable, with chunks smaller than a sequence.
     monkeypatch.setattr(one_pass, "CHUNK_BYTES", 4 * 53 * 3)
+    monkeypatch.setattr(one_pass, "MIN_CHUNK_ROWS", 1)  # the default budget's row floor would take all rows
     b, t, d, v = 4, 11, 24, 53
     flat, weight, labels = make_batch(b, t, d, v, dtype)
     hidden, labels = flat.view(b, t, d), labels.view(b, t)
@@ -414,6 +415,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     b, t, d, v = 8, 128, 64, 32768
     one_pass.CHUNK_BYTES = 4 * v * 2 * t  # two sequences: a quarter of the batch's logits
+    one_pass.MIN_CHUNK_ROWS = 2 * t  # the default budget's row floor, at this V: the same two sequences
     hidden = torch.randn(b, t, d, requires_grad=True)
     weight = (torch.randn(v, d) / d**0.5).requires_grad_()
     labels = torch.randint(0, v, (b, t))
@@ -441,3 +443,29 @@ def test_one_pass_holds_one_chunk_of_logits():
     )
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["extra"] < 1.5 * measured["chunk"] < measured["logits"], measured
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v", EPILOGUE_SHAPES)
+def test_in_place_logits_gradient_kernel_matches_float64(n, v, dtype):
+    # The in-place kernel (one chunk buffer: bf16 / fp16 dlogits over the first half of each fp32
+    # row) against float64, inside a NaN-poisoned buffer whose extra rows and columns must survive.
+    logits, exact, labels = epilogue_inputs(n, v)
+    buffer = logits.untyped_storage()
+    lse64 = exact.logsumexp(dim=1)
+    grad64 = torch.randn(n, dtype=torch.float64) * 3
+    onehot = torch.nn.functional.one_hot(labels.cpu(), v).double()
+    ref = grad64[:, None] * (onehot - (exact - lse64[:, None]).exp())
+    same_dtype = (grad64[:, None].float() * (onehot.float() - exact.float().softmax(dim=1))).to(dtype)
+    full = torch.empty(0, device=logits.device).set_(buffer).view(n + 2, v + 7)
+    lse, grad = lse64.float().to(TRITON_DEVICE), grad64.float().to(TRITON_DEVICE)
+    out = sequence_epilogue.logits_gradient_(logits, labels, lse, grad, dtype)
+    assert out.dtype == dtype and out.shape == (n, v) and out.data_ptr() == logits.data_ptr()
+    assert out.untyped_storage().data_ptr() == buffer.data_ptr(), "not in place"
+    assert torch.isfinite(out).all()
+    assert torch.isnan(full[n:]).all() and torch.isnan(full[:, v:]).all(), "wrote outside the rows"
+    assert_as_good_as_torch(out, same_dtype, ref, 1e-2, "dlogits")
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    err = (out.double().cpu() - ref).abs()
+    allowed = ulp * ref.abs() + 1e-5 * grad64.abs()[:, None] + 6e-8
+    assert torch.all(err <= allowed), (err - allowed).max()
