@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    AUTOTUNE_CACHE,
     INTERPRET,
     autotune_configs,
     gradient_tile,
@@ -56,10 +57,14 @@ def backward_shared_bytes(config, dtype_bytes: int) -> int:
 
 @triton.autotune(
     configs=autotune_configs(BACKWARD_CANDIDATES),
-    key=["V", "D", "N_BUCKET"],
+    # Every constexpr that is not a config's changes the kernel's work: FILTER skips tiles, COMPUTE_DH /
+    # COMPUTE_DW drop a matmul and its atomics, so the exact run must not inherit the filtered run's
+    # config (tests/kernels/test_autotune_keys.py checks that none is missing).
+    key=["V", "D", "N_BUCKET", "FILTER", "COMPUTE_DH", "COMPUTE_DW", "UPCAST", "IEEE", "GROUP_N"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(backward_shared_bytes)},
     # Autotuning runs the kernel several times; atomics must start from zero each time.
     reset_to_zero=["DH", "DW"],
+    **AUTOTUNE_CACHE,
 )
 # The row count changes every step (dynamic padding, kept rows): not specialising on it (N % 16,
 # N == 1) keeps one compiled binary per config instead of one per specialisation, so a new

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    AUTOTUNE_CACHE,
     INTERPRET,
     autotune_configs,
     ieee_dots,
@@ -45,11 +46,13 @@ def forward_shared_bytes(config, dtype_bytes: int) -> int:
     configs=FORWARD_CONFIGS,
     # N_BUCKET (row_bucket(N)): the best tile depends on the row count, and the number of
     # vocabulary splits follows the chosen BLOCK_N, so configs are timed per bucket.
-    key=["V", "D", "N_BUCKET"],
+    # IEEE (exact fp32 dots or TF32) and UPCAST change the dots' work: each gets its own timing.
+    key=["V", "D", "N_BUCKET", "UPCAST", "IEEE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(forward_shared_bytes)},
     # Configs with different BLOCK_N launch different numbers of splits: each trial must start
     # from the -inf / 0 partials, or a trial with more splits would leave stale slices behind.
     restore_value=["PARTIAL_LSE", "PARTIAL_TARGET"],
+    **AUTOTUNE_CACHE,
 )
 # The row count changes every step (dynamic padding, kept rows): not specialising on it (N % 16,
 # N == 1) keeps one compiled binary per config instead of one per specialisation, so a new

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (
+    AUTOTUNE_CACHE,
     INTERPRET,
     autotune_configs,
     gradient_tile,
@@ -63,8 +64,9 @@ def softmax_gradient_shared_bytes(config, dtype_bytes: int) -> int:
     configs=SOFTMAX_GRADIENT_CONFIGS,
     # Not the block width V: the last vocabulary block is narrower and would re-tune. Each trial
     # writes every element of OUT, so no restore is needed between trials.
-    key=["D", "N_BUCKET"],
+    key=["D", "N_BUCKET", "UPCAST", "IEEE", "GROUP_N"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(softmax_gradient_shared_bytes)},
+    **AUTOTUNE_CACHE,
 )
 # The row count changes every step and v0 every launch: not specialising on them keeps one
 # compiled binary per config (see logprobs_forward_kernel).

@@ -29,11 +29,15 @@ def add_target_logits_(target: torch.Tensor, logits: torch.Tensor, labels: torch
 
 def softmax_gradient_(shifted: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, v0: int) -> torch.Tensor:
     """dlogits = grad * (onehot(label) - exp(logits - lse)) of a block, in place in `shifted`
-    (= logits - lse, fp32 [rows, block]; columns v0...)."""
+    (= logits - lse, fp32 [rows, block]; columns v0...).
+
+    The onehot is a mask-based scatter: every row adds grad where its label falls in this block and
+    0 (at a clamped column) where it does not, so no host sync (nonzero / item) happens per block."""
     dlogits = shifted.exp_().mul_(-grad[:, None])
     local = labels - v0
-    inside = ((local >= 0) & (local < dlogits.shape[1])).nonzero()[:, 0]
-    dlogits[inside, local[inside]] += grad[inside]
+    inside = (local >= 0) & (local < dlogits.shape[1])
+    columns = local.clamp(0, dlogits.shape[1] - 1)[:, None]
+    dlogits.scatter_add_(1, columns, torch.where(inside, grad, 0.0)[:, None].to(dlogits.dtype))
     return dlogits
 
 

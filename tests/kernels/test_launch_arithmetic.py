@@ -8,7 +8,7 @@ import triton
 
 from fastnpo.kernels import logprobs_backward as bwd
 from fastnpo.kernels import logprobs_forward as fwd
-from fastnpo.kernels.tiles import ROW_BUCKET_CAP, operand_buffer_bytes, row_bucket, select_configs
+from fastnpo.kernels.tiles import ROW_BUCKET_CAP, ROW_BUCKETS, operand_buffer_bytes, row_bucket, select_configs
 
 H100_SMS = 132
 LLAMA3_V = 128256
@@ -54,13 +54,14 @@ def test_split_caps():
 
 
 def test_row_bucket():
-    assert row_bucket(0) == row_bucket(1) == row_bucket(16) == 16
-    assert row_bucket(17) == 32
-    assert row_bucket(4096) == 4096 and row_bucket(4097) == 8192
-    assert row_bucket(10**7) == ROW_BUCKET_CAP
-    buckets = [row_bucket(n) for n in range(1, 40000, 97)]
-    assert buckets == sorted(buckets) and all(b & (b - 1) == 0 for b in buckets)
-    assert len(set(buckets)) <= 11
+    assert row_bucket(0) == row_bucket(1) == row_bucket(256) == ROW_BUCKETS[0]
+    assert row_bucket(257) == ROW_BUCKETS[1]
+    assert row_bucket(ROW_BUCKET_CAP) == row_bucket(10**7) == ROW_BUCKET_CAP
+    counts = range(0, 40000, 97)
+    buckets = [row_bucket(n) for n in counts]
+    assert buckets == sorted(buckets)
+    assert all(n <= b or b == ROW_BUCKET_CAP for n, b in zip(counts, buckets, strict=True))
+    assert set(buckets) == set(ROW_BUCKETS) and len(ROW_BUCKETS) <= 3
 
 
 def config(bn, bv, bd, stages):
@@ -91,7 +92,9 @@ def test_select_configs_prunes_to_the_limit():
 
 def test_autotuners_key_on_the_row_bucket_and_prune():
     for kernel in (fwd.logprobs_forward_kernel, bwd.logprobs_backward_kernel):
-        assert kernel.keys == ["V", "D", "N_BUCKET"]
+        # then the work-changing constexprs (tests/kernels/test_autotune_keys.py checks them all)
+        assert kernel.keys[:3] == ["V", "D", "N_BUCKET"]
         assert kernel.early_config_prune is not None
     # forward trials launch different split counts into the same partials: restored after each
+    assert {"FILTER", "COMPUTE_DH", "COMPUTE_DW"} <= set(bwd.logprobs_backward_kernel.keys)
     assert set(fwd.logprobs_forward_kernel.restore_value) == {"PARTIAL_LSE", "PARTIAL_TARGET"}
