@@ -1,12 +1,13 @@
 """Files and folders: files that readers see whole or not at all (atomic_write), output folders
-checked before any work (folder_problem, check_new_folder), and model names checked before the
-hub client retries for a minute (check_model_source). Imports nothing heavy: the CLI calls these
-before it imports torch."""
+checked before any work (folder_problem, check_new_folder), lock files (LockFile: one holder at a
+time), and model names checked before the hub client retries for a minute (check_model_source).
+Imports nothing heavy: the CLI calls these before it imports torch."""
 
 import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -148,3 +149,152 @@ def check_model_source(name: str, what: str) -> None:
         f"{what} {name!r} is neither a local folder nor reachable on the hub ({reason}); "
         "give the folder of a saved model, or go online"
     )
+
+
+# ----------------------------------------------------------------------------- lock files
+
+
+class LockHeld(Exception):
+    """The lock file `path` is held by a live process (or one on another host): `holder` is
+    what it recorded ({"host", "pid", "started", "command"}; {} when unreadable)."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(path, holder)
+        self.path, self.holder = Path(path), holder
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), else None: with
+    the pid it names one process, so a pid reused after a crash does not pass for the holder."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_holder_alive(holder: dict) -> bool | None:
+    """Whether the process a lock file names runs: True, False (on this host and gone, or its
+    pid now names a later process), None (another host: cannot be told from here)."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+    started = holder.get("pid_start")
+    return not (started is not None and _process_start(pid) not in (None, started))
+
+
+class LockFile:
+    """An exclusive lock held as a file: acquire() creates `path` with O_CREAT|O_EXCL (atomic on a
+    local disk and on NFSv3 or later; not on NFSv2 or on object-store mounts) holding this
+    process's host, pid, start time and command; release() deletes it if it is still ours. A
+    lock whose holder is on this host and no longer runs is stale: acquire() removes it and
+    takes the lock (on_stale(holder) is told). A live holder, or one on another host (whose
+    liveness cannot be seen from here), raises LockHeld. Not re-entrant."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._mine: bytes | None = None
+
+    def acquire(self, on_stale: Callable[[dict], None] | None = None) -> None:
+        import json
+        import socket
+        import sys
+        import time
+
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "token": os.urandom(8).hex(),  # this acquisition's: release() deletes only its own file
+        }
+        data = (json.dumps(record) + "\n").encode()
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raw, holder = self._read_holder()
+                if raw is None:  # released meanwhile: try again
+                    continue
+                if holder is None:  # being written this instant, or its writer died mid-write
+                    time.sleep(0.2)
+                    again, holder = self._read_holder()
+                    if again != raw:
+                        continue
+                    try:
+                        age = time.time() - self.path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < 5:
+                        raise LockHeld(self.path, {}) from None
+                    holder = {}
+                elif lock_holder_alive(holder) is not False:
+                    raise LockHeld(self.path, holder) from None
+                if self._break(raw) and on_stale is not None:
+                    on_stale(holder)
+                continue
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written lock
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            self._mine = data
+            return
+        raise LockHeld(self.path, {})  # contended without end: refuse rather than spin
+
+    def release(self) -> None:
+        """Delete the lock if it is still the one this process wrote."""
+        if self._mine is not None:
+            try:
+                if self.path.read_bytes() == self._mine:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._mine = None
+
+    def _read_holder(self) -> tuple[bytes | None, dict | None]:
+        import json
+
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            return raw, None
+        return raw, holder if isinstance(holder, dict) else None
+
+    def _break(self, stale: bytes) -> bool:
+        """Remove the stale lock `stale`: moved to a name of this process's own first, so that
+        of two processes breaking it at once only one does, and a fresh lock taken meanwhile by
+        a third is put back, not deleted."""
+        moved = self.path.with_name(f"{self.path.name}.{os.getpid()}.stale")
+        try:
+            os.replace(self.path, moved)
+        except FileNotFoundError:
+            return False
+        try:
+            if moved.read_bytes() == stale:
+                return True
+            try:  # not the stale lock: someone's fresh one; put it back unless taken again
+                os.link(moved, self.path)
+            except FileExistsError:
+                pass
+            return False
+        finally:
+            moved.unlink(missing_ok=True)

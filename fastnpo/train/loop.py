@@ -29,7 +29,7 @@ from .config import Config, ConfigError
 from .evaluation import EpochEvaluation
 from .logging import RunLogger, console, mark_finished, write_run_files
 from .optimizers import StepInBackward
-from .output import OutputFolder, prepare_output_dir
+from .output import OutputFolder, OutputLock, prepare_output_dir
 from .setup import (
     build_optimizer,
     cached_reference_logprobs,
@@ -90,27 +90,28 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
     config = resolve_model_dtype(config, log)
     check_optimizer(config)
     check_offload(config, info, log)
-    plan = prepare_output_dir(config, info, log)  # refuses before any work
-    run = _build(config, info, plan.resume_from, log, evaluator)
-    if on_epoch_end is not None and run.trainee.sharded:
-        raise ConfigError("on_epoch_end needs the unsharded model: run in one process without optim.offload")
-    # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
-    folder = OutputFolder(plan, info)
-    folder.begin()
-    try:
-        write_run_files(plan.out, config, run.run_info, info)
-        result = _steps(config, info, run, folder, on_epoch_end, log)
-    except KeyboardInterrupt as interrupt:
-        # This run's checkpoints: looked up before abandon() may put an old run back.
-        steps = checkpoint.checkpoint_steps(plan.out / "checkpoints")
-        newest = plan.out / "checkpoints" / f"step_{steps[-1]}" if steps else None
-        folder.abandon()
-        raise TrainingInterrupted(run.step, run.total_steps, newest, config.run.resume) from interrupt
-    except BaseException:
-        folder.abandon()
-        raise
-    mark_finished(plan.out, info)
-    return result
+    with OutputLock(config.run.output_dir, info, log):  # one run per output folder, before any write
+        plan = prepare_output_dir(config, info, log)  # refuses before any work
+        run = _build(config, info, plan.resume_from, log, evaluator)
+        if on_epoch_end is not None and run.trainee.sharded:
+            raise ConfigError("on_epoch_end needs the unsharded model: run in one process without optim.offload")
+        # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
+        folder = OutputFolder(plan, info)
+        folder.begin()
+        try:
+            write_run_files(plan.out, config, run.run_info, info)
+            result = _steps(config, info, run, folder, on_epoch_end, log)
+        except KeyboardInterrupt as interrupt:
+            # This run's checkpoints: looked up before abandon() may put an old run back.
+            steps = checkpoint.checkpoint_steps(plan.out / "checkpoints")
+            newest = plan.out / "checkpoints" / f"step_{steps[-1]}" if steps else None
+            folder.abandon()
+            raise TrainingInterrupted(run.step, run.total_steps, newest, config.run.resume) from interrupt
+        except BaseException:
+            folder.abandon()
+            raise
+        mark_finished(plan.out, info)
+        return result
 
 
 @dataclass
@@ -162,7 +163,9 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     optimizer, scheduler, total_steps = build_optimizer(config, trainee.parameters, steps_per_epoch)
     step = 0
     if resume_from is not None:
-        step = checkpoint.resume_run_state(resume_from, trainee.wrapper, optimizer, scheduler, batches, info)
+        resume_from, step = checkpoint.resume_run_state(
+            resume_from, trainee.wrapper, optimizer, scheduler, batches, info, log
+        )
         log(f"resumed from {resume_from} at step {step}")
     if evaluation is not None:
         evaluation.resume(step, steps_per_epoch)

@@ -1,0 +1,195 @@
+"""One run per output folder (issue 26 item 2): a run takes `<output_dir>.lock` before it writes
+anything; a second run on the folder is refused in one line naming the holder and writes nothing;
+a lock left by a dead process is recovered; the lock goes when the run ends, however it ends."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import REPO, config_for, overrides
+
+from fastnpo import files
+from fastnpo.config import ConfigError
+from fastnpo.tiny import TinyModelSpec
+from fastnpo.tofu.minitofu import prepare_tiny
+from fastnpo.train import train
+from fastnpo.train.output import lock_path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def write_lock(out: Path, pid: int, host: str | None = None) -> Path:
+    path = lock_path(out)
+    record = {"host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00", "command": "x"}
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def extra(tmp_path, **more):
+    return {"method.name": "npo", "run.cache_dir": tmp_path / "cache", **more}
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_and_writes_nothing(tiny, tmp_path, sleeper):
+    # Today: the second run trains and replaces the first's metrics.jsonl, config.yaml, final/.
+    work = tmp_path / "work"
+    out = work / "run"
+    train(config_for(tiny, out, **extra(tmp_path)))
+    assert not lock_path(out).exists()
+    lock = write_lock(out, sleeper.pid)  # a live run holds the folder
+    before = snapshot(work)
+    for more in ({"run.overwrite": "true", "optim.lr": 5e-3}, {"run.resume": "true"}):
+        with pytest.raises(ConfigError) as refused:
+            train(config_for(tiny, out, **extra(tmp_path, **more)))
+        message = str(refused.value)
+        assert "\n" not in message
+        holder = f"pid {sleeper.pid} on host {socket.gethostname()}"
+        assert f"run.output_dir {out} is in use by another run: {holder}" in message
+        assert str(lock) in message
+        assert snapshot(work) == before  # nothing written, the holder's lock kept
+
+
+def test_a_lock_from_another_host_is_refused_saying_which_file_to_delete(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = write_lock(out, 12345, host="some-other-node")
+    with pytest.raises(ConfigError, match=rf"pid 12345 on host some-other-node.*if that run has ended, delete {lock}"):
+        train(config_for(tiny, out, **extra(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.lock"] and not any(out.iterdir())
+
+
+def test_a_stale_lock_of_a_dead_process_is_recovered(tiny, tmp_path, capsys):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    out = tmp_path / "run"
+    lock = write_lock(out, dead)
+    result = train(config_for(tiny, out, **extra(tmp_path)))
+    assert result["steps"] == 2 and (out / "final").is_dir()
+    captured = capsys.readouterr()
+    assert f"removed the stale lock {lock} of a run that no longer runs (pid {dead} on" in captured.out + captured.err
+    assert not lock.exists()
+
+
+def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(config_for(tiny, out, **extra(tmp_path)))
+    assert not lock_path(out).exists()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no answer"}\n')
+    with pytest.raises((ValueError, KeyError, OSError)):  # ConfigError is a ValueError
+        train(config_for(tiny, tmp_path / "bad_run", **extra(tmp_path, **{"data.forget": bad})))
+    assert not lock_path(tmp_path / "bad_run").exists()
+
+    from fastnpo.train import loop
+
+    held = []
+
+    def interrupted(*args, **kwargs):
+        held.append(lock_path(tmp_path / "stopped").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(tiny, tmp_path / "stopped", **extra(tmp_path)))
+    assert held == [True]  # held while the run wrote, gone after
+    assert not lock_path(tmp_path / "stopped").exists()
+
+
+def test_two_cli_runs_started_together_one_trains_the_other_is_refused(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fastnpo.cli", *args, *overrides(tiny, out, **extra(tmp_path, **{"optim.lr": lr}))],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lr in (1e-3, 2e-3)
+    ]
+    try:
+        results = [(p.pid, *p.communicate(timeout=300)) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    codes = sorted(p.returncode for p in processes)
+    assert codes == [0, 2], results
+    (winner,) = [p for p in processes if p.returncode == 0]
+    (loser,) = [r for p, r in zip(processes, results, strict=True) if p.returncode == 2]
+    errors = [line for line in loser[2].splitlines() if line.startswith("fastnpo train: error:")]
+    assert len(errors) == 1 and f"is in use by another run: pid {winner.pid} on host" in errors[0], loser[2]
+    assert "Traceback" not in loser[2]
+    steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert not lock_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- the lock file itself
+
+
+def test_a_reused_pid_or_a_lock_cut_short_long_ago_is_stale(tmp_path):
+    path = tmp_path / "x.lock"
+    mine = files.LockFile(path)
+    mine.acquire()
+    holder = json.loads(path.read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(files.LockHeld):
+        files.LockFile(path).acquire()
+    # the same pid, another start time: a later process that got the dead holder's pid
+    path.write_text(json.dumps({**holder, "pid_start": "1"}))
+    seen = []
+    other = files.LockFile(path)
+    other.acquire(on_stale=seen.append)
+    assert seen and seen[0]["pid_start"] == "1"
+    mine.release()  # no longer mine: kept
+    assert path.exists()
+    other.release()
+    assert not path.exists()
+    # a holder killed between creating the file and writing it
+    path.write_text("")
+    with pytest.raises(files.LockHeld):
+        files.LockFile(path).acquire()
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    files.LockFile(path).acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_under_torchrun_both_ranks_are_refused_without_hanging(tiny, tmp_path, sleeper):
+    from test_train import run_cli
+
+    out = tmp_path / "run"
+    write_lock(out, sleeper.pid)
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra(tmp_path))]
+    process = run_cli(args, torchrun=True)
+    try:
+        output = process.communicate(timeout=240)[0]  # a rank left waiting for rank 0 would hang here
+    finally:
+        process.kill()
+    assert process.returncode != 0, output
+    errors = [line for line in output.splitlines() if line.startswith("fastnpo train: error:")]
+    # Both ranks refuse; torchrun stops the other rank once one exits 2, so its line may not come.
+    assert errors and all(f"in use by another run: pid {sleeper.pid}" in e for e in errors), output
+    assert not out.exists()
