@@ -1,20 +1,18 @@
 """Epilogue kernels of the one-pass design: log-sum-exp, target logit and dlogits of an fp32 logits buffer.
 
 fastnpo/ops/one_pass.py makes a chunk's fp32 logits [n, V] with one library matmul; these two
-kernels do the rest of the chunk's elementwise work on that buffer, which they never modify:
+kernels do the rest of the chunk's elementwise work on that buffer:
 
-    row_statistics    one read of each row: an online max / sum of exp over BLOCK_V-wide column
-                      blocks gives lse [n]; the target logit logits[r, labels[r]] is one more load
-                      per row. Token log-prob = target - lse.
-    logits_gradient   one read, one write: dlogits[r, v] = grad[r] * (onehot(labels[r] == v)
+    row_statistics    one read of each row, which it leaves as it is: an online max / sum of exp
+                      over BLOCK_V-wide column blocks gives lse [n]; the target logit
+                      logits[r, labels[r]] is one more load per row. Token log-prob = target - lse.
+    logits_gradient_  one read, one write, IN PLACE: dlogits[r, v] = grad[r] * (onehot(labels[r] == v)
                       - exp(logits[r, v] - lse[r])), computed in fp32 and rounded once into the
-                      output's dtype (the gradient matmuls' operand: bf16 / fp16). The label's
-                      column is grad * (1 - p_y) in fp32 before that rounding, never a difference
-                      of two rounded numbers (p_y ~ 1 would cancel them).
-
-    logits_gradient_  the same values, written IN PLACE: one program per row walks its column
-                      blocks in order and stores the bf16 / fp16 dlogits over the first half of the
-                      row's own fp32 storage (block j's 2-byte outputs land on fp32 slots
+                      operand dtype of the gradient matmuls (bf16 / fp16). The label's column is
+                      grad * (1 - p_y) in fp32 before that rounding, never a difference of two
+                      rounded numbers (p_y ~ 1 would cancel them). One program per row walks its
+                      column blocks in order and stores the 2-byte dlogits over the first half of
+                      the row's own fp32 storage (block j's outputs land on fp32 slots
                       [j B / 2, (j + 1) B / 2), all read by this program already; a barrier between
                       each block's loads and its stores keeps a lagging warp's reads ahead of the
                       other warps' writes). The fp32 logits and the dlogits never coexist: one
@@ -25,8 +23,8 @@ Bytes per logit in bf16: 4 (statistics read) + 4 (gradient read) + 2 (bf16 write
 for the torch-op epilogue they replace (row max, subtract, exp, row sums, scale: five passes).
 
 Grids: row_statistics one program per BLOCK_N rows looping over the vocabulary (no atomics: a row's
-reduction stays in one program); logits_gradient one program per [BLOCK_N, BLOCK_V] tile, the
-vocabulary tiles of a row consecutive in the grid. Offsets row * stride are int64.
+reduction stays in one program); logits_gradient_ one program per row looping over the vocabulary
+(no other program touches its row's storage). Offsets row * stride are int64.
 """
 
 import torch
@@ -35,7 +33,7 @@ import triton.language as tl
 
 from .tiles import INTERPRET, prune_by_shared_memory, row_bucket
 
-# (BLOCK_N, BLOCK_V, num_warps, num_stages) tried on GPU. Both kernels are bandwidth-bound streams:
+# row_statistics' (BLOCK_N, BLOCK_V, num_warps, num_stages) tried on GPU. Both kernels are bandwidth-bound streams:
 # 16-32 fp32 elements per thread per step keep enough loads in flight; a row per program is enough
 # programs at a chunk's ~2048 rows (15 per SM on 132 SMs).
 STATISTICS_CANDIDATES = [
@@ -43,12 +41,6 @@ STATISTICS_CANDIDATES = [
     (1, 8192, 8, 1),
     (1, 16384, 16, 1),
     (2, 4096, 8, 1),
-]
-GRADIENT_CANDIDATES = [
-    (1, 2048, 4, 1),
-    (1, 4096, 8, 1),
-    (2, 4096, 8, 1),
-    (4, 2048, 8, 1),
 ]
 
 
@@ -63,7 +55,6 @@ def epilogue_configs(candidates):
 
 
 STATISTICS_CONFIGS = epilogue_configs(STATISTICS_CANDIDATES)
-GRADIENT_CONFIGS = epilogue_configs(GRADIENT_CANDIDATES)
 
 
 def statistics_shared_bytes(config, dtype_bytes: int) -> int:
@@ -74,14 +65,6 @@ def statistics_shared_bytes(config, dtype_bytes: int) -> int:
     case); the compile tests check the bound on every config."""
     del dtype_bytes
     return 2 * config.kwargs["BLOCK_N"] * config.num_warps * 4
-
-
-def gradient_shared_bytes(config, dtype_bytes: int) -> int:
-    """logits_gradient_kernel's shared memory: none is needed (an elementwise tile loaded and stored
-    in one layout; triton 3.9 compiles every config to 0 B on sm_90 and sm_80); bounded by one
-    output tile in the output dtype, should a layout conversion for the store appear. The compile
-    tests check the bound on every config."""
-    return config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_V"] * dtype_bytes
 
 
 @triton.autotune(
@@ -121,41 +104,6 @@ def row_statistics_kernel(
     tl.store(TARGET + offs_n, target, mask=rows_mask)
 
 
-@triton.autotune(
-    configs=GRADIENT_CONFIGS,
-    # Every trial writes every element of OUT and reads only the inputs: nothing to restore.
-    key=["V", "N_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_by_shared_memory(gradient_shared_bytes, "OUT")},
-)
-@triton.jit(do_not_specialize=["N", "N_BUCKET"])
-def logits_gradient_kernel(
-    LOGITS, LABELS, LSE, GRAD, OUT,
-    N, V, N_BUCKET, stride_ln, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_v = tl.cdiv(V, BLOCK_V)
-    pid_n = pid // num_v
-    pid_v = pid % num_v
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_mask = offs_n < N
-    labels = tl.load(LABELS + offs_n, mask=rows_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_n, mask=rows_mask, other=0.0)
-    g = tl.load(GRAD + offs_n, mask=rows_mask, other=0.0)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = rows_mask[:, None] & (cols < V)[None, :]
-    rows = offs_n.to(tl.int64)
-
-    # Masked elements read -inf: p = 0 there, nothing overflows, and they are not stored.
-    x = tl.load(LOGITS + rows[:, None] * stride_ln + cols[None, :], mask=mask, other=float("-inf"))
-    p = tl.exp(x - lse[:, None])
-    # fp32 throughout, one rounding at the store: the label's column is g * (1 - p_y), 1 - p_y exact.
-    is_target = cols[None, :] == labels[:, None]
-    dlogits = g[:, None] * (is_target.to(tl.float32) - p)
-    tl.store(OUT + rows[:, None] * stride_on + cols[None, :], dlogits.to(OUT.dtype.element_ty), mask=mask)
-
-
 def _check_buffer(name: str, x: torch.Tensor, shape: tuple[int, int]) -> None:
     assert x.shape == shape and x.stride(1) == 1, f"{name} must be {list(shape)} with unit column stride"
 
@@ -182,31 +130,6 @@ def row_statistics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         n, vocab_size, row_bucket(n), logits.stride(0),
     )
     return lse, target
-
-
-def logits_gradient(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """Write out[r, v] = grad[r] * (onehot(labels[r] == v) - exp(logits[r, v] - lse[r])); returns out.
-
-    logits fp32 [n, V] and out [n, V] (its dtype: bf16 / fp16, or fp32), both with unit column
-    stride (a slice of a larger buffer is fine); labels int64, lse and grad fp32 [n].
-    """
-    n, vocab_size = logits.shape
-    _check_buffer("logits", logits, (n, vocab_size))
-    _check_buffer("out", out, (n, vocab_size))
-    assert logits.dtype == torch.float32 and labels.shape == lse.shape == grad.shape == (n,)
-    if n == 0 or vocab_size == 0:
-        return out
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(vocab_size, meta["BLOCK_V"]),)
-
-    logits_gradient_kernel[grid](
-        logits, labels, lse, grad, out,
-        n, vocab_size, row_bucket(n), logits.stride(0), out.stride(0),
-    )
-    return out
 
 
 # logits_gradient_ (in place): one row per program, BLOCK_V columns per step, in column order.
@@ -252,8 +175,9 @@ def logits_gradient_inplace_kernel(
 def logits_gradient_(
     logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """logits_gradient in place: returns dlogits [n, V] in `dtype` (bf16 / fp16), a view over the
-    first half of each row of `logits`' storage, whose fp32 values are consumed (not valid after).
+    """dlogits[r, v] = grad[r] * (onehot(labels[r] == v) - exp(logits[r, v] - lse[r])) IN PLACE:
+    returns dlogits [n, V] in `dtype` (bf16 / fp16), a view over the first half of each row of
+    `logits`' storage, whose fp32 values are consumed (not valid after).
 
     logits fp32 [n, V] with unit column stride (any row stride: a slice of a larger buffer is
     fine, its other columns untouched); labels int64, lse and grad fp32 [n].

@@ -76,9 +76,10 @@ achievable, ~3 TB/s HBM), written before any GPU run (PREDICTIONS: neither path 
 GPU); 4 chunks of 2048 rows (1002 MiB of logits each); bf16 on CUDA takes the epilogue kernels:
   FLOPs   6NDV = 2.58e13 -> 34.4 ms at 750 TFLOP/s.
   bytes   per logit (N V = 1.05e9): the logits matmul's fp32 write 4, the epilogue kernels 10
-          (row_statistics read 4, logits_gradient read 4 + bf16 dlogits write 2), the two gradient
-          matmuls' dlogits reads 2 + 2: 18 B, 18.9 GB; W read by two matmuls and dW read + written
-          once per chunk: 4.2 GB x 4 chunks = 16.8 GB; dW / dH zero fill 1.1 GB.
+          (row_statistics read 4, v1's out-of-place dlogits kernel read 4 + bf16 write 2: the same
+          bytes as logits_gradient_ in place), the two gradient matmuls' dlogits reads 2 + 2: 18 B,
+          18.9 GB; W read by two matmuls and dW read + written once per chunk: 4.2 GB x 4 chunks =
+          16.8 GB; dW / dH zero fill 1.1 GB.
           36.8 GB -> 12.3 ms at 3 TB/s.
   The matmuls are compute-bound (2048-row chunks keep the dW update's K at 2048), but the epilogue's
   10.5 GB are separate bandwidth-bound kernels that cannot overlap them: predicted ~45 ms = matmuls

@@ -4,14 +4,17 @@
 
 The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, the
 cublas design's split backward, which launches softmax_gradient once per vocabulary block, and the
-one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient on one chunk of
-fp32 logits, where one_pass.epilogue_kernels takes them: bf16 / fp16 operands on CUDA) called at a
-real shape on meta tensors, with the kernels swapped for a recorder; the JIT's own
-binder then specialises them as a real launch would (ints == 1 become constexpr, multiples of 16
-get tt.divisibility), so the kernel compiled is the one that runs. Every autotune config is
-compiled; each result reports shared memory (and the kernel's own estimate of it, and whether its
-autotune pruner keeps the config for this arch's limit), registers, spills (from ptxas's log) and the
-instructions that matter (wgmma / mma, atomics and their memory ordering, fences).
+one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient_ on one chunk of
+fp32 logits, the latter writing the bf16 / fp16 dlogits in place over them, called as
+one_pass_sequence_loss calls them where one_pass.epilogue_kernels takes them: bf16 / fp16
+operands on CUDA) called at a real shape on meta tensors, with the kernels swapped for a
+recorder; the JIT's own binder then specialises them as a real launch would (ints == 1 become
+constexpr, multiples of 16 get tt.divisibility), so the kernel compiled is the one that runs. Every
+autotune config is compiled; each result reports shared memory (and the kernel's own estimate of
+it, and whether its autotune pruner keeps the config for this arch's limit; a kernel with no
+pruner, which needs no shared memory, keeps every config and has no estimate), registers, spills
+(from ptxas's log) and the instructions that matter (wgmma / mma, atomics and their memory
+ordering, fences, block barriers).
 
 Runs in its own process: TRITON_INTERPRET must be unset when the kernels are defined.
 """
@@ -93,17 +96,17 @@ def captured_launches(dtype_name: str):
         ),
     ]
     # The one-pass epilogue on one chunk, as one_pass_sequence_loss runs it on CUDA: none for fp32.
+    # The dlogits' dtype is the matmuls' operand dtype (Matmuls(hidden).dtype: hidden's on CUDA).
     ep = one_pass.epilogue_kernels(torch.device("cuda"), dtype)
     if ep is not None:
         logits = torch.empty(CHUNK_ROWS, v, dtype=torch.float32, device="meta")
-        chunk_lse, chunk_grad = lse[:CHUNK_ROWS], grad[:CHUNK_ROWS]
-        dlogits = torch.empty(logits.shape, dtype=dtype, device="meta")
+        chunk_labels, chunk_lse, chunk_grad = labels[:CHUNK_ROWS], lse[:CHUNK_ROWS], grad[:CHUNK_ROWS]
         launches += [
-            (ep, "row_statistics_kernel", lambda: ep.row_statistics(logits, labels[:CHUNK_ROWS])),
+            (ep, "row_statistics_kernel", lambda: ep.row_statistics(logits, chunk_labels)),
             (
                 ep,
-                "logits_gradient_kernel",
-                lambda: ep.logits_gradient(logits, labels[:CHUNK_ROWS], chunk_lse, chunk_grad, dlogits),
+                "logits_gradient_inplace_kernel",
+                lambda: ep.logits_gradient_(logits, chunk_labels, chunk_lse, chunk_grad, dtype),
             ),
         ]
     out = []
@@ -197,6 +200,7 @@ def inspect(compiled, ptxas_log: str) -> dict:
         "mma": bool(re.search(r"\bmma\.sync", ptx)),
         "atomics": sorted(set(atomics)),
         "fences": sorted(set(re.findall(r"\b(?:membar|fence)\.[\w.]+", ptx))),
+        "barriers": len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
     }
 
 
@@ -221,15 +225,22 @@ def main(argv=None) -> int:
         "logprobs_backward_kernel": bwd.backward_shared_bytes,
         "softmax_gradient_kernel": sg.softmax_gradient_shared_bytes,
         "row_statistics_kernel": ep.statistics_shared_bytes,
-        "logits_gradient_kernel": ep.gradient_shared_bytes,
+        "logits_gradient_inplace_kernel": None,  # no pruner: elementwise, no shared memory needed
     }
     dtype_bytes = getattr(torch, args.dtype).itemsize
     limit = SHARED_LIMIT.get(args.arch)
     for name, autotuner, call_args, call_kwargs in captured_launches(args.dtype):
         if args.kernel and name not in args.kernel:
             continue
-        # what the autotuner's early_config_prune keeps on a device with this arch's limit
-        kept = select_configs(autotuner.configs, estimators[name], limit, dtype_bytes) if limit else autotuner.configs
+        # what the autotuner's early_config_prune keeps on a device with this arch's limit (all
+        # configs where there is no pruner, hence no estimator)
+        estimator = estimators[name]
+        assert (estimator is None) == (autotuner.early_config_prune is None), name
+        kept = (
+            select_configs(autotuner.configs, estimator, limit, dtype_bytes)
+            if limit and estimator
+            else autotuner.configs
+        )
         for config in autotuner.configs:
             kwargs = dict(call_kwargs, **config.all_kwargs())
             label = ",".join(f"{k}={v}" for k, v in config.all_kwargs().items() if v is not None)
@@ -240,7 +251,7 @@ def main(argv=None) -> int:
             except Exception as error:
                 row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:500]}")
             row["shared_limit"] = limit
-            row["estimate"] = estimators[name](config, dtype_bytes)
+            row["estimate"] = estimator(config, dtype_bytes) if estimator else None
             row["kept"] = any(config is k for k in kept)
             print(json.dumps(row), flush=True)
     return 0
