@@ -348,8 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, NotImplementedError) as error:
         if debug:
             raise
-        print(f"fastnpo {args.command}: error: {error}", file=sys.stderr)
-        print("(run with --debug, or set FASTNPO_DEBUG=1, for the traceback)", file=sys.stderr)
+        # Under torchrun a config error is every rank's: said once, by rank 0. Anything else may be one
+        # rank's own (its disk, its file): each rank says it, naming itself.
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == 0 or not isinstance(error, ConfigError):
+            who = f" (rank {rank})" if world > 1 and not isinstance(error, ConfigError) else ""
+            print(f"fastnpo {args.command}: error{who}: {error}", file=sys.stderr)
+            print("(run with --debug, or set FASTNPO_DEBUG=1, for the traceback)", file=sys.stderr)
+        else:  # torchrun stops every rank once one exits: leave rank 0 the moment to say it
+            import time
+
+            time.sleep(1.0)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C: one line, the shell's exit status for SIGINT
         if debug:

@@ -8,6 +8,7 @@ checkpoint save, never in the training step. A resume verifies the newest checkp
 back to the previous intact one, naming the damaged file (resume_run_state)."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -74,6 +75,57 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in directory.glob("step_*") if (p / "trainer.json").exists())
 
 
+@contextlib.contextmanager
+def _no_space_said(folder: Path, state: dict):
+    """A full disk during a save, said as such: DCP reports it as a CheckpointException around the
+    zip writer's "unexpected pos 704 vs 598", which never says "no space". When the failure names
+    ENOSPC, or the folder has less free space than this rank's share of the state, it becomes an
+    OSError(ENOSPC) naming the folder and both sizes (the CLI's one-line error, exit 2)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (CheckpointException, OSError, RuntimeError) as error:
+        needed = sum(_local_bytes(t) for t in _tensors(state))
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        if not (_says_no_space(error) or free < needed):
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the device to write the checkpoint {folder}: this rank's part needs about "
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free space there, or set "
+            "run.checkpoint_every=0 (the last checkpoint and the export stay)",
+        ) from error
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's shard on this rank
+    return local.numel() * local.element_size()
+
+
+def _says_no_space(error: BaseException | None, depth: int = 0) -> bool:
+    """ENOSPC anywhere in the error, what it was raised from or during, or a CheckpointException's failures."""
+    if error is None or depth > 8:
+        return False
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and any(_says_no_space(f[0], depth + 1) for f in failures.values()):
+        return True
+    return _says_no_space(error.__cause__, depth + 1) or _says_no_space(error.__context__, depth + 1)
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
@@ -96,10 +148,11 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier(info)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings(), _interrupts_pass_through():
+    state = {"model": model_state, "optim": optim_state}
+    with _no_space_said(partial, state), warnings.catch_warnings(), _interrupts_pass_through():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-    torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
+        dcp.save(state, checkpoint_id=str(partial))
+        torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
     if info.is_main:
         (partial / "trainer.json").write_text(json.dumps(_json_tensors(trainer_state), indent=1))
     barrier(info)

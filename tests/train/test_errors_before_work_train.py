@@ -283,3 +283,49 @@ def test_cache_ref_exits_non_zero_when_it_cannot_store_the_cache(tiny, tmp_path,
     errors = [line for line in captured.err.splitlines() if line.startswith("fastnpo cache-ref: error:")]
     assert len(errors) == 1 and "could not be stored" in errors[0] and str(cache) in errors[0], captured.err
     assert "No space left on device" in captured.out + captured.err  # the reason, from the line before
+
+
+def test_a_full_disk_at_a_checkpoint_says_no_space_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: a full disk during a 1-process checkpoint said only `CheckpointException ...
+    unexpected pos 704 vs 598`. Now: one line naming the folder, the bytes needed and free, exit 2."""
+    import shutil as real_shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastnpo.train import checkpoint
+
+    def full_disk_save(state, checkpoint_id):
+        error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        raise CheckpointException("save", {0: (error, None)})
+
+    usage = real_shutil.disk_usage
+
+    def nearly_full(path):
+        return usage(path)._replace(free=4096)
+
+    monkeypatch.setattr(dcp, "save", full_disk_save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", nearly_full)
+    out = tmp_path / "run"
+    extra = {"method.name": "npo", "run.checkpoint_every": 1, "run.cache_dir": tmp_path / "cache"}
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fastnpo train: error")]
+    assert len(errors) == 1 and "no space left on the device" in errors[0], err
+    assert str(out / "checkpoints" / ".partial_step_1") in errors[0] and "0 MiB are free" in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_a_checkpoint_failure_that_is_not_the_disk_stays_what_it_is(tmp_path):
+    import errno
+
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastnpo.train.checkpoint import _no_space_said
+
+    with pytest.raises(CheckpointException), _no_space_said(tmp_path, {"w": torch.zeros(4)}):
+        raise CheckpointException("save", {0: (RuntimeError("a bug"), None)})
+    with pytest.raises(OSError, match="no space left"), _no_space_said(tmp_path, {}):
+        raise CheckpointException("save", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
