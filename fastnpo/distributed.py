@@ -6,6 +6,7 @@ GPU, gloo on CPU. Sharding and checkpoints live in fastnpo.train (sharding.py, c
 """
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,8 +30,25 @@ class ProcessInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto", *, offload: bool = False) -> ProcessInfo:
+# distributed.timeout_s's default: the longest a rank may wait in one collective for the others.
+# The longest legitimate wait is a checkpoint write: a 70B model trained in full keeps fp32
+# parameters and two fp32 Adam moments, 12 B x 70e9 = 840 GB of DCP shards; one node of 8 GPUs
+# (CPU offload) writing them at ~1 GB/s to shared storage takes ~840 s, and rank 0 exporting the
+# 140 GB bf16 model at 0.5 GB/s ~280 s. 1800 s (torch's own default) leaves twice the worst of those.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective outlived distributed.timeout_s: a rank frozen, killed or far slower. A
+    TimeoutError (an OSError), so the CLI ends with its one-line error and exit status 2."""
+
+
+def setup(device: str = "auto", *, offload: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessInfo:
     """Join the torchrun job if there is one (env:// rendezvous, multi-node included).
+
+    timeout_s (distributed.timeout_s): how long a collective waits for the other ranks before it
+    fails (gloo raises it on the waiting ranks: see raise_if_timeout; nccl's watchdog ends the
+    process with its own message).
 
     offload (optim.offload, FSDP2's CPU offload): a process group even for one process, since
     FSDP2 shards over a group (of one here), and on GPU gloo beside nccl, for the collectives on
@@ -50,10 +68,29 @@ def setup(device: str = "auto", *, offload: bool = False) -> ProcessInfo:
         if target.type == "cuda":
             backend = "cuda:nccl,cpu:gloo" if offload else "nccl"
         if world_size > 1:
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         else:  # no torchrun: a group of one over an in-process store
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return ProcessInfo(rank, world_size, local_rank, target)
+
+
+def raise_if_timeout(error: BaseException, info: ProcessInfo, timeout_s: float) -> None:
+    """Raise CollectiveTimeout (from `error`) if `error` is a collective that timed out, naming the
+    unresponsive rank when it can be known: gloo's message ("Timed out waiting 10000ms for recv
+    operation to complete") names no peer, so only a two-rank job knows it (the other one)."""
+    if not info.distributed or not isinstance(error, RuntimeError):
+        return
+    if not re.search(r"timed out|timeout", str(error), re.IGNORECASE):
+        return
+    if info.world_size == 2:
+        who = f"rank {1 - info.rank}"
+    else:
+        who = f"another rank (of {info.world_size}; gloo does not say which)"
+    raise CollectiveTimeout(
+        f"{who} did not answer within distributed.timeout_s={timeout_s:g} s "
+        "(a collective timed out: a rank frozen, killed or far slower; raise distributed.timeout_s "
+        "if a step or a checkpoint write legitimately takes longer)"
+    ) from error
 
 
 def teardown() -> None:

@@ -77,9 +77,13 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
             "run.eval_every_epoch: this caller supplies no evaluator "
             "(train(config, evaluator=...); the TOFU one is built from run.eval_data)"
         )
-    info = distributed.setup(config.run.device, offload=config.optim.offload)
+    timeout_s = config.distributed.timeout_s
+    info = distributed.setup(config.run.device, offload=config.optim.offload, timeout_s=timeout_s)
     try:
         return _train(config, info, on_epoch_end, evaluator)
+    except RuntimeError as error:  # a collective past distributed.timeout_s: one line naming the rank
+        distributed.raise_if_timeout(error, info, timeout_s)
+        raise
     finally:
         distributed.teardown()
 
@@ -286,7 +290,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
 def build_reference_cache(config: Config, verify: int = 0) -> dict:
     """`fastnpo cache-ref`: the reference pass alone (and optionally a recomputed sample)."""
     check_model_sources(config)
-    info = distributed.setup(config.run.device)
+    info = distributed.setup(config.run.device, timeout_s=config.distributed.timeout_s)
     try:
         log = console(info)
         config = resolve_model_dtype(config, log)
@@ -314,5 +318,8 @@ def build_reference_cache(config: Config, verify: int = 0) -> dict:
             report = verify_ref_logprobs(ref, recompute, sample=verify, seed=config.run.seed)
             log(f"verified {verify} examples per set: {report}")
         return {"key": ref.key, "hit": hit, "verify": report}
+    except RuntimeError as error:
+        distributed.raise_if_timeout(error, info, config.distributed.timeout_s)
+        raise
     finally:
         distributed.teardown()

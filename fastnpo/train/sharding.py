@@ -2,24 +2,29 @@
 final norm and the lm_head (so tied weights stay in one unit and the fused loss runs inside
 the root's forward, where the lm_head gradient is reduced like any other)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import require
-from ..distributed import ProcessInfo
+from ..distributed import DEFAULT_TIMEOUT_S, ProcessInfo
 
 
 @dataclass
 class DistributedConfig:
     """fsdp: "auto" (shard when world_size > 1), "on", "off". mixed_precision: "none" or
-    "bf16" (FSDP2 MixedPrecisionPolicy when sharded, autocast otherwise)."""
+    "bf16" (FSDP2 MixedPrecisionPolicy when sharded, autocast otherwise). timeout_s: how long a
+    collective waits for the other ranks before the waiting ones exit naming the silent rank;
+    default 1800 s, sized for a 70B checkpoint write (fastnpo.distributed.DEFAULT_TIMEOUT_S);
+    lower it on preemptible machines to learn of a frozen rank sooner."""
 
     fsdp: str = "auto"
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self):
         # YAML 1.1 reads on / off (and true / false) as booleans, which reach a str field as
@@ -28,6 +33,8 @@ class DistributedConfig:
         require(self.fsdp in ("auto", "on", "off"), "distributed.fsdp", "must be auto, on or off", self.fsdp)
         precision = self.mixed_precision
         require(precision in ("none", "bf16"), "distributed.mixed_precision", "must be none or bf16", precision)
+        timeout = self.timeout_s
+        require(math.isfinite(timeout) and timeout > 0, "distributed.timeout_s", "must be seconds > 0", timeout)
 
 
 def use_fsdp(config: DistributedConfig, info: ProcessInfo) -> bool:
