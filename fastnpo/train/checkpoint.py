@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +54,24 @@ def _interrupts_pass_through():
     try:
         yield
     except CheckpointException as error:
-        if any(_interrupted(failure[0]) for failure in error.failures.values()):
+        if _in_chain(error, lambda e: isinstance(e, KeyboardInterrupt)):
             raise KeyboardInterrupt from error
         raise
 
 
-def _interrupted(error: BaseException | None, depth: int = 0) -> bool:
-    """Whether a KeyboardInterrupt is `error` or what it was raised from or during: one that lands
-    inside torch.save's zip writer surfaces as the writer's RuntimeError ("unexpected pos") on exit."""
+def _in_chain(error: BaseException | None, match: Callable[[BaseException], bool], depth: int = 0) -> bool:
+    """Whether `match` holds for `error`, for what it was raised from or during, or for a
+    CheckpointException's per-rank failures, at any depth: DCP wraps what a rank raises, and a
+    KeyboardInterrupt or a full disk inside torch.save's zip writer surfaces as the writer's
+    RuntimeError ("unexpected pos") raised during it."""
     if error is None or depth > 8:
         return False
-    if isinstance(error, KeyboardInterrupt):
+    if match(error):
         return True
-    return _interrupted(error.__cause__, depth + 1) or _interrupted(error.__context__, depth + 1)
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and any(_in_chain(f[0], match, depth + 1) for f in failures.values()):
+        return True
+    return _in_chain(error.__cause__, match, depth + 1) or _in_chain(error.__context__, match, depth + 1)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -88,7 +94,8 @@ def _no_space_said(folder: Path, state: dict):
     except (CheckpointException, OSError, RuntimeError) as error:
         needed = sum(_local_bytes(t) for t in _tensors(state))
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-        if not (_says_no_space(error) or free < needed):
+        no_space = _in_chain(error, lambda e: isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        if not (no_space or free < needed):
             raise
         raise OSError(
             errno.ENOSPC,
@@ -112,18 +119,6 @@ def _tensors(tree):
 def _local_bytes(tensor: torch.Tensor) -> int:
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's shard on this rank
     return local.numel() * local.element_size()
-
-
-def _says_no_space(error: BaseException | None, depth: int = 0) -> bool:
-    """ENOSPC anywhere in the error, what it was raised from or during, or a CheckpointException's failures."""
-    if error is None or depth > 8:
-        return False
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and any(_says_no_space(f[0], depth + 1) for f in failures.values()):
-        return True
-    return _says_no_space(error.__cause__, depth + 1) or _says_no_space(error.__context__, depth + 1)
 
 
 def save_checkpoint(
