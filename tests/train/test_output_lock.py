@@ -4,6 +4,7 @@ a lock left by a dead process is recovered; the lock goes when the run ends, how
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -117,32 +118,53 @@ def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, mo
 
 
 def test_two_cli_runs_started_together_one_trains_the_other_is_refused(tiny, tmp_path):
+    # Each run is long (it would take minutes), so that however late one of them starts (imports
+    # take seconds under load) the other still holds the lock: a short run could end and release
+    # it first, and the second would then meet a finished run instead of a running one.
     out = tmp_path / "run"
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
+    long = {"optim.max_steps": 100000, "run.checkpoint_every": 0}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "fastnpo.cli", *args, *overrides(tiny, out, **extra(tmp_path, **{"optim.lr": lr}))],
+            [
+                sys.executable,
+                "-m",
+                "fastnpo.cli",
+                *args,
+                *overrides(tiny, out, **extra(tmp_path, **long, **{"optim.lr": lr})),
+            ],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # Ctrl-C is how the test ends the winner: Python's handler even if the suite's SIGINT is ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         for lr in (1e-3, 2e-3)
     ]
     try:
-        results = [(p.pid, *p.communicate(timeout=300)) for p in processes]
+        deadline = time.time() + 300
+        while all(p.poll() is None for p in processes):
+            assert time.time() < deadline, "neither run was refused"
+            time.sleep(0.05)
+        (loser,) = [p for p in processes if p.poll() is not None]
+        (winner,) = [p for p in processes if p is not loser]
+        loser_err = loser.communicate(timeout=60)[1]
+        assert winner.poll() is None, "the winner holds the lock while the loser is refused"
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert time.time() < deadline and winner.poll() is None, "the winner trains"
+            time.sleep(0.05)
+        winner.send_signal(signal.SIGINT)
+        winner_err = winner.communicate(timeout=120)[1]
     finally:
         for p in processes:
             p.kill()
-    codes = sorted(p.returncode for p in processes)
-    assert codes == [0, 2], results
-    (winner,) = [p for p in processes if p.returncode == 0]
-    (loser,) = [r for p, r in zip(processes, results, strict=True) if p.returncode == 2]
-    errors = [line for line in loser[2].splitlines() if line.startswith("fastnpo train: error:")]
-    assert len(errors) == 1 and f"is in use by another run: pid {winner.pid} on host" in errors[0], loser[2]
-    assert "Traceback" not in loser[2]
+    assert loser.returncode == 2 and winner.returncode == 130, (loser_err, winner_err)
+    errors = [line for line in loser_err.splitlines() if line.startswith("fastnpo train: error:")]
+    assert len(errors) == 1 and f"is in use by another run: pid {winner.pid} on host" in errors[0], loser_err
+    assert "Traceback" not in loser_err
     steps = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    assert steps == list(range(1, len(steps) + 1)), "one run's steps, once each"
     assert not lock_path(out).exists()
 
 
