@@ -193,9 +193,25 @@ def adamw_8bit(params, *, lr, betas, eps, weight_decay, stochastic_rounding: boo
     the first steps of a run compile)."""
     try:
         from torchao.optim import AdamW8bit
+        from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError as error:
         raise ImportError(f"optim.name=adamw_8bit needs torchao: pip install 'fastnpo[lean]' ({error})") from None
-    return AdamW8bit(
+
+    class AdamW8bitFloat32States(AdamW8bit):
+        """The 8-bit states present themselves as float32 whatever the parameter's dtype.
+
+        torchao 0.18 gives them the parameter's dtype (bf16) as their outward dtype, but its
+        `view` and `detach` rebuild them as float32; DTensor.from_local goes through `view`, so
+        on FSDP2 shards a bf16 run's state is a DTensor whose spec says bf16 around a float32
+        tensor, `exp_avg.float()` is then a no-op and the first step fails with "expected dtype
+        torch.bfloat16 for `end`" (pytorch/ao#3314). The outward dtype changes no number: the
+        codes are 8-bit and every read dequantizes to float32."""
+
+        @staticmethod
+        def _subclass_zeros(p, signed, block_size):
+            return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=torch.float32)
+
+    return AdamW8bitFloat32States(
         params,
         lr=lr,
         betas=tuple(betas),

@@ -4,22 +4,30 @@ per-method two-rank test pays torchrun's start-up and the imports once.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/train/two_rank_runs.py RUNS.json
 
-RUNS.json: a list of {"config": path or null, "overrides": ["key=value", ...]}.
+RUNS.json: a list of {"config": path or null, "overrides": ["key=value", ...]}; a run with
+"stop_in_step": N is stopped by a KeyboardInterrupt at the start of its N-th step on every rank
+(as Ctrl-C would), and the job goes on with the next run. With EAGER_COMPILE=1 in the
+environment, torch.compile returns the function it is given (torchao's 8-bit step then runs
+eagerly: the same arithmetic without seconds of compiling per shape on CPU).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from fastnpo import distributed
-from fastnpo.train import setup, train
+from fastnpo.train import loop, setup, train
 from fastnpo.train.config import load_config
 
 
 def main(path: str) -> None:
     runs = json.loads(Path(path).read_text())
+    if os.environ.get("EAGER_COMPILE") == "1":
+        torch.compile = lambda fn=None, **options: fn
     dist.init_process_group(backend="gloo")
     # train() joins the job and leaves it (setup / teardown); here the group outlives each run.
     distributed.teardown = lambda: None
@@ -27,10 +35,34 @@ def main(path: str) -> None:
     setup.OFFLOAD_DEVICES = ("cuda", "cpu")
     try:
         for run in runs:
-            train(load_config(run["config"], run["overrides"]))
+            config = load_config(run["config"], run["overrides"])
+            if "stop_in_step" in run:
+                stopped_train(config, run["stop_in_step"])
+            else:
+                train(config)
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def stopped_train(config, step: int) -> None:
+    real_step, calls = loop.train_step, []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    loop.train_step = stop
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError(f"the run ended before its step {step}")
+    finally:
+        loop.train_step = real_step
 
 
 if __name__ == "__main__":
