@@ -82,11 +82,12 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def _no_space_said(folder: Path, state: dict):
+def _no_space_said(folder: Path, state: dict, what: str = "the checkpoint"):
     """A full disk during a save, said as such: DCP reports it as a CheckpointException around the
-    zip writer's "unexpected pos 704 vs 598", which never says "no space". When the failure names
-    ENOSPC, or the folder has less free space than this rank's share of the state, it becomes an
-    OSError(ENOSPC) naming the folder and both sizes (the CLI's one-line error, exit 2)."""
+    zip writer's "unexpected pos 704 vs 598", which never says "no space", and safetensors as a
+    bare OSError. When the failure names ENOSPC, or the folder has less free space than this
+    rank's share of the state, it becomes an OSError(ENOSPC) naming the folder and both sizes (the
+    CLI's one-line error, exit 2)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -97,11 +98,15 @@ def _no_space_said(folder: Path, state: dict):
         no_space = _in_chain(error, lambda e: isinstance(e, OSError) and e.errno == errno.ENOSPC)
         if not (no_space or free < needed):
             raise
+        advice = (
+            "free space there, or set run.checkpoint_every=0 (the last checkpoint and the export stay)"
+            if what == "the checkpoint"
+            else "free space there and run again: it resumes from the run's last checkpoint, if it saved one"
+        )
         raise OSError(
             errno.ENOSPC,
-            f"no space left on the device to write the checkpoint {folder}: this rank's part needs about "
-            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free space there, or set "
-            "run.checkpoint_every=0 (the last checkpoint and the export stay)",
+            f"no space left on the device to write {what} {folder}: this rank's part needs about "
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; {advice}",
         ) from error
 
 
@@ -337,11 +342,10 @@ def export_hf(wrapper: nn.Module, model: nn.Module, tokenizer, path: Path, info:
     if lora:
         from peft import get_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(model, state_dict=state)
-        model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
-    else:
+        state = get_peft_model_state_dict(model, state_dict=state)
+    with _no_space_said(tmp, state, "the export"):
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     # The export carries its checksums too, read back and verified before final/ appears.
     digests = {f.name: _file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != CHECKSUMS}
     (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=1))

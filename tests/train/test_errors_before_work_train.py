@@ -335,3 +335,30 @@ def test_a_checkpoint_failure_that_is_not_the_disk_stays_what_it_is(tmp_path):
         raise CheckpointException("save", {0: (RuntimeError("a bug"), None)})
     with pytest.raises(OSError, match="no space left"), _no_space_said(tmp_path, {}):
         raise CheckpointException("save", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+
+
+def test_a_full_disk_at_the_export_says_no_space_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: a full disk at the export gave a raw traceback with exit 1. Now: one line
+    naming the folder and the bytes needed, exit 2, and no final/."""
+    import errno
+    import shutil as real_shutil
+
+    from transformers import PreTrainedModel
+
+    from fastnpo.train import checkpoint
+
+    def full_disk(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    usage = real_shutil.disk_usage
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(path)._replace(free=2**20))
+    out = tmp_path / "run"
+    extra = {"method.name": "npo", "run.cache_dir": tmp_path / "cache"}
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fastnpo train: error")]
+    assert len(errors) == 1 and "no space left on the device to write the export" in errors[0], err
+    assert str(out / "final.partial") in errors[0] and "1 MiB are free" in errors[0], err
+    assert "Traceback" not in err and not (out / "final").exists()
