@@ -41,6 +41,8 @@ each one's local shard (`to_local()`), which is elementwise-correct for any shar
 on plain tensors and on two FSDP2 ranks against one process (tests/train/test_train.py).
 """
 
+import math
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -67,6 +69,14 @@ STEP_TEMPORARIES = 3  # fp32 copies of one piece alive at once during the step (
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _replicas(tensor: torch.Tensor) -> int:
+    """How many ranks hold the same shard of `tensor`: the replicated dimensions of a DTensor's
+    mesh (hybrid sharding replicates each shard across nodes), 1 otherwise."""
+    if not isinstance(tensor, DTensor):
+        return 1
+    return math.prod(tensor.device_mesh.size(dim) for dim, p in enumerate(tensor.placements) if p.is_replicate())
 
 
 def _pieces(tensors: list[torch.Tensor], chunk: int):
@@ -244,7 +254,8 @@ class StepInBackward:
     checkpoint, not the model in memory, is the state to go back to.
 
     FSDP2 runs these hooks itself on the sharded parameters after the reduce-scatter (torch >=
-    2.5), so each rank steps its own shards; the norm is summed across ranks in finish().
+    2.5), so each rank steps its own shards; the norm is summed across ranks in finish(), a shard
+    that hybrid sharding replicates on several ranks counted once.
     """
 
     def __init__(self, parameters, optimizer: torch.optim.Optimizer):
@@ -257,7 +268,7 @@ class StepInBackward:
     def _step(self, param: torch.Tensor) -> None:
         norm = torch.linalg.vector_norm(_local(param.grad)).float()  # fp32 accumulation, no fp32 copy
         if torch.isfinite(norm):
-            self._squares.append(norm.square())
+            self._squares.append(norm.square() / _replicas(param))
             group = self._group_of[param]
             everyone, group["params"] = group["params"], [param]
             try:
