@@ -41,7 +41,9 @@ demo-docs: install
 	$(PY) -m fastnpo.cli demo --preset quick --out runs/demo-quick --overwrite
 	cp runs/demo-quick/results.md docs/demo/quick/results.md
 
+# The linter first (seconds): a lint error fails the suite before it runs.
 test: install-dev
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # The suite on the newest versions pyproject.toml allows, in a new virtualenv of its own
@@ -53,6 +55,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q -r $(TORCH_CPU)
 	$(LATEST)/bin/python -m pip install -q -e ".[dev]"
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m ruff check .
 	$(LATEST)/bin/python -m pytest -q
 
 # Refreshes the lock: resolves the newest allowed versions of every extra in a new virtualenv and
