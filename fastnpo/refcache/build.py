@@ -20,6 +20,7 @@ def get_or_build_ref_logprobs(
     *,
     rank: int = 0,
     world_size: int = 1,
+    local_rank: int | None = None,
     barrier: Callable[[], None] | None = None,
     log: Callable[[str], None] = print,
     all_agree: Callable[[bool], bool] | None = None,
@@ -28,21 +29,31 @@ def get_or_build_ref_logprobs(
 
     Hit: every rank loads ``ref-logprobs-<key[:16]>.safetensors`` and logs it. Miss (or a bad file):
     every rank calls ``compute()`` (which may itself be collective: e.g. each rank computes a shard
-    and all-gathers), rank 0 writes the file atomically, all ranks meet at ``barrier()``, and every
-    rank loads what rank 0 wrote (verifying the key), so all ranks train on identical numbers.
+    and all-gathers), the first rank of each node (``local_rank`` 0; default: rank 0 only) writes the
+    file atomically, all ranks meet at ``barrier()``, and every rank loads its node's file (verifying
+    the key), so all ranks train on identical numbers.
 
-    Several ranks need a shared ``cache_dir`` and a ``barrier``. They must also agree on hit or miss,
-    or a collective ``compute`` would hang on the ranks that call it; on a shared filesystem they
-    normally do, and ``all_agree(local_hit) -> bool`` (e.g. an all-reduce MIN of the flag) makes it
-    certain. If rank 0 cannot write the file, or another rank cannot read it back, that rank goes on
-    with its own computed values and says so.
+    ``cache_dir`` may be one folder every node shares or a node-local disk (the same path on each
+    node): a node's first rank writes for its node, and on a shared folder the nodes' atomic writes
+    of identical bytes replace each other harmlessly. The ranks must agree on hit or miss, or a
+    collective ``compute`` would hang on the ranks that call it (with node-local folders one node
+    may hold the file and another not); ``all_agree(local_hit) -> bool`` (an all-reduce MIN of the
+    flag over every rank) makes that certain: a hit only where every rank found the file. If a
+    writer cannot write the file, or a rank cannot read it back, that rank goes on with its own
+    computed values and says so.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if local_rank is None:
+        local_rank = rank
+    if not isinstance(local_rank, int) or not 0 <= local_rank <= rank:
+        raise ValueError(f"local_rank must be an int in [0, rank={rank}], got {local_rank!r}")
     if world_size > 1 and barrier is None:
-        raise ValueError("barrier is required when world_size > 1 (rank 0 writes, the others wait for it)")
+        raise ValueError(
+            "barrier is required when world_size > 1 (the first rank of each node writes, the others wait for it)"
+        )
     if not callable(compute):
         raise TypeError("compute must be a callable returning (logps, counts)")
     parts = dict(parts)
@@ -67,7 +78,7 @@ def get_or_build_ref_logprobs(
     except (TypeError, ValueError) as e:
         error = e  # raised after the barrier, so the other ranks are not left waiting
     elapsed = time.perf_counter() - start
-    if rank == 0 and computed is not None:
+    if local_rank == 0 and computed is not None:
         try:
             save_ref_logprobs(path, computed)
         except Exception as e:
@@ -81,21 +92,22 @@ def get_or_build_ref_logprobs(
     if loaded is None:
         log(f"{PREFIX} could not read back {path} ({why}); using the values computed on this rank{who}")
         return computed, False
-    if rank != 0:
-        _warn_if_different(loaded, computed, log, who)
-    verb = "wrote" if rank == 0 else "loaded rank 0's"
+    writer = rank - local_rank  # the first rank of this node
+    if local_rank != 0:
+        _warn_if_different(loaded, computed, log, who, writer)
+    verb = "wrote" if local_rank == 0 else f"loaded rank {writer}'s"
     log(f"{PREFIX} computed {computed.summary()} in {elapsed:.1f}s; {verb} {path}{who}")
     return loaded, False
 
 
-def _warn_if_different(loaded: RefLogprobs, computed: RefLogprobs, log, who: str) -> None:
+def _warn_if_different(loaded: RefLogprobs, computed: RefLogprobs, log, who: str, writer: int) -> None:
     # All ranks should compute the same numbers; a difference means the compute was not gathered.
     for s in computed.sets:
         a, b = loaded.logps.get(s), computed.logps[s]
         if a is None or a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-3):
             log(
-                f"{PREFIX} set {s!r} differs between rank 0's file and this rank's compute(){who}; "
-                "using rank 0's (is compute() gathering across ranks?)"
+                f"{PREFIX} set {s!r} differs between rank {writer}'s file and this rank's compute(){who}; "
+                f"using rank {writer}'s (is compute() gathering across ranks?)"
             )
 
 
@@ -133,9 +145,7 @@ def verify_ref_logprobs(
         got = recompute(s, idx)
         got = torch.as_tensor(got).detach().to("cpu", torch.float32).reshape(-1)
         if got.shape != idx.shape:
-            raise ValueError(
-                f"recompute({s!r}, indices) returned {got.numel()} values for {idx.numel()} indices"
-            )
+            raise ValueError(f"recompute({s!r}, indices) returned {got.numel()} values for {idx.numel()} indices")
         cached = ref.logps[s][idx]
         diff = (cached - got).abs().nan_to_num(nan=float("inf"))
         bad = (diff > atol + rtol * got.abs()) | ~torch.isfinite(got)

@@ -141,6 +141,7 @@ def reference_logprobs(
         compute,
         rank=info.rank,
         world_size=info.world_size,
+        local_rank=info.local_rank,
         barrier=lambda: distributed.barrier(info),
         log=log,
         # Each rank reads the file on its own; another job may write it between their reads.

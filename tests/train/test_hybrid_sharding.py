@@ -86,49 +86,59 @@ def overrides(tiny, out, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def node_cache(root: Path, name: str, node: int) -> Path:
+    """npo_rt's reference cache is node-local (a folder per node, as on local scratch disks); the
+    other runs' is one folder both nodes share."""
+    return root / name / (f"cache-node{node}" if name == "npo_rt" else "cache")
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid")
     tiny = prepare_tiny(
         root / "tiny", num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
     )
-    runs = [
-        {
-            "config": str(CONFIG),
-            "overrides": overrides(
-                tiny,
-                root / name / "hybrid",
-                **extra,
-                **{"distributed.fsdp": "hybrid", "run.cache_dir": root / name / "cache"},
-            ),
-        }
-        for name, extra in RUNS.items()
-    ]
-    (root / "runs.json").write_text(json.dumps(runs))
     port = free_port()
-    launchers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={node}",
-                "--nproc_per_node=2",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}",
-                "--rdzv_id=hybrid-test",
-                str(Path(__file__).parent / "two_rank_runs.py"),
-                str(root / "runs.json"),
-            ],
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    launchers = []
+    for node in (0, 1):
+        runs = [
+            {
+                "config": str(CONFIG),
+                "overrides": overrides(
+                    tiny,
+                    root / name / "hybrid",
+                    **extra,
+                    **{"distributed.fsdp": "hybrid", "run.cache_dir": node_cache(root, name, node)},
+                ),
+            }
+            for name, extra in RUNS.items()
+        ]
+        # npo_rt again: every rank of both nodes now finds the file in its own node's folder
+        again = {**RUNS["npo_rt"], "distributed.fsdp": "hybrid", "run.cache_dir": node_cache(root, "npo_rt", node)}
+        runs.append({"config": str(CONFIG), "overrides": overrides(tiny, root / "npo_rt" / "again", **again)})
+        (root / f"runs-node{node}.json").write_text(json.dumps(runs))
+        launchers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    f"--node_rank={node}",
+                    "--nproc_per_node=2",
+                    "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint=127.0.0.1:{port}",
+                    "--rdzv_id=hybrid-test",
+                    str(Path(__file__).parent / "two_rank_runs.py"),
+                    str(root / f"runs-node{node}.json"),
+                ],
+                cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         )
-        for node in (0, 1)
-    ]
     outputs = []
     try:
         for launcher in launchers:
@@ -137,6 +147,33 @@ def two_nodes(tmp_path_factory):
         for launcher in launchers:
             launcher.kill()
     return root, tiny, [launcher.returncode for launcher in launchers], outputs
+
+
+def read_cache_file(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_each_node_writes_its_local_cache_and_all_ranks_agree_on_the_hit(two_nodes):
+    """Node-local reference caches (run.cache_dir on each node's own disk): on the miss the first
+    rank of each node wrote the file for its node; the second run hit on every rank. With one
+    shared folder both nodes' writes left one file."""
+    root, _, codes, outputs = two_nodes
+    assert codes == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    local = [sorted(p.name for p in node_cache(root, "npo_rt", node).glob("ref-logprobs-*")) for node in (0, 1)]
+    assert len(local[0]) == 1 and local[0] == local[1], local
+    # the same numbers and metadata (safetensors writes metadata in a per-process hash order)
+    files = [node_cache(root, "npo_rt", node) / local[node][0] for node in (0, 1)]
+    (meta0, tensors0), (meta1, tensors1) = (read_cache_file(f) for f in files)
+    assert meta0 == meta1 and tensors0.keys() == tensors1.keys()
+    assert all(torch.equal(tensors0[k], tensors1[k]) for k in tensors0)
+    info = {run: json.loads((root / "npo_rt" / run / "run_info.json").read_text()) for run in ("hybrid", "again")}
+    assert [info["hybrid"]["reference_cache_hit"], info["again"]["reference_cache_hit"]] == [False, True]
+    shared = node_cache(root, "npo_rt-in_backward", 0)
+    assert node_cache(root, "npo_rt-in_backward", 1) == shared
+    assert len(list(shared.glob("ref-logprobs-*"))) == 1 and not list(shared.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -155,7 +192,7 @@ def test_two_nodes_of_two_ranks_match_one_process(two_nodes, name):
     rows, dim = embedding.size
     assert [tuple(chunk.sizes) for chunk in embedding.chunks] == [(rows // 2, dim)] * 2, embedding.chunks
 
-    one = {**RUNS[name], "data.batch_size": 8, "data.retain_batch_size": 8, "run.cache_dir": folder / "cache"}
+    one = {**RUNS[name], "data.batch_size": 8, "data.retain_batch_size": 8, "run.cache_dir": node_cache(root, name, 0)}
     train(load_config(CONFIG, overrides(tiny, folder / "one", **one)))
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     split = load_file(folder / "hybrid" / "final" / "model.safetensors")
