@@ -9,8 +9,9 @@ One process, one command:
 
 Contenders (see README.md): naive PyTorch (full logits), torch.compile of naive, fastnpo impl="torch",
 fastnpo impl="triton", Liger-Kernel's fused linear cross-entropy (reduction="none") and its chunked
-selective log-prob op, Cut Cross-Entropy (reduction="none"), and the NPO loss (naive / unfused /
-fused / one-pass: npo_loss with fused=False, True, "one_pass").
+selective log-prob op, Cut Cross-Entropy (reduction="none"), the NPO loss (naive / unfused /
+fused / one-pass / epilogue: npo_loss with fused=False, True, "one_pass", "epilogue") and the
+fused-epilogue design's forward-only form (fastnpo.ops.fused_epilogue.epilogue_token_logprobs, fwd only).
 A contender that cannot run here is recorded as skipped with the reason, never dropped.
 
 Modes: "fwd" (under no_grad: reference log-probs, evaluation) and "fwd+bwd" (gradients for hidden and
@@ -44,6 +45,7 @@ import torch
 import fastnpo
 from fastnpo.losses import npo_from_logprobs
 from fastnpo.ops import IMPLS
+from fastnpo.ops.fused_epilogue import epilogue_token_logprobs
 from fastnpo.profiling import peak_memory_during
 
 # Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
@@ -178,7 +180,7 @@ class Contender:
     modes: tuple = MODES
     mode_skip: dict = field(default_factory=dict)
     impl: str = "auto"  # npo kind only
-    fused: bool | str = False  # npo kind only: npo_loss's fused (False, True or "one_pass")
+    fused: bool | str = False  # npo kind only: npo_loss's fused (False, True, "one_pass" or "epilogue")
 
 
 def naive_logprobs(hidden, weight, labels):
@@ -292,18 +294,32 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
     except Exception as error:
         out.append(Contender("cce", None, skip=f"cut-cross-entropy not importable: {error}"))
 
+    # The fused-epilogue design (Triton only: CUDA, or the interpreter at tiny shapes).
+    triton_skip = None if on_cuda or interpreting else "needs CUDA (or TRITON_INTERPRET=1: tiny shapes only)"
+    out.append(
+        Contender(
+            "fastnpo-epilogue-fwd",
+            lambda h, w, y: epilogue_token_logprobs(h, w, y),
+            skip=triton_skip,
+            note="fused_epilogue.epilogue_token_logprobs: the logits GEMM with per-tile softmax statistics, no E",
+            modes=("fwd",),
+            mode_skip={"fwd+bwd": "the forward-only form (reference passes, evaluation): no gradients"},
+        )
+    )
     fwd_only_reason = "forward-only NPO is token_logprobs + a sum; fused differs only when gradients are needed"
     for name, impl, fused in (
         ("npo-naive", "naive", False),
         ("npo-unfused", "auto", False),
         ("npo-fused", "auto", True),
         ("npo-one-pass", "auto", "one_pass"),
+        ("npo-epilogue", "auto", "epilogue"),
     ):
         out.append(
             Contender(
                 name,
                 None,
                 kind="npo",
+                skip=triton_skip if fused == "epilogue" else None,
                 note=f"npo_loss(impl='{impl}', fused={fused!r}), T={NPO_SEQ_LEN}",
                 modes=("fwd+bwd",),
                 mode_skip={"fwd": fwd_only_reason},

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
+from .fused_epilogue import check_device, epilogue_sequence_loss
 from .naive import naive_token_logprobs
 from .one_pass import one_pass_sequence_loss
 
@@ -56,10 +57,11 @@ class FusedSequenceLossFunction(torch.autograd.Function):
     The loss needs nothing but the per-sequence log-probs (reference log-probs are cached), so its
     gradient with respect to every token's log-prob is known as soon as the log-probs are: `design`
     computes the loss and both gradients at once and autograd's backward only scales the stored
-    gradients. Two designs, both (hidden, weight, row_ids, labels, sequence_ids, num_sequences,
+    gradients. Three designs, all (hidden, weight, row_ids, labels, sequence_ids, num_sequences,
     loss_from_logprobs, *, compute_dh, compute_dw) -> (loss, dH [N, D] or None, dW [V, D] or None):
-    two_sweep_sequence_loss (fused=True, any loss) and one_pass.one_pass_sequence_loss
-    (fused="one_pass", separable losses only).
+    two_sweep_sequence_loss (fused=True, any loss), one_pass.one_pass_sequence_loss
+    (fused="one_pass", separable losses only) and fused_epilogue.epilogue_sequence_loss
+    (fused="epilogue", separable losses only, Triton).
     """
 
     @staticmethod
@@ -173,11 +175,12 @@ def token_logprobs_flat(
 
 def check_fused(fused) -> bool | str:
     """fused as npo_loss / ga_loss / fused_sequence_loss take it, validated (ValueError naming it)."""
-    if isinstance(fused, bool) or (isinstance(fused, str) and fused == "one_pass"):
+    if isinstance(fused, bool) or (isinstance(fused, str) and fused in ("one_pass", "epilogue")):
         return fused
     raise ValueError(
         "fused must be False (forward, then backward), True (gradients in the forward call, two sweeps "
-        f"over the vocabulary) or 'one_pass' (one sweep; separable losses only), got {fused!r}"
+        "over the vocabulary), 'one_pass' (one sweep; separable losses only) or 'epilogue' (one sweep "
+        f"through Triton GEMMs with a fused softmax epilogue; separable losses only), got {fused!r}"
     )
 
 
@@ -202,8 +205,11 @@ def fused_sequence_loss(
     (one_pass.py: library matmuls, exact, `impl` and filter_eps unused but impl="naive"), valid ONLY
     for a loss that is a sum of per-sequence terms, which the caller vouches for; False runs the
     two-call path (token log-probs, then autograd through the loss). impl="naive" is always the
-    two-call path over full logits. chunk_bytes: the one-pass design's fp32 logits per chunk
-    (default one_pass.CHUNK_BYTES).
+    two-call path over full logits. "epilogue" is one_pass's contract (separable losses, impl and
+    filter_eps unused but impl="naive") through Triton GEMMs whose epilogue keeps per-tile softmax
+    statistics (fused_epilogue.py; CUDA tensors or TRITON_INTERPRET=1, else ValueError).
+    chunk_bytes: the one-pass design's fp32 logits per chunk (default one_pass's rule), the epilogue
+    design's E (operand dtype) per chunk (default fused_epilogue.CHUNK_BYTES).
     """
     fused = check_fused(fused)
     impl = resolve_impl(impl, hidden.device)
@@ -213,6 +219,9 @@ def fused_sequence_loss(
         return loss_from_logprobs(token_logps.view(num_sequences, sequence_length).sum(dim=1))
     if fused == "one_pass":
         design = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes)
+    elif fused == "epilogue":
+        check_device(hidden.device)
+        design = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)
     else:
         filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
         design = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)

@@ -5,7 +5,9 @@ compiled at a real shape (N=8192, D=4096, V=128256) with the launch arguments th
 launchers pass (tests/kernels/aot_compile.py), for every autotune config: the fused forward and
 backward, the softmax-gradient kernel of the cublas design's split backward, and the one-pass design's
 epilogue kernels (kernels/sequence_epilogue.py's row_statistics and in-place logits_gradient_, on a
-2048-row chunk of fp32 logits; bf16 / fp16 operands only, as one_pass runs them). Default run:
+2048-row chunk of fp32 logits; bf16 / fp16 operands only, as one_pass runs them); the fused-epilogue
+design's three GEMM kernels (kernels/epilogue_forward.py, kernels/epilogue_backward.py: sm_90 bf16, at the
+end of this file, in their own subprocess, ~30-50 s). Default run:
 sm_90 bf16 (one subprocess, ~35 s on 2 cores); every arch and dtype under the `slow` marker (fp32
 compiles take 20-80 s each).
 """
@@ -175,3 +177,112 @@ def test_broken_kernel_is_caught(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert "FAILED" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the fused-epilogue design's kernels
+# kernels/epilogue_forward.py and kernels/epilogue_backward.py (fused="epilogue"), launched by their own
+# launchers at N=8192, D=4096, V=128256 on meta tensors: a 512-row chunk (fused_epilogue.CHUNK_BYTES of
+# bf16 E at this V holds one 512-token sequence) with E stored (the design) and without (the
+# forward-only form), dH, and dW both written (first chunk) and accumulated (later chunks). Each
+# (kernel, specialisation) is compiled for every autotune config, with aot_compile's binder,
+# compile_one and inspect. One JSON line per compile, printed by a subprocess (TRITON_INTERPRET unset).
+EPILOGUE_DESIGN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {here!r})
+import aot_compile as aot
+import torch
+from fastnpo.kernels import epilogue_backward as eb
+from fastnpo.kernels import epilogue_forward as ef
+from fastnpo.kernels.tiles import select_configs
+
+arch, dtype = {arch}, getattr(torch, {dtype!r})
+n, d, v = 512, aot.SHAPE["d"], aot.SHAPE["v"]
+meta = dict(device="meta")
+hidden = torch.empty(aot.SHAPE["n"], d, dtype=dtype, **meta)
+weight = torch.empty(v, d, dtype=dtype, **meta)
+row_ids = torch.empty(n, dtype=torch.int64, **meta)
+labels = torch.empty(n, dtype=torch.int64, **meta)
+e = torch.empty(n, v, dtype=dtype, **meta)
+scale = torch.empty(n, ef.num_tiles(v), dtype=torch.float32, **meta)
+label_grad = torch.empty(n, dtype=torch.float32, **meta)
+dh = torch.empty_like(hidden)
+rows = torch.empty(n, d, dtype=dtype, **meta)  # hidden[row_ids], gathered by the caller
+dw = torch.empty_like(weight)
+launches = [
+    (ef, "epilogue_forward_kernel", "store_e", ef.epilogue_forward_shared_bytes,
+     lambda: ef.epilogue_forward(hidden, weight, row_ids, labels, store_e=True)),
+    (ef, "epilogue_forward_kernel", "stats_only", ef.epilogue_forward_shared_bytes,
+     lambda: ef.epilogue_forward(hidden, weight, row_ids, labels, store_e=False)),
+    (eb, "epilogue_dh_kernel", "dh", eb.dh_shared_bytes,
+     lambda: eb.epilogue_dh(e, scale, labels, label_grad, weight, row_ids, dh)),
+    (eb, "epilogue_dw_kernel", "dw_write", eb.dw_shared_bytes,
+     lambda: eb.epilogue_dw(e, scale, labels, label_grad, rows, dw, accumulate=False)),
+    (eb, "epilogue_dw_kernel", "dw_accumulate", eb.dw_shared_bytes,
+     lambda: eb.epilogue_dw(e, scale, labels, label_grad, rows, dw, accumulate=True)),
+]
+limit = aot.SHARED_LIMIT.get(arch)
+for module, attr, variant, estimator, call in launches:
+    kernel = getattr(module, attr)
+    recorder = aot.Recorder(kernel)
+    setattr(module, attr, recorder)
+    try:
+        call()
+    finally:
+        setattr(module, attr, kernel)
+    assert len(recorder.calls) == 1, (attr, variant, len(recorder.calls))
+    (args, kwargs), = recorder.calls
+    kept = select_configs(kernel.configs, estimator, limit, dtype.itemsize)
+    for config in kernel.configs:
+        label = ",".join(f"{{k}}={{x}}" for k, x in config.all_kwargs().items() if x is not None)
+        row = dict(kernel=attr, variant=variant, arch=arch, dtype={dtype!r}, config=label)
+        try:
+            compiled, log = aot.compile_one(kernel.fn, args, dict(kwargs, **config.all_kwargs()), arch)
+            row.update(aot.inspect(compiled, log), ok=True)
+        except Exception as error:
+            row.update(ok=False, error=f"{{type(error).__name__}}: {{str(error)[:500]}}")
+        row.update(shared_limit=limit, estimate=estimator(config, dtype.itemsize), kept=any(config is k for k in kept))
+        print(json.dumps(row), flush=True)
+"""
+EPILOGUE_DESIGN_VARIANTS = ("store_e", "stats_only", "dh", "dw_write", "dw_accumulate")
+
+
+@functools.cache
+def epilogue_design_results(arch: int, dtype: str) -> tuple[dict, ...]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = EPILOGUE_DESIGN_SCRIPT.format(here=str(HERE), arch=arch, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="fastnpo-aot-") as cache:
+        env["TRITON_CACHE_DIR"] = cache  # fresh: a cached kernel skips ptxas and its spill report
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = tuple(json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))
+    assert rows, "nothing compiled:\n" + done.stdout[-2000:] + done.stderr[-2000:]
+    return rows
+
+
+def test_sm90_bf16_epilogue_design_kernels_compile_use_wgmma_without_spills_or_atomics():
+    # Every config compiles with wgmma, no atomics (each output element has one writer), within
+    # sm_90's shared memory and the kernel's own estimate, is kept by its pruner and fits in
+    # registers without spilling (the configs that spilled were dropped from the candidate lists).
+    # Registers per config: benchmarks/README.md ("Fused-epilogue design: budget and prediction").
+    rows = epilogue_design_results(90, "bfloat16")
+    failed = [f"{r['kernel']}/{r['variant']} [{r['config']}]: {r['error']}" for r in rows if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert {r["variant"] for r in rows} == set(EPILOGUE_DESIGN_VARIANTS)
+    assert all(r["registers"] is not None for r in rows), "no ptxas report (a cached compile?)"
+    assert all(r["wgmma"] and not r["atomics"] for r in rows), rows
+    check_shared_memory(rows)
+    assert all(r["kept"] and r["shared"] <= r["shared_limit"] for r in rows), rows
+    spilling = [(r["kernel"], r["variant"], r["config"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
+    assert not spilling, spilling
+    from fastnpo.kernels.epilogue_backward import DH_CANDIDATES, DW_CANDIDATES
+    from fastnpo.kernels.epilogue_forward import EPILOGUE_FORWARD_CANDIDATES
+
+    counts = {
+        v: len(c)
+        for v, c in zip(
+            EPILOGUE_DESIGN_VARIANTS,
+            (EPILOGUE_FORWARD_CANDIDATES, EPILOGUE_FORWARD_CANDIDATES, DH_CANDIDATES, DW_CANDIDATES, DW_CANDIDATES),
+            strict=True,
+        )
+    }
+    assert {v: sum(r["variant"] == v for r in rows) for v in counts} == counts, rows
