@@ -134,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         "its suffix, e.g. --out npo.json -> npo.png; without --out, no chart unless --plot is given)",
     )
     evaluate.add_argument("--no-plot", action="store_true", help="write no bar chart, even with --out")
+    evaluate.add_argument(
+        "--attacks",
+        default="",
+        help="membership-inference attacks to add, comma-separated, or 'all': mia_loss, mia_zlib, mia_min_k, "
+        "mia_min_k_plus_plus, mia_reference (needs --reference-stats), mia_gradnorm (docs/evaluation.md)",
+    )
+    evaluate.add_argument(
+        "--holdout-split", default="", help="the never-trained-on set of privleak (default: holdout01/05/10 to match)"
+    )
+    evaluate.add_argument(
+        "--reference-stats", help="JSON of an earlier `fastnpo eval --out` of mia_reference's reference model"
+    )
+    evaluate.add_argument(
+        "--no-privacy", action="store_true", help="skip privleak, extraction strength and exact memorization"
+    )
 
     plan = commands.add_parser(
         "plan",
@@ -299,8 +314,27 @@ def run_eval(args) -> dict:
     if plot is not None and not plot.parent.is_dir():
         raise FileNotFoundError(f"cannot write the chart {plot}: its folder does not exist (set --plot, or --no-plot)")
     retain = json.loads(open(args.retain_stats).read()) if args.retain_stats else None
-    config = EvalConfig(data=args.data, forget_split=args.forget_split, template=args.template)
-    report = evaluate_path(args.model, config, retain)
+    reference = json.loads(open(args.reference_stats).read()) if args.reference_stats else None
+    from .tofu.privacy import ATTACKS
+
+    attacks = ATTACKS if args.attacks.strip() == "all" else tuple(a for a in args.attacks.split(",") if a.strip())
+    attacks = tuple(a.strip() for a in attacks)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"--attacks {unknown} unknown; choose from {', '.join(ATTACKS)} or 'all'")
+    if args.no_privacy and (attacks or args.holdout_split):
+        raise ValueError("--no-privacy leaves no holdout evaluation for --attacks / --holdout-split")
+    if "mia_reference" in attacks and reference is None:
+        raise ValueError("--attacks mia_reference needs --reference-stats (the reference model's eval JSON)")
+    config = EvalConfig(
+        data=args.data,
+        forget_split=args.forget_split,
+        template=args.template,
+        privacy=not args.no_privacy,
+        holdout_split=args.holdout_split,
+        attacks=attacks,
+    )
+    report = evaluate_path(args.model, config, retain, reference_report=reference)
     if args.out:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=1)

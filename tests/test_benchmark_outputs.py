@@ -75,3 +75,23 @@ def test_documented_command_writes_under_runs_unless_asked(where, name, argv):
         assert out == Path(COMMITTED) or out.parts[0] == "runs", f"{where} writes into {out}"
     else:
         assert out.parts[0] == "runs", f"{where} writes into {out}"
+
+
+def test_bench_statistics_smoke_mode_runs_and_writes_under_runs_by_default(tmp_path):
+    """bench_statistics.py (issue 27): its default folder is under runs/, and --smoke runs end to end
+    as a user starts it (it re-executes itself with a fixed mmap threshold), writing its two files."""
+    import subprocess
+
+    args = script("bench_statistics").build_parser().parse_args([])
+    assert Path(args.out_dir).parts[0] == "runs"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_statistics.py"), "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "statistics_cpu_smoke.md").read_text()
+    assert "| full-logits |" in table and "| fastnpo-torch |" in table and "MALLOC_MMAP_THRESHOLD_=65536" in table
+    rows = (tmp_path / "statistics_cpu_smoke.csv").read_text().splitlines()
+    assert rows[0].startswith("# date:") and sum(not r.startswith("#") for r in rows) == 3  # header + 2 rows

@@ -10,6 +10,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     checks.py    input checks that name the argument
     logprobs.py  the public token_logprobs / sequence_logprobs
     packed.py    per-example log-probs of packed rows
+    statistics.py  per-token log p(label), mean / second moment of log p, argmax (forward only, no logits)
     ce_u.py      CE-U's per-token loss (vocabulary-chunked autograd function, no full logits)
     undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
 """
@@ -20,11 +21,13 @@ from .ce_u import ce_u_token_losses
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
 from .naive import naive_token_logprobs
 from .packed import packed_sequence_logprobs
+from .statistics import TokenStatistics, token_statistics
 from .undial import undial_token_losses
 
 __all__ = [
     "IGNORE_INDEX",
     "IMPLS",
+    "TokenStatistics",
     "aligned_labels",
     "ce_u_token_losses",
     "check_fused",
@@ -36,5 +39,6 @@ __all__ = [
     "sequence_logprobs",
     "token_logprobs",
     "token_logprobs_flat",
+    "token_statistics",
     "undial_token_losses",
 ]

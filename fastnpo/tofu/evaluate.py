@@ -1,4 +1,6 @@
-"""TOFU evaluation of a causal LM: probability, truth ratio, ROUGE-L, forget quality, model utility.
+"""TOFU evaluation of a causal LM: probability, truth ratio, ROUGE-L, forget quality, model utility;
+and, as open-unlearning's default TOFU evaluation adds them, privleak and extraction strength (with
+exact memorization and, on request, the membership-inference attacks: attacks.py, privacy.py).
 
 The four TOFU evaluation sets are loaded and tokenised once (`Evaluator`), then every model
 is scored on them in batches: answer log-probs through the fused op (no full logits),
@@ -6,10 +8,14 @@ greedy generations for ROUGE-L. The metric formulas live in metrics.py. Forget q
 a retain model's truth ratios on the same forget questions: evaluate the retain model once,
 save its JSON, and pass it to every later evaluation.
 
+Privleak needs the holdout split (holdout01/05/10 beside forget01/05/10) and the retain model's
+report for its AUC (0.5 with a warning without it), as forget quality does.
+
 Evaluation runs on one process (rank 0 of a torchrun job does it alone; see cli.py).
 """
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,8 @@ import torch
 from ..data import DataConfig, collate, encode_prompt, load_qa_split, tokenize_split
 from ..modeling import SequenceLogprobModel, greedy_generate, load_causal_lm, load_tokenizer
 from ..train.evaluation import EpochEvaluator
-from . import metrics
+from . import attacks, metrics
+from .privacy import ATTACKS, MIN_K, PRIVLEAK_ATTACK
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 # The answer each set's truth ratio compares the perturbed answers with (TOFU eval_everything.yaml
@@ -38,7 +45,14 @@ BASE_ANSWER = {
 class EvalConfig:
     """data: a folder of TOFU-schema files (<split>.jsonl) or a hub name ("locuslab/TOFU").
     The forget set evaluated is <forget_split>_perturbed. Sets are capped at max_examples
-    (TOFU: 300)."""
+    (TOFU: 300).
+
+    privacy: privleak, extraction strength and exact memorization (open-unlearning's default TOFU
+    evaluation reports the first two). The holdout set is holdout_split, by default the forget
+    split's ("forget10" -> "holdout10"); a default one that is missing is skipped with a warning
+    (no privleak then). attacks: membership-inference attacks to add (ATTACKS: mia_loss,
+    mia_zlib, mia_min_k, mia_min_k_plus_plus, mia_reference, mia_gradnorm), k: Min-K% / Min-K%++'s
+    fraction, gradnorm_p: mia_gradnorm's norm."""
 
     data: str = ""
     forget_split: str = "forget10"
@@ -53,6 +67,11 @@ class EvalConfig:
     max_new_tokens: int = 48
     generate: bool = True
     impl: str = "auto"
+    privacy: bool = True
+    holdout_split: str = ""
+    attacks: tuple[str, ...] = ()
+    k: float = MIN_K
+    gradnorm_p: float = 2.0
 
 
 class Evaluator:
@@ -82,6 +101,26 @@ class Evaluator:
                 if column not in rows.column_names:
                     raise ValueError(f"{name} evaluation set ({split}) has no {column!r} column")
             self.sets[name] = self._tokenise(rows, BASE_ANSWER[name])
+        self.holdout = self._load_holdout() if config.privacy else None
+
+    def _load_holdout(self) -> dict | None:
+        """The tokenised holdout set and its answer texts, or None (with a warning) when the default
+        split is missing; an explicit holdout_split must exist."""
+        config = self.config
+        unknown = [a for a in config.attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks {unknown} unknown; each must be one of {ATTACKS}")
+        split = config.holdout_split or config.forget_split.replace("forget", "holdout", 1)
+        try:
+            rows = load_qa_split(config.data, split, what="holdout set")
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+            if config.holdout_split:
+                raise
+            warnings.warn(f"no holdout set {split!r}, so no privleak or attacks: {error}", stacklevel=3)
+            return None
+        rows = rows.select(range(min(len(rows), config.max_examples)))
+        items = tokenize_split(rows, self.tokenizer, self.data_config, what="holdout set").items
+        return {"split": split, "items": items, "texts": attacks.answer_texts(self.tokenizer, items)}
 
     def _tokenise(self, rows, base_column: str) -> dict:
         questions = rows["question"]
@@ -125,8 +164,36 @@ class Evaluator:
             lm, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size
         )
 
-    def evaluate(self, lm) -> dict:
-        """Per-set statistics and model utility of a Hugging Face causal LM."""
+    def privacy(self, lm, reference_report: dict | None = None) -> dict:
+        """report["privacy"]: extraction strength and exact memorization on the forget set's answers;
+        with a holdout set the attacks' AUCs (mia_reference: per-example losses of reference_report)."""
+        config, pad = self.config, self.tokenizer.pad_token_id
+        forget_items = self.sets["forget"]["true"]
+        parts = {"forget": {"items": forget_items}}
+        if self.holdout is not None:
+            parts["holdout"] = {"items": self.holdout["items"], "texts": self.holdout["texts"]}
+            parts["forget"]["texts"] = attacks.answer_texts(self.tokenizer, forget_items)
+        for name, part in parts.items():
+            part["statistics"] = attacks.answer_statistics(
+                lm, part["items"], pad, batch_size=config.batch_size, impl=config.impl
+            )
+            if "mia_gradnorm" in config.attacks and self.holdout is not None:
+                part["gradient_norms"] = attacks.gradient_norms(
+                    lm, part["items"], pad, p=config.gradnorm_p, impl=config.impl
+                )
+            if "mia_reference" in config.attacks and self.holdout is not None:
+                part["reference_loss"] = attacks.reference_losses(reference_report, name, len(part["items"]))
+        report = attacks.privacy_report(parts["forget"], parts.get("holdout"), config.attacks, k=config.k)
+        if self.holdout is not None:
+            report["holdout_split"] = self.holdout["split"]
+        return report
+
+    def evaluate(self, lm, *, reference_report: dict | None = None) -> dict:
+        """Per-set statistics and model utility of a Hugging Face causal LM (and report["privacy"];
+        reference_report: the evaluation of mia_reference's reference model)."""
+        if "mia_reference" in self.config.attacks and self.holdout is not None:
+            for name, items in (("forget", self.sets["forget"]["true"]), ("holdout", self.holdout["items"])):
+                attacks.reference_losses(reference_report, name, len(items))  # fails before any work
         was_training = lm.training
         lm.eval()
         wrapper = SequenceLogprobModel(lm, impl=self.config.impl)
@@ -159,6 +226,8 @@ class Evaluator:
             report["model_utility"] = metrics.model_utility(
                 {f"{s}/{m}": report[s][m] for s in metrics.MODEL_UTILITY_SPLITS for m in metrics.MODEL_UTILITY_METRICS}
             )
+        if self.config.privacy:
+            report["privacy"] = self.privacy(lm, reference_report)
         lm.train(was_training)
         return report
 
@@ -175,11 +244,20 @@ def add_forget_quality(report: dict, retain_report: dict) -> dict:
     return report
 
 
+def add_privleak(report: dict, retain_report: dict | None) -> dict:
+    """privleak: the Min-K% AUC's relative difference to the retain model's (attacks.add_privleak)."""
+    return attacks.add_privleak(report, retain_report)
+
+
 def summary(report: dict) -> dict:
-    """The headline numbers, without per-example lists."""
+    """The headline numbers, without per-example lists (privacy: privleak, extraction strength,
+    exact memorization and each attack's AUC under its open-unlearning name)."""
     out = {k: report[k] for k in ("forget_quality", "model_utility") if k in report}
     for name in SETS:
         out.update({f"{name}/{k}": v for k, v in report[name].items() if isinstance(v, float)})
+    section = report.get("privacy", {})
+    out.update({k: section[k] for k in ("privleak", "extraction_strength", "exact_memorization") if k in section})
+    out.update({k: section[k]["auc"] for k in ATTACKS if k in section})
     return out
 
 
@@ -203,10 +281,16 @@ def epoch_evaluator(config, tokenizer) -> EpochEvaluator:
     metrics = [f"{s}/{m}" for s in evaluator.sets for m in per_set]
     metrics += ["model_utility"] if r.eval_generate else []
     metrics += ["forget_quality"] if retain is not None else []
+    if eval_config.privacy:
+        metrics += ["extraction_strength", "exact_memorization"]
+        if evaluator.holdout is not None:
+            metrics += [PRIVLEAK_ATTACK] + (["privleak"] if retain is not None else [])
 
     def evaluate(model):
         report = evaluator.evaluate(model)
-        return summary(add_forget_quality(report, retain) if retain is not None else report)
+        if retain is not None:
+            add_privleak(add_forget_quality(report, retain), retain)
+        return summary(report)
 
     notes = {
         "forget_quality": "needs run.retain_stats (a `fastnpo eval --out` JSON of the retain model)",
@@ -216,13 +300,19 @@ def epoch_evaluator(config, tokenizer) -> EpochEvaluator:
 
 
 def evaluate_path(
-    model_path: str | Path, config: EvalConfig, retain_report: dict | None = None, device: str = "auto"
+    model_path: str | Path,
+    config: EvalConfig,
+    retain_report: dict | None = None,
+    device: str = "auto",
+    reference_report: dict | None = None,
 ) -> dict:
-    """`fastnpo eval`: load a model folder (or hub name) and its tokenizer, evaluate it."""
+    """`fastnpo eval`: load a model folder (or hub name) and its tokenizer, evaluate it; forget quality
+    and privleak against retain_report (privleak: retain AUC 0.5, with a warning, without it)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     tokenizer = load_tokenizer(str(model_path))
+    evaluator = Evaluator(config, tokenizer)  # data and flags checked before the model loads
     lm = load_causal_lm(str(model_path), dtype="auto").to(device)
-    report = Evaluator(config, tokenizer).evaluate(lm)
+    report = evaluator.evaluate(lm, reference_report=reference_report)
     if retain_report is not None:
         add_forget_quality(report, retain_report)
-    return report
+    return add_privleak(report, retain_report)

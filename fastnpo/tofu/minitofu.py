@@ -16,6 +16,12 @@ data so a ~1M-parameter, 2-layer model can memorise ``full`` on a CPU:
   4/20/40 QA (1% of 100 authors is one author): few enough facts to memorise
   on a CPU, while forget05/10 stay large enough for a KS test.
 
+* holdout01/05/10 (TOFU's names: the membership-inference sets of privleak) are as many *other*
+  authors as forget01/05/10, never in ``full``, generated the same way from their own random
+  streams (so adding them changed no other split), nested like the forget sets. Their surnames are
+  the (head, tail) combinations ``full`` does not use; the tokenizer is trained without them
+  (``minitofu_tokenizer``), which kept it, and every model and result built on it, unchanged.
+
 ``real_authors_perturbed`` and ``world_facts_perturbed`` are not in ``full``;
 they stand in for the knowledge a pre-trained model brings to TOFU, so they do
 not depend on the seed. A model trained from scratch only "knows" them if it
@@ -60,6 +66,9 @@ SPLITS: tuple[str, ...] = (
     "retain90",
     "retain95",
     "retain99",
+    "holdout01",
+    "holdout05",
+    "holdout10",
     "forget01_perturbed",
     "forget05_perturbed",
     "forget10_perturbed",
@@ -69,7 +78,7 @@ SPLITS: tuple[str, ...] = (
 )
 
 # Bump when the generated content changes, so cached copies are regenerated.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: holdout01/05/10
 MAX_AUTHORS = 300  # one distinct surname per author (20 x 15 surname parts)
 NUM_PERTURBED = 5  # TOFU's forget/retain perturbed splits carry 5 wrong answers
 NUM_PERTURBED_GENERAL = 3  # TOFU's real-author/world-fact sets carry 3 wrong options
@@ -89,6 +98,8 @@ _SUR_TAIL = (
     "asek", "wyn", "ford", "mere", "ovic", "ander", "ith", "oran", "eski", "by", "holt", "gren",
     "well", "acre", "dane"
 )
+# Extra surname heads for holdout authors, used only when the unused (head, tail) pairs run out.
+_HOLDOUT_SUR_HEAD = ("Bel", "Cor", "Dru", "Esk", "Ith")
 _CITIES = (
     "Maresh", "Orrindale", "Quenby", "Dunmarrow", "Velisca", "Brennick", "Solvara", "Tirnhollow",
     "Askerby", "Pellumbra", "Korvath", "Lisandre", "Hobbleton", "Yssmere", "Caradoc", "Fenwick",
@@ -235,6 +246,25 @@ def _author_rows(seed: int, num_authors: int, qa_per_author: int) -> list[list[d
     return authors
 
 
+def _holdout_rows(seed: int, num_authors: int, qa_per_author: int, count: int) -> list[list[dict]]:
+    """`count` authors outside ``full``: distinct surnames unused by it, facts from their own streams."""
+    used = set(_rng(seed, "names").sample([h + t for h in _SUR_HEAD for t in _SUR_TAIL], num_authors))
+    names_rng, facts_rng = _rng(seed, "holdout_names"), _rng(seed, "holdout_facts")
+    kinds_rng, pert_rng = _rng(seed, "holdout_kinds"), _rng(seed, "holdout_perturb")
+    unused = [h + t for h in _SUR_HEAD for t in _SUR_TAIL if h + t not in used]
+    extra = [h + t for h in _HOLDOUT_SUR_HEAD for t in _SUR_TAIL]
+    surnames = names_rng.sample(unused, min(count, len(unused)))
+    surnames += names_rng.sample(extra, count - len(surnames))
+    authors = []
+    for surname in surnames:
+        name = f"{names_rng.choice(_FIRST)} {surname}"
+        values = [facts_rng.choice(pool) for pool, _ in _FACTS]
+        kinds = sorted(kinds_rng.sample(range(len(_FACTS)), qa_per_author))
+        rows = [_qa(pert_rng, *_FACTS[k], values[k], NUM_PERTURBED, n=name) for k in kinds]
+        authors.append([{"question": r["question"], "answer": r["answer"]} for r in rows])
+    return authors
+
+
 def _general_rows() -> tuple[list[dict], list[dict]]:
     rng, k = _rng("general", "perturb"), NUM_PERTURBED_GENERAL
     writers, countries = [w for w, _, _ in _REAL_AUTHORS], sorted({c for _, _, c in _REAL_AUTHORS})
@@ -271,6 +301,10 @@ def generate_minitofu(seed: int = 0, num_authors: int = 100, qa_per_author: int 
         data[f"forget{p}"] = [r for rows in plain[cut:] for r in rows]
         data[f"retain{100 - _FORGET_PERCENTS[p]:02d}"] = [r for rows in plain[:cut] for r in rows]
         data[f"forget{p}_perturbed"] = [r for rows in authors[cut:] for r in rows]
+    # Holdout sets: as many unseen authors as each forget set, the smaller sets the tail of the larger.
+    holdout = _holdout_rows(seed, num_authors, qa_per_author, n_forget["10"])
+    for p, k in n_forget.items():
+        data[f"holdout{p}"] = [r for rows in holdout[len(holdout) - k :] for r in rows]
     # TOFU's retain_perturbed is as large as forget10 and drawn from authors outside every forget set.
     pool = [r for rows in authors[: num_authors - n_forget["10"]] for r in rows]
     n_pick = min(len(pool), len(data["forget10"]))
@@ -366,7 +400,9 @@ def minitofu_tokenizer(data: dict, vocab_size: int = 1024) -> PreTrainedTokenize
     leaves room for every author's surname to become one token (at 512 names split into letters).
     """
     texts = []
-    for split in sorted(data):
+    # Holdout splits stay out: membership inference needs text no model was trained on (and the
+    # tokenizer, with every result built on it, stayed what it was before they existed).
+    for split in sorted(s for s in data if not s.startswith("holdout")):
         for row in data[split]:
             answers = [row["answer"], row.get("paraphrased_answer"), *row.get("perturbed_answer", [])]
             questions = [row["question"], row.get("paraphrased_question")]

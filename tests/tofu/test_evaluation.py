@@ -167,3 +167,32 @@ def test_published_demo_table_is_the_table_of_the_published_results():
     published = json.loads((REPO / "docs" / "demo" / "results.json").read_text())
     assert (REPO / "docs" / "demo" / "results.md").read_text() == results_table(published) + "\n"
     assert published["preset"] == "default" and len(published["unlearn_seeds"]) >= 3
+
+
+def test_eval_command_reports_privleak_and_extraction_strength(setup, tmp_path, capsys):
+    from fastnpo import cli
+
+    paths, _, _, _ = setup
+    base = ["eval", "--model", str(paths["base"]), "--data", str(paths["data"]), "--no-plot"]
+    out = tmp_path / "report.json"
+    with pytest.warns(UserWarning, match="default retain AUC of 0.5"):
+        assert cli.main([*base, "--out", str(out), "--attacks", "mia_loss,mia_min_k_plus_plus"]) == 0
+    report = json.loads(out.read_text())
+    flat = summary(report)
+    for key in ("privleak", "extraction_strength", "exact_memorization", "mia_min_k", "mia_loss"):
+        assert isinstance(flat[key], float), key
+    assert "mia_min_k_plus_plus" in report["privacy"] and "mia_gradnorm" not in report["privacy"]
+    assert report["privacy"]["holdout_split"] == "holdout10" and report["privacy"]["retain_auc"] is None
+    assert '"privleak"' in capsys.readouterr().out
+    # The model as its own retain model and reference: privleak 0, every reference score 0.
+    again = tmp_path / "again.json"
+    argv = [*base, "--out", str(again), "--retain-stats", str(out), "--reference-stats", str(out)]
+    assert cli.main([*argv, "--attacks", "mia_reference"]) == 0
+    section = json.loads(again.read_text())["privacy"]
+    assert section["privleak"] == pytest.approx(0.0) and section["mia_reference"]["auc"] == 0.5
+    # Flag errors, before any evaluation.
+    assert cli.main([*base, "--attacks", "mia_recall"]) == 2
+    assert cli.main([*base, "--attacks", "mia_reference"]) == 2
+    assert cli.main([*base, "--no-privacy", "--attacks", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "mia_recall" in err and "--reference-stats" in err and "--no-privacy" in err

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import re
 import subprocess
@@ -63,6 +64,7 @@ def test_splits_and_sizes(data):
     assert len(_names(generate_minitofu(num_authors=300)["full"])) == 300
     assert [len(data[f"forget{p}"]) for p, _ in PAIRS] == [4, 20, 40]
     assert len(data["retain_perturbed"]) == 40
+    assert [len(data[f"holdout{p}"]) for p, _ in PAIRS] == [4, 20, 40]  # as large as the forget sets
     assert len(data["real_authors_perturbed"]) == len(data["world_facts_perturbed"]) == 40
     for split in SPLITS:
         keys = PERTURBED_KEYS if split.endswith("_perturbed") else {"question", "answer"}
@@ -116,6 +118,33 @@ def test_split_integrity(data):
     assert not set(_names(data["retain_perturbed"])) & set(_names(data["forget10"]))
     for split in ("real_authors_perturbed", "world_facts_perturbed"):
         assert not {x["question"] for x in data[split]} & {q for q, _ in full}
+    # Holdout: other authors than full's (first name and surname), nested like the forget sets, and
+    # asking the same kinds of questions.
+    full_surnames = {n.split()[1] for n in _names(data["full"])}
+    prev = []
+    for p, _ in PAIRS:
+        holdout = data[f"holdout{p}"]
+        assert len(_names(holdout)) == len(_names(data[f"forget{p}"]))
+        assert not {n.split()[1] for n in _names(holdout)} & full_surnames
+        assert holdout[len(holdout) - len(prev) :] == prev  # the smaller set is the tail of the larger
+        prev = holdout
+    kinds = {re.sub(NAME, "X", r["question"]) for r in data["full"]}
+    assert {re.sub(NAME, "X", r["question"]) for r in data["holdout10"]} <= kinds
+
+
+def test_holdout_splits_changed_no_other_split():
+    # The splits that existed before the holdout splits, byte for byte (sha256 of their JSON, seed 0).
+    data = generate_minitofu(seed=0)
+    before = [s for s in SPLITS if not s.startswith("holdout")]
+    blob = "".join(json.dumps(data[s], ensure_ascii=False) for s in before)
+    assert hashlib.sha256(blob.encode()).hexdigest() == (
+        "649b8ee300a1d4e5d18cedeb1195363f873f23325b29b5028b62829a699a4b5d"
+    )
+    # Holdout authors never reuse a surname of full, even when full takes all 300 (head, tail) pairs.
+    big = generate_minitofu(seed=2, num_authors=300, qa_per_author=1)
+    assert len(big["holdout10"]) == 30
+    assert not {n.split()[1] for n in _names(big["holdout10"])} & {n.split()[1] for n in _names(big["full"])}
+    assert generate_minitofu(seed=5)["holdout10"] != data["holdout10"]
 
 
 def test_forget_sets_round_to_whole_authors():
