@@ -75,13 +75,15 @@ lock:
 bench: install-dev
 	$(PY) benchmarks/bench_logprobs.py
 
-# ---- GPU window (benchmarks/README.md, "GPU suite") ----
+# ---- GPU window (benchmarks/README.md, "GPU suite" and "Next GPU window") ----
 # gpu-wheels (here, with internet): the packages the GPU image lacks, as Python 3.12 manylinux
 # x86_64 wheels, into wheels/ (ignored by git; carry it to the GPU machine). rouge-score has no
-# wheel on PyPI: it is built here (pure Python). defusedxml is nltk's and missing there too.
-# torchao (optim.name=adamw_8bit; 0.18 is the release built for the image's torch 2.11).
+# wheel on PyPI: it is built here (pure Python; absl-py, six and numpy are on the image). nltk needs
+# defusedxml, datasets dill and multiprocess, trl datasets: missing there too. torchao
+# (optim.name=adamw_8bit; 0.18 is the release built for the image's torch 2.11). omegaconf 2.4
+# vendors antlr4: no antlr4 wheel. The peers liger-kernel and cut-cross-entropy need only torch and triton.
 WHEELS ?= wheels
-GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 \
+GPU_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 omegaconf==2.4.0 \
 	datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 trl==1.16.0 defusedxml==0.7.1 \
 	torchao==0.18.0
 PIP_GPU := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -95,9 +97,13 @@ gpu-wheels:
 	$(SUITE_PY) -m pip wheel -q --no-deps -w $(WHEELS) rouge-score==0.1.2
 	@du -sh $(WHEELS); ls $(WHEELS)
 
-# gpu-suite OUT=<dir> (on the GPU machine): installs wheels/ into a temporary target and runs the
-# GPU tests, the kernel, trainer and memory-plan benchmarks into OUT (<= 8 files), in under 10 minutes.
+# gpu-suite PART=1|2 OUT=<dir> (on the GPU machine, one device call each): installs wheels/ into a
+# temporary target, then PART=1 the kernels (GEMM rates, every design and peer at the 4 head shapes,
+# the one_pass profile and chunk sweeps, the autotuners' choices) and PART=2 the GPU-marked tests,
+# the trainer and memory-plan benchmarks and the kernel tests; <= 8 files into OUT each, each under
+# its deadline (390 s; TOTAL_S=<seconds> sets another). No PART: both, into OUT/call1 and OUT/call2.
 # SMOKE=1: the same code paths on CPU at tiny shapes (Triton through the interpreter).
 OUT ?= gpu-suite-out
 gpu-suite:
-	$(SUITE_PY) benchmarks/gpu_suite.py --out $(OUT) --wheels $(WHEELS) $(if $(SMOKE),--smoke)
+	$(SUITE_PY) benchmarks/gpu_suite.py --out $(OUT) --wheels $(WHEELS) $(if $(PART),--call $(PART)) \
+		$(if $(TOTAL_S),--total-s $(TOTAL_S)) $(if $(SMOKE),--smoke)

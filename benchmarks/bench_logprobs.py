@@ -29,6 +29,7 @@ import ctypes
 import datetime
 import functools
 import gc
+import json
 import math
 import os
 import platform
@@ -402,14 +403,128 @@ def median_ms(call, device, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def matmul_call(n, d, v, dtype, device):
-    """(call, FLOPs) of a plain [N, D] x [D, Vc] matmul into a preallocated output, the rate reference
-    (Vc = V on CUDA; on CPU up to 8192, a 64 MiB output at N=2048)."""
+def gemm_calls(n, d, v, dtype, device, fp32out: bool = False, operands: list | None = None) -> dict:
+    """{name: (call, FLOPs, (M, N, K), out dtype)} of the three GEMMs every fastnpo design runs at this
+    shape, on random operands (never zeros), each into a preallocated output:
+
+      logits   [N, D] x [D, Vc] -> [N, Vc]   H W^T (the forward; Vc = V on CUDA, <= 8192 on CPU)
+      dH       [N, Vc] x [Vc, D] -> [N, D]   dlogits W (K = V)
+      dW       [Vc, N] x [N, D] -> [Vc, D]   dlogits^T H (K = N)
+      logits-fp32out (CUDA, where torch.mm takes out_dtype): the logits GEMM with bf16 / fp16 operands
+               and an fp32 result, as one_pass and the split design run it.
+
+    The dlogits operand is the logits GEMM's own output buffer (filled by one call first). operands, if
+    given, receives hidden [N, D], weight [Vc, D] and that buffer [N, Vc] (tests)."""
     vc = v if device.type == "cuda" else min(v, 8192)
     a = torch.randn(n, d, device=device).to(dtype)
     b = torch.randn(vc, d, device=device).to(dtype)
     c = torch.empty(n, vc, device=device, dtype=dtype)
-    return (lambda: torch.matmul(a, b.T, out=c)), 2 * n * d * vc
+    torch.matmul(a, b.T, out=c)
+    c.mul_(1.0 / math.sqrt(d))  # dlogits-sized values (|x| ~ 1)
+    dh = torch.empty(n, d, device=device, dtype=dtype)
+    dw = torch.empty(vc, d, device=device, dtype=dtype)
+    if operands is not None:
+        operands += [a, b, c]
+    flops = 2 * n * d * vc
+    name = str(dtype).replace("torch.", "")
+    calls = {
+        "logits": ((lambda: torch.matmul(a, b.T, out=c)), flops, (n, vc, d), name),
+        "dH": ((lambda: torch.matmul(c, b, out=dh)), flops, (n, d, vc), name),
+        "dW": ((lambda: torch.matmul(c.T, a, out=dw)), flops, (vc, d, n), name),
+    }
+    if fp32out and device.type == "cuda" and dtype != torch.float32:
+        try:
+            c32 = torch.mm(a[:8], b[:8].T, out_dtype=torch.float32)  # probe: does this torch take out_dtype?
+            c32 = torch.empty(n, vc, device=device, dtype=torch.float32)
+
+            def logits_fp32():
+                return torch.mm(a, b.T, out_dtype=torch.float32, out=c32)
+
+            logits_fp32()
+            calls["logits-fp32out"] = (logits_fp32, flops, (n, vc, d), name + "->float32")
+        except Exception as error:  # a torch without out_dtype: the row is left out, the run goes on
+            print(f"    logits-fp32out left out: {type(error).__name__}: {error}", flush=True)
+    return calls
+
+
+def time_call(call, device, repeats: int, cuda_ms: tuple[int, int]) -> list[float]:
+    """ms of each timed call: CUDA triton.testing.do_bench (L2 flushed, all samples), CPU perf_counter."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return list(triton.testing.do_bench(call, warmup=cuda_ms[0], rep=cuda_ms[1], return_mode="all"))
+    call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+GEMM_FIELDS = ["device", "dtype", "N", "D", "V", "gemm", "M", "N_out", "K", "out", "flops", "samples"]
+GEMM_FIELDS += ["median_ms", "best_ms", "median_tflops", "best_tflops"]
+
+
+def gemm_rates(shapes, dtype, device, args, log) -> list[dict]:
+    """--gemm-only: the rate of each GEMM of gemm_calls at each shape (median and best of its samples),
+    and of a square 8192^3 (CPU: 512^3) product, the yardstick KINDS.md quotes."""
+    rows = []
+    square = 8192 if device.type == "cuda" else 512
+    targets = [(square, square, square, True)] + [(n, d, v, False) for n, d, v in shapes]
+    for n, d, v, is_square in targets:
+        calls = gemm_calls(n, d, v, dtype, device, fp32out=not is_square)
+        if is_square:
+            calls = {"square": calls["logits"]}
+        for name, (call, flops, (m, n_out, k), out) in calls.items():
+            times = time_call(call, device, max(args.repeats, 1), (args.cuda_warmup_ms, args.cuda_rep_ms))
+            med, best = statistics.median(times), min(times)
+            row = dict(device=device.type, dtype=str(dtype).replace("torch.", ""), N=n, D=d, V=v, gemm=name)
+            row.update(M=m, N_out=n_out, K=k, out=out, flops=flops, samples=len(times))
+            row.update(median_ms=float(f"{med:.5g}"), best_ms=float(f"{best:.5g}"))
+            row.update(median_tflops=float(f"{flops / med / 1e9:.4g}"), best_tflops=float(f"{flops / best / 1e9:.4g}"))
+            rows.append(row)
+            log(
+                f"    {n}x{d}x{v} {name:15s} [{m} x {k}] x [{k} x {n_out}] {out}: median {med:.3f} ms "
+                f"({row['median_tflops']} TFLOP/s), best {best:.3f} ms ({row['best_tflops']} TFLOP/s), "
+                f"{len(times)} samples"
+            )
+        del calls
+        clean_memory(device)
+    return rows
+
+
+def autotune_choices() -> list[dict]:
+    """Every Triton autotuner of fastnpo's kernels loaded in this process: its last config
+    (best_config) and its tuning cache (key -> chosen config), as plain data."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return []
+    found = []
+    for module_name, module in sorted(sys.modules.items()):
+        if not module_name.startswith(("fastnpo", "kernels")) or module is None:
+            continue
+        for attr, value in sorted(vars(module).items()):
+            if not isinstance(value, Autotuner) or any(f["kernel"] == attr for f in found):
+                continue
+            best = getattr(value, "best_config", None)
+            found.append(
+                {
+                    "kernel": attr,
+                    "module": module_name,
+                    "key": list(getattr(value, "keys", [])),
+                    "candidates": len(getattr(value, "configs", [])),
+                    "best_config": str(best) if best is not None else None,
+                    "cache": {str(k): str(c) for k, c in getattr(value, "cache", {}).items()},
+                }
+            )
+    return found
+
+
+def mm_flops_scale(n, d, v, mm_flops) -> float:
+    """V / Vc: the reference GEMMs run Vc columns (CPU: <= 8192), the op runs V."""
+    return 2 * n * d * v / mm_flops
 
 
 def copy_call(device):
@@ -593,11 +708,16 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
         f" (inputs in {time.perf_counter() - t0:.1f} s)"
     )
     log("    logits: " + ", ".join(f"{k} {val:.3g}" for k, val in profile.items()))
-    mm_call, mm_flops = matmul_call(n, d, v, dtype, device)
+    # The references, timed among the contenders: the designs' three GEMMs at this shape (the logits
+    # GEMM is the "matmul" rate of the x_floor column; the best sample of each GEMM gives the
+    # x_floor_best column) and the copy bandwidth.
+    gemms = gemm_calls(n, d, v, dtype, device)
+    mm_call, mm_flops = gemms["logits"][0], gemms["logits"][1]
     cp_call, cp_bytes = copy_call(device)
-    mm_call(), cp_call()
+    cp_call()
+    extra = [("matmul", mm_call), ("gemm-dH", gemms["dH"][0]), ("gemm-dW", gemms["dW"][0]), ("copy", cp_call)]
     synchronize(device)
-    samples = {"matmul": [], "copy": []}
+    samples = {name: [] for name, _ in extra}
     runner = Runner(hidden, weight, labels, upstream)
     seq_len = min(NPO_SEQ_LEN, n)
     npo_y = npo_labels(labels, seq_len) if n % seq_len == 0 else None
@@ -678,9 +798,9 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
                 f"dH {row.get('dh_rel_maxdiff_ref', float('nan')):.1e} "
                 f"dW {row.get('dw_rel_maxdiff_ref', float('nan')):.1e}  {row['check']}"
             )
-        times = time_round_robin(ready, [("matmul", mm_call), ("copy", cp_call)], device, args, log)
-        samples["matmul"] += times.pop("matmul")
-        samples["copy"] += times.pop("copy")
+        times = time_round_robin(ready, extra, device, args, log)
+        for name, _ in extra:
+            samples[name] += times.pop(name)
         for row, _ in ready:
             if row.get("status") == "failed" or not times.get(row["contender"]):
                 continue
@@ -695,6 +815,10 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
     rate = mm_flops / (statistics.median(samples["matmul"]) * 1e-3) / 1e12
     bandwidth = cp_bytes / (statistics.median(samples["copy"]) * 1e-3) / 1e9
     esize = hidden.element_size()
+    # The floor at the best GEMM rates: each GEMM's best sample, scaled from its Vc columns to V.
+    best = {name: min(samples[name]) * mm_flops_scale(n, d, v, mm_flops) for name in ("matmul", "gemm-dH", "gemm-dW")}
+    best_rate = mm_flops / (min(samples["matmul"]) * 1e-3) / 1e12
+    gemm_floor = {"fwd": best["matmul"], "fwd+bwd": best["matmul"] + best["gemm-dH"] + best["gemm-dW"]}
     floors = {}
     for mode, flops, nbytes in (
         ("fwd", 2 * n * d * v, (n * d + v * d) * esize + 12 * n),
@@ -703,14 +827,30 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
         floors[mode] = {
             "flops": flops,
             "flop_floor_ms": flops / (rate * 1e12) * 1e3,
+            "gemm_floor_ms": gemm_floor[mode],
             "byte_floor_ms": nbytes / (bandwidth * 1e9) * 1e3,
             "bytes": nbytes,
         }
-    shape_info.update(matmul_tflops=rate, bandwidth_gbs=bandwidth, floors=floors)
+    gemm_rates_ = {
+        name: {
+            "median_tflops": mm_flops / (statistics.median(samples[name]) * 1e-3) / 1e12,
+            "best_tflops": mm_flops / (min(samples[name]) * 1e-3) / 1e12,
+        }
+        for name in ("matmul", "gemm-dH", "gemm-dW")
+    }
+    shape_info.update(
+        matmul_tflops=rate, best_tflops=best_rate, gemm_rates=gemm_rates_, bandwidth_gbs=bandwidth, floors=floors
+    )
     log(
-        f"    matmul {rate:.3f} TFLOP/s, copy {bandwidth:.1f} GB/s (timed among the contenders); floors: "
-        f"fwd {floors['fwd']['flop_floor_ms']:.1f} ms (FLOPs) / {floors['fwd']['byte_floor_ms']:.1f} ms (bytes), "
-        f"fwd+bwd {floors['fwd+bwd']['flop_floor_ms']:.1f} / {floors['fwd+bwd']['byte_floor_ms']:.1f} ms"
+        f"    matmul {rate:.3f} TFLOP/s median, {best_rate:.3f} best; dH GEMM "
+        f"{gemm_rates_['gemm-dH']['median_tflops']:.3f} / {gemm_rates_['gemm-dH']['best_tflops']:.3f}, dW GEMM "
+        f"{gemm_rates_['gemm-dW']['median_tflops']:.3f} / {gemm_rates_['gemm-dW']['best_tflops']:.3f}; "
+        f"copy {bandwidth:.1f} GB/s (timed among the contenders); floors: "
+        f"fwd {floors['fwd']['flop_floor_ms']:.1f} ms (FLOPs at the median matmul rate) / "
+        f"{floors['fwd']['gemm_floor_ms']:.1f} ms (the logits GEMM's best) / "
+        f"{floors['fwd']['byte_floor_ms']:.1f} ms (bytes), "
+        f"fwd+bwd {floors['fwd+bwd']['flop_floor_ms']:.1f} / {floors['fwd+bwd']['gemm_floor_ms']:.1f} "
+        f"(the three GEMMs' best) / {floors['fwd+bwd']['byte_floor_ms']:.1f} ms"
     )
     for row in rows:
         if (row["N"], row["D"], row["V"]) != shape:
@@ -722,6 +862,8 @@ def run_shape(shape, args, device, dtype, contenders, rows, log):
             row["frac_matmul"] = round(tflops / rate, 3)
             # time over the FLOP floor (6NDV fwd+bwd, 2NDV fwd, at the matmul rate of this run)
             row["x_floor"] = round(row["median_ms"] / floors[row["mode"]]["flop_floor_ms"], 3)
+            # and over the floor at the best GEMM rates (logits GEMM fwd; logits + dH + dW fwd+bwd)
+            row["x_floor_best"] = round(row["median_ms"] / floors[row["mode"]]["gemm_floor_ms"], 3)
     # speed ratio vs the naive baseline of the same kind (token: naive; npo: npo-naive)
     for row in rows:
         if (row["N"], row["D"], row["V"]) != shape or row.get("status") != "ok":
@@ -806,6 +948,7 @@ CSV_FIELDS = [
     "tflops",
     "frac_matmul",
     "x_floor",
+    "x_floor_best",
     "matmul_tflops",
     "peak_mib",
     "value_maxdiff",
@@ -846,17 +989,26 @@ def write_markdown(path, rows, shapes_info, header_lines, title):
             "",
             "Logits (256-row sample): " + ", ".join(f"{k} {x:.3g}" for k, x in info["profile"].items()),
             "",
-            f"Matmul rate {info['matmul_tflops']:.3f} TFLOP/s, copy bandwidth {info['bandwidth_gbs']:.1f} GB/s "
-            "(both timed among the contenders). "
+            f"Matmul (the logits GEMM) {info['matmul_tflops']:.3f} TFLOP/s median, "
+            f"{info.get('best_tflops', float('nan')):.3f} best; "
+            + "".join(
+                f"{name} GEMM {rates['median_tflops']:.3f} / {rates['best_tflops']:.3f}; "
+                for name, rates in info.get("gemm_rates", {}).items()
+                if name != "matmul"
+            )
+            + f"copy bandwidth {info['bandwidth_gbs']:.1f} GB/s (all timed among the contenders). "
             f"Floors: fwd {fl['fwd']['flop_floor_ms']:.1f} ms "
-            f"(2NDV FLOPs at that rate) / {fl['fwd']['byte_floor_ms']:.1f} ms "
+            f"(2NDV FLOPs at the median matmul rate; x floor) / {fl['fwd'].get('gemm_floor_ms', float('nan')):.1f} ms "
+            f"(the logits GEMM's best sample; x best) / {fl['fwd']['byte_floor_ms']:.1f} ms "
             f"({fl['fwd']['bytes'] / MIB:.0f} MiB at the copy bandwidth); fwd+bwd "
-            f"{fl['fwd+bwd']['flop_floor_ms']:.1f} ms (6NDV) / {fl['fwd+bwd']['byte_floor_ms']:.1f} ms "
+            f"{fl['fwd+bwd']['flop_floor_ms']:.1f} ms (6NDV) / "
+            f"{fl['fwd+bwd'].get('gemm_floor_ms', float('nan')):.1f} ms "
+            f"(the logits, dH and dW GEMMs' best samples) / {fl['fwd+bwd']['byte_floor_ms']:.1f} ms "
             f"({fl['fwd+bwd']['bytes'] / MIB:.0f} MiB).",
             "",
-            "| mode | contender | median ms | min ms | speedup vs naive | TFLOP/s | % of matmul | x floor "
+            "| mode | contender | median ms | min ms | speedup vs naive | TFLOP/s | % of matmul | x floor | x best "
             f"| peak extra MiB | max abs Δ logp/loss vs {versus} | max rel Δ dH | max rel Δ dW | check |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in rows:
             if (row["N"], row["D"], row["V"]) != (n, d, v):
@@ -872,6 +1024,7 @@ def write_markdown(path, rows, shapes_info, header_lines, title):
                 f"{fmt(row['min_ms'], '.1f')} | "
                 f"{fmt(row.get('speedup_vs_naive'), '.2f')} | {fmt(row['tflops'], '.3f')} | "
                 f"{fmt(100 * row['frac_matmul'], '.0f')} | {fmt(row.get('x_floor'), '.2f')} | "
+                f"{fmt(row.get('x_floor_best'), '.2f')} | "
                 f"{fmt(row['peak_mib'], '.1f')} | "
                 f"{fmt(row.get('value_maxdiff' + suffix), '.1e')} | "
                 f"{fmt(row.get('dh_rel_maxdiff' + suffix), '.1e')} | "
@@ -997,6 +1150,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plot-from", default=None, help="only draw <csv>'s plot beside it (e.g. a GPU suite's logprobs.csv)"
     )
+    parser.add_argument(
+        "--gemm-only",
+        action="store_true",
+        help="only the GEMM rates at the shapes' exact GEMMs (logits, dH, dW; median and best) -> <out>.csv",
+    )
+    parser.add_argument(
+        "--autotune-out",
+        default=None,
+        help="write the Triton autotuners' choices of this process (best_config, cache) as JSON here",
+    )
     return parser
 
 
@@ -1037,6 +1200,33 @@ def main(argv=None):
     def log(message):
         print(message, flush=True)
 
+    if args.gemm_only:
+        info = machine_info(device)
+        log("fastnpo GEMM rates: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+        rows = gemm_rates(shapes, dtype, device, args, log)
+        path = out_dir / f"{args.out or 'gemm_' + kind}.csv"
+        header = [
+            f"date: {info['date']}",
+            f"machine: {info.get('gpu', '')}{'; ' if 'gpu' in info else ''}{info['cpu']}",
+            f"versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}",
+            "timing: "
+            + (
+                f"triton.testing.do_bench, all samples (L2 flushed), warm-up {args.cuda_warmup_ms} ms, "
+                f"budget {args.cuda_rep_ms} ms per GEMM"
+                if device.type == "cuda"
+                else f"{max(args.repeats, 1)} perf_counter calls after one warm-up call"
+            )
+            + "; random operands; median and best (fastest) sample",
+            "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        ]
+        with open(path, "w", newline="") as handle:
+            handle.writelines(f"# {line}\n" for line in header)
+            writer = csv.DictWriter(handle, fieldnames=GEMM_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        log(f"wrote {path}")
+        return rows
+
     info = machine_info(device)
     log("fastnpo log-prob benchmark: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     contenders = build_contenders(device, dtype, args.no_compile)
@@ -1050,6 +1240,8 @@ def main(argv=None):
     start, cpu_start = time.perf_counter(), sum(os.times()[:2])
     for index, shape in enumerate(shapes):
         shapes_info.append(run_shape(shape, args, device, dtype, contenders, rows, log))
+        if args.autotune_out:  # after each shape, like the reports
+            Path(args.autotune_out).write_text(json.dumps(autotune_choices(), indent=1) + "\n")
         if index + 1 < len(shapes):  # a run stopped by a time limit keeps the shapes done so far
             write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu_start, out_dir, stem, kind)
     written = write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu_start, out_dir, stem, kind)

@@ -1,37 +1,53 @@
 #!/usr/bin/env python
-"""Everything a GPU window needs, as one command: tests, kernel benchmark, trainer benchmark.
+"""Everything a GPU window needs, as two device calls of < 8 minutes each (issue 23, issue 24 item 8).
 
-    make gpu-wheels                      # on a machine with internet: the missing wheels into wheels/
-    make gpu-suite OUT=/path/to/out      # on the GPU machine (no internet): everything, < 10 minutes (--total-s 555)
-    python benchmarks/gpu_suite.py --smoke --out /tmp/gs   # the same code paths on CPU, tiny shapes
+    make gpu-wheels                                   # on a machine with internet: the missing wheels into wheels/
+    make gpu-suite PART=1 OUT=$OUT                    # device call 1: the kernels (--call 1, deadline 390 s)
+    make gpu-suite PART=2 OUT=$OUT                    # device call 2: tests, trainer, memory plan (--call 2, 390 s)
+    make gpu-suite SMOKE=1 OUT=/tmp/gs                # CPU: both calls' code paths at tiny shapes (--smoke --call all)
 
-Parts, in order, each in its own subprocess with its own time limit (a part that fails or runs out
-of time is recorded and the next one still runs; the whole run also has a deadline, --total-s):
+Each call runs its parts in order, each in its own subprocess with its own time limit (a part that
+fails or runs out of time is recorded and the next one still runs). The call has a deadline
+(--total-s); a part's limit is the smaller of its own budget and what the deadline leaves after the
+time reserved for the parts after it, so the last parts (and the summary) always get their turn.
 
+Call 1, the kernels (most valuable first):
   env          GPU, driver, CUDA, python, torch, triton, transformers and every peer's version -> env.txt
   wheels       pip install --no-index --no-deps --target <tmp> wheels/*.whl (the packages the GPU
                image lacks), then <tmp> goes on PYTHONPATH for the parts below
   import       makes `import fastnpo` / `fastnpo.kernels` work without `pip install -e` (no network
                there): an import hook (a sitecustomize.py in the run's temporary folder, on
                PYTHONPATH) mapping fastnpo.kernels to kernels/; the machine's Python is not touched
-  gpu-tests    pytest -m gpu tests
-  logprobs     benchmarks/bench_logprobs.py: N=8192, the four (D, V), bf16, fwd and fwd+bwd, every
-               fastnpo impl and every installed peer, matmul rate and copy bandwidth in the same run,
-               ratio to the FLOP floor -> logprobs.csv, logprobs.md (written after each shape; the
-               plot is drawn from the CSV afterwards: a device run brings back 8 files)
-  train        benchmarks/bench_train.py at the Llama-3.2-1B shape -> train.csv, train.md
-  memory-plan  benchmarks/bench_memory_plan.py: `fastnpo plan` against the measured peak of real
-               training steps at the Llama-3.2-1B and 3.1-8B shapes -> memory_plan.csv (+ its table
-               in summary.md)
-  profile      benchmarks/profile_logprobs.py: torch.profiler's kernel table of one fwd+bwd call per
-               design (cublas, triton) at N=8192, D=4096, V=128256 -> log.txt
+  gemm         bench_logprobs.py --gemm-only: the rate of the designs' exact GEMMs at the 4 head shapes
+               (logits [8192 x D] x [D x V], dH, dW; bf16; median and best) and of a square 8192^3 -> gemm.csv
+  logprobs     bench_logprobs.py: N=8192, the four (D, V), bf16, fwd and fwd+bwd, peak memory and error
+               against fp32 of naive, torch.compile(naive), fastnpo triton / triton-exact / cublas (split) /
+               epilogue-fwd, npo one_pass / epilogue (against npo-naive), Liger, CCE; the floor at the
+               run's median matmul rate (x_floor) and at its best GEMM rates (x_floor_best)
+               -> logprobs.csv, logprobs.md (rewritten after each shape)
+  one-pass     profile_logprobs.py --npo one_pass,epilogue: launches, device-busy share, host syncs of
+               one call; the one_pass chunk sweep (rows per chunk around the rule) and the epilogue's
+               (E per chunk) -> one_pass.md
   kernel-tests pytest of the Triton kernel tests (compiled kernels on a GPU), with what time is left
+               (moved here from the tests' call: call 1 has time to spare, call 2 none) -> log.txt
+  autotune     the Triton autotuners' choices: every *.autotune.json of Triton's cache (the configs'
+               timings, the best) and the logprobs process's best_config / cache -> autotune.json
+Call 2, tests and the trainer:
+  env, wheels, import   as above
+  gpu-tests    pytest -m gpu on the files that hold GPU-marked tests (the newest designs first) -> log.txt
+  train        bench_train.py at the Llama-3.2-1B shape, with its profile of fastnpo's step -> train.csv, .md
+  memory-plan  bench_memory_plan.py: the plan against the measured peak of real steps: 8B in-backward
+               plain and 8-bit, offload at 1B and 8B -> memory_plan.csv (+ its table in summary.md)
 
-OUT ends up with at most 8 files: env.txt, log.txt (every part's output), summary.md (the one-screen
-summary, also printed last), logprobs.{csv,md}, train.{csv,md}, memory_plan.csv.
+OUT gets at most 8 files per call (a device run brings back 8, < 16 MiB each): log.txt (every part's
+output), summary.md (the one-screen summary, also printed last), env.txt, and the call's own files
+(CALLS below). --call all runs call 1 into OUT/call1 and call 2 into OUT/call2.
 
---smoke runs the same parts on CPU at tiny shapes (Triton through the interpreter, pytest parts
-that only skip or collect there); its numbers are CPU numbers and labelled so.
+--smoke runs the same parts on CPU at tiny shapes: one shape, one repeat, Triton through the
+interpreter, the same contender list (Liger and CCE skip on a CPU, torch.compile is left out), one
+memory-plan case, a 2-sequence one_pass profile and sweep, pytest parts that only skip or collect
+there; its numbers are CPU numbers and labelled so. tests/kernels/test_gpu_suite_smoke.py runs both
+calls side by side (50-95 s on this project's shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -40,8 +56,10 @@ import argparse
 import csv
 import datetime
 import glob
+import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -55,23 +73,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 MAX_FILE_BYTES = 15 * 2**20  # what comes back from a device run: < 16 MiB a file
-# What a run writes into OUT (a device run brings back at most 8 files).
-OUT_FILES = (
-    "env.txt",
-    "log.txt",
-    "summary.md",
-    "logprobs.csv",
-    "logprobs.md",
-    "train.csv",
-    "train.md",
-    "memory_plan.csv",
-)
 
 GPU_SHAPES = "8192x4096x128256,8192x3584x152064,8192x2304x256000,8192x2048x128256"
-# Tiny analogues for --smoke: a prime V and N = 1 x the NPO sequence length (the interpreter
-# takes ~1 ms per program iteration).
-SMOKE_SHAPES = "32x16x67,32x24x128"
+# Tiny analogues for --smoke: a prime V and N = 2 x the smoke NPO sequence length (the interpreter
+# takes ~1 ms per program iteration). One shape: the code path is the same for every shape.
+SMOKE_SHAPES = "32x16x67"
 PEERS = ("liger_kernel", "cut_cross_entropy", "trl", "transformers", "peft", "datasets", "omegaconf", "torchao")
+# The kernel benchmark's contenders in a GPU window (issue 24 item 8): every design and peer. Left out:
+# fastnpo-torch (the CPU path, 15-22x the floor on the H200), liger-selective-logprob (3-13x) and
+# npo-unfused / npo-fused (the two-call path the trainer benchmark compares): seconds each per shape.
+# naive and npo-naive always run (the references of the speed-up and error columns).
+LOGPROBS_CONTENDERS = (
+    "naive,compile(naive),fastnpo-triton,fastnpo-triton-exact,fastnpo-cublas,fastnpo-epilogue-fwd,"
+    "liger-flce,cce,npo-naive,npo-one-pass,npo-epilogue"
+)
+# The memory-plan cases of call 2, in order: the 8B optimizer step in the backward (plain AdamW, then
+# the 40 GB config's 8-bit moments), then FSDP2 CPU offload at 1B (cheap) and 8B (its step runs on
+# the host's cores). 1B and 8B plain / Kahan agreed within 1% in both H200 windows.
+MEMORY_CASES = "8b-ckpt-in-backward,8b-ckpt-8bit-in-backward,1b-ckpt-offload,8b-ckpt-offload"
+SMOKE_MEMORY_CASES = "micro-in-backward"
+# one_pass chunk sizes (rows of fp32 logits per chunk) around the rule's 2048 (4 sequences of 512),
+# and the epilogue design's E budgets (its default 128 MiB: 1 sequence at V = 128256; 512 MiB: 4).
+SWEEP_ROWS, SWEEP_EPILOGUE_MIB = "512,1024,2048,4096,8192", "128,512"
+
+# What each call writes into OUT (a device run brings back at most 8 files).
+CALLS = {
+    1: {
+        "what": "kernels: GEMM rates, every design and peer at the 4 head shapes, the one_pass profile and "
+        "sweeps, the kernel tests, the autotuners' choices",
+        "files": (
+            "env.txt",
+            "log.txt",
+            "summary.md",
+            "gemm.csv",
+            "logprobs.csv",
+            "logprobs.md",
+            "one_pass.md",
+            "autotune.json",
+        ),
+        "total_s": 390,
+    },
+    2: {
+        "what": "tests and the trainer: GPU-marked tests, trainer benchmark, memory plan",
+        "files": ("env.txt", "log.txt", "summary.md", "train.csv", "train.md", "memory_plan.csv"),
+        "total_s": 390,
+    },
+}
+SMOKE_TOTAL_S = 240  # per call; a smoke call takes ~20-40 s on an idle 2-core machine
 
 # The import hook written by the `import` part (see ensure_importable).
 FINDER = '''"""fastnpo from a source tree without pip install -e (written by benchmarks/gpu_suite.py)."""
@@ -128,12 +176,40 @@ _run_shadowed_sitecustomize()
 @dataclass
 class Part:
     name: str
-    budget_s: float  # GPU run
-    smoke_budget_s: float
+    budget_s: float  # its own limit in a GPU window
+    smoke_budget_s: float  # and in --smoke (generous: the CPU CI machine may be loaded)
+    reserve_s: float = 0.0  # kept for this part while the parts before it run (GPU; smoke: 5 s)
     status: str = "not run"
     seconds: float = 0.0
     detail: str = ""
-    extra_env: dict = field(default_factory=dict)
+    lines: list = field(default_factory=list)  # its output (pytest parts: parsed for the summary)
+
+
+def call_parts(call: int) -> list[Part]:
+    """The parts of one device call, in order: the set-up, then the most valuable numbers first.
+    Budgets and reserves from the two H200 windows' logs (benchmarks/README.md, "Next GPU window")."""
+    setup = [Part("env", 60, 60, 5), Part("wheels", 90, 60, 5), Part("import", 60, 60, 5)]  # ~20 s in all
+    if call == 1:
+        return [
+            *setup,
+            Part("gemm", 60, 60, 20),  # ~15 s: 4 shapes x 4 GEMMs + 8192^3, do_bench 25 / 100 ms
+            # 118 s in the H200's second window (8 contenders), 204 s in the first (11, two of them
+            # 0.2-0.8 s a call); now 11 and the epilogue design's first autotuning: ~200-250 s
+            Part("logprobs", 270, 120, 60),
+            Part("one-pass", 80, 90, 45),  # ~30-40 s: 2 profiles + 7 sweep points, kernels tuned above
+            # what time is left (CPU CI runs these tests through the interpreter); before autotune,
+            # so that its tuning runs are collected too
+            Part("kernel-tests", 90, 90, 0),
+            Part("autotune", 20, 30, 5),
+        ]
+    return [
+        *setup,
+        # 30 GPU-marked tests, the newest designs' first; the H200's second window ran 12 of 21 in
+        # 130 s, 10 compiled-kernel tests took 90 s in the first (autotuning included)
+        Part("gpu-tests", 140, 90, 40),
+        Part("train", 120, 90, 100),  # 104 s in the H200's second window (memory subprocesses included)
+        Part("memory-plan", 150, 90, 60),  # ~25-60 s a case (the 8-bit case compiles its step), 80 s at most
+    ]
 
 
 def now() -> str:
@@ -151,9 +227,9 @@ class Log:
         self.handle.write(text + "\n")
 
 
-def run_command(argv, *, timeout: float, env: dict, log: Log, cwd=ROOT) -> tuple[int | None, float]:
-    """Run argv in its own process group, stream its output to log; on timeout kill the group.
-    Returns (exit code or None on timeout, seconds)."""
+def run_command(argv, *, timeout: float, env: dict, log: Log, cwd=ROOT, lines=None) -> tuple[int | None, float]:
+    """Run argv in its own process group, stream its output to log (and append it to lines, if
+    given); on timeout kill the group. Returns (exit code or None on timeout, seconds)."""
     log("$ " + " ".join(str(a) for a in argv))
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -170,6 +246,8 @@ def run_command(argv, *, timeout: float, env: dict, log: Log, cwd=ROOT) -> tuple
     def pump():
         for line in proc.stdout:
             log(line.rstrip("\n"))
+            if lines is not None:
+                lines.append(line.rstrip("\n"))
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -276,9 +354,86 @@ def number(value, spec: str) -> str:
         return "–"
 
 
-def summary_text(parts: list[Part], out: Path, smoke: bool, total_s: float) -> str:
+def gpu_test_files() -> list[str]:
+    """The test files that hold GPU-marked tests (a plain-text search for the marker), the newest
+    designs' first and tests/ops/test_kernels.py (21 compiled-kernel cases, the longest) last."""
+    first = ("test_fused_epilogue.py", "test_one_pass.py", "test_split_backward.py")
+    found = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if "mark.gpu" in path.read_text(errors="replace")
+    )
+
+    def rank(path: str) -> tuple:
+        name = Path(path).name
+        return (0, first.index(name)) if name in first else (2, path) if name == "test_kernels.py" else (1, path)
+
+    return sorted(found, key=rank)
+
+
+PYTEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def pytest_outcomes(lines: list[str]) -> dict:
+    """{outcome: [test ids]} from pytest -v output (what ran before a timeout, too)."""
+    outcomes: dict = {}
+    for line in lines:
+        hit = PYTEST_LINE.match(line)
+        if hit:
+            outcomes.setdefault(hit.group(2), []).append(hit.group(1))
+    return outcomes
+
+
+def triton_cache_dir() -> Path:
+    """Where triton keeps its cache (and, with cache_results, its autotune.json files)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
+def autotune_report(cache_dir: Path, since: float, in_process: Path) -> dict:
+    """The autotuners' choices after the run: every *.autotune.json in triton's cache (kernel, key,
+    each config's timings [median, 20%, 80%] ms, the best: the lowest median, as triton picks it) and
+    the choices of the logprobs process (bench_logprobs --autotune-out: best_config and cache of each
+    of fastnpo's autotuners, which also covers the interpreter's single config in --smoke)."""
+    entries = []
+    for path in sorted(cache_dir.glob("*/*.autotune.json")):
+        try:
+            data = json.loads(path.read_text())
+            timings = [(config, times) for config, times in data.get("configs_timings", [])]
+        except (OSError, ValueError) as error:
+            entries.append({"file": str(path), "error": f"{type(error).__name__}: {error}"})
+            continue
+
+        def first(times):
+            return times[0] if isinstance(times, list) and times else times if isinstance(times, float) else 1e30
+
+        configs = [
+            {k: v for k, v in config.items() if k != "pre_hook"} | {"ms": times}
+            for config, times in sorted(timings, key=lambda item: first(item[1]))
+        ]
+        entries.append(
+            {
+                "kernel": path.name.removesuffix(".autotune.json"),
+                "key": data.get("key"),
+                "written_this_run": path.stat().st_mtime >= since,
+                "best": configs[0] if configs else None,
+                "configs": configs,
+            }
+        )
+    process = None
+    if in_process.exists():
+        try:
+            process = json.loads(in_process.read_text())
+        except ValueError as error:
+            process = f"unreadable: {error}"
+    return {"triton_cache_dir": str(cache_dir), "autotune_files": entries, "logprobs_process": process}
+
+
+def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: float) -> str:
     lines = [
-        f"# fastnpo GPU suite{' (SMOKE: CPU, tiny shapes; numbers are CPU numbers)' if smoke else ''}",
+        f"# fastnpo GPU suite, call {call}: {CALLS[call]['what']}"
+        + (" (SMOKE: CPU, tiny shapes; numbers are CPU numbers)" if smoke else ""),
         "",
         f"{now()}, {total_s:.0f} s in all; files in {out}",
         "",
@@ -286,11 +441,21 @@ def summary_text(parts: list[Part], out: Path, smoke: bool, total_s: float) -> s
         "|---|---|---:|---|",
     ]
     lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.detail} |" for p in parts]
+    gemms = read_csv(out / "gemm.csv")
+    if gemms:
+        lines += ["", "GEMM rates (TFLOP/s, median / best sample; random operands):", ""]
+        lines += ["| N x D x V | GEMM | [M x K] x [K x N] | out | median | best |", "|---|---|---|---|---:|---:|"]
+        for r in gemms:
+            lines.append(
+                f"| {r['N']}x{r['D']}x{r['V']} | {r['gemm']} | [{r['M']} x {r['K']}] x [{r['K']} x {r['N_out']}] "
+                f"| {r['out']} | {number(r['median_tflops'], '.4g')} | {number(r['best_tflops'], '.4g')} |"
+            )
     rows = [r for r in read_csv(out / "logprobs.csv") if r.get("status") == "ok"]
     if rows:
         lines += [
             "",
-            "Kernel benchmark: median ms (x FLOP floor: 2NDV fwd, 6NDV fwd+bwd, at this run's matmul rate)",
+            "Kernel benchmark: median ms (x the FLOP floor at this run's median matmul rate / x the floor at its "
+            "best GEMM rates: 2NDV or the logits GEMM fwd, 6NDV or logits + dH + dW GEMMs fwd+bwd)",
             "",
         ]
         shapes = list(dict.fromkeys(f"{r['D']}x{r['V']}" for r in rows))
@@ -312,23 +477,67 @@ def summary_text(parts: list[Part], out: Path, smoke: bool, total_s: float) -> s
                     cells.append(
                         "–"
                         if hit is None
-                        else f"{number(hit['median_ms'], '.2f')} ({number(hit['x_floor'], '.2f')}x)"
+                        else f"{number(hit['median_ms'], '.2f')} ({number(hit['x_floor'], '.2f')}x / "
+                        f"{number(hit.get('x_floor_best'), '.2f')}x), {number(hit.get('peak_mib'), '.0f')} MiB"
                         + ("" if hit.get("check") == "pass" else " " + hit.get("check", "?"))
                     )
                 if any(c != "–" for c in cells):
                     lines.append(f"| {mode} | {name} | " + " | ".join(cells) + " |")
         rates = {f"{r['D']}x{r['V']}": r.get("matmul_tflops") for r in rows}
         lines.append("")
-        lines.append("matmul TFLOP/s measured: " + ", ".join(f"{k} {number(v, '.3g')}" for k, v in rates.items()))
+        floors = []  # floor = median / x, from any row of the shape and mode
+        for shape in shapes:
+            cells = []
+            for mode in ("fwd", "fwd+bwd"):
+                hit = next((r for r in rows if f"{r['D']}x{r['V']}" == shape and r["mode"] == mode), None)
+                try:
+                    median = float(hit["median_ms"])
+                    cells.append(
+                        f"{mode} {median / float(hit['x_floor']):.2f} / {median / float(hit['x_floor_best']):.2f}"
+                    )
+                except (TypeError, ValueError, KeyError, ZeroDivisionError):
+                    cells.append(f"{mode} –")
+            floors.append(f"{shape}: " + ", ".join(cells))
+        lines.append("Floors, ms (at the median matmul rate / at the best GEMM rates): " + "; ".join(floors))
+        lines.append(
+            "matmul TFLOP/s (median) measured: " + ", ".join(f"{k} {number(v, '.3g')}" for k, v in rates.items())
+        )
+    one_pass = out / "one_pass.md"
+    if one_pass.exists():
+        lines += ["", one_pass.read_text().strip()]
+    tuned = out / "autotune.json"
+    if tuned.exists():
+        try:
+            data = json.loads(tuned.read_text())
+            files = data["autotune_files"]
+            process = data["logprobs_process"] or []
+            lines += [
+                "",
+                f"Autotune: {len(files)} autotune.json files in {data['triton_cache_dir']} "
+                f"({sum(bool(f.get('written_this_run')) for f in files)} written by this run); "
+                f"{len(process)} of fastnpo's autotuners in the logprobs process (autotune.json has each choice)",
+            ]
+        except (ValueError, KeyError, TypeError) as error:
+            lines += ["", f"autotune.json unreadable: {error}"]
+    for part in parts:
+        if part.name in ("gpu-tests", "kernel-tests") and part.lines:
+            outcomes = pytest_outcomes(part.lines)
+            counts = ", ".join(f"{len(v)} {k.lower()}" for k, v in outcomes.items()) or "no test outcome lines"
+            lines += ["", f"{part.name}: {counts}"]
+            for bad in outcomes.get("FAILED", []) + outcomes.get("ERROR", []):
+                lines.append(f"- FAILED/ERROR {bad}")
     plans = read_csv(out / "memory_plan.csv")
     if plans:
         lines += ["", "Memory plan vs measured peak allocated (MiB): case, measured, plan, plan / measured", ""]
         for r in plans:
             lines.append(
-                f"- {r['case']} ({r['optimizer']}, checkpointing {r['checkpointing']}, {r['rows']}x{r['length']}): "
+                f"- {r['case']} ({r['optimizer']}, in_backward {r.get('in_backward', '?')}, offload "
+                f"{r.get('offload', '?')}, checkpointing {r['checkpointing']}, {r['rows']}x{r['length']}): "
                 f"{r['status']}, measured {number(r.get('measured_peak_mib'), '.0f')}, "
                 f"plan {number(r.get('predicted_mib'), '.0f')} ({number(r.get('predicted_over_measured'), '.3f')}), "
-                f"reserved {number(r.get('reserved_peak_mib'), '.0f')}, steps {r.get('step_s') or '–'} s"
+                f"reserved {number(r.get('reserved_peak_mib'), '.0f')}, host plan "
+                f"{number(r.get('predicted_host_gib'), '.1f')} GiB / peak {number(r.get('host_peak_gib'), '.1f')} GiB, "
+                f"steps {r.get('step_s') or '–'} s"
             )
     train = read_csv(out / "train.csv")
     if train:
@@ -343,7 +552,7 @@ def summary_text(parts: list[Part], out: Path, smoke: bool, total_s: float) -> s
     return "\n".join(lines) + "\n"
 
 
-def cap_files(out: Path) -> list[str]:
+def cap_files(out: Path, allowed: tuple) -> list[str]:
     """Keep OUT within what a device run brings back: <= 8 files, each < 16 MiB (log.txt keeps its end)."""
     notes = []
     for path in sorted(out.iterdir()):
@@ -354,141 +563,103 @@ def cap_files(out: Path) -> list[str]:
     files = sorted(p.name for p in out.iterdir())
     if len(files) > 8:
         notes.append(f"{len(files)} entries in OUT (a device run brings back 8): {files}")
+    unexpected = sorted(set(files) - set(allowed))
+    if unexpected:
+        notes.append(f"files this call does not list: {unexpected}")
     return notes
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (created; emptied of the suite's files)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install (if present)")
-    parser.add_argument("--total-s", type=float, default=None, help="deadline for the whole run (GPU 555, smoke 200)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip")
-    parser.add_argument(
-        "--budget",
-        action="append",
-        default=[],
-        metavar="PART=SECONDS",
-        help="a part's own time limit on the GPU, e.g. --budget train=200 (repeatable)",
-    )
-    parser.add_argument(
-        "--logprobs-contenders",
-        default=None,
-        help="bench_logprobs --contenders for the logprobs part (default: every contender)",
-    )
-    args = parser.parse_args(argv)
+def commands(part: Part, *, smoke: bool, out: Path, tmp: Path, args) -> list[list]:
+    """The subprocess command lines of one part."""
+    py = sys.executable
+    device = ["--device", "cpu" if smoke else "cuda"]
+    pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
+    if part.name == "gpu-tests":  # on CPU every test skips: collection, selection and the -v parse run
+        return [[*pytest, "-v", "--durations=15", "-m", "gpu", *gpu_test_files()]]
+    if part.name == "kernel-tests":
+        paths = ["tests/ops/test_kernels.py", "tests/ops/test_logprobs.py", "tests/kernels"]
+        # not this suite's own smoke test (it would run the whole smoke on the GPU machine's CPU), not
+        # the GPU-marked tests (the gpu-tests part ran them)
+        select = ["-k", "triton or kernels", "-m", "not slow and not gpu"]
+        select += ["--ignore", "tests/kernels/test_gpu_suite_smoke.py"]
+        # CPU CI already runs these through the interpreter: the smoke only collects them.
+        return [[*pytest, "-v", *paths, *select, *(["--collect-only"] if smoke else [])]]
+    if part.name == "train":
+        common = [py, BENCH / "bench_train.py", *device, "--out-dir", out, "--out", "train", "--no-plot"]
+        common += ["--profile", "fastnpo"]  # where fastnpo's step goes (the table goes to log.txt)
+        if smoke:
+            tiny = ["--model", "micro", "--steps", "1", "--warmup", "1", "--pool", "16", "--batch-size", "4"]
+            return [[*common, *tiny, "--length-scale", "0.2", "--no-memory", "--contenders", "fastnpo"]]
+        return [[*common, "--model", "1b", "--dtype", "bfloat16", "--steps", "6", "--warmup", "2"]]
+    if part.name in ("gemm", "logprobs"):
+        common = [py, BENCH / "bench_logprobs.py", *device, "--dtype", "bfloat16", "--out-dir", out]
+        shapes = ["--shapes", SMOKE_SHAPES if smoke else GPU_SHAPES]
+        timing = ["--repeats", "1"] if smoke else ["--cuda-ms", "25,100" if part.name == "gemm" else "30,150"]
+        if part.name == "gemm":
+            return [[*common, "--out", "gemm", "--gemm-only", *shapes, *timing]]
+        common += ["--out", "logprobs", "--hidden", "realistic", "--no-plot", *shapes, *timing]
+        common += ["--contenders", args.logprobs_contenders, "--autotune-out", tmp / "autotune_logprobs.json"]
+        return [[*common, "--no-compile"]] if smoke else [common]
+    if part.name == "one-pass":
+        argv = [py, BENCH / "profile_logprobs.py", *device, "--impls", "", "--npo", "one_pass,epilogue"]
+        argv += ["--out", out / "one_pass.md"]
+        if smoke:
+            tiny = ["--shape", "32x16x67", "--seq-len", "16", "--sweep-rows", "16,32", "--sweep-epilogue-mib", "1"]
+            return [[*argv, *tiny, "--repeats", "1", "--calls", "1", "--rows", "5"]]
+        sweep = ["--sweep-rows", SWEEP_ROWS, "--sweep-epilogue-mib", SWEEP_EPILOGUE_MIB]
+        return [[*argv, "--shape", "8192x4096x128256", "--seq-len", "512", *sweep, "--rows", "12"]]
+    if part.name == "memory-plan":
+        common = [py, BENCH / "bench_memory_plan.py", *device, "--out-dir", out, "--out", "memory_plan"]
+        common.append("--csv-only")
+        if smoke:
+            return [[*common, "--smoke", "--cases", SMOKE_MEMORY_CASES, "--timeout", "90"]]
+        return [[*common, "--cases", args.memory_cases, "--timeout", "80"]]
+    raise ValueError(f"no command for part {part.name!r}")
+
+
+def part_limit(parts: list[Part], index: int, left_s: float, *, smoke: bool, skip=()) -> float:
+    """Seconds part `index` may run: its own budget, or less where the call's deadline (left_s away)
+    must still leave the reserve of every later part that is not skipped (smoke: 5 s each)."""
+    part = parts[index]
+    reserve = sum(5 if smoke else later.reserve_s for later in parts[index + 1 :] if later.name not in skip)
+    return min(part.smoke_budget_s if smoke else part.budget_s, left_s - reserve)
+
+
+def run_call(call: int, out: Path, args) -> int:
+    """One device call: its parts into out; returns 1 if a part failed or ran out of time."""
     smoke = args.smoke
-    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUT_FILES:
+    for name in set(CALLS[1]["files"]) | set(CALLS[2]["files"]):
         (out / name).unlink(missing_ok=True)
     log = Log(out / "log.txt")
-    started = time.perf_counter()
-    deadline = started + (args.total_s or (200 if smoke else 555))
+    started, started_epoch = time.perf_counter(), time.time()
+    total_s = args.total_s or (SMOKE_TOTAL_S if smoke else CALLS[call]["total_s"])
+    deadline = started + total_s
     skip = set(filter(None, args.skip.split(",")))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     if smoke:
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    py = sys.executable
-    tmp = Path(tempfile.mkdtemp(prefix="fastnpo-gpu-suite-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"fastnpo-gpu-suite-{call}-"))
     wheels = sorted(glob.glob(str(Path(args.wheels) / "*.whl")))
 
-    parts = [
-        Part("env", 60, 60),
-        Part("wheels", 90, 60),
-        Part("import", 60, 60),
-        Part("gpu-tests", 200, 60),  # the H200's second window ran 12 of 21 tests in 130 s (compiles included)
-        Part("logprobs", 180, 90),
-        Part("train", 170, 60),
-        Part("memory-plan", 240, 60),  # ~25 s, ~40 s, the 8-bit case (CPU: 78 s to compile its steps)
-        Part("profile", 90, 40),
-        Part("kernel-tests", 60, 40),
-    ]
+    parts = call_parts(call)
     names = [part.name for part in parts]
     for item in args.budget:
         name, _, seconds = item.partition("=")
-        if name not in names or not seconds.replace(".", "", 1).isdigit():
-            parser.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(names)}")
-        parts[names.index(name)].budget_s = float(seconds)
-    device = ["--device", "cpu" if smoke else "cuda"]
-
-    def commands(part: Part) -> list[list[str]] | None:
-        pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
-        if part.name == "gpu-tests":  # on CPU every test skips: collection and selection are what runs
-            return [[*pytest, "-m", "gpu", "tests"]]
-        if part.name == "kernel-tests":
-            paths = ["tests/ops/test_kernels.py", "tests/ops/test_logprobs.py", "tests/kernels"]
-            select = ["-k", "triton or kernels", "-m", "not slow"]
-            # CPU CI already runs these through the interpreter: the smoke only collects them.
-            return [[*pytest, *paths, *select, *(["--collect-only"] if smoke else [])]]
-        if part.name == "train":
-            common = [py, BENCH / "bench_train.py", *device, "--out-dir", out, "--out", "train", "--no-plot"]
-            common += ["--profile", "fastnpo"]  # where fastnpo's step goes (the table goes to log.txt)
-            if smoke:
-                return [
-                    [
-                        *common,
-                        "--model",
-                        "micro",
-                        "--steps",
-                        "1",
-                        "--warmup",
-                        "1",
-                        "--pool",
-                        "16",
-                        "--batch-size",
-                        "4",
-                        "--length-scale",
-                        "0.2",
-                        "--no-memory",
-                    ]
-                ]
-            return [[*common, "--model", "1b", "--dtype", "bfloat16", "--steps", "6", "--warmup", "2"]]
-        if part.name == "logprobs":
-            common = [
-                py,
-                BENCH / "bench_logprobs.py",
-                *device,
-                "--dtype",
-                "bfloat16",
-                "--out-dir",
-                out,
-                "--out",
-                "logprobs",
-                "--hidden",
-                "realistic",
-            ]
-            if args.logprobs_contenders:
-                common += ["--contenders", args.logprobs_contenders]
-            if smoke:
-                return [[*common, "--shapes", SMOKE_SHAPES, "--repeats", "1", "--no-compile", "--no-plot"]]
-            return [[*common, "--shapes", GPU_SHAPES, "--cuda-ms", "30,150", "--no-plot"]]
-        if part.name == "profile":  # its tables go to log.txt
-            argv = [py, BENCH / "profile_logprobs.py", *device]
-            return [[*argv, "--shape", "16x16x67", "--impls", "torch,cublas", "--rows", "5"]] if smoke else [argv]
-        if part.name == "memory-plan":
-            common = [py, BENCH / "bench_memory_plan.py", *device, "--out-dir", out, "--out", "memory_plan"]
-            common.append("--csv-only")
-            # 1B, 8B (plain AdamW and Kahan) agreed within 1% on the H200 (benchmarks/results/
-            # memory_plan_cuda_h200*.md): the window re-checks 1B and measures the optimizer step
-            # inside the backward, plain and with 8-bit moments (the 8B 40 GB config's optimizer),
-            # and the CPU offload (1B first: cheap; 8B last, its step runs on the host's cores).
-            cases = "1b-ckpt,1b-ckpt-offload,8b-ckpt-in-backward,8b-ckpt-8bit-in-backward,8b-ckpt-offload"
-            gpu = ["--cases", cases, "--timeout", "150"]
-            return [[*common, "--smoke"]] if smoke else [[*common, *gpu]]
-        return None
+        if name in names:
+            parts[names.index(name)].budget_s = float(seconds)
+    log(f"fastnpo GPU suite, call {call} ({CALLS[call]['what']}); deadline {total_s:.0f} s; {now()}")
 
     for index, part in enumerate(parts):
-        later = len(parts) - index - 1
-        limit = min(part.smoke_budget_s if smoke else part.budget_s, deadline - time.perf_counter() - 5 * later)
+        limit = part_limit(parts, index, deadline - time.perf_counter(), smoke=smoke, skip=skip)
         log(f"\n===== {part.name} ({now()}; limit {limit:.0f} s) =====")
         if part.name in skip:
             part.status, part.detail = "skipped", "--skip"
             continue
         if limit < 5:
-            part.status, part.detail = "skipped", "no time left before the suite's deadline"
+            part.status, part.detail = "skipped", "no time left before the call's deadline"
             continue
         t0 = time.perf_counter()
         try:
@@ -502,32 +673,11 @@ def main(argv=None) -> int:
                     part.status, part.detail = "skipped", f"no wheels in {args.wheels} (make gpu-wheels)"
                 else:
                     target = tmp / "site"
-                    pip = [
-                        py,
-                        "-m",
-                        "pip",
-                        "install",
-                        "-q",
-                        "--no-index",
-                        "--no-deps",
-                        "--no-compile",
-                        "--no-cache-dir",
-                        "--upgrade",
-                        "--target",
-                        target,
-                    ]
+                    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+                    pip += ["--no-compile", "--no-cache-dir", "--upgrade", "--target", target]
                     if smoke:  # a CPU machine may run another Python: check the set installs for 3.12
-                        pip += [
-                            "--python-version",
-                            "3.12",
-                            "--only-binary=:all:",
-                            "--implementation",
-                            "cp",
-                            "--platform",
-                            "manylinux2014_x86_64",
-                            "--platform",  # torchao's wheel; the GPU image has glibc 2.39
-                            "manylinux_2_28_x86_64",
-                        ]
+                        pip += ["--python-version", "3.12", "--only-binary=:all:", "--implementation", "cp"]
+                        pip += ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64"]
                     code, _ = run_command([*pip, *wheels], timeout=limit, env=env, log=log)
                     if code != 0:
                         raise RuntimeError(f"pip install exited {code}")
@@ -543,9 +693,21 @@ def main(argv=None) -> int:
                 part.detail = ensure_importable(tmp / "import-hook", env, log)
                 log(part.detail)
                 part.status = "ok"
+            elif part.name == "autotune":
+                report = autotune_report(triton_cache_dir(), started_epoch, tmp / "autotune_logprobs.json")
+                (out / "autotune.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+                files = report["autotune_files"]
+                part.status = "ok"
+                part.detail = (
+                    f"{len(files)} autotune.json files, {len(report['logprobs_process'] or [])} autotuners "
+                    "in the logprobs process"
+                )
+                for entry in files:
+                    log(f"{entry.get('kernel')} key {entry.get('key')}: best {entry.get('best')}")
             else:
-                for argv in commands(part):
-                    code, _ = run_command(argv, timeout=limit - (time.perf_counter() - t0), env=env, log=log)
+                for argv in commands(part, smoke=smoke, out=out, tmp=tmp, args=args):
+                    remaining = limit - (time.perf_counter() - t0)
+                    code, _ = run_command(argv, timeout=remaining, env=env, log=log, lines=part.lines)
                     if code is None:
                         part.status, part.detail = "TIMEOUT", f"killed after {limit:.0f} s (partial output kept)"
                         break
@@ -560,17 +722,62 @@ def main(argv=None) -> int:
         part.seconds = time.perf_counter() - t0
         log(f"----- {part.name}: {part.status} in {part.seconds:.0f} s {part.detail}")
 
-    notes = cap_files(out)
-    text = summary_text(parts, out, smoke, time.perf_counter() - started)
+    notes = cap_files(out, CALLS[call]["files"])
+    text = summary_text(call, parts, out, smoke, time.perf_counter() - started)
     if notes:
         text += "\n" + "\n".join(f"note: {n}" for n in notes) + "\n"
     (out / "summary.md").write_text(text)
     log("\n" + text)
     log.handle.close()
-    cap_files(out)
+    cap_files(out, CALLS[call]["files"])
     shutil.rmtree(tmp, ignore_errors=True)
     failed = [p.name for p in parts if p.status in ("FAILED", "TIMEOUT")]
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (created; emptied of the suite's files)")
+    parser.add_argument(
+        "--call",
+        default="all",
+        choices=("1", "2", "all"),
+        help="which device call: 1 the kernels, 2 tests and the trainer, all both (into OUT/call1, OUT/call2)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    parser.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install (if present)")
+    parser.add_argument(
+        "--total-s",
+        type=float,
+        default=None,
+        help=f"deadline of each call (GPU: call 1 {CALLS[1]['total_s']}, call 2 {CALLS[2]['total_s']}; "
+        f"smoke {SMOKE_TOTAL_S}); pass what the device time left allows",
+    )
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip")
+    parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="a part's own time limit on the GPU, e.g. --budget train=200 (repeatable)",
+    )
+    parser.add_argument(
+        "--logprobs-contenders",
+        default=LOGPROBS_CONTENDERS,
+        help="bench_logprobs --contenders for the logprobs part (default: every design and peer)",
+    )
+    parser.add_argument("--memory-cases", default=MEMORY_CASES, help="bench_memory_plan --cases (GPU)")
+    args = parser.parse_args(argv)
+    names = {part.name for call in CALLS for part in call_parts(call)}
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in names or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(sorted(names))}")
+    out = Path(args.out).resolve()
+    if args.call == "all":
+        codes = [run_call(call, out / f"call{call}", args) for call in (1, 2)]
+        return max(codes)
+    return run_call(int(args.call), out, args)
 
 
 if __name__ == "__main__":
