@@ -9,26 +9,10 @@ import zlib
 
 import pytest
 import torch
+from helpers import HAS_CUDA, build_tiny_llama
 
-HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# Triton tests: CUDA tensors with compiled kernels on a GPU machine, CPU tensors under the
-# interpreter elsewhere (tiny shapes: the interpreter takes ~1 ms per program iteration).
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-def assert_as_good_as_torch(ours, same_dtype_torch, ref64, tol, what):
-    """|ours - ref64| <= |torch in the same dtype - ref64| + tol * max(1, |ref64|) (max norms).
-
-    The tolerance scales with the magnitude above 1: a bf16 gradient entry of size 8 is
-    rounded to 1/16 on output alone, which an absolute 1e-2 could never accept.
-    """
-    err = (ours.double().cpu() - ref64.cpu()).abs().max().item()
-    base = (same_dtype_torch.double().cpu() - ref64.cpu()).abs().max().item()
-    allowed = base + tol * max(1.0, ref64.abs().max().item())
-    assert err <= allowed, f"{what}: error {err:.3e} > torch's {base:.3e} + tolerance ({allowed:.3e})"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,26 +26,6 @@ def pytest_collection_modifyitems(config, items):
 def _seed_per_test(request):
     # Fresh inputs in every test, reproducible from the test's name.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def build_tiny_llama(vocab_size: int, *, seed: int | None = None, **overrides):
-    """A random tiny Llama (2 layers, hidden 32, GQA) in eval mode; overrides go to LlamaConfig.
-    The one builder the test packages share (seed=None keeps the per-test seed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    settings = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    settings.update(overrides)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**settings)).float().eval()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE
 
 import fastnpo
 from fastnpo import losses

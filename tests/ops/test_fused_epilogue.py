@@ -4,14 +4,14 @@ The logits GEMM's epilogue keeps per-(row, tile) maxima and sums of exp, E = exp
 operand dtype and the exact target logit; dH and dW are GEMMs that scale E per (row, tile) while
 loading it. Everything runs under the interpreter here on tiny odd shapes (N, D, V not multiples of
 the tiles) and is checked against float64 formulas written below (full logits, autograd); a
-low-precision result is judged against plain torch in the same dtype (conftest.assert_as_good_as_torch).
+low-precision result is judged against plain torch in the same dtype (helpers.assert_as_good_as_torch).
 """
 
 import functools
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo import losses

@@ -5,7 +5,7 @@ On CPU these run under the interpreter (conftest.py) at tiny shapes.
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE
 
 import fastnpo
 from fastnpo.kernels.logprobs_backward import logprobs_backward

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo.ops.naive import naive_token_logprobs

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo import losses

@@ -9,7 +9,7 @@ rule). Interpreter shapes stay tiny: the kernel test computes one narrow vocabul
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo.kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient

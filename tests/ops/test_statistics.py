@@ -6,7 +6,7 @@ Triton runs under the interpreter on CPU (conftest.py): its shapes stay tiny.
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import TRITON_DEVICE, assert_as_good_as_torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnpo.ops import statistics as stats_module
