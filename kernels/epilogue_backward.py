@@ -97,7 +97,7 @@ def dw_shared_bytes(config, dtype_bytes: int) -> int:
 @triton.autotune(
     configs=DH_CONFIGS,
     # Each trial writes every kept row of DH it owns, and nothing else: no restore.
-    key=["V", "D", "N_BUCKET", "UPCAST", "IEEE"],
+    key=["V", "D", "N_BUCKET", "TILE_V", "UPCAST", "IEEE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(dh_shared_bytes, "E")},
     **AUTOTUNE_CACHE,
 )
@@ -141,7 +141,7 @@ def epilogue_dh_kernel(
 
 @triton.autotune(
     configs=DW_CONFIGS,
-    key=["V", "D", "N_BUCKET", "ACCUMULATE", "UPCAST", "IEEE"],
+    key=["V", "D", "N_BUCKET", "TILE_V", "ACCUMULATE", "UPCAST", "IEEE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(dw_shared_bytes, "E")},
     # An accumulating trial adds into DW: the autotuner restores it before the real launch.
     restore_value=["DW"],

@@ -88,7 +88,7 @@ def grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
 @triton.autotune(
     configs=EPILOGUE_FORWARD_CONFIGS,
     # Every output is overwritten by each trial (TARGET by the one tile holding each label): no restore.
-    key=["V", "D", "N_BUCKET", "STORE_E", "UPCAST", "IEEE"],
+    key=["V", "D", "N_BUCKET", "TILE_V", "STORE_E", "UPCAST", "IEEE"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(epilogue_forward_shared_bytes)},
     **AUTOTUNE_CACHE,
 )
