@@ -15,7 +15,7 @@ TRAIN_KEYS = """\
 config keys (YAML sections, or dotted key=value overrides), defined as dataclasses in:
   model.*        ModelConfig        fastnpo/train/config.py (model.lora.*: LoraConfig, fastnpo/modeling.py)
   data.*         DataConfig         fastnpo/data/config.py
-  method.*       MethodConfig       fastnpo/methods.py
+  method.*       MethodConfig       fastnpo/methods/__init__.py
   optim.*        OptimConfig        fastnpo/train/config.py
   distributed.*  DistributedConfig  fastnpo/train/sharding.py
   run.*          RunConfig          fastnpo/train/config.py
@@ -91,6 +91,12 @@ def _add_demo_parser(commands) -> None:
         metavar="M,M,...",
         help="unlearning methods instead of the preset's (default and quick: six; full: every method)",
     )
+    demo.add_argument(
+        "--benchmark",
+        default="tofu",
+        choices=("tofu", "muse"),
+        help="muse: fine-tune -> unlearn -> evaluate on Mini-MUSE (docs/muse.md; presets quick and default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", parents=[_debug_flag()], help="TOFU metrics of a model on TOFU-schema data")
     evaluate.add_argument("--model", required=True, help="model folder or hub name")
+    evaluate.add_argument(
+        "--benchmark",
+        default="tofu",
+        choices=("tofu", "muse"),
+        help="muse: --data is muse-bench/MUSE-News, muse-bench/MUSE-Books or a local folder in that layout; "
+        "--retain-stats: the retrained model's `--benchmark muse --out` JSON (docs/muse.md)",
+    )
     evaluate.add_argument("--data", required=True, help="folder of <split>.jsonl files, or a hub name (locuslab/TOFU)")
     evaluate.add_argument("--forget-split", default="forget10", help="forget01, forget05 or forget10")
     evaluate.add_argument("--retain-stats", help="JSON written by an earlier `fastnpo eval` of the retain model")
@@ -288,12 +301,41 @@ def run_demo(args) -> dict:
 
     # The demo's own rule (tofu/demo.py), checked before its imports (torch: seconds).
     check_new_folder(args.out, name="--out", overwrite=args.overwrite, how_to_overwrite=OVERWRITE_OPTION)
+    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    if args.benchmark == "muse":
+        if args.unlearn_seeds is not None or args.preset == "full":
+            raise ValueError("--benchmark muse takes --preset quick or default, and no --unlearn-seeds")
+        from .muse.demo import run_muse_demo
+
+        preset = {"quick": "tiny"}.get(args.preset, args.preset)
+        results = run_muse_demo(args.out, preset, args.seed, methods=methods, overwrite=args.overwrite)
+        return {"out": args.out, "timings_s": results["timings_s"]}
     from .tofu.demo import run_demo as demo
 
     seeds = None if args.unlearn_seeds is None else [int(s) for s in args.unlearn_seeds.split(",")]
-    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
     results = demo(args.out, args.preset, args.seed, unlearn_seeds=seeds, methods=methods, overwrite=args.overwrite)
     return {"out": args.out, "timings_s": results["timings_s"], "cpu_s": results["cpu_s"]}
+
+
+def _run_muse_eval(args) -> dict:
+    tofu_only = {
+        "--attacks": args.attacks,
+        "--holdout-split": args.holdout_split,
+        "--reference-stats": args.reference_stats,
+    }
+    given = [flag for flag, value in tofu_only.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: TOFU evaluation options, not for --benchmark muse")
+    from .muse.evaluate import MuseEvalConfig, evaluate_muse_path
+    from .muse.evaluate import summary as muse_summary
+
+    retain = json.loads(open(args.retain_stats).read()) if args.retain_stats else None
+    config = MuseEvalConfig(privacy=not args.no_privacy)
+    report = evaluate_muse_path(args.model, args.data, config, retain_report=retain)
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(report, out, indent=1)
+    return muse_summary(report)
 
 
 def run_eval(args) -> dict:
@@ -304,6 +346,8 @@ def run_eval(args) -> dict:
     from .files import check_model_source
 
     check_model_source(args.model, "--model")  # in a second, before the imports and the hub client's retries
+    if args.benchmark == "muse":
+        return _run_muse_eval(args)
     from .tofu.evaluate import EvalConfig, add_forget_quality, evaluate_path, summary
 
     # The chart: --plot, else beside --out (same stem, .png), else none.

@@ -1,12 +1,13 @@
 """Typed configs from YAML files and dotted key=value overrides (OmegaConf structured configs).
 
-Each component owns its dataclass (DataConfig in data/, MethodConfig in methods.py, LoraConfig
+Each component owns its dataclass (DataConfig in data/, MethodConfig in methods/, LoraConfig
 in modeling.py, ...); a command assembles them into one tree (train/config.py, u2a/run.py)
 and loads it here. OmegaConf rejects unknown keys and wrongly typed values by full key name;
 each section checks its own values in __post_init__ (ConfigError naming the dotted key), and the
 command checks what spans sections.
 """
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -24,9 +25,23 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
 
 
+_READING_DEFAULTS = contextvars.ContextVar("fastnpo_reading_defaults", default=False)
+
+
+def reading_defaults() -> bool:
+    """True while load_structured reads a schema's defaults. A section whose defaults depend on
+    another of its keys (MethodConfig's on method.name) leaves them unresolved (None) then, and
+    resolves them when the merged values are built."""
+    return _READING_DEFAULTS.get()
+
+
 def load_structured(schema: type[T], path: str | Path | None = None, overrides=()) -> T:
     """Defaults of `schema` <- YAML file <- `key=value` overrides; raises ConfigError naming the key."""
-    merged = OmegaConf.structured(schema)
+    token = _READING_DEFAULTS.set(True)
+    try:
+        merged = OmegaConf.structured(schema)
+    finally:
+        _READING_DEFAULTS.reset(token)
     try:
         if path is not None:
             path = Path(path)

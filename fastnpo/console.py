@@ -4,6 +4,7 @@ Imported by the CLI before anything heavy, so the filters are in place before th
 log at import time (transformers imports torchao when it is installed) are imported.
 """
 
+import contextlib
 import logging
 import os
 
@@ -47,3 +48,22 @@ def quiet_third_party() -> None:
     transformers_logging.disable_progress_bar()  # turns off huggingface_hub's bars too
     if downloads_shown:
         enable_progress_bars()
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """No "Loading weights" / "Generating train split" bar per model and split while a demo runs (one
+    line per stage in its log: 29 and 14 of those bars per TOFU demo); the settings are restored after."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            datasets.enable_progress_bars()
+        if was[1]:
+            hf_logging.enable_progress_bar()

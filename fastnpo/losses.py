@@ -15,12 +15,10 @@ import torch.nn.functional as F
 from .ops import (
     IGNORE_INDEX,
     aligned_labels,
-    ce_u_token_losses,
     check_fused,
     fused_sequence_loss,
     sequence_logprobs,
     token_logprobs_flat,
-    undial_token_losses,
 )
 from .ops.checks import (
     check_finite_number,
@@ -68,8 +66,15 @@ def npo_from_logprobs(logps, ref_logps, *, beta: float = 0.1, weights=None) -> t
     return (_weights(weights, logps) * (2.0 / beta) * F.softplus(beta * (logps - ref_logps))).mean()
 
 
-def simnpo_from_logprobs(logps, token_counts, *, beta: float = 2.5, gamma: float = 0.0, weights=None) -> torch.Tensor:
-    """SimNPO (no reference model): mean_b w_b * -(2/beta) log sigmoid(-(beta/|y_b|) logp_b - gamma).
+# SimNPO's default beta (the paper's TOFU forget05 setting), here and for methods.npo.SimNPO: the
+# one place it is written (the loss sits below the methods, so the method reads it from here).
+SIMNPO_BETA = 2.5
+
+
+def simnpo_from_logprobs(
+    logps, token_counts, *, beta: float = SIMNPO_BETA, gamma: float = 0.0, weights=None
+) -> torch.Tensor:
+    """SimNPO (no reference model; methods/npo.py): mean_b w_b * -(2/beta) log sigmoid(-(beta/|y_b|) logp_b - gamma).
 
     logps summed over the |y_b| = token_counts[b] answer tokens.
     """
@@ -95,8 +100,9 @@ def dpo_from_logprobs(
 ) -> torch.Tensor:
     """DPO: mean_b w_b * -scale * log sigmoid(beta * [(chosen - ref_chosen) - (rejected - ref_rejected)]).
 
-    scale defaults to 2/beta (the NPO authors' IdkDPO; the legacy TOFU code and the usual DPO
-    loss use scale=1). IdkDPO: chosen = an "I don't know" answer, rejected = the forget answer.
+    scale defaults to 2/beta (the NPO authors' DPO-on-refusals baseline; the legacy TOFU code and the
+    usual DPO loss use scale=1). That baseline: chosen = an "I don't know" answer, rejected = the
+    forget answer (methods/dpo.py).
     """
     chosen = _vector("chosen_logps", chosen_logps)
     beta = check_positive("beta", beta)
@@ -278,162 +284,3 @@ def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl
         filter_eps=filter_eps,
         fused=fused,
     )
-
-
-# ----------------------------------------------------------------------------- per-token methods
-
-
-def _token_mean(values: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
-        mask = torch.ones_like(values, dtype=torch.bool)
-    if mask.shape != values.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal token_logps shape {tuple(values.shape)}")
-    count = int(mask.sum())
-    if count == 0:
-        raise ValueError("mask selects no token: the token-mean loss is undefined")
-    return torch.where(mask.bool(), values, 0.0).sum() / count
-
-
-def wga_token_weights(token_logps: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
-    """WGA's token weights p^beta = exp(beta * log p), detached (stop-gradient)."""
-    beta = check_positive("beta", beta)
-    return torch.exp(beta * token_logps.detach().float())
-
-
-def satimp_token_weights(token_logps: torch.Tensor, *, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
-    """SatImp's token weights p^beta1 * (1 - p)^beta2, detached (stop-gradient)."""
-    beta1 = check_positive("beta1", beta1)
-    beta2 = check_positive("beta2", beta2)
-    p = torch.exp(token_logps.detach().float())
-    return p.pow(beta1) * (1.0 - p).clamp(min=0.0).pow(beta2)
-
-
-def wga_from_token_logprobs(token_logps: torch.Tensor, mask=None, *, beta: float = 1.0) -> torch.Tensor:
-    """Weighted gradient ascent (WGA; Wang et al. 2025, "Rethinking LLM Unlearning Objectives",
-    arXiv 2502.19301): the token-mean of -w * NLL = w * log p over the target tokens (mask), with
-    w = p^beta detached. Minimising it lowers the forget tokens' probabilities, the likely ones
-    most (GA with a confidence weight). beta = 1 in the paper and open-unlearning."""
-    return _token_mean(wga_token_weights(token_logps, beta=beta) * token_logps, mask)
-
-
-def satimp_from_token_logprobs(
-    token_logps: torch.Tensor, mask=None, *, beta1: float = 5.0, beta2: float = 1.0
-) -> torch.Tensor:
-    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning",
-    arXiv 2505.11953): the token-mean of -w * NLL with w = p^beta1 (1 - p)^beta2 detached: weight
-    the tokens by saturation (p^beta1) and importance ((1 - p)^beta2). beta1 = 5, beta2 = 1
-    (open-unlearning's defaults)."""
-    return _token_mean(satimp_token_weights(token_logps, beta1=beta1, beta2=beta2) * token_logps, mask)
-
-
-def ceu_scored_targets(targets: torch.Tensor, ignore_first: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Bool [B, T]: the aligned targets of each row except its first `ignore_first` ones (CE-U's
-    paper skips the first answer token; each row is one example)."""
-    mask = targets != ignore_index
-    return mask & (mask.long().cumsum(dim=-1) > ignore_first)
-
-
-def ceu_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    shift: bool = True,
-    ignore_index: int = IGNORE_INDEX,
-    ignore_first: int = 1,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """CE-U (Cross-Entropy Unlearning; Yang 2025, arXiv 2503.01224): the token-mean cross-entropy
-    toward the model's own distribution with the label's logit set to -inf (detached),
-    LSE(l) - sum_{v != y} softmax_{v != y}(l)_v l_v per token, from hidden states without full
-    logits (ops.ce_u_token_losses). ignore_first: the first answer tokens of each row that are
-    not scored (1, the paper's footnote and open-unlearning's default; 0 scores every target).
-    hidden [B, T, D], labels [B, T] as in sequence_logprobs."""
-    check_hidden_and_weight(hidden, weight, exact_dim=3)
-    check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    if isinstance(ignore_first, bool) or not isinstance(ignore_first, int) or ignore_first < 0:
-        raise ValueError(f"ignore_first must be an integer >= 0, got {ignore_first!r}")
-    targets = aligned_labels(labels, shift, ignore_index)
-    scored = ceu_scored_targets(targets, ignore_first, ignore_index)
-    if not bool(scored.any()):
-        raise ValueError(f"labels has no target token to score (after skipping the first {ignore_first} of each row)")
-    tokens = ce_u_token_losses(
-        hidden, weight, targets.masked_fill(~scored, ignore_index), ignore_index=ignore_index, chunk_size=chunk_size
-    )
-    return tokens.sum() / int(scored.sum())
-
-
-def rmu_activation_loss(activations: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """RMU's term (WMDP, Li et al. 2024, arXiv 2403.03218): the mean squared distance between a
-    layer's activations [B, T, D] and a target (the steering vector c*u [D], or the frozen model's
-    activations [B, T, D]) over the positions in mask [B, T] (attended positions) and the D features."""
-    if activations.dim() != 3:
-        raise ValueError(f"activations must be [B, T, D], got {tuple(activations.shape)}")
-    if mask.shape != activations.shape[:2]:
-        raise ValueError(f"mask must be [B, T] = {tuple(activations.shape[:2])}, got {tuple(mask.shape)}")
-    count = int(mask.sum())
-    if count == 0:
-        raise ValueError("mask selects no position: the RMU term is undefined")
-    diff = (activations.float() - target.float()).pow(2).mean(dim=-1)
-    return torch.where(mask.bool(), diff, 0.0).sum() / count
-
-
-def ceu_token_values(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor):
-    """CE-U's per-token loss at the `scored` positions of aligned targets (0 elsewhere):
-    hidden [..., D], weight [V, D], targets and scored [...]."""
-    return ce_u_token_losses(hidden, weight, targets.masked_fill(~scored, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
-
-
-def undial_token_values(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    *,
-    beta: float = 10.0,
-) -> torch.Tensor:
-    """UNDIAL's per-token loss at the `scored` positions of aligned targets (0 elsewhere): hidden
-    [..., D], weight [V, D], targets and scored [...]; ref_hidden [K, D] the reference's final
-    hidden states of the K scored positions in row-major order, ref_weight [V, D] its lm_head."""
-    if ref_hidden.dim() != 2 or ref_hidden.shape[0] != int(scored.sum()):
-        raise ValueError(
-            f"ref_hidden must be [{int(scored.sum())}, D] (one row per scored position), got {tuple(ref_hidden.shape)}"
-        )
-    values = undial_token_losses(hidden[scored], weight, ref_hidden, ref_weight, targets[scored], beta=beta)
-    out = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
-    return out.index_put(tuple(scored.nonzero().T), values)
-
-
-def undial_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float = 10.0,
-    shift: bool = True,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """UNDIAL (Dong et al., "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
-    Large Language Models", arXiv 2402.10052): the token-mean over the target tokens of the
-    cross-entropy toward the reference distribution with the label's logit lowered by beta,
-    q = softmax(ref_logits - beta onehot(y)) (detached), i.e. LSE(l) - sum_v q_v l_v per token,
-    from hidden states without full logits (ops.undial_token_losses). hidden and ref_hidden
-    [B, T, D] (the current and the reference model's final hidden states of the same tokens),
-    weight and ref_weight [V, D], labels [B, T] as in sequence_logprobs. beta 10: open-unlearning's
-    configs/trainer/UNDIAL.yaml. open-unlearning averages over every position (prompt and padding
-    included); this averages over the answer (target) tokens."""
-    check_hidden_and_weight(hidden, weight, exact_dim=3)
-    check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    targets = aligned_labels(labels, shift, ignore_index)
-    count = int((targets != ignore_index).sum())
-    if count == 0:
-        raise ValueError("labels has no target token (all are ignore_index): the token-mean loss is undefined")
-    tokens = undial_token_losses(
-        hidden, weight, ref_hidden, ref_weight, targets, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size
-    )
-    return tokens.sum() / count

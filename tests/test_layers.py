@@ -18,7 +18,7 @@ ALLOWED = {
     "profiling": set(),
     "tiny": set(),
     "losses": {"ops"},
-    "methods": {"losses", "config"},
+    "methods": {"losses", "config", "ops"},
     "data": {"ops", "config"},  # the IGNORE_INDEX constant only: the data layer holds no op
     "modeling": {"ops"},
     "refcache": {"data", "modeling", "distributed", "files", "ops"},
@@ -37,9 +37,11 @@ ALLOWED = {
     "integrations": {"losses", "methods", "modeling", "ops", "refcache"},
     "u2a": {"config", "data", "files", "losses", "modeling", "ops", "refcache", "tiny"},
     # The demo runs the trainer on Mini-TOFU: the one edge between the top-level components.
-    "tofu": {"config", "data", "files", "modeling", "ops", "tiny", "train"},
+    "tofu": {"config", "console", "data", "files", "methods", "modeling", "ops", "tiny", "train"},
+    # The MUSE study and evaluation: beside tofu, whose privacy metrics it reuses.
+    "muse": {"config", "console", "data", "files", "methods", "modeling", "ops", "tiny", "tofu", "train"},
     "console": set(),
-    "cli": {"config", "console", "files", "train", "tofu", "u2a"},
+    "cli": {"config", "console", "files", "muse", "train", "tofu", "u2a"},
     "__init__": {"losses", "ops"},
 }
 

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from fastnpo.config import ConfigError
-from fastnpo.losses import ceu_loss, rmu_activation_loss, satimp_from_token_logprobs, wga_from_token_logprobs
 from fastnpo.methods import MethodConfig, rmu_control_vector, scored_targets, target_ranks
+from fastnpo.methods.ceu import ceu_loss
+from fastnpo.methods.rmu import rmu_activation_loss
+from fastnpo.methods.token_weighted import satimp_from_token_logprobs, wga_from_token_logprobs
 from fastnpo.ops import ce_u_token_losses, token_logprobs
 
 

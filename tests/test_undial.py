@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from fastnpo.config import ConfigError
-from fastnpo.losses import undial_loss, undial_token_values
-from fastnpo.methods import METHODS, MethodConfig, UndialReference, forget_token_term, loss_terms
+from fastnpo.methods import METHODS, MethodConfig, UndialReference, forget_token_term, loss_terms, method_for
+from fastnpo.methods.undial import undial_loss, undial_token_values
 from fastnpo.modeling import decoder
 from fastnpo.ops import undial_token_losses
-from fastnpo.train.setup import undial_reference
+from fastnpo.train.setup import prepare_method
 
 
 def naive_undial(hidden, weight, ref_hidden, ref_weight, labels, beta, ignore_index=-100):
@@ -195,8 +195,13 @@ def test_reference_pass_caches_the_final_hidden_states_of_the_answer_tokens(tiny
     for index, (length, prompt) in enumerate([(7, 3), (5, 4), (9, 2), (4, 3)]):
         ids = torch.randint(1, 23, (length,)).tolist()
         items.append({"index": index, "input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    config = SimpleNamespace(model=SimpleNamespace(impl="torch"), data=SimpleNamespace(batch_size=1))
-    reference = undial_reference(config, model, items, pad_token_id=0)
+    config = SimpleNamespace(
+        model=SimpleNamespace(impl="torch", lora=SimpleNamespace(enabled=False)),
+        data=SimpleNamespace(batch_size=1),
+        run=SimpleNamespace(seed=0),
+        method=MethodConfig(name="undial"),
+    )
+    reference = prepare_method(config, method_for("undial"), model, items, pad_token_id=0)
     assert reference.count.tolist() == [4, 1, 7, 1]  # targets after the shift: length - prompt
     with torch.no_grad():
         for item in items:

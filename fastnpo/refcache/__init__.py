@@ -1,6 +1,6 @@
 """Reference log-prob cache: the frozen initial model's per-sequence log-probs, computed once.
 
-NPO, DPO/IdkDPO and friends compare the trained model's log-probs with those of the frozen initial
+NPO, DPO on refusals and friends compare the trained model's log-probs with those of the frozen initial
 ("reference") model on fixed data. Those numbers never change during unlearning, so one pass of the
 initial model over every example a loss needs stores, per named set ("forget", "retain", "idk", ...),
 

@@ -46,8 +46,8 @@ def item_target_hidden_states(
     model: SequenceLogprobModel, items: list[dict], pad_token_id: int, batch_size: int
 ) -> dict[int, torch.Tensor]:
     """{item["index"]: the final hidden states [n_i, D] (after the final norm, on CPU) at the n_i
-    positions that predict the item's targets}: what UNDIAL keeps of the reference model (no
-    grad, eval mode for the pass, batches of similar length)."""
+    positions that predict the item's targets}: what a method that keeps the reference's hidden
+    states builds once (Method.prepare; no grad, eval mode for the pass, batches of similar length)."""
     device = output_weight(model.lm).device
     rows: dict[int, torch.Tensor] = {}
     order = sorted(items, key=lambda item: -len(item["input_ids"]))
@@ -110,7 +110,8 @@ def reference_logprobs(
     numbers are keyed by fingerprints of the weights, the model config, the tokenizer, the
     tokenized examples (data, template, max length), impl and dtype (refcache.ref_cache_parts).
     With info (several processes) the ranks agree on hit or miss (a hit only if every rank
-    found the file), each computes a share on a miss, and all load rank 0's file.
+    found the file), each computes a share on a miss, and all load the file their node's first
+    rank wrote (cache_dir shared by every node, or node-local).
     """
     info = info or distributed.ProcessInfo(0, 1, 0, output_weight(model).device)
     wrapper = SequenceLogprobModel(model, impl=impl)
@@ -122,7 +123,12 @@ def reference_logprobs(
             logps, counts = {}, {}
             for name, items in sets.items():
                 logps[name], counts[name] = sharded_item_logprobs(
-                    wrapper, items, pad_token_id, batch_size, info, progress=progress,
+                    wrapper,
+                    items,
+                    pad_token_id,
+                    batch_size,
+                    info,
+                    progress=progress,
                     desc=f"reference log-probs ({name})",
                 )
             return logps, counts

@@ -16,7 +16,6 @@ Steps 0-3 run once (seed `seed`); only step 4 repeats per seed: it is where the 
 and repeating the fine-tuning would not fit the 10-minute budget on 2 CPU cores.
 """
 
-import contextlib
 import json
 import os
 import platform
@@ -30,17 +29,21 @@ from pathlib import Path
 
 import torch
 
+from ..console import library_bars_off
 from ..files import OVERWRITE_OPTION, check_new_folder
+from ..methods import BASELINES, METHODS, method_for
 from ..tiny import TinyModelSpec
 from ..train import load_config, train
 from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
 from .minitofu import prepare_tiny
-from .plots import METHOD_LABELS, plot_results, results_table
+from .plots import plot_results, results_table
 
 SPLIT_PAIRS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-# The default preset's methods. The others of METHOD_LABELS would take `make demo` past 10 minutes
+# The default preset's methods. The other unlearning methods would take `make demo` past 10 minutes
 # on 2 cores (~3 s per method, split and seed: +4 min); the full preset runs every method.
-DEFAULT_METHODS = ("ga", "graddiff", "npo", "npo_rt", "simnpo", "idkdpo")
+DEFAULT_METHODS = BASELINES
+# Every method that unlearns, in the registry's (the tables' and plots') order.
+UNLEARNING_METHODS = tuple(name for name, method in METHODS.items() if method.unlearns)
 
 
 @dataclass
@@ -66,8 +69,7 @@ class DemoPreset:
     unlearn_epochs: float = 8
     unlearn_lr: float = 1e-3
     unlearn_batch_size: int = 4
-    beta: float = 0.1
-    simnpo_beta: float = 2.5
+    beta: float | None = None  # method.beta; None: each method's default
     methods: tuple[str, ...] = DEFAULT_METHODS
     splits: tuple[str, ...] = tuple(SPLIT_PAIRS)
     max_new_tokens: int = 24
@@ -98,7 +100,7 @@ PRESETS = {
         pretrain_epochs=40,
         finetune_epochs=60,
         unlearn_epochs=10,
-        methods=tuple(METHOD_LABELS),
+        methods=UNLEARNING_METHODS,
     ),
 }
 
@@ -207,7 +209,6 @@ def _evaluate_before(target: Path, retain_models: dict[str, Path], data: Path, p
 
 
 def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path, preset: DemoPreset, seed: int):
-    beta = preset.simnpo_beta if method == "simnpo" else preset.beta
     return load_config(
         None,
         [
@@ -221,7 +222,7 @@ def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path
             f"data.batch_size={preset.unlearn_batch_size}",
             f"data.retain_batch_size={preset.unlearn_batch_size}",
             f"method.name={method}",
-            f"method.beta={beta}",
+            *([f"method.beta={preset.beta}"] if preset.beta is not None else []),
             f"optim.lr={preset.unlearn_lr}",
             f"optim.epochs={preset.unlearn_epochs}",
             "optim.warmup_epochs=1",
@@ -242,12 +243,13 @@ def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path
 
 
 def _method_overrides(method: str, preset: DemoPreset) -> list[str]:
-    """RMU's defaults name layers 5-7 of a 32-layer model: here it steers the last decoder layer's
-    output and trains every layer's down_proj (3 of 32 layers' share is not possible with two)."""
-    if method != "rmu":
-        return []
-    last = preset.model.num_hidden_layers - 1
-    return [f"method.rmu_layer={last}", "method.rmu_update_layers=[" + ",".join(map(str, range(last + 1))) + "]"]
+    """What the method changes for a model this shallow (Method.for_layers)."""
+    changes = method_for(method).for_layers(preset.model.num_hidden_layers)
+    return [f"method.{key}={_override_value(value)}" for key, value in changes.items()]
+
+
+def _override_value(value) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else str(value)
 
 
 def _unlearn_split(
@@ -274,7 +276,7 @@ def _unlearn_split(
         runs[method] = [{"epoch": 0, **before}, *result["epochs"]]
         last = runs[method][-1]
         log(
-            f"[demo] seed {seed} {split} {METHOD_LABELS[method]:8s} forget quality {last['forget_quality']:.3g} "
+            f"[demo] seed {seed} {split} {method_for(method).label:8s} forget quality {last['forget_quality']:.3g} "
             f"model utility {last['model_utility']:.3f}"
         )
     return runs
@@ -354,25 +356,6 @@ DEMO_ENTRIES = {
 }
 
 
-@contextlib.contextmanager
-def _quiet_libraries():
-    """One line per stage in the log: no "Loading weights" / "Generating train split" bars per
-    model and split (29 and 14 of them per demo); the libraries' settings are restored after."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            datasets.enable_progress_bars()
-        if was[1]:
-            hf_logging.enable_progress_bar()
-
-
 def run_demo(
     out_dir: str | Path = "runs/demo",
     preset: str | DemoPreset = "default",
@@ -387,9 +370,9 @@ def run_demo(
     (methods: the unlearning methods instead of the preset's)."""
     preset_name, preset = _resolve_preset(preset)
     if methods is not None:
-        unknown = [m for m in methods if m not in METHOD_LABELS]
+        unknown = [m for m in methods if m not in UNLEARNING_METHODS]
         if unknown or not methods:
-            raise ValueError(f"methods must be a non-empty list of {list(METHOD_LABELS)}, got {list(methods)!r}")
+            raise ValueError(f"methods must be a non-empty list of {list(UNLEARNING_METHODS)}, got {list(methods)!r}")
         preset = replace(preset, methods=tuple(methods))
     seeds = tuple(preset.unlearn_seeds if unlearn_seeds is None else unlearn_seeds)
     if not seeds:
@@ -399,7 +382,7 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(preset.threads)
     try:
-        with _quiet_libraries():
+        with library_bars_off():
             results = _run(out, preset, seed, seeds, log)
     finally:
         torch.set_num_threads(threads)

@@ -8,22 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from ..methods import METHODS
 from .metrics import MODEL_UTILITY_SPLITS
 
-METHOD_LABELS = {
-    "ga": "GA",
-    "graddiff": "GradDiff",
-    "npo": "NPO",
-    "npo_rt": "NPO+RT",
-    "simnpo": "SimNPO",
-    "idkdpo": "IdkDPO",
-    "npo_kl": "NPO+KL",
-    "wga": "WGA",
-    "satimp": "SatImp",
-    "ceu": "CE-U",
-    "rmu": "RMU",
-    "undial": "UNDIAL",
-}
+# Each method's label, from the method itself (fastnpo/methods/), in the registry's order.
+METHOD_LABELS = {name: method.label for name, method in METHODS.items() if method.unlearns}
 
 #: The sets `fastnpo eval` reports on, the per-set numbers drawn and their axis labels.
 EVAL_SETS: tuple[str, ...] = ("forget", *MODEL_UTILITY_SPLITS)

@@ -1,7 +1,7 @@
 """The trainer's config tree, loaded from YAML + overrides and checked.
 
 Each section's dataclass checks its own values in __post_init__ (DataConfig in data/,
-MethodConfig in methods.py, LoraConfig in modeling.py, DistributedConfig in sharding.py; the
+MethodConfig in methods/, LoraConfig in modeling.py, DistributedConfig in sharding.py; the
 model, optimizer and run sections here), so a rule is written once, next to its field.
 OmegaConf.to_object builds the dataclasses, so a bad value stops load_config with a
 ConfigError naming its dotted key. What a lone section cannot know (a key the method requires,

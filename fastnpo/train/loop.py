@@ -4,8 +4,9 @@
 1. check the output folder and the data before any work (output.py);
 2. load the model; the reference log-probs: one pass of the initial model over every example a
    loss needs, cached on disk by content (refcache/); no reference model is kept afterwards
-   (except NPO+KL's frozen copy; UNDIAL keeps the reference's final hidden states of the forget
-   answer tokens and its lm_head in memory, setup.undial_reference);
+   (except the frozen copy of a method that needs the reference's full distribution); what the
+   method builds once (Method.prepare, setup.prepare_method: e.g. frozen layers, or the
+   reference's final hidden states of the forget answer tokens) is built from the initial model;
 3. wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
 4. the steps (step.py), logged (logging.py) and checkpointed every run.checkpoint_every steps;
    with run.eval_every_epoch, an evaluation after each epoch and the best epoch kept
@@ -20,7 +21,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from .. import distributed
-from ..methods import RMUState, UndialReference, method_for
+from ..methods import method_for
 from ..modeling import SequenceLogprobModel
 from ..profiling import reset_peak_memory
 from ..refcache import cache_path, item_logprobs
@@ -41,9 +42,9 @@ from .setup import (
     load_example_weights,
     load_model,
     load_tokenizer,
+    prepare_method,
     reference_cache_dir,
     resolve_model_dtype,
-    undial_reference,
     wrap_model,
 )
 from .step import StepContext, TrainingDiverged, train_step
@@ -127,7 +128,7 @@ class _Run:
     tokenizer: object
     ref: object
     example_weights: object
-    rmu: object
+    state: object  # what the method built once (Method.prepare)
     batches: object
     optimizer: object
     scheduler: object
@@ -135,7 +136,6 @@ class _Run:
     step: int  # the steps done: where the run starts, then (_steps) where it has got to
     run_info: dict
     evaluation: EpochEvaluation | None = None
-    undial: UndialReference | None = None
 
 
 def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, evaluator=None) -> _Run:
@@ -155,11 +155,9 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     ref, cache_hit = None, None
     if method.ref_sets:
         ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
-    rmu = _rmu_state(config, model) if method.activations else None
-    undial = None
-    if method.reference_hidden:  # UNDIAL: from the initial model, before any wrapping
-        undial = undial_reference(config, model, sets["forget"], tokenizer.pad_token_id)
-        log(f"undial reference: {undial.hidden.shape[0]} answer tokens, {undial.nbytes / 2**20:.1f} MiB")
+    state = prepare_method(config, method, model, sets["forget"], tokenizer.pad_token_id)  # before any wrapping
+    if method.describe(state):
+        log(method.describe(state))
     trainee = wrap_model(config, model, reference, info)
     steps_per_epoch = len(batches)
     if evaluation is not None:
@@ -188,7 +186,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
         tokenizer,
         ref,
         example_weights,
-        rmu,
+        state,
         batches,
         optimizer,
         scheduler,
@@ -196,21 +194,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
         step,
         run_info,
         evaluation,
-        undial,
     )
-
-
-def _rmu_state(config: Config, model) -> RMUState:
-    """RMU: frozen copies of the layers it steers through and the fixed steering vector, taken
-    from the initial model before any wrapping; every parameter but the chosen ones frozen."""
-    if config.model.lora.enabled:
-        raise ConfigError("model.lora.enabled: method rmu trains method.rmu_params directly; turn LoRA off")
-    try:
-        rmu = RMUState(config.method, model, seed=config.run.seed)
-        rmu.select_trainable(model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return rmu
 
 
 def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, log) -> dict:
@@ -227,8 +211,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
         run.tokenizer,
         run.ref,
         run.example_weights,
-        run.rmu,
-        run.undial,
+        run.state,
         in_backward,
     )
     logger = RunLogger(

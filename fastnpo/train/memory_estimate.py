@@ -80,9 +80,9 @@ class ModelShape:
     largest_tensor: int = 0  # elements of the largest parameter tensor
     linear_params: int = 0  # parameters of nn.Linear weights (autocast copies them)
     lora_params: int = 0  # trainable parameters when LoRA is on
-    method_trainable: int = 0  # RMU: the parameters it trains (rmu_params of rmu_update_layers); 0: all
-    method_frozen_copy: int = 0  # RMU: its frozen copies of decoder layers first updated .. rmu_layer
-    method_backward_layers: int = 0  # RMU: the decoder layers its backward runs through; 0: all
+    method_trainable: int = 0  # the parameters a method trains when it trains a subset (Method.memory); 0: all
+    method_frozen_copy: int = 0  # the method's frozen copies of decoder layers
+    method_backward_layers: int = 0  # the decoder layers the method's backward runs through; 0: all
     config_dtype: str = ""  # the dtype the model's config names (dtype / torch_dtype); "": none or unusable
     notes: tuple[str, ...] = ()
 
@@ -104,8 +104,8 @@ class Settings:
     seq_len: int = 256  # data.max_length (or the packed row length)
     padded: bool = True  # batches carry a padding mask (SDPA then repeats K/V heads)
     lora: bool = False
-    live_reference_rows: int = 0  # NPO+KL: retain rows whose full logits are built
-    undial: bool = False  # UNDIAL: a copy of the initial lm_head weight on the device
+    live_reference_rows: int = 0  # a live_reference method (KL term): retain rows whose full logits are built
+    reference_head: bool = False  # the method keeps a copy of the initial lm_head weight on the device
     device: str = "cuda"  # "cuda" or "cpu" (the CPU path of the fused op, per-tensor AdamW)
     optimizer: str = "adamw"  # optim.name: "adamw" or "adamw_kahan"
     state_dtype: str = "float32"  # optim.state_dtype (adamw_kahan's moments; adamw: the parameters')
@@ -190,7 +190,7 @@ def _fused_op(shape: ModelShape, s: Settings, c: int) -> tuple[int, int]:
 
 
 def trainable_params(shape: ModelShape, s: Settings) -> int:
-    """LoRA's adapters, RMU's chosen weights, or every parameter."""
+    """LoRA's adapters, the weights a method chose (Method.memory), or every parameter."""
     return shape.lora_params if s.lora else (shape.method_trainable or shape.params)
 
 
@@ -241,7 +241,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     n, d, v = s.tokens, shape.hidden, shape.vocab
     residual = 4 if s.dtype == "float32" and (c == 4 or not s.sharded) else c  # the residual stream
     trainable = trainable_params(shape, s)
-    subset = s.lora or bool(shape.method_trainable)  # LoRA / RMU: the lm_head and the root do not train
+    subset = s.lora or bool(shape.method_trainable)  # LoRA / a method's subset: the lm_head and the root do not train
 
     params = shape.params * p // world
     grads = trainable * p // world
@@ -257,8 +257,8 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     gather_bwd = root_trainable * (c + reduce_bytes) if s.sharded else 0
     layer_grad_bufs = (0 if subset else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
 
-    # RMU's loss is on a middle layer's output: autograd saves only the layers from the first
-    # updated one to that layer, and nothing flows back through the lm_head and the fused op.
+    # A loss on a middle layer's output (method_backward_layers): autograd saves only the layers
+    # from the first updated one to that layer, and nothing flows back through the lm_head and the fused op.
     backward_layers = shape.method_backward_layers or shape.layers
     per_layer, act_full, act_ckpt, layer_backward = _activations(replace(shape, layers=backward_layers), s, c, residual)
     saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
@@ -280,11 +280,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         grads = max(held + mid * p, last * p)
 
     reference = reference_model = 0
-    if s.live_reference_rows:  # NPO+KL: a frozen copy of the model and two sets of full logits
+    if s.live_reference_rows:  # a frozen copy of the model and two sets of full logits
         reference_model = shape.params * p // world
         reference = reference_model + 4 * s.live_reference_rows * s.seq_len * v * 4
-    reference += shape.method_frozen_copy * p  # RMU's frozen layers, copied before sharding
-    if s.undial:  # the initial lm_head, copied before sharding (its hidden states stay on the CPU)
+    reference += shape.method_frozen_copy * p  # a method's frozen layers, copied before sharding
+    if s.reference_head:  # the initial lm_head, copied before sharding (its hidden states stay on the CPU)
         reference += v * d * p
 
     host = 0
@@ -293,7 +293,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         # unsharded units in use (gather_fwd), a layer's gradients until they are reduced
         # (layer_grad_bufs) and the root's at the end of the backward (gather_bwd). (On a CPU
         # "device" the two memories are one: nothing moves.)
-        host = params + grads + state + step_temp + reference_model  # NPO+KL's copy is offloaded too
+        host = params + grads + state + step_temp + reference_model  # the live reference copy is offloaded too
         params = grads = state = step_temp = end_of_backward = 0
         reference -= reference_model
         mid_backward = v * d * c if not subset else 0  # the root's unsharded lm_head gradient, reduced at the end
@@ -319,7 +319,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         "fused log-prob op": fused_keep + fused_bwd,
         "FSDP all-gather buffers": gather_fwd + max(gather_bwd, layer_grad_bufs),
         "autocast bf16 weight copies": autocast_copies,
-        "frozen reference copies": reference,  # NPO+KL model, RMU layers, UNDIAL lm_head
+        "frozen reference copies": reference,  # a live reference model, a method's frozen layers or lm_head
     }
     if s.device == "cuda":
         overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.gpus > 1 else 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load_structured
 from ..files import check_model_source
-from ..methods import METHODS, MethodConfig, rmu_trainable_pattern
+from ..methods import MethodConfig, method_for
 from ..modeling import config_dtype
 from .config import Config
 from .memory_estimate import (
@@ -137,10 +137,11 @@ def hf_config(source: str | dict):
 
 
 def model_shape(
-    source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: int = 8, rmu: MethodConfig | None = None
+    source: str | dict, lora_targets: tuple[str, ...] = (), lora_r: int = 8, method: MethodConfig | None = None
 ) -> ModelShape:
-    """Count the architecture's parameters exactly by building it on the meta device (rmu: the
-    method config whose trained parameters and frozen layer copies are counted)."""
+    """Count the architecture's parameters exactly by building it on the meta device (method: the
+    method config whose own needs, Method.memory, are counted: e.g. the parameters it trains and
+    the layers it keeps frozen copies of)."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -169,18 +170,10 @@ def model_shape(
             notes.append(f"fastnpo's fused op refuses this model ({name}={value}): this plan is for reference only")
     if getattr(text, "attn_logit_softcapping", None):
         notes.append("attention soft-capping: transformers may use eager attention, which keeps [T, T] scores")
-    method_trainable = method_frozen_copy = method_backward_layers = 0
-    if rmu is not None:
-        if rmu.rmu_layer >= len(layers):
-            raise ConfigError(f"method.rmu_layer: the model has {len(layers)} decoder layers, got {rmu.rmu_layer}")
-        pattern = rmu_trainable_pattern(rmu)
-        method_trainable = sum(p.numel() for name, p in model.named_parameters() if pattern.match(name))
-        if not method_trainable:
-            layers_named = rmu.rmu_update_layers
-            raise ConfigError(f"method.rmu_params: no parameter {rmu.rmu_params} in decoder layers {layers_named}")
-        copied = layers[min(rmu.rmu_update_layers) : rmu.rmu_layer + 1]
-        method_frozen_copy = sum(p.numel() for layer in copied for p in layer.parameters())
-        method_backward_layers = len(copied)
+    needs = method_for(method.name).memory(method, model, layers) if method is not None else None
+    method_trainable = needs.trainable if needs else 0
+    method_frozen_copy = needs.frozen_copy if needs else 0
+    method_backward_layers = needs.backward_layers if needs else 0
     return ModelShape(
         name=source if isinstance(source, str) else text.model_type,
         model_type=text.model_type,
@@ -209,7 +202,7 @@ def model_shape(
 def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Settings:
     """The Settings of a run config on `gpus` GPUs (FSDP as distributed.fsdp decides it)."""
     d = config.data
-    method = METHODS[config.method.name]
+    method = method_for(config.method.name)
     rows = sum(d.retain_batch_size if name == "retain" else d.batch_size for name in method.sets)
     fsdp = config.distributed.fsdp
     if fsdp == "off" and gpus > 1:
@@ -232,7 +225,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         seq_len=max(d.max_length, d.pack_tokens) if d.packing else d.max_length,
         lora=config.model.lora.enabled,
         live_reference_rows=d.retain_batch_size if method.live_reference else 0,
-        undial=method.reference_hidden,
+        reference_head=method.keeps_reference_head,
         device=device,
         optimizer=o.name,
         state_dtype=o.state_dtype,
@@ -363,8 +356,7 @@ def plan(
     if not source:
         raise ConfigError("model.name_or_path: is required (or pass --model)")
     lora = config.model.lora
-    rmu = config.method if METHODS[config.method.name].activations else None
-    shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r, rmu)
+    shape = model_shape(source, tuple(lora.target_modules) if lora.enabled else (), lora.r, config.method)
     if config.model.dtype == "auto":  # as the trainer resolves it (setup.resolve_model_dtype)
         dtype = shape.config_dtype or "float32"
         named = "named in the model's config" if shape.config_dtype else "the model's config names none"

@@ -18,9 +18,10 @@ from torch import nn
 from ..data import build_unlearning_data
 from ..distributed import ProcessInfo
 from ..files import check_model_source
-from ..methods import Method, UndialReference
+from ..methods import Method, PrepareInputs, example_of_positions
 from ..modeling import SequenceLogprobModel, add_lora, checkpoint_dtype, load_causal_lm, output_weight
 from ..modeling import load_tokenizer as load_tokenizer_from
+from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs
 from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
 from .config import Config, ConfigError
@@ -178,31 +179,70 @@ def cached_reference_logprobs(config: Config, model, tokenizer, sets, ref_sets, 
     )
 
 
-def undial_reference(config: Config, model: nn.Module, items: list[dict], pad_token_id: int) -> UndialReference:
-    """UNDIAL's reference (methods.UndialReference), from the initial model before any wrapping:
-    the final hidden states (after the final norm) of every forget example's answer tokens, kept in
-    memory for the run on the CPU in the model's dtype (not in the on-disk reference cache: they are
-    answer tokens x D numbers, not one per example), and one copy of the lm_head weight on the
-    model's device. Every process computes all of them (one no-grad forward over the forget set)."""
-    wrapper = SequenceLogprobModel(model, impl=config.model.impl)
-    rows = item_target_hidden_states(wrapper, items, pad_token_id, 2 * config.data.batch_size)
-    return UndialReference.from_rows(rows, output_weight(model))
+def prepare_method(config: Config, method: Method, model: nn.Module, forget: list[dict], pad_token_id: int):
+    """What the method builds once (Method.prepare), from the initial model before any wrapping:
+    e.g. frozen copies of layers, or the initial model's final hidden states of every forget
+    example's answer tokens (kept in memory for the run on the CPU in the model's dtype, not in the
+    on-disk reference cache: they are answer tokens x D numbers, not one per example; every process
+    computes all of them in one no-grad forward over the forget set). None: nothing."""
+    if method.lora_conflict and config.model.lora.enabled:
+        raise ConfigError(f"model.lora.enabled: {method.lora_conflict}; turn LoRA off")
+
+    def target_hidden_states(items):
+        wrapper = SequenceLogprobModel(model, impl=config.model.impl)
+        return item_target_hidden_states(wrapper, items, pad_token_id, 2 * config.data.batch_size)
+
+    inputs = PrepareInputs(model, config.run.seed, forget, target_hidden_states, output_weight(model))
+    try:
+        return method.prepare(config.method, inputs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def frozen_reference(config: Config, model: nn.Module) -> SequenceLogprobModel:
-    """A frozen copy of the initial model: NPO+KL's KL term needs the reference distribution,
-    which cached per-sequence log-probs cannot give. Copy it before any wrapping."""
+    """A frozen copy of the initial model, for a method whose term needs the reference's full
+    distribution (Method.live_reference, e.g. a KL term), which cached per-sequence log-probs
+    cannot give. Copy it before any wrapping."""
     return SequenceLogprobModel(copy.deepcopy(model).eval().requires_grad_(False), impl=config.model.impl)
+
+
+class TrainLogprobModel(SequenceLogprobModel):
+    """SequenceLogprobModel whose forward can also hand the token log-probs to a method's forget
+    term (token_term), inside the forward: under FSDP2 the lm_head weight is gathered, and its
+    gradient reduced, only in the root module's forward."""
+
+    def forward(self, batch: dict, logits_rows: slice | None = None, token_term=None):
+        """Without token_term: SequenceLogprobModel.forward. With it: (logps [E], counts [E],
+        token_term(token_logps, hidden, weight, targets, owner)), the token log-probs from the
+        fused op once for every row, their per-example sums the usual logps; owner [R, L] is the
+        micro-batch example of each target (-1 elsewhere)."""
+        if token_term is None:
+            return super().forward(batch, logits_rows=logits_rows)
+        hidden = self.hidden_states(batch)
+        weight = output_weight(self.lm)
+        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
+            weight = weight.to(hidden.dtype)
+        targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
+        tokens = token_logprobs(hidden, weight, targets, impl=self.impl)
+        owner = aligned_labels(example_of_positions(batch), True, -1)
+        owner = torch.where(targets != IGNORE_INDEX, owner, -1)
+        examples = batch["index"].numel() if "segment_ids" in batch else hidden.shape[0]
+        keep = owner >= 0
+        logps = tokens.new_zeros(examples).index_add(0, owner[keep], tokens[keep])
+        counts = torch.zeros(examples, dtype=torch.long, device=hidden.device).index_add(
+            0, owner[keep], torch.ones_like(owner[keep])
+        )
+        return logps, counts, token_term(tokens, hidden, weight, targets, owner)
 
 
 @dataclasses.dataclass
 class TrainModel:
     """The model as the loop sees it. `hf` is the Hugging Face model (PEFT-wrapped with LoRA)
     that export and on_epoch_end get; `wrapper` is what the loop calls and checkpoints, sharded
-    when `sharded`; `reference` is NPO+KL's frozen copy, or None."""
+    when `sharded`; `reference` is the frozen copy a live_reference method needs, or None."""
 
     hf: nn.Module
-    wrapper: SequenceLogprobModel
+    wrapper: TrainLogprobModel
     reference: SequenceLogprobModel | None
     parameters: list[nn.Parameter]
     sharded: bool
@@ -219,7 +259,7 @@ def wrap_model(config: Config, model: nn.Module, reference: SequenceLogprobModel
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    wrapper = SequenceLogprobModel(model, impl=config.model.impl)
+    wrapper = TrainLogprobModel(model, impl=config.model.impl)
     offload = config.optim.offload
     sharded = offload or sharding.use_fsdp(config.distributed, info)
     if sharded:

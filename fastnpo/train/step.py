@@ -8,29 +8,21 @@ single big batch however the step is split.
 """
 
 import math
-import types
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
-from ..methods import (
-    Method,
-    RMUState,
-    UndialReference,
-    forget_token_term,
-    loss_terms,
-    scored_count,
-    scored_targets,
-    target_ranks,
-)
-from ..modeling import output_weight
-from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs
+from ..methods import Method, TermInputs, example_of_positions, scored_count
+from ..ops import IGNORE_INDEX
 from .config import Config, ConfigError
 from .optimizers import StepInBackward
 from .setup import TrainModel
+
+__all__ = ["StepContext", "StepResult", "TrainingDiverged", "example_of_positions", "train_step"]
 
 
 class TrainingDiverged(ValueError):
@@ -48,8 +40,7 @@ class StepContext:
     tokenizer: object
     ref: object | None  # the cached reference log-probs (refcache), when the method has ref_sets
     example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
-    rmu: RMUState | None = None  # RMU's frozen layers and steering vector (method rmu)
-    undial: UndialReference | None = None  # the reference's hidden states and lm_head (method undial)
+    state: object | None = None  # what the method built once (Method.prepare), e.g. frozen layers
     in_backward: StepInBackward | None = None  # optim.in_backward: the optimizer steps inside the backward
 
     @property
@@ -156,25 +147,26 @@ def micro_batch_backward(
     # Input tokens (padding excluded) of the real examples, for tokens/s.
     result.tokens += sum(len(it["input_ids"]) for name in sets if name not in empty for it in parts[name])
     logits_rows = rows["retain"] if ctx.model.reference is not None else None
-    token_term = activations = None
+    method, state = ctx.method, ctx.state
+    token_term = logits = None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
-        if ctx.method.token_term:
-            logps_all, counts_all, token_term = token_method_forward(
-                ctx.model.wrapper, batch, ctx.config.method, rows["forget"], undial=ctx.undial
-            )
-            logits = None
-        elif ctx.rmu is not None:
-            with ctx.rmu.capture(ctx.model.hf):
-                logps_all, counts_all, logits = ctx.model.wrapper(batch)
-            owner = example_of_positions(batch)
-            masks = {name: (owner >= r.start) & (owner < r.stop) for name, r in rows.items()}
-            activations = ctx.rmu.terms(masks["forget"], masks.get("retain"))
-        else:
-            logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
+        with method.capture(state, ctx.model.hf):
+            if method.token_level:  # the forget term from per-token values, inside the wrapper's forward
+                term = partial(
+                    method.forget_term,
+                    ctx.config.method,
+                    state,
+                    forget_rows=rows["forget"],
+                    example_index=batch["index"],
+                )
+                logps_all, counts_all, token_term = ctx.model.wrapper(batch, token_term=term)
+            else:
+                logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
+        activations = method.activation_terms(state, example_of_positions(batch), rows)
     logps = {name: logps_all[r].float() for name, r in rows.items()}
     counts = {name: counts_all[r] for name, r in rows.items()}
     index = batch["index"].cpu()
-    ref_logps = {name: ctx.ref.lookup(name, index[rows[name]])[0].to(device) for name in ctx.method.ref_sets}
+    ref_logps = {name: ctx.ref.lookup(name, index[rows[name]])[0].to(device) for name in method.ref_sets}
     weights = None
     if ctx.example_weights is not None:
         weights = forget_weights(ctx.example_weights, index[rows["forget"]]).to(device)
@@ -184,16 +176,7 @@ def micro_batch_backward(
             _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
         attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
-    terms = loss_terms(
-        ctx.config.method,
-        logps,
-        counts,
-        ref_logps,
-        weights=weights,
-        kl=kl,
-        token_term=token_term,
-        activations=activations,
-    )
+    terms = method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations))
 
     loss = logps_all.new_zeros(())
     for key, term in terms.items():
@@ -218,52 +201,6 @@ def local_count(unit: str, examples: int, target_counts: torch.Tensor, items: li
     if unit == "scored":
         return scored_tokens(items, method_config)
     return int(target_counts.sum())
-
-
-def example_of_positions(batch: dict) -> torch.Tensor:
-    """[R, L]: the example (its place in the micro-batch) of each attended position, -1 on padding."""
-    if "segment_ids" in batch:
-        return batch["segment_ids"]
-    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)[:, None]
-    return torch.where(batch["attention_mask"] > 0, rows, -1)
-
-
-def token_method_forward(wrapper, batch: dict, method_config, forget_rows: slice, undial=None):
-    """(logps [E], counts [E], forget term) of a per-token method (WGA, SatImp, CE-U, UNDIAL).
-
-    The token log-probs come from the fused op once, for every row: their per-example sums are
-    the usual logps, the forget rows' tokens feed the method's term (UNDIAL's with the cached
-    reference hidden states of those tokens, undial: UndialReference). It runs AS the wrapper's
-    forward (an instance attribute for the call), so FSDP2's root hooks gather the lm_head weight
-    and reduce its gradient as in SequenceLogprobModel.forward."""
-
-    def forward(self, batch):
-        hidden = self.hidden_states(batch)
-        weight = output_weight(self.lm)
-        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
-            weight = weight.to(hidden.dtype)
-        targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
-        tokens = token_logprobs(hidden, weight, targets, impl=self.impl)
-        owner = aligned_labels(example_of_positions(batch), True, -1)
-        owner = torch.where(targets != IGNORE_INDEX, owner, -1)
-        examples = batch["index"].numel() if "segment_ids" in batch else hidden.shape[0]
-        keep = owner >= 0
-        logps = tokens.new_zeros(examples).index_add(0, owner[keep], tokens[keep])
-        counts = torch.zeros(examples, dtype=torch.long, device=hidden.device).index_add(
-            0, owner[keep], torch.ones_like(owner[keep])
-        )
-        scored = scored_targets(method_config, owner, forget_rows)
-        reference = None
-        if undial is not None:
-            index = batch["index"].to(owner.device)[owner[scored]]
-            reference = undial.gather(index, target_ranks(owner)[scored])
-        return logps, counts, forget_token_term(method_config, tokens, hidden, weight, targets, scored, reference)
-
-    wrapper.forward = types.MethodType(forward, wrapper)
-    try:
-        return wrapper(batch)
-    finally:
-        del wrapper.forward
 
 
 def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:

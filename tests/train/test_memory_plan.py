@@ -326,7 +326,7 @@ def measure_worker() -> dict:
         hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
         tokenizer = SimpleNamespace(pad_token_id=0)
         ctx = StepContext(
-            config, METHODS[method], info, train_model, tokenizer, Ref(), None, rmu=rmu, in_backward=hooks
+            config, METHODS[method], info, train_model, tokenizer, Ref(), None, state=rmu, in_backward=hooks
         )
         generator = torch.Generator().manual_seed(1)
 
@@ -418,7 +418,7 @@ def predicted(
 ) -> dict:
     config_json = dict(SMALL, model_type="llama")
     rmu = load_structured(Config, None, ["method.name=rmu", *RMU_OVERRIDES]).method if method == "rmu" else None
-    shape = model_shape(config_json, rmu=rmu)
+    shape = model_shape(config_json, method=rmu)
     settings = Settings(
         dtype="bfloat16" if optim == "adamw_kahan" else "float32",
         rows=2 * ROWS,

@@ -5,9 +5,9 @@ Three routes, from the least to the most invasive:
 - ``patch_model(model)`` (patch.py): the model's forward, given ``labels``, returns the usual
   token-mean cross-entropy computed by fastnpo's fused linear + log-softmax op, with ``logits=None``.
   Works with any ``transformers.Trainer`` (and PEFT/LoRA) as is.
-- ``UnlearningTrainer`` (trainer.py): a ``transformers.Trainer`` that minimises a fastnpo loss (NPO,
-  GA, GradDiff, NPO+RT, SimNPO, IdkDPO, WGA, SatImp, CE-U, RMU) on datasets whose cached reference
-  log-probs travel as columns.
+- ``UnlearningTrainer`` (trainer.py): a ``transformers.Trainer`` that minimises a fastnpo unlearning
+  loss (any method of fastnpo.methods but those that need the reference's full distribution) on
+  datasets whose cached reference log-probs travel as columns.
 - ``add_reference_logprobs`` / ``pair_with_retain`` / ``UnlearningCollator`` (data.py): the data side.
 """
 

@@ -3,7 +3,7 @@
 Dataset layout (one row per forget example; HF label convention): ``input_ids``, ``labels``
 (IGNORE_INDEX on prompt tokens; default = input_ids), optional ``attention_mask``, ``ref_logp``
 (summed log-prob of the labels under the reference model), optional ``weight``; the retain example
-paired with it as ``retain_input_ids`` / ``retain_labels``; IdkDPO's refusal as ``idk_input_ids`` /
+paired with it as ``retain_input_ids`` / ``retain_labels``; a refusal (the "idk" set) as ``idk_input_ids`` /
 ``idk_labels`` / ``idk_ref_logp``.
 """
 
@@ -206,7 +206,7 @@ def add_reference_logprobs(
     dataset: a datasets.Dataset (or a list of dicts) with ``{p}input_ids`` and optionally
         ``{p}labels`` / ``{p}attention_mask`` for each set's prefix p.
     sets: which example sets get a column: default "forget", plus "idk" when ``idk_input_ids``
-        exists (the sets whose reference log-probs NPO / NPO+RT / IdkDPO read).
+        exists (the ref_sets of the methods that cache reference log-probs).
     cache_dir: optional folder for fastnpo's on-disk reference cache (fastnpo.refcache), keyed by
         fingerprints of the model weights, the tokenizer and the tokenized examples: a rerun on
         the same inputs loads the numbers instead of recomputing them.

@@ -9,15 +9,13 @@ import torch
 from transformers import Trainer
 
 from ...methods import (
+    METHOD_FIELDS,
     METHODS,
     MethodConfig,
-    RMUState,
-    UndialReference,
-    forget_token_term,
-    loss_terms,
+    PrepareInputs,
+    TermInputs,
+    example_of_positions,
     method_for,
-    scored_targets,
-    target_ranks,
 )
 from ...modeling import SequenceLogprobModel, output_weight
 from ...ops import IGNORE_INDEX
@@ -58,23 +56,23 @@ def _required_columns(method_name: str) -> list[str]:
     return needed
 
 
-def _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, average_logprobs) -> MethodConfig:
+def _method_config(method, beta, forget_coeff, retain_coeff, average_logprobs, options: dict) -> MethodConfig:
+    """method: a MethodConfig, or a name with the keyword values (beta None: the method's default;
+    options: any other MethodConfig key, e.g. a method's own parameter)."""
     if isinstance(method, MethodConfig):
+        if options:
+            raise ValueError(f"method is a MethodConfig: set {sorted(options)} in it")
         config = method
     else:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-        if beta is None:
-            beta = 2.5 if method == "simnpo" else 0.1
-        # The per-token methods and RMU have their own parameters (MethodConfig's wga_beta, ...):
-        # pass method=MethodConfig(name=..., ...) to set them.
         config = MethodConfig(
             name=method,
             beta=beta,
             forget_coeff=forget_coeff,
             retain_coeff=retain_coeff,
-            simnpo_gamma=simnpo_gamma,
             average_logprobs=average_logprobs,
+            **options,
         )
     if method_for(config.name).live_reference:
         raise NotImplementedError(
@@ -94,71 +92,60 @@ def _check_columns(method_name: str, **splits) -> None:
                     raise ValueError(f"{split}: {_missing_column(column, method_name)}")
 
 
-def _undial_key(input_ids, labels) -> tuple | None:
-    """What identifies a forget row's cached reference hidden states: its input ids up to its last
-    target and the target positions (the hidden states depend on nothing else); None without a
-    target. The same for a dataset row and for the row right-padded in a batch."""
+def _example_key(input_ids, labels) -> tuple | None:
+    """What identifies a forget row for the state a method prepared per example: its input ids up
+    to its last target and the target positions (what the model computes from them depends on
+    nothing else); None without a target. The same for a dataset row and for the row right-padded
+    in a batch."""
     input_ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
     positions = tuple(t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX)
     return (tuple(input_ids[: positions[-1] + 1]), positions) if positions else None
 
 
-class _UndialRows:
-    """UNDIAL's reference for the Hugging Face route: methods.UndialReference of every forget row
-    of the train and eval datasets, computed from the model when the trainer is built (its initial
-    state), and each row's place in it by content (_undial_key): rows arrive shuffled and without
-    an index column."""
+class _ExampleKeys:
+    """The forget rows of the train and eval datasets, each once, as items indexed in order of
+    first appearance (what Method.prepare gets), and each row's index by content (_example_key):
+    rows arrive shuffled and without an index column."""
 
-    @torch.no_grad()
-    def __init__(self, model, datasets: list, pad_token_id: int, impl: str):
-        items, self.places = [], {}
+    def __init__(self, datasets: list):
+        self.items, self.places = [], {}
         for dataset in datasets:
             columns = dataset_columns(dataset)
             for item in _reference_items(dataset, columns, ["forget"])["forget"]:
-                key = _undial_key(item["input_ids"], item["labels"])
+                key = _example_key(item["input_ids"], item["labels"])
                 if key is not None and key not in self.places:
-                    self.places[key] = len(items)
-                    items.append({**item, "index": len(items)})
-        rows = item_target_hidden_states(SequenceLogprobModel(model, impl=impl), items, pad_token_id, batch_size=8)
-        self.reference = UndialReference.from_rows(rows, output_weight(model))
+                    self.places[key] = len(self.items)
+                    self.items.append({**item, "index": len(self.items)})
 
-    def places_of(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[B]: each forget row's example in the reference (-1 for a row without targets)."""
+    def places_of(self, input_ids: torch.Tensor, labels: torch.Tensor, method) -> torch.Tensor:
+        """[B]: each forget row's index among the items (-1 for a row without targets)."""
         places = []
         for ids, row_labels in zip(input_ids.tolist(), labels.tolist(), strict=True):
-            key = _undial_key(ids, row_labels)
+            key = _example_key(ids, row_labels)
             if key is not None and key not in self.places:
                 raise ValueError(
-                    "method 'undial': a forget row that was not in train_dataset or eval_dataset when the "
-                    "trainer was built has no cached reference hidden states; build a new UnlearningTrainer"
+                    f"method {method.name!r}: a forget row that was not in train_dataset or eval_dataset when the "
+                    f"trainer was built has no {method.prepared_what}; build a new UnlearningTrainer"
                 )
             places.append(-1 if key is None else self.places[key])
         return torch.tensor(places, dtype=torch.long)
-
-    def gather(self, places: torch.Tensor, ranks: torch.Tensor, device: torch.device):
-        reference = self.reference
-        if reference.weight.device != device:  # once: the Trainer moves the model after __init__
-            reference.weight = reference.weight.to(device)
-        return reference.gather(places, ranks)
 
 
 class UnlearningTrainer(Trainer):
     """transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs.
 
-    method: ga | graddiff | npo | npo_rt | simnpo | idkdpo | finetune | wga | satimp | ceu | rmu |
-    undial (fastnpo.methods), or a MethodConfig (to set the per-method parameters: wga_beta,
-    satimp_beta1/2, ceu_ignore_first, rmu_*, undial_beta). The forget rows are ``input_ids`` / ``labels``
-    (+ ``ref_logp`` for npo, npo_rt, idkdpo), the retain rows ``retain_*`` (graddiff, npo_rt,
-    simnpo, idkdpo, wga, satimp, rmu), IdkDPO's refusals ``idk_*`` (+ ``idk_ref_logp``);
-    optional per-example ``weight``. beta defaults to 2.5 for simnpo and 0.1 otherwise;
-    forget_coeff / retain_coeff weight the two terms (GradDiff's gamma / alpha, NPO+RT's
-    coefficients, SimNPO's lambda). WGA, SatImp and CE-U compute their per-token term inside the
-    patched forward (no logits); RMU freezes every parameter but method.rmu_params of
-    method.rmu_update_layers when the trainer is built, and keeps frozen copies of the layers it
-    steers through (methods.RMUState), not a second model. UNDIAL computes, when the trainer is
-    built (so the model must be in its initial state then), the final hidden states of the answer
-    tokens of every forget row of train_dataset and eval_dataset and copies the lm_head weight
-    (methods.UndialReference), not a second model; rows are matched to them by content.
+    method: a `method.name` (fastnpo.methods.METHODS; docs/methods.md) with beta (None: the
+    method's default), forget_coeff / retain_coeff (the forget and retain terms' weights),
+    average_logprobs and any other MethodConfig key as keywords (e.g. a method's own parameter),
+    or a MethodConfig. The forget rows are ``input_ids`` / ``labels`` (+ ``ref_logp`` when the
+    method caches the forget set's reference log-probs), the other sets the method reads under
+    their prefix (``retain_*``, ``idk_*``, + ``idk_ref_logp``); optional per-example ``weight``.
+    A method that builds something once (Method.prepare) builds it when the trainer is built,
+    from the model as it is then (its initial state): frozen copies of a few layers, or the
+    initial model's hidden states of the forget answers of every forget row of train_dataset and
+    eval_dataset (rows are matched to them by content), not a second model. A method that trains
+    a subset of the parameters freezes the others then. Token-level forget terms are computed
+    inside the patched forward (no logits).
 
     One forward over the forget, retain and idk rows of the micro-batch through the patched
     model (no logits); each term is its micro-batch mean and the Trainer divides by the
@@ -177,7 +164,6 @@ class UnlearningTrainer(Trainer):
         beta: float | None = None,
         forget_coeff: float = 1.0,
         retain_coeff: float = 1.0,
-        simnpo_gamma: float = 0.0,
         average_logprobs: bool = False,
         impl: str = "auto",
         data_collator=None,
@@ -188,29 +174,26 @@ class UnlearningTrainer(Trainer):
     ):
         if model is None or kwargs.get("model_init") is not None:
             raise ValueError("UnlearningTrainer needs a model instance (model_init is not supported)")
-        config = _method_config(method, beta, forget_coeff, retain_coeff, simnpo_gamma, average_logprobs)
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in METHOD_FIELDS}
+        config = _method_config(method, beta, forget_coeff, retain_coeff, average_logprobs, options)
         self.method_config, self.method = config, method_for(config.name)
         self.patch_handle = patch_model(model, impl=impl)
-        self.rmu = None
-        if self.method.activations:
-            if unwrap(model) is not model and type(model).__module__.startswith("peft"):
-                raise ValueError("method 'rmu' trains method.rmu_params directly: pass the model without LoRA adapters")
-            seed = args.seed if args is not None else 42
-            self.rmu = RMUState(config, unwrap(model), seed=seed)
-            self.rmu.select_trainable(unwrap(model))
+        if self.method.lora_conflict and unwrap(model) is not model and type(model).__module__.startswith("peft"):
+            raise ValueError(f"{self.method.lora_conflict}: pass the model without LoRA adapters")
         _check_columns(config.name, train_dataset=train_dataset, eval_dataset=eval_dataset)
         pad_token_id = default_pad_token_id(processing_class, unwrap(model))
-        self.undial = None
-        if self.method.reference_hidden:
+        self.examples = None
+        if self.method.prepares_examples:
             datasets = [train_dataset] if train_dataset is not None else []
             if eval_dataset is not None:
                 datasets += list(eval_dataset.values()) if isinstance(eval_dataset, Mapping) else [eval_dataset]
             if not datasets or any(dataset_columns(d) is None for d in datasets):
                 raise ValueError(
-                    "method 'undial' needs train_dataset (a datasets.Dataset or a list of dicts) when the "
-                    "trainer is built: it caches the initial model's hidden states of the forget answers then"
+                    f"method {config.name!r} needs train_dataset (a datasets.Dataset or a list of dicts) when the "
+                    f"trainer is built: it builds its {self.method.prepared_what} from the initial model then"
                 )
-            self.undial = _UndialRows(unwrap(model), datasets, pad_token_id, impl)
+            self.examples = _ExampleKeys(datasets)
+        self.method_state = self._prepare(unwrap(model), args, pad_token_id, impl)
         if data_collator is None:
             data_collator = UnlearningCollator(pad_token_id=pad_token_id)
         self._fastnpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -228,6 +211,19 @@ class UnlearningTrainer(Trainer):
                 "UnlearningTrainer does not support nn.DataParallel (several GPUs in one process); "
                 "launch with torchrun / accelerate launch, or make one GPU visible"
             )
+
+    @torch.no_grad()
+    def _prepare(self, model, args, pad_token_id: int, impl: str):
+        """What the method builds once (Method.prepare), from the model in its initial state."""
+
+        def target_hidden_states(items):
+            wrapper = SequenceLogprobModel(model, impl=impl)
+            return item_target_hidden_states(wrapper, items, pad_token_id, batch_size=8)
+
+        seed = args.seed if args is not None else 42
+        forget = self.examples.items if self.examples is not None else []
+        inputs = PrepareInputs(model, seed, forget, target_hidden_states, output_weight(model))
+        return self.method.prepare(self.method_config, inputs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -261,28 +257,22 @@ class UnlearningTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         del num_items_in_batch  # every term is a micro-batch mean (see the class docstring)
-        name = self.method_config.name
+        name, method, state = self.method_config.name, self.method, self.method_state
         for column in _required_columns(name):
             if column not in inputs:
                 raise _missing_column(column, name)
         batch, rows = self._joint_batch(inputs)
-        extra, activations = {}, None
-        if self.method.token_term:
-            places = None
-            if self.undial is not None:
-                forget = rows["forget"]
-                places = self.undial.places_of(batch["input_ids"][forget], batch["labels"][forget])
-            extra["fastnpo_token_term"] = self._token_term(batch, rows["forget"], places)
-        if self.rmu is not None:
-            with self.rmu.capture(unwrap(model)):
-                outputs = model(**batch, use_cache=False, return_sequence_logprobs=True)
-            attended = batch["attention_mask"] > 0
-            masks = {s: torch.zeros_like(attended) for s in rows}
-            for s, r in rows.items():
-                masks[s][r] = attended[r]
-            activations = self.rmu.terms(masks["forget"], masks["retain"])
-        else:
+        example_index = None
+        if self.examples is not None:  # each row's example in what the method prepared (-1: none)
+            forget = rows["forget"]
+            example_index = torch.full((batch["input_ids"].shape[0],), -1, dtype=torch.long)
+            example_index[forget] = self.examples.places_of(batch["input_ids"][forget], batch["labels"][forget], method)
+        extra = {}
+        if method.token_level:
+            extra["fastnpo_token_term"] = self._token_term(rows["forget"], example_index)
+        with method.capture(state, unwrap(model)):
             outputs = model(**batch, use_cache=False, return_sequence_logprobs=True, **extra)
+        activations = method.activation_terms(state, example_of_positions(batch), rows)
         sequence_logps = getattr(outputs, "sequence_logps", None)
         if sequence_logps is None:
             raise RuntimeError(
@@ -291,43 +281,32 @@ class UnlearningTrainer(Trainer):
             )
         logps = {s: sequence_logps[r] for s, r in rows.items()}
         counts = {s: outputs.token_counts[r] for s, r in rows.items()}
-        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in self.method.ref_sets}
+        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in method.ref_sets}
         weights = inputs.get("weight")
         weights = None if weights is None else weights.to(sequence_logps)
-        terms = loss_terms(
-            self.method_config,
-            logps,
-            counts,
-            ref_logps,
-            weights=weights,
-            token_term=outputs.token_term if self.method.token_term else None,
-            activations=activations,
+        token_term = outputs.token_term if method.token_level else None
+        terms = method.terms(
+            self.method_config, TermInputs(logps, counts, ref_logps, weights, None, token_term, activations)
         )
         loss = sum(term.coeff * term.value for term in terms.values())
         mode = "train" if model.training else "eval"
         for key, term in terms.items():
             self._fastnpo_metrics[mode][key].append(float(term.value.detach()))
-        for set_name in self.method.sets:
+        for set_name in method.sets:
             self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
         return (loss, outputs) if return_outputs else loss
 
-    def _token_term(self, batch: dict, forget_rows: slice, places: torch.Tensor | None = None):
-        """The per-token methods' forget term, as a function the patched forward calls; places
-        (UNDIAL): each forget row's example in the cached reference."""
-        config = self.method_config
+    def _token_term(self, forget_rows: slice, example_index: torch.Tensor | None = None):
+        """The method's token-level forget term, as a function the patched forward calls;
+        example_index: each row's example in what the method prepared (Method.forget_term)."""
+        config, method, state = self.method_config, self.method, self.method_state
 
         def term(token_logps, hidden, weight, targets):
             rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
             owner = torch.where(targets != IGNORE_INDEX, rows, -1)
-            scored = scored_targets(config, owner, forget_rows)
-            reference = None
-            if places is not None:
-                owners = owner[scored].cpu() - forget_rows.start
-                ref_hidden, ref_weight = self.undial.gather(
-                    places[owners], target_ranks(owner)[scored].cpu(), hidden.device
-                )
-                reference = (ref_hidden.to(hidden.device), ref_weight)
-            return forget_token_term(config, token_logps, hidden, weight, targets, scored, reference)
+            return method.forget_term(
+                config, state, token_logps, hidden, weight, targets, owner, forget_rows, example_index
+            )
 
         return term
 
