@@ -8,6 +8,7 @@ checkpoint save, never in the training step. A resume verifies the newest checkp
 back to the previous intact one, naming the damaged file (resume_run_state)."""
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -217,13 +218,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: ProcessInfo) 
         trainer_state = json.loads(trainer_file.read_text(), object_hook=_tensor_from_json)
     except ValueError as error:
         raise ValueError(f"{trainer_file} is not valid JSON (cut short or damaged?): {error}") from None
-    rng_file = path / f"rng_rank{info.rank}.pt"
-    if not rng_file.exists():
-        saved = len(list(path.glob("rng_rank*.pt")))
-        raise ValueError(
-            f"{rng_file} is missing: the checkpoint holds the RNG states of {saved} process(es), "
-            f"this run has {info.world_size}"
-        )
+    rng_file = _rng_file(path, info, trainer_state)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
@@ -245,6 +240,79 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: ProcessInfo) 
         raise ValueError(f"{rng_file} could not be read ({type(error).__name__}: {error})") from error
     _set_rng_state(rng_state)
     return trainer_state
+
+
+def _rng_file(path: Path, info: ProcessInfo, trainer_state: dict) -> Path:
+    """This rank's RNG state file. A checkpoint of another number of processes (trainer.json's
+    world_size) gives rank r the state of its rank r mod that number: the data order does not
+    depend on it (PairedBatches is a function of seed, epoch and step), only dropout-like draws
+    would, and they cannot continue one stream per rank across a change of ranks anyway."""
+    saved = trainer_state.get("world_size", info.world_size)
+    rank = info.rank if saved == info.world_size else info.rank % saved
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        found = len(list(path.glob("rng_rank*.pt")))
+        raise ValueError(
+            f"{rng_file} is missing: the checkpoint was written by {saved} process(es) and holds the RNG "
+            f"states of {found}"
+        )
+    return rng_file
+
+
+def saved_world_size(path: Path) -> int | None:
+    """The number of processes that wrote the checkpoint at `path` (None: written before fastnpo
+    recorded it; then as many as rng_rank*.pt files)."""
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return None  # the integrity check names the file
+    if "world_size" in state:
+        return int(state["world_size"])
+    return len(list(path.glob("rng_rank*.pt"))) or None
+
+
+def grad_accum_for_world_size(grad_accum: int, saved_world: int, world: int) -> int:
+    """optim.grad_accum that keeps a checkpoint's global batch (micro-batch x grad_accum x
+    processes) when a run of `saved_world` processes resumes on `world`: the same micro-batches
+    per step, so the same examples in each (ConfigError naming the settings when no whole number
+    does)."""
+    micro_batches = grad_accum * saved_world
+    if micro_batches % world:
+        raise ConfigError(
+            f"run.resume: the checkpoint's steps ran optim.grad_accum={grad_accum} micro-batches on each of "
+            f"{saved_world} processes, {micro_batches} per step, which {world} processes cannot share evenly: "
+            f"the global batch and the data order would change. Resume on a number of processes that divides "
+            f"{micro_batches}, or start over (run.resume=false run.overwrite=true)"
+        )
+    return micro_batches // world
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' if count != 1 else ''}"
+
+
+def keep_global_batch(config, info: ProcessInfo, resume_from: Path | None, log):
+    """The config to train with: `config`, or, when resuming a checkpoint that another number of
+    processes wrote, `config` with the optim.grad_accum that keeps the checkpoint's global batch
+    (the run's config.yaml keeps what the user set)."""
+    if resume_from is None:
+        return config
+    saved = saved_world_size(resume_from)
+    if saved is None or saved == info.world_size:
+        return config
+    optim = config.optim
+    grad_accum = grad_accum_for_world_size(optim.grad_accum, saved, info.world_size)
+    if optim.in_backward and grad_accum != 1:
+        raise ConfigError(
+            f"run.resume: the checkpoint was written by {_processes(saved)}; keeping its global batch on "
+            f"{info.world_size} needs optim.grad_accum={grad_accum}, which optim.in_backward cannot do. Resume on "
+            f"{saved * optim.grad_accum} processes, or start over (run.resume=false run.overwrite=true)"
+        )
+    log(
+        f"run.resume: the checkpoint was written by {_processes(saved)}, this run has {info.world_size}: "
+        f"optim.grad_accum {optim.grad_accum} -> {grad_accum} keeps its global batch and data order"
+    )
+    return dataclasses.replace(config, optim=dataclasses.replace(optim, grad_accum=grad_accum))
 
 
 # Tensors in the trainer state: torchao's AdamW8bit keeps each group's lr as a 0-dim tensor, so the
@@ -280,7 +348,12 @@ def save_run_state(
     directory: Path, step: int, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo, *, keep: int
 ) -> None:
     """Everything a resume needs: weights, optimizer, scheduler, data position (RNG: save_checkpoint)."""
-    state = {"step": step, "scheduler": scheduler.state_dict(), "batches": batches.state_dict()}
+    state = {
+        "step": step,
+        "world_size": info.world_size,
+        "scheduler": scheduler.state_dict(),
+        "batches": batches.state_dict(),
+    }
     save_checkpoint(directory, step, model, optimizer, state, info, keep=keep)
 
 

@@ -97,6 +97,9 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
     check_offload(config, info, log)
     with OutputLock(config.run.output_dir, info, log):  # one run per output folder, before any write
         plan = prepare_output_dir(config, info, log)  # refuses before any work
+        # config.yaml keeps the user's config; a resume on another world size trains with the
+        # grad_accum that keeps the checkpoint's global batch.
+        user_config, config = config, checkpoint.keep_global_batch(config, info, plan.resume_from, log)
         run = _build(config, info, plan.resume_from, log, evaluator)
         if on_epoch_end is not None and run.trainee.sharded:
             raise ConfigError("on_epoch_end needs the unsharded model: run in one process without optim.offload")
@@ -104,7 +107,7 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
         folder = OutputFolder(plan, info)
         folder.begin()
         try:
-            write_run_files(plan.out, config, run.run_info, info)
+            write_run_files(plan.out, user_config, run.run_info, info)
             result = _steps(config, info, run, folder, on_epoch_end, log)
         except KeyboardInterrupt as interrupt:
             # This run's checkpoints: looked up before abandon() may put an old run back.
