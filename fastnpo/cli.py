@@ -203,7 +203,21 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GIB",
         help="memory per GPU in GiB (default: the config's run.gpu_memory_gib, else the visible GPU's, else 80)",
     )
-    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (FSDP2 when > 1)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (FSDP2 when > 1 in all)")
+    parser.add_argument("--gpus-per-node", dest="gpus", type=int, help="the same as --gpus, in multi-node terms")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (plans memory and communication per GPU)")
+    parser.add_argument(
+        "--intra-node-gbps",
+        type=float,
+        default=3600.0,
+        help="link rate within a node, Gb/s each way per GPU (default 3600: NVLink 4, H100/H200 SXM)",
+    )
+    parser.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=400.0,
+        help="network rate across nodes, Gb/s each way per GPU (default 400: one NDR InfiniBand NIC per GPU)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON only")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=4")
 

@@ -21,6 +21,13 @@ from ..config import ConfigError, load_structured
 from ..files import check_model_source
 from ..methods import MethodConfig, method_for
 from ..modeling import config_dtype
+from .communication import (
+    DEFAULT_INTER_NODE_GBPS,
+    DEFAULT_INTRA_NODE_GBPS,
+    communication_plan,
+    format_communication,
+    step_collectives,
+)
 from .config import Config
 from .memory_estimate import (
     DTYPE_BYTES,
@@ -28,6 +35,7 @@ from .memory_estimate import (
     GIB,
     ModelShape,
     Settings,
+    compute_bytes,
     estimate,
     state_bytes_per_parameter,
     trainable_params,
@@ -220,7 +228,7 @@ def settings_from_config(config: Config, gpus: int, device: str = "cuda") -> Set
         mixed_precision=config.distributed.mixed_precision,
         activation_checkpointing=config.distributed.activation_checkpointing,
         gpus=gpus,
-        sharded=fsdp == "on" or (fsdp == "auto" and gpus > 1) or o.offload,
+        sharded=fsdp in ("on", "hybrid") or (fsdp == "auto" and gpus > 1) or o.offload,
         rows=rows,
         seq_len=max(d.max_length, d.pack_tokens) if d.packing else d.max_length,
         lora=config.model.lora.enabled,
@@ -345,13 +353,30 @@ def plan(
     gpu_gib: float | None = None,
     gpus: int = 1,
     device: str = "cuda",
+    *,
+    nodes: int = 1,
+    intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS,
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
 ) -> dict:
-    """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs.
+    """The JSON-able plan of `config` (model: overrides model.name_or_path) on `gpus` GPUs per node
+    and `nodes` nodes: memory per GPU, and with several GPUs the communication per GPU and step
+    (communication.py; link rates in Gb/s each way per GPU).
 
     gpu_gib: memory per GPU (--gpu-memory); None: config.run.gpu_memory_gib, else the visible
-    GPU's, else DEFAULT_GPU_GIB. model.dtype "auto": the dtype the model's config names, else float32."""
+    GPU's, else DEFAULT_GPU_GIB. model.dtype "auto": the dtype the model's config names, else float32.
+    distributed.fsdp=hybrid: memory as sharded over a shard group (distributed.shard_size, default
+    the GPUs of a node), replicated across the groups."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus: must be an int >= 1, got {gpus!r}")
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"--nodes: must be an int >= 1, got {nodes!r}")
+    world = gpus * nodes
+    hybrid = config.distributed.fsdp == "hybrid"
+    shard_group = (config.distributed.shard_size or gpus) if hybrid else world
+    if world % shard_group:
+        raise ConfigError(
+            f"distributed.shard_size: {shard_group} must divide the {world} GPUs ({nodes} node(s) x {gpus})"
+        )
     source = model if model is not None else config.model.name_or_path
     if not source:
         raise ConfigError("model.name_or_path: is required (or pass --model)")
@@ -364,7 +389,7 @@ def plan(
         config = replace(config, model=replace(config.model, dtype=dtype))
     else:
         dtype_source = "set in the run config"
-    s = settings_from_config(config, gpus, device)
+    s = settings_from_config(config, shard_group, device)
     gpu_gib, gpu_source = gpu_memory(gpu_gib, config)
     budget = int(gpu_gib * GIB)
     e = estimate(shape, s)
@@ -396,7 +421,33 @@ def plan(
         "peak_other_checkpointing_gib": other.total / GIB,
         "suggestions": [] if fits else suggestions(shape, s, config, budget),
         "notes": e.notes,
+        "nodes": nodes,
+        "gpus_per_node": gpus,
+        "hybrid": {"replicas": world // shard_group, "shard_size": shard_group} if hybrid else None,
+        "communication": _communication(config, shape, s, nodes, gpus, hybrid, intra_node_gbps, inter_node_gbps),
     }
+
+
+def _communication(config, shape, s: Settings, nodes, gpus, hybrid, intra_node_gbps, inter_node_gbps):
+    """Per GPU and step, under FSDP2 over nodes x gpus; None on one GPU."""
+    if nodes * gpus == 1:
+        return None
+    # all-gathers carry every parameter in the compute dtype; reduce-scatters the trainable ones'
+    # gradients in FSDP2's reduce dtype (fp32 under mixed_precision=bf16, else the parameters')
+    reduce_bytes = 4 if s.mixed_precision == "bf16" else DTYPE_BYTES[s.dtype]
+    collectives = step_collectives(
+        gathered_bytes=shape.params * compute_bytes(s),
+        reduced_bytes=trainable_params(shape, s) * reduce_bytes,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        hybrid=hybrid,
+        micro_batches=config.optim.grad_accum,
+        reshard_after_forward=config.distributed.reshard_after_forward,
+    )
+    try:
+        return communication_plan(collectives, intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def gpu_memory(flag: float | None, config: Config) -> tuple[float, str]:
@@ -467,13 +518,31 @@ def format_plan(result: dict) -> str:
         lines.append(f"  {item}" if item.startswith("budget:") else f"  would fit: {item}")
     for note in result["notes"]:
         lines.append(f"  note: {note}")
+    if result["hybrid"]:
+        h = result["hybrid"]
+        lines.append(
+            f"  hybrid sharding: {h['replicas']} replicas x {h['shard_size']} shards; memory per GPU as sharded over "
+            f"{h['shard_size']}"
+        )
+    if result["communication"]:
+        lines.append("")
+        where = f"{result['nodes']} node(s) x {result['gpus_per_node']} GPUs"
+        lines.append(f"  {where}, " + format_communication(result["communication"]).replace("\n", "\n  "))
     return "\n".join(lines)
 
 
 def run_plan(args) -> dict:
     """Print the plan (unless --json) and return it; result["fits"] decides the exit status."""
     config = load_structured(Config, args.config, args.overrides)
-    result = plan(config, model=args.model, gpu_gib=args.gpu_memory, gpus=args.gpus)
+    result = plan(
+        config,
+        model=args.model,
+        gpu_gib=args.gpu_memory,
+        gpus=args.gpus,
+        nodes=args.nodes,
+        intra_node_gbps=args.intra_node_gbps,
+        inter_node_gbps=args.inter_node_gbps,
+    )
     if not args.json:
         print(format_plan(result))
     return result
