@@ -1,6 +1,8 @@
 """What test modules share: `from helpers import ...` (tests/ is on sys.path, as pytest puts the
 folder of the root conftest.py there). conftest.py holds the setup and the fixtures."""
 
+import contextlib
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -39,3 +41,24 @@ def build_tiny_llama(vocab_size: int, *, seed: int | None = None, **overrides):
     if seed is not None:
         torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**settings)).float().eval()
+
+
+@contextlib.contextmanager
+def interrupted_in_step(step: int):
+    """Inside: the trainer's loop raises KeyboardInterrupt (as Ctrl-C would) at the start of its
+    `step`-th step; fastnpo.train.loop.train_step is restored on leaving."""
+    from fastnpo.train import loop
+
+    real_step, calls = loop.train_step, []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    loop.train_step = stop
+    try:
+        yield
+    finally:
+        loop.train_step = real_step

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from helpers import interrupted_in_step
 from test_train import REPO, config_for, final_weights, overrides
 
 from fastnpo.train import train
@@ -31,22 +32,10 @@ def straight(tiny, tmp_path_factory):
     return final_weights(root / "run")
 
 
-def stopped_run(tiny, tmp_path, monkeypatch):
+def stopped_run(tiny, tmp_path):
     """A run interrupted in step 5, after its step-2 and step-4 checkpoints."""
-    from fastnpo.train import loop
-
-    real_step, calls = loop.train_step, []
-
-    def stop_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_in_step(5), pytest.raises(KeyboardInterrupt):
         train(config_for(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
-    monkeypatch.setattr(loop, "train_step", real_step)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4"]
     return checkpoints
@@ -66,7 +55,7 @@ def flip_middle(file, count=64):
 
 
 def test_every_file_is_recorded_with_its_size_and_sha256(tiny, tmp_path, monkeypatch):
-    checkpoints = stopped_run(tiny, tmp_path, monkeypatch)
+    checkpoints = stopped_run(tiny, tmp_path)
     step = checkpoints / "step_4"
     recorded = json.loads((step / "checksums.json").read_text())
     on_disk = {p.name for p in step.iterdir()} - {"checksums.json"}
@@ -79,7 +68,7 @@ def test_every_file_is_recorded_with_its_size_and_sha256(tiny, tmp_path, monkeyp
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     tiny, tmp_path, monkeypatch, capsys, straight, damage
 ):
-    checkpoints = stopped_run(tiny, tmp_path, monkeypatch)
+    checkpoints = stopped_run(tiny, tmp_path)
     damaged = distcp(checkpoints / "step_4")
     size = damaged.stat().st_size
     if damage == "flip_64_bytes":
@@ -100,7 +89,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
 def test_no_intact_checkpoint_fails_in_one_line_naming_the_file(tiny, tmp_path, monkeypatch, capsys):
     from fastnpo.cli import main
 
-    checkpoints = stopped_run(tiny, tmp_path, monkeypatch)
+    checkpoints = stopped_run(tiny, tmp_path)
     newest, older = distcp(checkpoints / "step_4"), checkpoints / "step_2" / "trainer.json"
     flip_middle(newest)
     older.write_text(older.read_text()[: len(older.read_text()) // 2])  # cut short
@@ -116,7 +105,7 @@ def test_no_intact_checkpoint_fails_in_one_line_naming_the_file(tiny, tmp_path, 
 
 def test_a_checkpoint_without_checksums_is_resumed_with_a_log_line(tiny, tmp_path, monkeypatch, capsys, straight):
     """Written by an older fastnpo: accepted as it is."""
-    checkpoints = stopped_run(tiny, tmp_path, monkeypatch)
+    checkpoints = stopped_run(tiny, tmp_path)
     for step in ("step_2", "step_4"):
         (checkpoints / step / "checksums.json").unlink()
     capsys.readouterr()
@@ -130,7 +119,7 @@ def test_a_checkpoint_without_checksums_is_resumed_with_a_log_line(tiny, tmp_pat
 
 def test_unreadable_trainer_state_and_missing_rng_name_the_file(tiny, tmp_path, monkeypatch):
     """Without checksums (an older checkpoint) the loader itself names the file it cannot read."""
-    checkpoints = stopped_run(tiny, tmp_path, monkeypatch)
+    checkpoints = stopped_run(tiny, tmp_path)
     for step in ("step_2", "step_4"):
         (checkpoints / step / "checksums.json").unlink()
     trainer = checkpoints / "step_4" / "trainer.json"

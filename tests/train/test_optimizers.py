@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupted_in_step
 
 from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.minitofu import prepare_tiny
@@ -418,25 +419,13 @@ def assert_resumed_run_matches(folder: Path, base: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", [m for m in RESUMED_MODES if "8bit" not in m])
-def test_each_optimizer_mode_resumes_to_the_same_parameters_in_one_process(tmp_path, monkeypatch, mode):
+def test_each_optimizer_mode_resumes_to_the_same_parameters_in_one_process(tmp_path, mode):
     """(adamw_8bit in one process: test_train.py.) A KeyboardInterrupt in step 3, as Ctrl-C."""
-    from fastnpo.train import loop
-
     tiny, runs = resumed_runs(tmp_path, mode)
     config = REPO / "configs" / "tiny_cpu.yaml"
     train(load_config(config, runs["straight"]))
-    real_step, calls = loop.train_step, []
-
-    def stop_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_in_step(3), pytest.raises(KeyboardInterrupt):
         train(load_config(config, runs["stopped"]))
-    monkeypatch.setattr(loop, "train_step", real_step)
     train(load_config(config, runs["stopped"]))
     assert_resumed_run_matches(tmp_path / mode, Path(tiny["base"]))
 

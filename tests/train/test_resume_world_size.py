@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupted_in_step
 from safetensors.torch import load_file
 
 from fastnpo.distributed import ProcessInfo
 from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.minitofu import prepare_tiny
-from fastnpo.train import loop, train
+from fastnpo.train import train
 from fastnpo.train.checkpoint import grad_accum_for_world_size, keep_global_batch
 from fastnpo.train.config import ConfigError, load_config
 
@@ -88,21 +89,6 @@ def overrides(tiny, out, root, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def stopped_in_step_3(config, monkeypatch):
-    real_step, calls = loop.train_step, []
-
-    def stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(loop, "train_step", real_step)
-
-
 def torchrun(root: Path, name: str, processes: int, runs: list[dict]) -> subprocess.CompletedProcess:
     (root / f"{name}.json").write_text(json.dumps(runs))
     driver = Path(__file__).parent / "two_rank_runs.py"
@@ -131,29 +117,26 @@ def resumed(tmp_path_factory):
     tiny = prepare_tiny(
         root / "tiny", num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64)
     )
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        one = {"optim.grad_accum": 4}
-        train(load_config(CONFIG, overrides(tiny, root / "straight", root, **one)))
-        stopped_in_step_3(load_config(CONFIG, overrides(tiny, root / "r1", root, **one)), monkeypatch)
-        shutil.copytree(root / "r1", root / "r1to4")
-        four = torchrun(
-            root,
-            "four",
-            4,
-            [
-                {"config": str(CONFIG), "overrides": overrides(tiny, root / "r4", root), "stop_in_step": 3},
-                {"config": str(CONFIG), "overrides": overrides(tiny, root / "r1to4", root, **one)},
-            ],
-        )
-        assert four.returncode == 0, four.stdout[-3000:] + four.stderr[-3000:]
-        shutil.copytree(root / "r4", root / "r4to2")
-        shutil.copytree(root / "r4", root / "r4to1")
-        two = torchrun(root, "two", 2, [{"config": str(CONFIG), "overrides": overrides(tiny, root / "r4to2", root)}])
-        assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-        train(load_config(CONFIG, overrides(tiny, root / "r4to1", root)))
-    finally:
-        monkeypatch.undo()
+    one = {"optim.grad_accum": 4}
+    train(load_config(CONFIG, overrides(tiny, root / "straight", root, **one)))
+    with interrupted_in_step(3), pytest.raises(KeyboardInterrupt):
+        train(load_config(CONFIG, overrides(tiny, root / "r1", root, **one)))
+    shutil.copytree(root / "r1", root / "r1to4")
+    four = torchrun(
+        root,
+        "four",
+        4,
+        [
+            {"config": str(CONFIG), "overrides": overrides(tiny, root / "r4", root), "stop_in_step": 3},
+            {"config": str(CONFIG), "overrides": overrides(tiny, root / "r1to4", root, **one)},
+        ],
+    )
+    assert four.returncode == 0, four.stdout[-3000:] + four.stderr[-3000:]
+    shutil.copytree(root / "r4", root / "r4to2")
+    shutil.copytree(root / "r4", root / "r4to1")
+    two = torchrun(root, "two", 2, [{"config": str(CONFIG), "overrides": overrides(tiny, root / "r4to2", root)}])
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    train(load_config(CONFIG, overrides(tiny, root / "r4to1", root)))
     return root, tiny, {"four": four.stdout + four.stderr, "two": two.stdout + two.stderr}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interrupted_in_step
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
@@ -345,7 +346,6 @@ def test_adamw_8bit_checkpoints_and_resumes_to_the_same_parameters(tiny, tmp_pat
     checkpoint stores them as tensors, and a run stopped after its step-2 checkpoint resumes to the
     parameters of an uninterrupted run, bit for bit."""
     pytest.importorskip("torchao", reason="optim.name=adamw_8bit needs fastnpo[lean] (in fastnpo[dev])")
-    from fastnpo.train import loop
 
     monkeypatch.setattr(torch, "compile", lambda fn=None, **options: fn)  # torchao's step, eagerly
     common = {
@@ -359,20 +359,10 @@ def test_adamw_8bit_checkpoints_and_resumes_to_the_same_parameters(tiny, tmp_pat
     }
     train(config_for(tiny, tmp_path / "straight", **common))
 
-    real_step, calls = loop.train_step, []
-
-    def stop_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_in_step(3), pytest.raises(KeyboardInterrupt):
         train(config_for(tiny, tmp_path / "stopped", **common))
     saved = json.loads((tmp_path / "stopped" / "checkpoints" / "step_2" / "trainer.json").read_text())
     assert saved["scheduler"]["base_lrs"][0]["dtype"] == "float32", saved["scheduler"]
-    monkeypatch.setattr(loop, "train_step", real_step)
     train(config_for(tiny, tmp_path / "stopped", **common))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     for key in a:
