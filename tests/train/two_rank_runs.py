@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
+from helpers import interrupted_in_step
+
 from fastnpo import distributed
-from fastnpo.train import loop, setup, train
+from fastnpo.train import setup, train
 from fastnpo.train.config import load_config
 
 
@@ -46,23 +49,12 @@ def main(path: str) -> None:
 
 
 def stopped_train(config, step: int) -> None:
-    real_step, calls = loop.train_step, []
-
-    def stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    loop.train_step = stop
-    try:
-        train(config)
-    except KeyboardInterrupt:
-        pass
-    else:
-        raise AssertionError(f"the run ended before its step {step}")
-    finally:
-        loop.train_step = real_step
+    with interrupted_in_step(step):
+        try:
+            train(config)
+        except KeyboardInterrupt:
+            return
+    raise AssertionError(f"the run ended before its step {step}")
 
 
 if __name__ == "__main__":
