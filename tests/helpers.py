@@ -62,3 +62,49 @@ def interrupted_in_step(step: int):
         yield
     finally:
         loop.train_step = real_step
+
+
+# The single-sweep designs' tests (test_one_pass.py, test_fused_epilogue.py) share their references.
+IGNORE_INDEX = -100
+
+
+def token_logprobs_plain(hidden, weight, labels, logits_dtype):
+    """log softmax(hidden @ weight.T)[labels], 0 where ignored, through full logits in logits_dtype
+    (float64: the reference; the inputs' dtype upcast to fp32 for the softmax: plain torch)."""
+    logits = (hidden @ weight.T).to(logits_dtype)
+    ignored = labels == IGNORE_INDEX
+    picked = logits.log_softmax(-1).gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0]
+    return picked.masked_fill(ignored, 0.0)
+
+
+def sequence_logprobs_plain(hidden, weight, labels, t, logits_dtype):
+    """Summed log-probs per sequence of t positions, as token_logprobs_plain computes them."""
+    return token_logprobs_plain(hidden, weight, labels, logits_dtype).view(-1, t).sum(dim=1)
+
+
+def value_and_grads(fn, hidden, weight, upstream=1.0, hidden_grad=True, weight_grad=True):
+    """fn(h, w) on fresh leaf copies, its backward times upstream: (value, dH, dW)."""
+    h = hidden.detach().clone().requires_grad_(hidden_grad)
+    w = weight.detach().clone().requires_grad_(weight_grad)
+    loss = fn(h, w)
+    if loss.requires_grad:
+        (loss * upstream).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def fused_loss_fn(labels, t, loss_fn, chunk_bytes, fused: str):
+    """(h, w) -> fused_sequence_loss(..., fused=fused) of loss_fn over sequences of t positions."""
+    from fastnpo.ops import fused_sequence_loss
+
+    return lambda h, w: fused_sequence_loss(
+        h,
+        w,
+        labels,
+        t,
+        loss_fn,
+        ignore_index=IGNORE_INDEX,
+        impl="auto",
+        filter_eps=None,
+        fused=fused,
+        chunk_bytes=chunk_bytes,
+    )

@@ -11,7 +11,14 @@ import functools
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import (
+    TRITON_DEVICE,
+    assert_as_good_as_torch,
+    fused_loss_fn,
+    sequence_logprobs_plain,
+    token_logprobs_plain,
+    value_and_grads,
+)
 
 import fastnpo
 from fastnpo import losses
@@ -39,43 +46,6 @@ def make_batch(b, t, d, v, dtype, *, scale=2.0):
     return hidden, weight, labels.reshape(-1).to(DEV)
 
 
-def token_logprobs_plain(hidden, weight, labels, logits_dtype):
-    """log softmax(hidden @ weight.T)[labels], 0 where ignored, through full logits in logits_dtype
-    (float64: the reference; the inputs' dtype upcast to fp32 for the softmax: plain torch)."""
-    logits = (hidden @ weight.T).to(logits_dtype)
-    ignored = labels == IGNORE
-    picked = logits.log_softmax(-1).gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0]
-    return picked.masked_fill(ignored, 0.0)
-
-
-def sequence_logprobs_plain(hidden, weight, labels, t, logits_dtype):
-    return token_logprobs_plain(hidden, weight, labels, logits_dtype).view(-1, t).sum(dim=1)
-
-
-def value_and_grads(fn, hidden, weight, upstream=1.0, hidden_grad=True, weight_grad=True):
-    h = hidden.detach().clone().requires_grad_(hidden_grad)
-    w = weight.detach().clone().requires_grad_(weight_grad)
-    loss = fn(h, w)
-    if loss.requires_grad:
-        (loss * upstream).backward()
-    return loss.detach(), h.grad, w.grad
-
-
-def epilogue_fn(labels, t, loss_fn, chunk_bytes):
-    return lambda h, w: fused_sequence_loss(
-        h,
-        w,
-        labels,
-        t,
-        loss_fn,
-        ignore_index=IGNORE,
-        impl="auto",
-        filter_eps=None,
-        fused="epilogue",
-        chunk_bytes=chunk_bytes,
-    )
-
-
 def check_loss_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upstream, **requires_grad):
     """The epilogue design vs float64 and plain torch in the inputs' dtype: an NPO loss with weights."""
     b = labels.numel() // t
@@ -86,7 +56,8 @@ def check_loss_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upst
     def loss_fn(logps):
         return losses.npo_from_logprobs(logps, ref_logps.to(logps.dtype), beta=BETA, weights=weights.to(logps.dtype))
 
-    ours = value_and_grads(epilogue_fn(labels, t, loss_fn, chunk_bytes), hidden, weight, upstream, **requires_grad)
+    design = fused_loss_fn(labels, t, loss_fn, chunk_bytes, "epilogue")
+    ours = value_and_grads(design, hidden, weight, upstream, **requires_grad)
     plain = value_and_grads(
         lambda h, w: loss_fn(sequence_logprobs_plain(h, w, labels, t, torch.float32)),
         hidden,
@@ -174,7 +145,7 @@ def test_npo_and_ga_accept_fused_epilogue_and_agree_with_the_two_call_path():
 def test_epilogue_refuses_a_second_backward():
     hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
     h = hidden.clone().requires_grad_()
-    loss = epilogue_fn(labels, 6, torch.sum, None)(h, weight)
+    loss = fused_loss_fn(labels, 6, torch.sum, None, "epilogue")(h, weight)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated once"):
         loss.backward()
@@ -305,7 +276,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="labels contains 37"):
         call(hidden, weight, bad)
     with pytest.raises(ValueError, match="chunk_bytes must be"):
-        epilogue_fn(labels, 6, torch.sum, 0)(hidden, weight)
+        fused_loss_fn(labels, 6, torch.sum, 0, "epilogue")(hidden, weight)
     with pytest.raises(ValueError, match="fused must be"):
         fused_sequence_loss(
             hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, fused="epilog"
@@ -315,7 +286,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
     monkeypatch.setattr(fused_epilogue, "MAX_CHUNK_BYTES", 4 * 37 * 2)
     h = hidden.clone().requires_grad_()
     with pytest.raises(ValueError, match=r"labels: fused='epilogue'.*sequence 1"):
-        epilogue_fn(labels, 6, torch.sum, 4 * 37)(h, weight)
+        fused_loss_fn(labels, 6, torch.sum, 4 * 37, "epilogue")(h, weight)
     assert h.grad is None
 
 
@@ -325,7 +296,7 @@ def test_off_triton_devices_the_design_says_so(monkeypatch):
         pytest.skip("a CUDA device always runs Triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time (cublas.triton_runs_on)
     with pytest.raises(ValueError, match="fused='epilogue' runs Triton kernels: hidden must be a CUDA tensor"):
-        epilogue_fn(labels, 6, torch.sum, None)(hidden.requires_grad_(), weight)
+        fused_loss_fn(labels, 6, torch.sum, None, "epilogue")(hidden.requires_grad_(), weight)
     with pytest.raises(ValueError, match="hidden must be a CUDA tensor"):
         fused_epilogue.epilogue_token_logprobs(hidden.detach(), weight, labels)
 

@@ -18,7 +18,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE, assert_as_good_as_torch
+from helpers import (
+    TRITON_DEVICE,
+    assert_as_good_as_torch,
+    fused_loss_fn,
+    sequence_logprobs_plain,
+    value_and_grads,
+)
 
 import fastnpo
 from fastnpo import losses
@@ -45,41 +51,8 @@ def make_batch(b, t, d, v, dtype, device="cpu"):
     return hidden, weight, labels.reshape(-1).to(device)
 
 
-def sequence_logprobs_plain(hidden, weight, labels, t, logits_dtype):
-    """Summed log-probs per sequence through full logits in logits_dtype (float64: the reference;
-    the inputs' dtype, upcast to fp32 for the softmax: what a model's lm_head gives)."""
-    logits = (hidden @ weight.T).to(logits_dtype)
-    ignored = labels == IGNORE
-    picked = logits.log_softmax(-1).gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0]
-    return picked.masked_fill(ignored, 0.0).view(-1, t).sum(dim=1)
-
-
 def npo_closure(ref_logps, weights):
     return lambda logps: losses.npo_from_logprobs(logps, ref_logps, beta=BETA, weights=weights)
-
-
-def value_and_grads(fn, hidden, weight, upstream=1.0, hidden_grad=True, weight_grad=True):
-    h = hidden.detach().clone().requires_grad_(hidden_grad)
-    w = weight.detach().clone().requires_grad_(weight_grad)
-    loss = fn(h, w)
-    if loss.requires_grad:
-        (loss * upstream).backward()
-    return loss.detach(), h.grad, w.grad
-
-
-def one_pass_fn(labels, t, loss_fn, chunk_bytes):
-    return lambda h, w: fused_sequence_loss(
-        h,
-        w,
-        labels,
-        t,
-        loss_fn,
-        ignore_index=IGNORE,
-        impl="auto",
-        filter_eps=None,
-        fused="one_pass",
-        chunk_bytes=chunk_bytes,
-    )
 
 
 def check_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upstream, **requires_grad):
@@ -88,7 +61,8 @@ def check_against_float64(hidden, weight, labels, t, tol, chunk_bytes, upstream,
     true_logps = sequence_logprobs_plain(hidden.double(), weight.double(), labels, t, torch.float64)
     noise, weights = torch.randn(b, dtype=torch.float64) * 3, torch.rand(b) * 2
     loss_fn = npo_closure((true_logps + noise.to(labels.device)).float(), weights.to(labels.device))
-    ours = value_and_grads(one_pass_fn(labels, t, loss_fn, chunk_bytes), hidden, weight, upstream, **requires_grad)
+    design = fused_loss_fn(labels, t, loss_fn, chunk_bytes, "one_pass")
+    ours = value_and_grads(design, hidden, weight, upstream, **requires_grad)
     plain = value_and_grads(
         lambda h, w: loss_fn(sequence_logprobs_plain(h, w, labels, t, torch.float32)),
         hidden,
@@ -159,10 +133,10 @@ def test_one_pass_without_kept_rows_or_gradients():
     hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
     loss_fn = lambda logps: -logps.sum() / 5
     none_kept = torch.full_like(labels, IGNORE)
-    loss, dh, dw = value_and_grads(one_pass_fn(none_kept, 6, loss_fn, None), hidden, weight)
+    loss, dh, dw = value_and_grads(fused_loss_fn(none_kept, 6, loss_fn, None, "one_pass"), hidden, weight)
     assert loss.item() == 0 and torch.all(dh == 0) and torch.all(dw == 0)
     with torch.no_grad():
-        value = one_pass_fn(labels, 6, loss_fn, 4 * 37)(hidden.requires_grad_(), weight)
+        value = fused_loss_fn(labels, 6, loss_fn, 4 * 37, "one_pass")(hidden.requires_grad_(), weight)
     assert not value.requires_grad
     want = loss_fn(sequence_logprobs_plain(hidden.double(), weight.double(), labels, 6, torch.float64))
     torch.testing.assert_close(value.double(), want, atol=1e-5, rtol=1e-5)
@@ -171,7 +145,7 @@ def test_one_pass_without_kept_rows_or_gradients():
 def test_backward_scales_the_stored_gradients():
     hidden, weight, labels = make_batch(3, 7, 16, 41, torch.float32)
     loss_fn = npo_closure(torch.randn(3) - 20, None)
-    fn = one_pass_fn(labels, 7, loss_fn, 4 * 41 * 3)
+    fn = fused_loss_fn(labels, 7, loss_fn, 4 * 41 * 3, "one_pass")
     once = value_and_grads(fn, hidden, weight)
     scaled = value_and_grads(fn, hidden, weight, upstream=-2.5)
     torch.testing.assert_close(scaled[1], -2.5 * once[1])
@@ -319,7 +293,7 @@ def test_weight_gradient_rounds_once_per_chunk():
     )
     half_ulp = 2.0**-8 * dw_ref.abs().max().item()
     for chunk_bytes, allowed in ((1, 6.0), (None, 1.1)):
-        _, _, dw = value_and_grads(one_pass_fn(labels, t, loss_fn, chunk_bytes), hidden, weight)
+        _, _, dw = value_and_grads(fused_loss_fn(labels, t, loss_fn, chunk_bytes, "one_pass"), hidden, weight)
         err = (dw.double() - dw_ref).abs().max().item() / half_ulp
         assert err <= allowed, f"dW error {err:.2f} half-ulps of max |dW| with chunk_bytes={chunk_bytes}"
 
@@ -386,7 +360,7 @@ def test_bad_fused_value_names_the_argument():
                 hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, fused=bad
             )
     with pytest.raises(ValueError, match="chunk_bytes must be"):
-        one_pass_fn(labels, 6, torch.sum, 0)(hidden, weight)
+        fused_loss_fn(labels, 6, torch.sum, 0, "one_pass")(hidden, weight)
 
 
 def test_one_pass_refuses_a_second_backward():
