@@ -28,6 +28,17 @@ def _seed_per_test(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Mini-TOFU (20 authors, 2 questions each) and a random tiny Llama (hidden 32), built once
+    for the session: the trainer's tests read it and never write into it."""
+    from fastnpo.tiny import TinyModelSpec
+    from fastnpo.tofu.minitofu import prepare_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
+
+
 @pytest.fixture
 def tiny_llama():
     """The factory build_tiny_llama(vocab_size, seed=None, **LlamaConfig overrides)."""

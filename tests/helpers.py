@@ -2,6 +2,7 @@
 folder of the root conftest.py there). conftest.py holds the setup and the fixtures."""
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -108,3 +109,67 @@ def fused_loss_fn(labels, t, loss_fn, chunk_bytes, fused: str):
         fused=fused,
         chunk_bytes=chunk_bytes,
     )
+
+
+def multi_node_torchrun(*, nnodes, node_rank, nproc_per_node, rdzv_endpoint, rdzv_id) -> list[str]:
+    """torchrun's options for one node of a multi-node job joined by a c10d rendezvous: what
+    tests/train/test_hybrid_sharding.py launches each of its two "nodes" with, and what
+    docs/multi_node.md and docs/launch/fastnpo_2x8.sbatch give (tests/train/test_launch.py checks
+    that they agree). torchrun assigns the node ranks at a c10d rendezvous (it ignores --node_rank
+    there, with a warning); every node's processes still get contiguous ranks."""
+    return [
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={nproc_per_node}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={rdzv_endpoint}",
+        f"--rdzv_id={rdzv_id}",
+    ]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tiny, out, **extra) -> list[str]:
+    """`key=value` overrides of configs/tiny_cpu.yaml for a short run on the session's `tiny`
+    (conftest): batches of 4, 64 tokens, 2 steps at lr 1e-3, no checkpoints, no progress bar."""
+    values = {
+        "model.name_or_path": tiny["base"],
+        "data.forget": tiny["data"],
+        "data.retain": tiny["data"],
+        "data.batch_size": 4,
+        "data.retain_batch_size": 4,
+        "data.max_length": 64,
+        "run.output_dir": out,
+        "run.progress": False,
+        "run.checkpoint_every": 0,
+        "optim.lr": 1e-3,
+        "optim.max_steps": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_config(tiny, out, **extra):
+    """The trainer's Config of tiny_overrides."""
+    from fastnpo.train.config import load_config
+
+    return load_config(REPO / "configs" / "tiny_cpu.yaml", tiny_overrides(tiny, out, **extra))
+
+
+aten = torch.ops.aten
+# Ops whose result size or value must come to the host: a device sync on CUDA (the budget tests
+# count them).
+SYNCING_OPS = {
+    aten._local_scalar_dense,
+    aten.item,
+    aten.is_nonzero,
+    aten.equal,
+    aten.nonzero,
+    aten.bincount,
+    aten.masked_select,
+    aten.unique_consecutive,
+    aten._unique2,
+    aten.unique_dim,
+    aten.repeat_interleave,
+}

@@ -11,6 +11,7 @@ every call (fastnpo/losses.py), which is the caller's sync, not the loop's.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SYNCING_OPS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnpo.ops import fused_sequence_loss, one_pass
@@ -18,20 +19,6 @@ from fastnpo.ops import fused_sequence_loss, one_pass
 IGNORE = -100
 aten = torch.ops.aten
 
-# Ops whose result size or value must come to the host (a device sync on CUDA).
-SYNCING = {
-    aten._local_scalar_dense,
-    aten.item,
-    aten.is_nonzero,
-    aten.equal,
-    aten.nonzero,
-    aten.bincount,
-    aten.masked_select,
-    aten.unique_consecutive,
-    aten._unique2,
-    aten.unique_dim,
-    aten.repeat_interleave,
-}
 FILLS = {aten.zero_, aten.fill_, aten.zeros, aten.zeros_like, aten.new_zeros, aten.full, aten.full_like, aten.new_full}
 VIEWS_AND_METADATA = {
     aten.t,
@@ -120,7 +107,7 @@ def test_no_host_sync_in_the_chunk_loop(dtype):
     b, t, d, v = 6, 9, 24, 97
     for chunk_bytes in (2**30, 1):
         call = record_call(b, t, d, v, dtype, chunk_bytes)
-        syncs = [op for op, _, _ in call["ops"] if op in SYNCING]
+        syncs = [op for op, _, _ in call["ops"] if op in SYNCING_OPS]
         assert syncs == [], f"host syncs in one call ({call['chunks']} chunks): {syncs}"
         assert len(call["tolist"]) == 1, call["tolist"]
     assert call["chunks"] == b  # chunk_bytes=1: one sequence per chunk

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from helpers import interrupted_in_step
-from test_train import REPO, config_for, final_weights, overrides
+from helpers import REPO, interrupted_in_step, tiny_config, tiny_overrides
+from test_train import final_weights
 
 from fastnpo.train import train
 
@@ -16,26 +16,17 @@ COMMON = {"optim.max_steps": 6, "run.checkpoint_every": 2, "method.name": "npo_r
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from fastnpo.tiny import TinyModelSpec
-    from fastnpo.tofu.minitofu import prepare_tiny
-
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
-
-
-@pytest.fixture(scope="module")
 def straight(tiny, tmp_path_factory):
     """An uninterrupted run's final weights."""
     root = tmp_path_factory.mktemp("straight")
-    train(config_for(tiny, root / "run", **COMMON, **{"run.cache_dir": root / "cache"}))
+    train(tiny_config(tiny, root / "run", **COMMON, **{"run.cache_dir": root / "cache"}))
     return final_weights(root / "run")
 
 
 def stopped_run(tiny, tmp_path):
     """A run interrupted in step 5, after its step-2 and step-4 checkpoints."""
     with interrupted_in_step(5), pytest.raises(KeyboardInterrupt):
-        train(config_for(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
+        train(tiny_config(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4"]
     return checkpoints
@@ -77,7 +68,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     else:
         damaged.write_bytes(b"")
     capsys.readouterr()
-    train(config_for(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
+    train(tiny_config(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
     output = capsys.readouterr().out
     assert f"{damaged} " in output and "falling back" in output, output
     assert f"resumed from {checkpoints / 'step_2'} at step 2" in output, output
@@ -95,7 +86,7 @@ def test_no_intact_checkpoint_fails_in_one_line_naming_the_file(tiny, tmp_path, 
     older.write_text(older.read_text()[: len(older.read_text()) // 2])  # cut short
     capsys.readouterr()
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    code = main(args + overrides(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
+    code = main(args + tiny_overrides(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
     error = capsys.readouterr().err
     assert code == 2, error
     line = error.splitlines()[0]
@@ -109,7 +100,7 @@ def test_a_checkpoint_without_checksums_is_resumed_with_a_log_line(tiny, tmp_pat
     for step in ("step_2", "step_4"):
         (checkpoints / step / "checksums.json").unlink()
     capsys.readouterr()
-    train(config_for(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
+    train(tiny_config(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"}))
     output = capsys.readouterr().out
     assert "no checksums.json" in output and f"resumed from {checkpoints / 'step_4'} at step 4" in output, output
     resumed = final_weights(tmp_path / "run")
@@ -125,7 +116,7 @@ def test_unreadable_trainer_state_and_missing_rng_name_the_file(tiny, tmp_path, 
     trainer = checkpoints / "step_4" / "trainer.json"
     intact = trainer.read_text()
     trainer.write_text(intact[:100])
-    config = config_for(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"})
+    config = tiny_config(tiny, tmp_path / "run", **COMMON, **{"run.cache_dir": tmp_path / "cache"})
     with pytest.raises(ValueError, match=re.escape(f"{trainer} is not valid JSON")):
         train(config)
     trainer.write_text(intact)
@@ -143,7 +134,7 @@ def test_unreadable_trainer_state_and_missing_rng_name_the_file(tiny, tmp_path, 
 def test_the_export_records_and_verifies_its_checksums_before_final_appears(tiny, tmp_path, monkeypatch):
     from fastnpo.train import checkpoint
 
-    config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": tmp_path / "cache"})
+    config = tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": tmp_path / "cache"})
     train(config)
     final = tmp_path / "run" / "final"
     recorded = json.loads((final / "checksums.json").read_text())
@@ -158,5 +149,5 @@ def test_the_export_records_and_verifies_its_checksums_before_final_appears(tiny
     monkeypatch.setattr(checkpoint, "checkpoint_problem", damaged_on_read_back)
     other = tmp_path / "other"
     with pytest.raises(OSError, match=re.escape("model.safetensors has 0 bytes")):
-        train(config_for(tiny, other, **{"method.name": "npo", "run.cache_dir": tmp_path / "cache"}))
+        train(tiny_config(tiny, other, **{"method.name": "npo", "run.cache_dir": tmp_path / "cache"}))
     assert not (other / "final").exists()

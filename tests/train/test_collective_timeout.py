@@ -14,7 +14,8 @@ from fastnpo.distributed import CollectiveTimeout, ProcessInfo
 from fastnpo.train.config import Config, ConfigError, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import REPO, overrides, run_cli, tiny  # noqa: F401  (tiny: the fixture)
+from helpers import REPO, tiny_overrides
+from test_train import run_cli
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
@@ -76,12 +77,12 @@ def _exited(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
-def test_frozen_rank_ends_the_other_with_one_line(tiny, tmp_path):  # noqa: F811
+def test_frozen_rank_ends_the_other_with_one_line(tiny, tmp_path):
     timeout_s = 10
     out = tmp_path / "run"
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     extra = {"optim.max_steps": 100000, "distributed.timeout_s": timeout_s, "run.cache_dir": tmp_path / "cache"}
-    proc = run_cli(args + overrides(tiny, out, **extra), torchrun=True)
+    proc = run_cli(args + tiny_overrides(tiny, out, **extra), torchrun=True)
     frozen = None
     try:
         deadline = time.monotonic() + 240

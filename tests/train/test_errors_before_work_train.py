@@ -13,19 +13,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-from test_train import REPO, config_for, overrides
+from helpers import REPO, tiny_config, tiny_overrides
 
 from fastnpo import cli, files
 from fastnpo.config import ConfigError
-from fastnpo.tiny import TinyModelSpec
-from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
 
 
 def tree(folder: Path) -> list[str]:
@@ -44,7 +36,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_reference_pass(tiny,
     (work / "outfile.txt").write_text("my notes")
     extra = {"method.name": "npo", "run.overwrite": str(overwrite).lower()}
     with pytest.raises(ConfigError, match=r"run\.output_dir .*outfile\.txt is a file"):
-        train(config_for(tiny, work / "outfile.txt", **extra))
+        train(tiny_config(tiny, work / "outfile.txt", **extra))
     assert tree(work) == ["outfile.txt"] and (work / "outfile.txt").read_text() == "my notes"
 
 
@@ -53,7 +45,7 @@ def test_an_output_dir_under_a_file_is_refused_before_any_work(tiny, tmp_path):
     work.mkdir()
     (work / "outfile.txt").write_text("my notes")
     with pytest.raises(ConfigError, match=r"run\.output_dir .*outfile\.txt is a file"):
-        train(config_for(tiny, work / "outfile.txt" / "run", **{"method.name": "npo"}))
+        train(tiny_config(tiny, work / "outfile.txt" / "run", **{"method.name": "npo"}))
     assert tree(work) == ["outfile.txt"]
 
 
@@ -85,7 +77,7 @@ def test_a_read_only_output_folder_or_parent_is_refused_before_any_work(tiny, tm
     _read_only(locked, monkeypatch)
     try:
         with pytest.raises(ConfigError, match=rf"run\.output_dir .*{locked} is not writable"):
-            train(config_for(tiny, out, **extra))
+            train(tiny_config(tiny, out, **extra))
         assert tree(work) == before
     finally:
         locked.chmod(0o755)
@@ -94,7 +86,7 @@ def test_a_read_only_output_folder_or_parent_is_refused_before_any_work(tiny, tm
 def test_cli_says_one_line_for_an_output_file(tiny, tmp_path, capsys):
     (tmp_path / "outfile.txt").write_text("my notes")
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    argv = args + overrides(tiny, tmp_path / "outfile.txt", **{"method.name": "npo", "run.overwrite": "true"})
+    argv = args + tiny_overrides(tiny, tmp_path / "outfile.txt", **{"method.name": "npo", "run.overwrite": "true"})
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "fastnpo train: error: run.output_dir" in err and "is a file" in err
@@ -113,7 +105,7 @@ def test_ctrl_c_says_one_line_with_the_step_and_the_resume_command_and_exits_130
         "run.checkpoint_every": 1,
         "run.cache_dir": tmp_path / "c",
     }
-    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *tiny_overrides(tiny, out, **extra)]
     process = subprocess.Popen(
         # -X faulthandler: a run that does not end after Ctrl-C is sent SIGABRT and prints where
         # every thread stands (one such hang was seen once in a loaded full-suite run, not reproduced).
@@ -165,7 +157,7 @@ def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeyp
 
     monkeypatch.setattr(loop, "train_step", interrupted_on_the_second)
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    argv = args + overrides(tiny, tmp_path / "run", **{"method.name": "npo", "run.resume": "false"})
+    argv = args + tiny_overrides(tiny, tmp_path / "run", **{"method.name": "npo", "run.resume": "false"})
     assert cli.main(argv) == 130
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastnpo")]
     assert len(err) == 1 and err[0].startswith("fastnpo train: interrupted at step 1 of 2 (no checkpoint yet"), err
@@ -205,7 +197,7 @@ def test_train_with_an_unreachable_model_is_refused_before_any_work(tiny, tmp_pa
     monkeypatch.setattr(files, "hub_reachable", lambda: False)
     started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"model\.tokenizer 'org/tokenizer' is neither a local folder"):
-        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "model.tokenizer": "org/tokenizer"}))
+        train(tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "model.tokenizer": "org/tokenizer"}))
     assert time.perf_counter() - started < 2
     assert not (tmp_path / "run").exists()
 
@@ -219,12 +211,13 @@ def test_a_forget_set_with_repeated_questions_says_how_many(tiny, tmp_path):
     forget = tmp_path / "forget.jsonl"
     forget.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.warns(UserWarning, match=r"forget set .*forget\.jsonl.*: 5 of 7 examples repeat a question") as caught:
-        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "data.forget": forget, "optim.max_steps": 1}))
+        extra = {"method.name": "npo", "data.forget": forget, "optim.max_steps": 1}
+        train(tiny_config(tiny, tmp_path / "run", **extra))
     assert len([w for w in caught if "repeat a question" in str(w.message)]) == 1
     from fastnpo.data import build_unlearning_data
     from fastnpo.modeling import load_tokenizer
 
-    config = config_for(tiny, tmp_path / "other", **{"method.name": "npo"})
+    config = tiny_config(tiny, tmp_path / "other", **{"method.name": "npo"})
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         build_unlearning_data(config.data, load_tokenizer(str(tiny["base"])))
@@ -262,7 +255,7 @@ def test_an_optimizer_the_dtype_cannot_take_is_refused_before_the_reference_pass
     had run and written its cache. Now: one line, exit 2, nothing written."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     extra = {"method.name": "npo", "optim.name": "adamw_kahan", "model.dtype": "float32", "run.cache_dir": cache}
-    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *tiny_overrides(tiny, out, **extra)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "adamw_kahan keeps bf16 parameters and needs model.dtype=bfloat16" in err and "Traceback" not in err
@@ -283,7 +276,7 @@ def test_cache_ref_exits_non_zero_when_it_cannot_store_the_cache(tiny, tmp_path,
     cache = tmp_path / "cache"
     extra = {"method.name": "npo", "run.cache_dir": cache}
     config = str(REPO / "configs" / "tiny_cpu.yaml")
-    argv = ["cache-ref", "--config", config, *overrides(tiny, tmp_path / "run", **extra)]
+    argv = ["cache-ref", "--config", config, *tiny_overrides(tiny, tmp_path / "run", **extra)]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("fastnpo cache-ref: error:")]
@@ -314,7 +307,7 @@ def test_a_full_disk_at_a_checkpoint_says_no_space_in_one_line(tiny, tmp_path, m
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", nearly_full)
     out = tmp_path / "run"
     extra = {"method.name": "npo", "run.checkpoint_every": 1, "run.cache_dir": tmp_path / "cache"}
-    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *tiny_overrides(tiny, out, **extra)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("fastnpo train: error")]
@@ -355,7 +348,7 @@ def test_a_full_disk_at_the_export_says_no_space_in_one_line(tiny, tmp_path, mon
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(path)._replace(free=2**20))
     out = tmp_path / "run"
     extra = {"method.name": "npo", "run.cache_dir": tmp_path / "cache"}
-    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra)]
+    argv = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *tiny_overrides(tiny, out, **extra)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("fastnpo train: error")]

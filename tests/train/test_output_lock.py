@@ -12,20 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import REPO, config_for, overrides
+from helpers import REPO, tiny_config, tiny_overrides
 
 from fastnpo import files
 from fastnpo.config import ConfigError
-from fastnpo.tiny import TinyModelSpec
-from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
 from fastnpo.train.output import lock_path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -55,13 +47,13 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_and_writes
     # Today: the second run trains and replaces the first's metrics.jsonl, config.yaml, final/.
     work = tmp_path / "work"
     out = work / "run"
-    train(config_for(tiny, out, **extra(tmp_path)))
+    train(tiny_config(tiny, out, **extra(tmp_path)))
     assert not lock_path(out).exists()
     lock = write_lock(out, sleeper.pid)  # a live run holds the folder
     before = snapshot(work)
     for more in ({"run.overwrite": "true", "optim.lr": 5e-3}, {"run.resume": "true"}):
         with pytest.raises(ConfigError) as refused:
-            train(config_for(tiny, out, **extra(tmp_path, **more)))
+            train(tiny_config(tiny, out, **extra(tmp_path, **more)))
         message = str(refused.value)
         assert "\n" not in message
         holder = f"pid {sleeper.pid} on host {socket.gethostname()}"
@@ -75,7 +67,7 @@ def test_a_lock_from_another_host_is_refused_saying_which_file_to_delete(tiny, t
     out.mkdir()
     lock = write_lock(out, 12345, host="some-other-node")
     with pytest.raises(ConfigError, match=rf"pid 12345 on host some-other-node.*if that run has ended, delete {lock}"):
-        train(config_for(tiny, out, **extra(tmp_path)))
+        train(tiny_config(tiny, out, **extra(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.lock"] and not any(out.iterdir())
 
 
@@ -84,7 +76,7 @@ def test_a_stale_lock_of_a_dead_process_is_recovered(tiny, tmp_path, capsys):
     dead = int(finished.stdout)
     out = tmp_path / "run"
     lock = write_lock(out, dead)
-    result = train(config_for(tiny, out, **extra(tmp_path)))
+    result = train(tiny_config(tiny, out, **extra(tmp_path)))
     assert result["steps"] == 2 and (out / "final").is_dir()
     captured = capsys.readouterr()
     assert f"removed the stale lock {lock} of a run that no longer runs (pid {dead} on" in captured.out + captured.err
@@ -93,13 +85,13 @@ def test_a_stale_lock_of_a_dead_process_is_recovered(tiny, tmp_path, capsys):
 
 def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    train(config_for(tiny, out, **extra(tmp_path)))
+    train(tiny_config(tiny, out, **extra(tmp_path)))
     assert not lock_path(out).exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no answer"}\n')
     with pytest.raises((ValueError, KeyError, OSError)):  # ConfigError is a ValueError
-        train(config_for(tiny, tmp_path / "bad_run", **extra(tmp_path, **{"data.forget": bad})))
+        train(tiny_config(tiny, tmp_path / "bad_run", **extra(tmp_path, **{"data.forget": bad})))
     assert not lock_path(tmp_path / "bad_run").exists()
 
     from fastnpo.train import loop
@@ -112,7 +104,7 @@ def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, mo
 
     monkeypatch.setattr(loop, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(config_for(tiny, tmp_path / "stopped", **extra(tmp_path)))
+        train(tiny_config(tiny, tmp_path / "stopped", **extra(tmp_path)))
     assert held == [True]  # held while the run wrote, gone after
     assert not lock_path(tmp_path / "stopped").exists()
 
@@ -131,7 +123,7 @@ def test_two_cli_runs_started_together_one_trains_the_other_is_refused(tiny, tmp
                 "-m",
                 "fastnpo.cli",
                 *args,
-                *overrides(tiny, out, **extra(tmp_path, **long, **{"optim.lr": lr})),
+                *tiny_overrides(tiny, out, **extra(tmp_path, **long, **{"optim.lr": lr})),
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -204,7 +196,7 @@ def test_under_torchrun_both_ranks_are_refused_without_hanging(tiny, tmp_path, s
 
     out = tmp_path / "run"
     write_lock(out, sleeper.pid)
-    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *overrides(tiny, out, **extra(tmp_path))]
+    args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *tiny_overrides(tiny, out, **extra(tmp_path))]
     process = run_cli(args, torchrun=True)
     try:
         output = process.communicate(timeout=240)[0]  # a rank left waiting for rank 0 would hang here

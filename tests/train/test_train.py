@@ -14,45 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import interrupted_in_step
+from helpers import REPO, interrupted_in_step, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
-from fastnpo.tiny import TinyModelSpec
-from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import train
 from fastnpo.train.config import Config, ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
-
-
-def overrides(tiny, out, **extra):
-    values = {
-        "model.name_or_path": tiny["base"],
-        "data.forget": tiny["data"],
-        "data.retain": tiny["data"],
-        "data.batch_size": 4,
-        "data.retain_batch_size": 4,
-        "data.max_length": 64,
-        "run.output_dir": out,
-        "run.progress": False,
-        "run.checkpoint_every": 0,
-        "optim.lr": 1e-3,
-        "optim.max_steps": 2,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def config_for(tiny, out, **extra):
-    return load_config(REPO / "configs" / "tiny_cpu.yaml", overrides(tiny, out, **extra))
-
 
 # What a method needs on the 2-layer tiny model: RMU's defaults name layers 5-7 of a 7B model.
 METHOD_OVERRIDES = {"rmu": {"method.rmu_layer": 1, "method.rmu_update_layers": "[0,1]"}}
@@ -74,7 +41,7 @@ def final_weights(out) -> dict:
 def test_every_method_trains_and_exports(tiny, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    result = train(config_for(tiny, tmp_path / "run", **method_overrides(method)))
+    result = train(tiny_config(tiny, tmp_path / "run", **method_overrides(method)))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_memory_mib", "mean_forget_logp"):
@@ -96,7 +63,7 @@ def test_new_methods_train_through_the_cli(tiny, tmp_path, method):
     from fastnpo.cli import main
 
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    assert main(args + overrides(tiny, tmp_path / "run", **method_overrides(method))) == 0
+    assert main(args + tiny_overrides(tiny, tmp_path / "run", **method_overrides(method))) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     term = "rmu_forget" if method == "rmu" else method
     assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r[term])) for r in records)
@@ -240,7 +207,7 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
     # Exponents that give the tiny model's p ~ 1e-3 weights far from 0 and 1.
     weights = {"method.wga_beta": 0.3, "method.satimp_beta1": 0.3, "method.satimp_beta2": 2.0}
     extra = {**method_overrides(method), "method.beta": beta, "optim.max_grad_norm": 0, **weights}
-    config = config_for(tiny, tmp_path / "run", **extra)
+    config = tiny_config(tiny, tmp_path / "run", **extra)
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     with pytest.raises(StopIteration):
         train(config)
@@ -265,10 +232,10 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
 
 def test_reference_cache_hit_then_miss_on_changed_input(tiny, tmp_path):
     cache = tmp_path / "cache"
-    train(config_for(tiny, tmp_path / "a", **{"method.name": "npo", "run.cache_dir": cache}))
-    train(config_for(tiny, tmp_path / "b", **{"method.name": "npo", "run.cache_dir": cache}))
+    train(tiny_config(tiny, tmp_path / "a", **{"method.name": "npo", "run.cache_dir": cache}))
+    train(tiny_config(tiny, tmp_path / "b", **{"method.name": "npo", "run.cache_dir": cache}))
     changed = {"method.name": "npo", "run.cache_dir": cache, "data.template": '"Q: {question} A:"'}
-    train(config_for(tiny, tmp_path / "c", **changed))
+    train(tiny_config(tiny, tmp_path / "c", **changed))
     hits = [json.loads((tmp_path / r / "run_info.json").read_text())["reference_cache_hit"] for r in "abc"]
     assert hits == [False, True, False]
     assert len(list(cache.glob("ref-logprobs-*.safetensors"))) == 2
@@ -293,10 +260,10 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     # Same global batch (8 forget + 8 retain examples per step): 2 ranks x 4, or 1 process x 8.
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": tmp_path / "cache"}
-    two = run_cli(args + overrides(tiny, tmp_path / "two", **common), torchrun=True)
+    two = run_cli(args + tiny_overrides(tiny, tmp_path / "two", **common), torchrun=True)
     assert two.wait(timeout=300) == 0, two.stdout.read()
     one = run_cli(
-        args + overrides(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8})
+        args + tiny_overrides(tiny, tmp_path / "one", **common, **{"data.batch_size": 8, "data.retain_batch_size": 8})
     )
     assert one.wait(timeout=300) == 0, one.stdout.read()
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["fsdp"] is True
@@ -320,10 +287,10 @@ def test_killed_run_resumes_to_the_same_parameters(tiny, tmp_path):
         "method.name": "npo_rt",
         "run.cache_dir": tmp_path / "cache",
     }
-    straight = run_cli(args + overrides(tiny, tmp_path / "straight", **common))
+    straight = run_cli(args + tiny_overrides(tiny, tmp_path / "straight", **common))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    interrupted = run_cli(args + overrides(tiny, tmp_path / "killed", **common))
+    interrupted = run_cli(args + tiny_overrides(tiny, tmp_path / "killed", **common))
     marker = tmp_path / "killed" / "checkpoints" / "step_6" / "trainer.json"
     deadline = time.time() + 240
     while not marker.exists() and interrupted.poll() is None and time.time() < deadline:
@@ -331,7 +298,7 @@ def test_killed_run_resumes_to_the_same_parameters(tiny, tmp_path):
     interrupted.send_signal(signal.SIGKILL)
     interrupted.wait()
     assert not (tmp_path / "killed" / "final").exists(), "the run must have been killed before the end"
-    resumed = run_cli(args + overrides(tiny, tmp_path / "killed", **common))
+    resumed = run_cli(args + tiny_overrides(tiny, tmp_path / "killed", **common))
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
@@ -357,13 +324,13 @@ def test_adamw_8bit_checkpoints_and_resumes_to_the_same_parameters(tiny, tmp_pat
         "run.cache_dir": tmp_path / "cache",
         **(IN_BACKWARD if in_backward else {}),
     }
-    train(config_for(tiny, tmp_path / "straight", **common))
+    train(tiny_config(tiny, tmp_path / "straight", **common))
 
     with interrupted_in_step(3), pytest.raises(KeyboardInterrupt):
-        train(config_for(tiny, tmp_path / "stopped", **common))
+        train(tiny_config(tiny, tmp_path / "stopped", **common))
     saved = json.loads((tmp_path / "stopped" / "checkpoints" / "step_2" / "trainer.json").read_text())
     assert saved["scheduler"]["base_lrs"][0]["dtype"] == "float32", saved["scheduler"]
-    train(config_for(tiny, tmp_path / "stopped", **common))
+    train(tiny_config(tiny, tmp_path / "stopped", **common))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -399,14 +366,14 @@ def test_bad_data_fails_before_any_work(tiny, tmp_path, case, match):
         long_question = "Who wrote the book? " * 40
         extra["data.forget"] = write_jsonl(tmp_path / "f.jsonl", [{"question": long_question, "answer": "Ann."}])
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     assert not out.exists(), "nothing may be written before the inputs are known good"
 
 
 def test_resume_with_another_config_is_refused_and_nothing_is_touched(tiny, tmp_path):
     out = tmp_path / "run"
     train(
-        config_for(
+        tiny_config(
             tiny,
             out,
             **{"method.name": "npo", "optim.max_steps": 4, "run.checkpoint_every": 2, "run.export": False},
@@ -417,16 +384,16 @@ def test_resume_with_another_config_is_refused_and_nothing_is_touched(tiny, tmp_
     (out / "run_info.json").unlink()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(ConfigError, match=r"method.beta: 0.1 -> 0.5"):
-        train(config_for(tiny, out, **{"method.name": "npo", "method.beta": 0.5, "optim.max_steps": 4}))
+        train(tiny_config(tiny, out, **{"method.name": "npo", "method.beta": 0.5, "optim.max_steps": 4}))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_existing_finished_run_is_not_overwritten(tiny, tmp_path):
     out = tmp_path / "run"
-    train(config_for(tiny, out, **{"method.name": "ga"}))
+    train(tiny_config(tiny, out, **{"method.name": "ga"}))
     stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(ConfigError, match="already holds a run"):
-        train(config_for(tiny, out, **{"method.name": "ga"}))
+        train(tiny_config(tiny, out, **{"method.name": "ga"}))
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -486,7 +453,7 @@ def test_config_file_errors(tmp_path):
 )
 def test_rmu_refuses_what_the_model_does_not_have(tiny, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
-        train(config_for(tiny, tmp_path / "run", **{"method.name": "rmu", **extra}))
+        train(tiny_config(tiny, tmp_path / "run", **{"method.name": "rmu", **extra}))
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -499,7 +466,7 @@ def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch,
     grads = {}
     for packing in (False, True):
         extra = {**method_overrides(method), "data.packing": packing, "data.pack_tokens": 128}
-        config = config_for(tiny, tmp_path / f"run{packing}", **extra, **{"optim.max_grad_norm": 0})
+        config = tiny_config(tiny, tmp_path / f"run{packing}", **extra, **{"optim.max_grad_norm": 0})
         with pytest.raises(StopIteration):
             train(config)
         grads[packing] = CaptureGradients.captured
@@ -512,7 +479,7 @@ def test_lora_trains_adapters_only_and_exports_them(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     result = train(
-        config_for(tiny, tmp_path / "run", **{"method.name": "npo", "model.lora.enabled": True, "model.lora.r": 4})
+        tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "model.lora.enabled": True, "model.lora.r": 4})
     )
     final = Path(result["final"])
     assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
@@ -527,7 +494,7 @@ def test_lora_trains_adapters_only_and_exports_them(tiny, tmp_path):
 
 def test_bf16_autocast_and_activation_checkpointing_run(tiny, tmp_path):
     result = train(
-        config_for(
+        tiny_config(
             tiny,
             tmp_path / "run",
             **{
@@ -549,7 +516,7 @@ def test_cache_ref_command_builds_verifies_then_hits(tiny, tmp_path):
         str(REPO / "configs" / "tiny_cpu.yaml"),
         "--verify",
         "3",
-        *overrides(tiny, tmp_path / "run", **{"method.name": "idkdpo", "run.cache_dir": tmp_path / "cache"}),
+        *tiny_overrides(tiny, tmp_path / "run", **{"method.name": "idkdpo", "run.cache_dir": tmp_path / "cache"}),
     ]
     outputs = []
     for _ in range(2):
@@ -573,7 +540,7 @@ def test_trainer_cache_is_shared_with_the_hf_integration(tiny, tmp_path):
     from fastnpo.train.setup import load_data
 
     cache = tmp_path / "cache"
-    config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": cache})
+    config = tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "run.cache_dir": cache})
     train(config)
     tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
     sets, _ = load_data(config, tokenizer, method_for("npo"), 1)
@@ -629,9 +596,9 @@ def ragged_overrides(tiny, tmp_path, method, batch, **extra):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_grad_accum_over_an_empty_micro_batch_matches_one_big_batch(tiny, tmp_path, method):
     # Issue: a micro-batch without forget examples was skipped, retain half included.
-    train(config_for(tiny, tmp_path / "big", **ragged_overrides(tiny, tmp_path, method, 4)))
+    train(tiny_config(tiny, tmp_path / "big", **ragged_overrides(tiny, tmp_path, method, 4)))
     accum = ragged_overrides(tiny, tmp_path, method, 2, **{"optim.grad_accum": 2})
-    train(config_for(tiny, tmp_path / "accum", **accum))
+    train(tiny_config(tiny, tmp_path / "accum", **accum))
     steps = [json.loads(line)["step"] for line in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # 4 + 4 + 1 forget examples
     big = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
@@ -667,7 +634,7 @@ def two_rank_runs(tiny, tmp_path_factory):
     runs = []
     for method in sorted(METHODS):
         (root / method).mkdir()
-        values = overrides(tiny, root / method / "two", **ragged_overrides(tiny, root / method, method, 2))
+        values = tiny_overrides(tiny, root / method / "two", **ragged_overrides(tiny, root / method, method, 2))
         runs.append(values)
     return root, two_rank_job(root, runs, timeout=900)
 
@@ -681,7 +648,7 @@ def test_two_ranks_with_an_empty_share_finish_and_match_one_process(tiny, two_ra
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     folder = root / method
     assert json.loads((folder / "two" / "run_info.json").read_text())["fsdp"] is True
-    train(config_for(tiny, folder / "one", **ragged_overrides(tiny, folder, method, 4)))
+    train(tiny_config(tiny, folder / "one", **ragged_overrides(tiny, folder, method, 4)))
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     trained = RMU_TRAINED if method == "rmu" else None
     assert_same_training(folder / "two", folder / "one", initial, trained)
@@ -712,7 +679,7 @@ def test_divergence_stops_the_run_keeps_the_checkpoint_and_exports_nothing(tiny,
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_diverge)
     out = tmp_path / "run"
-    config = config_for(tiny, out, **{"optim.max_steps": 30, "run.checkpoint_every": 2})
+    config = tiny_config(tiny, out, **{"optim.max_steps": 30, "run.checkpoint_every": 2})
     with pytest.raises(TrainingDiverged, match=r"step 5: the gradient norm is nan"):
         train(config)
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
@@ -748,8 +715,8 @@ def test_in_backward_steps_match_the_step_after_the_backward(tiny, tmp_path, opt
     # The same optimizer, the same updates, one parameter at a time inside the backward. The tiny
     # model ties its embeddings, so the lm_head's gradient waits for the embedding's there.
     common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.max_grad_norm": 0, **optimizer}
-    train(config_for(tiny, tmp_path / "after", **common))
-    train(config_for(tiny, tmp_path / "inside", **{**common, **IN_BACKWARD}))
+    train(tiny_config(tiny, tmp_path / "after", **common))
+    train(tiny_config(tiny, tmp_path / "inside", **{**common, **IN_BACKWARD}))
     after, inside = final_weights(tmp_path / "after"), final_weights(tmp_path / "inside")
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     assert after.keys() == inside.keys()
@@ -771,7 +738,7 @@ def test_in_backward_steps_match_the_step_after_the_backward(tiny, tmp_path, opt
 )
 def test_in_backward_refuses_accumulation_and_clipping(tiny, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
-        config_for(tiny, tmp_path / "run", **{**IN_BACKWARD, **extra})
+        tiny_config(tiny, tmp_path / "run", **{**IN_BACKWARD, **extra})
     assert not (tmp_path / "run").exists()
 
 
@@ -779,7 +746,7 @@ def test_in_backward_divergence_stops_the_run_and_exports_nothing(tiny, tmp_path
     from fastnpo.train.step import TrainingDiverged
 
     out = tmp_path / "run"
-    config = config_for(tiny, out, **IN_BACKWARD, **{"optim.lr": 1e4, "optim.max_steps": 30})
+    config = tiny_config(tiny, out, **IN_BACKWARD, **{"optim.lr": 1e4, "optim.max_steps": 30})
     with pytest.raises(TrainingDiverged, match=r"step \d+: the gradient norm is (nan|inf).*already updated"):
         train(config)
     assert not (out / "final").exists()
@@ -809,8 +776,8 @@ def test_offload_matches_the_run_without_it(tiny, tmp_path, offload_on_cpu, opti
     # With clipping (the default max_grad_norm=1: its norm is a collective over CPU DTensors) and,
     # for AdamW, gradient accumulation; torch's fused CPU AdamW against its default step.
     common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.lr": 3e-3, **optimizer}
-    train(config_for(tiny, tmp_path / "plain", **common))
-    train(config_for(tiny, tmp_path / "offload", **common, **OFFLOAD))
+    train(tiny_config(tiny, tmp_path / "plain", **common))
+    train(tiny_config(tiny, tmp_path / "offload", **common, **OFFLOAD))
     assert json.loads((tmp_path / "offload" / "run_info.json").read_text())["fsdp"] is True
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     plain, offloaded = final_weights(tmp_path / "plain"), final_weights(tmp_path / "offload")
@@ -831,8 +798,8 @@ def test_offload_matches_the_run_without_it(tiny, tmp_path, offload_on_cpu, opti
 def test_offload_on_cuda_matches_the_run_without_it(tiny, tmp_path):
     # The GPU path: pinned shards, nccl beside gloo, clipping's norm over CPU-resident gradients.
     common = {"method.name": "npo_rt", "optim.max_steps": 3, "optim.lr": 3e-3, "run.device": "cuda"}
-    train(config_for(tiny, tmp_path / "plain", **common))
-    train(config_for(tiny, tmp_path / "offload", **common, **OFFLOAD))
+    train(tiny_config(tiny, tmp_path / "plain", **common))
+    train(tiny_config(tiny, tmp_path / "offload", **common, **OFFLOAD))
     plain, offloaded = final_weights(tmp_path / "plain"), final_weights(tmp_path / "offload")
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     for key in plain:
@@ -848,7 +815,7 @@ def test_offload_state_lives_in_cpu_memory_as_dtensor_shards(tiny, tmp_path, off
     from fastnpo import distributed
     from fastnpo.train.setup import build_optimizer, load_model, wrap_model
 
-    config = config_for(tiny, tmp_path / "run", **OFFLOAD)
+    config = tiny_config(tiny, tmp_path / "run", **OFFLOAD)
     info = distributed.setup("cpu", offload=True)
     try:
         trainee = wrap_model(config, load_model(config, info.device), None, info)
@@ -869,7 +836,7 @@ def test_offload_state_lives_in_cpu_memory_as_dtensor_shards(tiny, tmp_path, off
 )
 def test_offload_refuses_combinations_that_cannot_work(tiny, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
-        config_for(tiny, tmp_path / "run", **OFFLOAD, **extra)
+        tiny_config(tiny, tmp_path / "run", **OFFLOAD, **extra)
     assert not (tmp_path / "run").exists()
 
 
@@ -887,14 +854,14 @@ def test_offload_more_than_the_host_has_is_refused_before_any_work(tiny, tmp_pat
     monkeypatch.setattr(setup, "available_host_gib", lambda: 1e-6)
     match = r"optim\.offload: .*need about [0-9.]+ GiB of host memory on this node \(fastnpo plan\), 0\.0 GiB is"
     with pytest.raises(ConfigError, match=match):
-        train(config_for(tiny, tmp_path / "run", **OFFLOAD))
+        train(tiny_config(tiny, tmp_path / "run", **OFFLOAD))
     assert not (tmp_path / "run").exists()
     assert "optim.offload: planned host memory" in capsys.readouterr().out
 
 
 def test_offload_without_a_gpu_is_refused_before_any_work(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.offload: .*needs a CUDA GPU; this run's device is cpu"):
-        train(config_for(tiny, tmp_path / "run", **OFFLOAD))
+        train(tiny_config(tiny, tmp_path / "run", **OFFLOAD))
     assert not (tmp_path / "run").exists()
 
 
@@ -921,7 +888,7 @@ def sharded_optimizer_runs(tiny, tmp_path_factory):
     runs = []
     for name, extra in SHARDED_OPTIMIZERS.items():
         common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": root / name / "cache", **extra}
-        runs.append(overrides(tiny, root / name / "two", **common))
+        runs.append(tiny_overrides(tiny, root / name / "two", **common))
     return root, two_rank_job(root, runs, timeout=600)
 
 
@@ -933,7 +900,7 @@ def test_two_ranks_match_one_process_with_each_optimizer_mode(tiny, sharded_opti
     assert json.loads((folder / "two" / "run_info.json").read_text())["fsdp"] is True
     common = {"optim.max_steps": 3, "method.name": "npo_rt", "run.cache_dir": folder / "cache"}
     one = {**common, **SHARDED_OPTIMIZERS[name], "data.batch_size": 8, "data.retain_batch_size": 8}
-    train(config_for(tiny, folder / "one", **one))
+    train(tiny_config(tiny, folder / "one", **one))
     initial = load_file(Path(tiny["base"]) / "model.safetensors")
     if "kahan" not in name:
         assert_same_training(folder / "two", folder / "one", initial)
@@ -963,9 +930,9 @@ def test_example_weights_of_one_change_nothing_and_scale_the_forget_term(tiny, t
     ones, halves = tmp_path / "ones.json", tmp_path / "halves.json"
     ones.write_text(json.dumps([1.0] * rows))
     halves.write_text(json.dumps([0.5] * rows))
-    train(config_for(tiny, tmp_path / "plain", **common))
-    train(config_for(tiny, tmp_path / "ones", **common, **{"run.example_weights": ones}))
-    train(config_for(tiny, tmp_path / "halves", **common, **{"run.example_weights": halves}))
+    train(tiny_config(tiny, tmp_path / "plain", **common))
+    train(tiny_config(tiny, tmp_path / "ones", **common, **{"run.example_weights": ones}))
+    train(tiny_config(tiny, tmp_path / "halves", **common, **{"run.example_weights": halves}))
     plain, weighted = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ones")
     assert all(torch.equal(plain[key], weighted[key]) for key in plain)
     first = {name: metric_records(tmp_path / name)[0] for name in ("plain", "halves")}
@@ -983,7 +950,7 @@ def test_example_weights_of_one_change_nothing_and_scale_the_forget_term(tiny, t
 def test_bad_example_weights_are_refused_before_any_work(tiny, tmp_path, content, match):
     path = tmp_path / "weights.json"
     path.write_text(content)
-    config = config_for(tiny, tmp_path / "run", **{"method.name": "npo", "run.example_weights": path})
+    config = tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "run.example_weights": path})
     with pytest.raises(ConfigError, match=match):
         train(config)
     assert not (tmp_path / "run").exists()

@@ -5,18 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from test_train import REPO, config_for, overrides
+from helpers import REPO, tiny_config, tiny_overrides
 
 from fastnpo.config import ConfigError
-from fastnpo.tiny import TinyModelSpec
-from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import load_config, train
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
 
 
 def broken_yaml(tmp_path):
@@ -39,20 +31,20 @@ def test_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
 def test_malformed_jsonl_line_names_the_set_the_file_and_the_line(tiny, tmp_path):
     extra = {"method.name": "npo", "data.forget": malformed_jsonl(tmp_path)}
     with pytest.raises(ValueError, match=r"forget set .*f\.jsonl.*line 2, column \d+: not valid JSON"):
-        train(config_for(tiny, tmp_path / "run", **extra))
+        train(tiny_config(tiny, tmp_path / "run", **extra))
 
 
 def test_missing_model_names_the_key(tiny, tmp_path):
     extra = {"method.name": "npo", "model.name_or_path": tmp_path / "no-such-model"}
     with pytest.raises(FileNotFoundError, match=r"model\.name_or_path .*no-such-model"):
-        train(config_for(tiny, tmp_path / "run", **extra))
+        train(tiny_config(tiny, tmp_path / "run", **extra))
 
 
 def test_model_folder_without_a_model_names_the_key(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     extra = {"method.name": "npo", "model.name_or_path": tmp_path / "empty"}
     with pytest.raises(ValueError, match=r"model\.name_or_path .*empty.*cannot load"):
-        train(config_for(tiny, tmp_path / "run", **extra))
+        train(tiny_config(tiny, tmp_path / "run", **extra))
 
 
 @pytest.mark.parametrize("case", ["yaml", "jsonl", "model"])
@@ -65,7 +57,7 @@ def test_cli_says_one_line_and_exits_2(tiny, tmp_path, case):
         extra["data.forget"] = malformed_jsonl(tmp_path)
     else:
         extra["model.name_or_path"] = tmp_path / "no-such-model"
-    args = ["train", "--config", config, *overrides(tiny, tmp_path / "run", **extra)]
+    args = ["train", "--config", config, *tiny_overrides(tiny, tmp_path / "run", **extra)]
     done = subprocess.run(
         [sys.executable, "-m", "fastnpo.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )

@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import config_for, final_weights, write_jsonl
+from helpers import tiny_config
+from test_train import final_weights, write_jsonl
 
-from fastnpo.tiny import TinyModelSpec
-from fastnpo.tofu.minitofu import prepare_tiny
 from fastnpo.train import loop, train
 from fastnpo.train.config import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return prepare_tiny(root, num_authors=20, qa_per_author=2, spec=TinyModelSpec(hidden_size=32, intermediate_size=64))
 
 
 def metrics_steps(out) -> list[int]:
@@ -52,10 +45,10 @@ def test_finished_run_with_checkpoints_is_refused_and_untouched(tiny, tmp_path, 
     # retrained, final/ re-exported, a duplicate metrics line, run_info.json rewritten.
     out = tmp_path / "run"
     extra = {"method.name": "npo", "optim.max_steps": 3, "run.checkpoint_every": 1, "run.export": export}
-    train(config_for(tiny, out, **extra))
+    train(tiny_config(tiny, out, **extra))
     before = snapshot(out)
     with pytest.raises(ConfigError, match="already holds a run that finished"):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     assert snapshot(out) == before
 
 
@@ -67,10 +60,10 @@ def test_resume_drops_the_killed_runs_metrics_past_the_checkpoint(tiny, tmp_path
     extra = {"method.name": "npo_rt", "optim.max_steps": 6, "run.checkpoint_every": 2}
     crash_at(monkeypatch, 4)  # steps 1-3 logged, the newest checkpoint is step 2
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     assert metrics_steps(out) == [1, 2, 3]
     monkeypatch.undo()
-    train(config_for(tiny, out, **extra))
+    train(tiny_config(tiny, out, **extra))
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
@@ -81,14 +74,14 @@ def test_offloaded_run_resumes_to_the_same_parameters(tiny, tmp_path, monkeypatc
     extra = {"method.name": "npo_rt", "optim.max_steps": 4, "run.checkpoint_every": 2, "optim.offload": "true"}
     allow = ("cuda", "cpu")  # optim.offload is refused on CPU outside tests (test_train.py's offload_on_cpu)
     monkeypatch.setattr(setup, "OFFLOAD_DEVICES", allow)
-    train(config_for(tiny, tmp_path / "straight", **extra))
+    train(tiny_config(tiny, tmp_path / "straight", **extra))
     out = tmp_path / "run"
     crash_at(monkeypatch, 4)  # the newest checkpoint is step 2
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     monkeypatch.undo()
     monkeypatch.setattr(setup, "OFFLOAD_DEVICES", allow)
-    train(config_for(tiny, out, **extra))
+    train(tiny_config(tiny, out, **extra))
     assert metrics_steps(out) == [1, 2, 3, 4]
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -96,14 +89,14 @@ def test_offloaded_run_resumes_to_the_same_parameters(tiny, tmp_path, monkeypatc
 
 def test_run_that_crashed_before_its_first_checkpoint_restarts(tiny, tmp_path, monkeypatch, capsys):
     extra = {"method.name": "npo_rt", "optim.max_steps": 4, "run.checkpoint_every": 3}
-    train(config_for(tiny, tmp_path / "straight", **extra))
+    train(tiny_config(tiny, tmp_path / "straight", **extra))
     out = tmp_path / "run"
     crash_at(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     monkeypatch.undo()
     capsys.readouterr()
-    train(config_for(tiny, out, **extra))
+    train(tiny_config(tiny, out, **extra))
     assert "stopped before its first checkpoint" in capsys.readouterr().out
     assert metrics_steps(out) == [1, 2, 3, 4]
     straight, restarted = final_weights(tmp_path / "straight"), final_weights(out)
@@ -114,7 +107,7 @@ def test_truncation_error_names_the_set_the_file_and_the_example(tiny, tmp_path)
     rows = [{"question": "Who?", "answer": "Ann."}] * 5 + [{"question": "Who wrote it? " * 40, "answer": "Ann."}]
     forget = write_jsonl(tmp_path / "f.jsonl", rows)
     with pytest.raises(ValueError, match=r"forget set .*f\.jsonl.*example 5\b"):
-        train(config_for(tiny, tmp_path / "run", **{"method.name": "npo", "data.forget": forget}))
+        train(tiny_config(tiny, tmp_path / "run", **{"method.name": "npo", "data.forget": forget}))
 
 
 # ----------------------------------------------------------------------------- item 4
@@ -123,7 +116,7 @@ def test_truncation_error_names_the_set_the_file_and_the_example(tiny, tmp_path)
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    train(config_for(tiny, out, **{"method.name": "npo", "optim.max_steps": 2}))
+    train(tiny_config(tiny, out, **{"method.name": "npo", "optim.max_steps": 2}))
     return out
 
 
@@ -155,7 +148,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_inputs_are_bad(tiny, tmp_path,
     before = snapshot(out)
     extra = {"method.name": "npo", "run.overwrite": True, **bad_input(case, tmp_path)}
     with pytest.raises((ValueError, FileNotFoundError)):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run")) == []
 
@@ -169,16 +162,16 @@ def test_overwrite_restores_the_old_run_when_the_new_one_fails_before_its_first_
     crash_at(monkeypatch, 2)
     extra = {"method.name": "npo", "run.overwrite": True, "optim.max_steps": 4, "run.checkpoint_every": 3}
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config_for(tiny, out, **extra))
+        train(tiny_config(tiny, out, **extra))
     assert snapshot(out) == before
     monkeypatch.undo()
-    train(config_for(tiny, out, **extra))  # now it replaces the old run
+    train(tiny_config(tiny, out, **extra))  # now it replaces the old run
     assert metrics_steps(out) == [1, 2, 3, 4]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
 
 
 def test_exported_weights_are_as_readable_as_the_rest_of_the_folder(tiny, tmp_path):
-    result = train(config_for(tiny, tmp_path / "run", **{"optim.max_steps": 1}))
+    result = train(tiny_config(tiny, tmp_path / "run", **{"optim.max_steps": 1}))
     final = Path(result["final"])
     modes = {f.name: f.stat().st_mode & 0o777 for f in final.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
