@@ -125,8 +125,8 @@ class MethodConfig:
     A key left null takes the method's default when the section is built, so a printed or saved
     config shows the value the run uses: beta is 0.1 (NPO, IdkDPO) or the method's own (SimNPO:
     2.5); every other null key is one method's own parameter (simnpo_gamma and delta: SimNPO's
-    margin; wga_beta; satimp_beta1/2; ceu_ignore_first; rmu_*; undial_beta) and gets that
-    method's default whichever method runs.
+    margin; wga_beta; satimp_beta1/2; ceu_ignore_first; rmu_*, rmu_positions "attended" or
+    "labelled" among them; undial_beta) and gets that method's default whichever method runs.
     """
 
     name: str = "npo"
@@ -146,6 +146,7 @@ class MethodConfig:
     rmu_params: list[str] | None = None
     rmu_steering_coeff: float | None = None
     rmu_alpha: float | None = None
+    rmu_positions: str | None = None
     undial_beta: float | None = None
 
     def __post_init__(self):

@@ -132,9 +132,10 @@ class Method:
         """A context for the forward (capture methods record activations in it)."""
         return nullcontext()
 
-    def activation_terms(self, state, owner: torch.Tensor, rows: dict[str, slice]):
+    def activation_terms(self, state, owner: torch.Tensor, rows: dict[str, slice], labels: torch.Tensor):
         """Capture methods: their terms by set after the forward; owner [R, L] the micro-batch
-        example of each attended position (-1 on padding), rows each set's examples. None otherwise."""
+        example of each attended position (-1 on padding), rows each set's examples, labels [R, L]
+        the batch's labels (-100 on prompt and padding). None otherwise."""
         return None
 
     def forget_term(self, config, state, token_logps, hidden, weight, targets, owner, forget_rows, example_index=None):

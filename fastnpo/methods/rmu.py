@@ -3,8 +3,15 @@
 The output of decoder layer rmu_layer (7) is steered toward rmu_steering_coeff (20) times a fixed
 random unit vector on forget data and kept at the frozen model's on retain data (weight
 rmu_alpha = 100, times retain_coeff); only the parameters named rmu_params
-(["mlp.down_proj.weight"]) of the layers rmu_update_layers ([5, 6, 7]) train. Both terms are
-means over the attended positions of their set (prompt and answer) and the D features.
+(["mlp.down_proj.weight"]) of the layers rmu_update_layers ([5, 6, 7]) train. Each term is a mean
+of the squared distance over the D features and over the positions chosen by rmu_positions:
+
+- "attended" (the default, fastnpo's benchmark convention): every attended position of the set
+  (prompt and answer, no padding), pooled over the set's examples (unit "<set>_positions");
+- "labelled" (open-unlearning's `RMU.compute_activation_loss`): the labelled positions of each
+  example (labels != -100: the answer and its EOS), averaged per example, then over the set's
+  examples (unit "<set>_examples"). An example with no labelled position contributes 0 (where
+  open-unlearning would give NaN).
 """
 
 import copy
@@ -16,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, require
+from ..ops import IGNORE_INDEX
 from .base import Method, MethodMemory, PrepareInputs, Term, TermInputs
 
 
@@ -30,6 +38,7 @@ class RMU(Method):
         "rmu_params": ["mlp.down_proj.weight"],
         "rmu_steering_coeff": 20.0,
         "rmu_alpha": 100.0,
+        "rmu_positions": "attended",
     }
 
     def check(self, config) -> None:
@@ -42,6 +51,8 @@ class RMU(Method):
         fine = bool(layers) and len(set(layers)) == len(layers) and all(0 <= i <= config.rmu_layer for i in layers)
         require(fine, "method.rmu_update_layers", message, layers)
         require(bool(config.rmu_params), "method.rmu_params", "must name at least one parameter", config.rmu_params)
+        positions = config.rmu_positions
+        require(positions in RMU_POSITIONS, "method.rmu_positions", f"must be one of {list(RMU_POSITIONS)}", positions)
 
     def for_layers(self, layers: int) -> dict:
         """The defaults name layers 5-7 of a 32-layer model: on a small model (the demo's), steer the
@@ -60,16 +71,20 @@ class RMU(Method):
     def capture(self, state: "RMUState", model: nn.Module):
         return state.capture(model)
 
-    def activation_terms(self, state: "RMUState", owner: torch.Tensor, rows: dict[str, slice]):
+    def activation_terms(self, state: "RMUState", owner: torch.Tensor, rows: dict[str, slice], labels: torch.Tensor):
+        """rmu_positions "labelled" reads the micro-batch's labels [R, L]."""
+        if state.positions == "labelled":
+            return state.example_terms(owner, rows, labels)
         masks = {name: (owner >= r.start) & (owner < r.stop) for name, r in rows.items()}
         return state.terms(masks["forget"], masks.get("retain"))
 
     def terms(self, config, x: TermInputs) -> dict[str, Term]:
         if x.activations is None:
             raise ValueError("method rmu needs the steered layer's activation terms (RMUState.terms)")
+        unit = RMU_POSITIONS[config.rmu_positions]
         return {
-            "rmu_forget": Term(x.activations["forget"], "forget_positions", config.forget_coeff),
-            "rmu_retain": Term(x.activations["retain"], "retain_positions", config.rmu_alpha * config.retain_coeff),
+            "rmu_forget": Term(x.activations["forget"], f"forget_{unit}", config.forget_coeff),
+            "rmu_retain": Term(x.activations["retain"], f"retain_{unit}", config.rmu_alpha * config.retain_coeff),
         }
 
     def memory(self, config, model: nn.Module, layers: nn.ModuleList) -> MethodMemory:
@@ -85,6 +100,11 @@ class RMU(Method):
         copied = layers[min(config.rmu_update_layers) : config.rmu_layer + 1]
         frozen = sum(p.numel() for layer in copied for p in layer.parameters())
         return MethodMemory(trainable=trainable, frozen_copy=frozen, backward_layers=len(copied))
+
+
+# method.rmu_positions: which positions a term averages over -> what the term is a mean over
+# (Term.normalizer's unit, renormalised by the step's global count).
+RMU_POSITIONS = {"attended": "positions", "labelled": "examples"}
 
 
 def rmu_control_vector(dim: int, steering_coeff: float, seed: int) -> torch.Tensor:
@@ -146,6 +166,7 @@ class RMUState:
         if dim is None:
             raise ValueError(f"method rmu: {type(model).__name__}.config has no hidden_size")
         self.control = rmu_control_vector(dim, config.rmu_steering_coeff, seed)
+        self.positions = config.rmu_positions
         self._captured: dict = {}
 
     def select_trainable(self, model: nn.Module) -> list[str]:
@@ -222,6 +243,22 @@ class RMUState:
             terms["retain"] = _masked_term(output, self.frozen_output().to(output.dtype), retain)
         return terms
 
+    def example_terms(
+        self, owner: torch.Tensor, rows: dict[str, slice], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """rmu_positions "labelled": each set's mean over its examples of the per-example mean over
+        the labelled positions (labels != -100) for the captured forward; owner [R, L] the
+        micro-batch example of each attended position (-1 on padding), labels [R, L]."""
+        if "output" not in self._captured:
+            raise RuntimeError("RMUState.example_terms: no forward ran inside RMUState.capture")
+        output = self._captured["output"]
+        labelled = (labels.to(owner.device) != IGNORE_INDEX) & (owner >= 0)
+        terms = {"forget": rmu_example_loss(output, self.control.to(output.device), owner, labelled, rows["forget"])}
+        if rows.get("retain") is not None:
+            frozen = self.frozen_output().to(output.dtype)
+            terms["retain"] = rmu_example_loss(output, frozen, owner, labelled, rows["retain"])
+        return terms
+
 
 def _masked_term(activations, target, mask) -> torch.Tensor:
     if not bool(mask.any()):  # a stand-in set: a zero that still reaches the graph
@@ -245,3 +282,30 @@ def rmu_activation_loss(activations: torch.Tensor, target: torch.Tensor, mask: t
         raise ValueError("mask selects no position: the RMU term is undefined")
     diff = (activations.float() - target.float()).pow(2).mean(dim=-1)
     return torch.where(mask.bool(), diff, 0.0).sum() / count
+
+
+def rmu_example_loss(
+    activations: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, labelled: torch.Tensor, examples: slice
+) -> torch.Tensor:
+    """RMU's term as open-unlearning averages it (`RMU.compute_activation_loss`): for each example
+    of `examples` (places in the micro-batch), the mean over its labelled positions of the squared
+    distance (mean over the D features) between the activations [R, T, D] and the target (c*u [D],
+    or the frozen activations [R, T, D]); then the mean over those examples. owner [R, T]: the
+    example of each position (-1 on padding); labelled [R, T] bool. An example with no labelled
+    position contributes 0; a set with no example gives a 0 that still reaches the graph.
+    Computed in at least float32."""
+    if activations.dim() != 3:
+        raise ValueError(f"activations must be [R, T, D], got {tuple(activations.shape)}")
+    if owner.shape != activations.shape[:2] or labelled.shape != owner.shape:
+        shapes = (tuple(owner.shape), tuple(labelled.shape))
+        raise ValueError(f"owner and labelled must be [R, T] = {tuple(activations.shape[:2])}, got {shapes}")
+    count = examples.stop - examples.start
+    if count <= 0:
+        return activations.sum() * 0.0
+    dtype = torch.promote_types(activations.dtype, torch.float32)
+    chosen = labelled & (owner >= examples.start) & (owner < examples.stop)
+    diff = (activations.to(dtype) - target.to(dtype)).pow(2).mean(dim=-1)[chosen]
+    index = owner[chosen] - examples.start
+    sums = diff.new_zeros(count).index_add(0, index, diff)
+    positions = torch.zeros(count, dtype=dtype, device=diff.device).index_add(0, index, torch.ones_like(diff))
+    return (sums / positions.clamp(min=1)).mean()

@@ -162,7 +162,7 @@ def micro_batch_backward(
                 logps_all, counts_all, token_term = ctx.model.wrapper(batch, token_term=term)
             else:
                 logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
-        activations = method.activation_terms(state, example_of_positions(batch), rows)
+        activations = method.activation_terms(state, example_of_positions(batch), rows, batch["labels"])
     logps = {name: logps_all[r].float() for name, r in rows.items()}
     counts = {name: counts_all[r] for name, r in rows.items()}
     index = batch["index"].cpu()

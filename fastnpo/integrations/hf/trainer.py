@@ -272,7 +272,7 @@ class UnlearningTrainer(Trainer):
             extra["fastnpo_token_term"] = self._token_term(rows["forget"], example_index)
         with method.capture(state, unwrap(model)):
             outputs = model(**batch, use_cache=False, return_sequence_logprobs=True, **extra)
-        activations = method.activation_terms(state, example_of_positions(batch), rows)
+        activations = method.activation_terms(state, example_of_positions(batch), rows, batch["labels"])
         sequence_logps = getattr(outputs, "sequence_logps", None)
         if sequence_logps is None:
             raise RuntimeError(
