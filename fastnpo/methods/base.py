@@ -97,6 +97,11 @@ class Method:
     prepares_examples: bool = False  # prepare keeps per-forget-example state, looked up by example_index
     prepared_what: str = "per-example state"  # what that state is, for messages
     lora_conflict: str = ""  # why the method cannot train LoRA adapters ("" if it can)
+    # Its loss is a sum of per-example terms of the per-sequence log-probs alone (the cached
+    # reference's and the example weights included): the one-pass design (model.loss_design) can
+    # compute its gradients chunk by chunk. Not so for pairs of examples (IdkDPO), per-token
+    # terms, activations or a live reference's distribution.
+    separable: bool = False
     # MethodConfig: the shared keys this method resolves its own way, and the keys only it reads.
     defaults: ClassVar[dict] = {"beta": 0.1}
     parameters: ClassVar[dict] = {}

@@ -9,6 +9,7 @@ class GradientAscent(Method):
     """ga: token-mean log p over the forget answers (= minus the NLL), x forget_coeff."""
 
     name, label = "ga", "GA"
+    separable = True
 
     def forget_terms(self, config, x: TermInputs) -> dict[str, Term]:
         value = ga_from_logprobs(x.logps["forget"], x.counts["forget"], weights=x.weights)
@@ -28,6 +29,7 @@ class Finetune(Method):
 
     name, label = "finetune", "Finetune"
     unlearns = False
+    separable = True
 
     def forget_terms(self, config, x: TermInputs) -> dict[str, Term]:
         return {"nll": Term(nll_from_logprobs(x.logps["forget"], x.counts["forget"]), "forget_tokens", 1.0)}

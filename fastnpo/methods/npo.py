@@ -26,6 +26,7 @@ from .base import Method, Term, TermInputs, sequence_values
 class NPO(Method):
     name, label = "npo", "NPO"
     ref_sets = ("forget",)
+    separable = True
 
     def forget_terms(self, config, x: TermInputs) -> dict[str, Term]:
         logps = sequence_values(config, x.logps, x.counts, "forget")
@@ -44,6 +45,7 @@ class NPOWithKL(NPO):
     name, label = "npo_kl", "NPO+KL"
     sets = ("forget", "retain")
     live_reference = True
+    separable = False  # the KL term reads the reference's full distribution
 
     def terms(self, config, x: TermInputs) -> dict[str, Term]:
         terms = self.forget_terms(config, x)
@@ -57,6 +59,7 @@ class SimNPO(Method):
     name, label = "simnpo", "SimNPO"
     sets = ("forget", "retain")
     retain_nll = True
+    separable = True
     defaults: ClassVar[dict] = {"beta": SIMNPO_BETA}
     parameters: ClassVar[dict] = {"simnpo_gamma": 0.0, "delta": 0.0}
 

@@ -15,7 +15,7 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
 """
 
-from .autograd import check_fused, fused_sequence_loss, token_logprobs_flat
+from .autograd import check_fused, example_loss, fused_sequence_loss, token_logprobs_flat
 from .backends import IMPLS, resolve_filter_eps, resolve_impl
 from .ce_u import ce_u_token_losses
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
@@ -31,6 +31,7 @@ __all__ = [
     "aligned_labels",
     "ce_u_token_losses",
     "check_fused",
+    "example_loss",
     "fused_sequence_loss",
     "naive_token_logprobs",
     "packed_sequence_logprobs",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import one_pass
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
 from .fused_epilogue import check_device, epilogue_sequence_loss
 from .naive import naive_token_logprobs
@@ -77,6 +78,7 @@ class FusedSequenceLossFunction(torch.autograd.Function):
         design: Callable,
         compute_dh: bool,
         compute_dw: bool,
+        upstream_is_one: bool = False,
     ):
         loss, dh, dw = design(
             hidden,
@@ -90,7 +92,7 @@ class FusedSequenceLossFunction(torch.autograd.Function):
             compute_dw=compute_dw,
         )
         ctx.consumed = False
-        ctx.dh, ctx.dw = dh, dw
+        ctx.dh, ctx.dw, ctx.upstream_is_one = dh, dw, upstream_is_one
         return loss.detach()
 
     @staticmethod
@@ -100,10 +102,12 @@ class FusedSequenceLossFunction(torch.autograd.Function):
         dh, dw = ctx.dh, ctx.dw
         ctx.dh = ctx.dw = None  # used once, so they can be scaled in place: no second [V, D] copy
         ctx.consumed = True
-        if not bool(grad_loss == 1):
+        # upstream_is_one: the caller back-propagates this loss alone (the trainer), so the check
+        # below, a device sync, is skipped.
+        if not ctx.upstream_is_one and not bool(grad_loss == 1):
             dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
             dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None
 
 
 def two_sweep_sequence_loss(
@@ -147,6 +151,9 @@ def two_sweep_sequence_loss(
         compute_dw=compute_dw,
     )
     return loss.detach(), _scatter_rows(dh, row_ids, hidden), dw.to(weight.dtype) if dw is not None else None
+
+
+IGNORE_ROW = -1  # example_loss's label of rows that belong to no example (never a token id)
 
 
 def kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -212,22 +219,12 @@ def fused_sequence_loss(
     design's E (operand dtype) per chunk (default fused_epilogue.CHUNK_BYTES).
     """
     fused = check_fused(fused)
-    impl = resolve_impl(impl, hidden.device)
     num_sequences = labels.shape[0] // sequence_length
-    if impl == "naive" or fused is False:
+    if fused is False or resolve_impl(impl, hidden.device) == "naive":
         token_logps = token_logprobs_flat(hidden, weight, labels, ignore_index, impl, filter_eps)
         return loss_from_logprobs(token_logps.view(num_sequences, sequence_length).sum(dim=1))
-    if fused == "one_pass":
-        design = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes)
-    elif fused == "epilogue":
-        check_device(hidden.device)
-        design = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)
-    else:
-        filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
-        design = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)
     row_ids = kept_rows(labels, ignore_index)
-    want_grads = torch.is_grad_enabled()
-    return FusedSequenceLossFunction.apply(
+    return _fused_loss(
         hidden,
         weight,
         row_ids,
@@ -235,7 +232,118 @@ def fused_sequence_loss(
         row_ids // sequence_length,
         num_sequences,
         loss_from_logprobs,
+        fused=fused,
+        impl=impl,
+        filter_eps=filter_eps,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def example_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    owner: torch.Tensor,
+    num_examples: int,
+    loss_from_logprobs: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    impl: str = "auto",
+    filter_eps=None,
+    fused: bool | str = "one_pass",
+    chunk_bytes: int | None = None,
+    upstream_is_one: bool = False,
+) -> torch.Tensor:
+    """fused_sequence_loss for rows of any layout: hidden [N, D], targets [N] (aligned: targets[i]
+    is predicted by hidden[i]), owner [N] the example (< num_examples) each target belongs to, -1
+    where a row has none (prompt, padding, a packed row's boundary). The log-probs handed to
+    loss_from_logprobs are each example's sum. The kept rows' owners must be nondecreasing
+    (padded rows: the row's number; packed rows: examples numbered row-major, as
+    data.collate_packed numbers them): the one-pass designs chunk whole examples in that order.
+    owner may be a host tensor while hidden is on a GPU: the kept rows and the one-pass chunks are
+    then found on the host, and the call makes no device sync of its own. upstream_is_one: the
+    caller promises to back-propagate this loss alone (loss.backward(), upstream gradient 1): the
+    backward then returns the stored gradients without checking the upstream value (a sync).
+    The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
+    fused = check_fused(fused)
+    if fused is False or resolve_impl(impl, hidden.device) == "naive":
+        owner = owner.to(hidden.device)
+        unowned = torch.full_like(targets, IGNORE_ROW)
+        kept = torch.where(owner >= 0, targets, unowned)
+        token_logps = token_logprobs_flat(hidden, weight, kept, IGNORE_ROW, impl, filter_eps)
+        sequence_logps = token_logps.new_zeros(num_examples).index_add(0, owner.clamp(min=0), token_logps)
+        return loss_from_logprobs(sequence_logps)
+    row_ids = (owner >= 0).nonzero()[:, 0]
+    sequence_ids = owner[row_ids]
+    bounds = None
+    if owner.device.type == "cpu":  # found on the host: no device sync for the rows or the chunks
+        if fused == "one_pass":
+            vocab_size = weight.shape[0]
+            budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
+            bounds = one_pass.chunk_rows(sequence_ids, num_examples, vocab_size, budget)
+        row_ids, sequence_ids = _to_device(row_ids, hidden.device), _to_device(sequence_ids, hidden.device)
+    return _fused_loss(
+        hidden,
+        weight,
+        row_ids,
+        targets[row_ids].contiguous(),
+        sequence_ids.contiguous(),
+        num_examples,
+        loss_from_logprobs,
+        fused=fused,
+        impl=impl,
+        filter_eps=filter_eps,
+        chunk_bytes=chunk_bytes,
+        bounds=bounds,
+        upstream_is_one=upstream_is_one,
+    )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory without blocking (a plain copy
+    from pageable memory waits for the device)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _fused_loss(
+    hidden,
+    weight,
+    row_ids,
+    labels,
+    sequence_ids,
+    num_sequences,
+    loss_from_logprobs,
+    *,
+    fused,
+    impl,
+    filter_eps,
+    chunk_bytes,
+    bounds=None,
+    upstream_is_one=False,
+) -> torch.Tensor:
+    """The loss over the kept rows (row_ids, their labels and sequences) through a fused design;
+    bounds: the one-pass design's chunk boundaries when the caller found them on the host."""
+    impl = resolve_impl(impl, hidden.device)
+    if fused == "one_pass":
+        design = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds)
+    elif fused == "epilogue":
+        check_device(hidden.device)
+        design = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)
+    else:
+        filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
+        design = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)
+    want_grads = torch.is_grad_enabled()
+    return FusedSequenceLossFunction.apply(
+        hidden,
+        weight,
+        row_ids,
+        labels,
+        sequence_ids,
+        num_sequences,
+        loss_from_logprobs,
         design,
         want_grads and hidden.requires_grad,
         want_grads and weight.requires_grad,
+        upstream_is_one,
     )

@@ -1,10 +1,32 @@
 """Input checks for the public API: a clear exception that names the argument, before any work."""
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Checks of VALUES (finite, >= 0, > 0) read tensors on the host: on a GPU each is a device sync.
+# A caller that validated its values once (the trainer: the reference cache when it is loaded, the
+# example weights when they are read, the token counts from the tokenized examples) turns them off
+# for its steps; the checks of types, shapes and devices stay.
+_VALUE_CHECKS = ContextVar("fastnpo_value_checks", default=True)
+
+
+@contextmanager
+def values_checked_by_caller():
+    """Within it, the per-sequence inputs' VALUE checks (which sync a GPU) are skipped."""
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_on() -> bool:
+    return _VALUE_CHECKS.get()
 
 
 def check_hidden_and_weight(hidden, weight, *, min_dim: int = 1, exact_dim: int | None = None) -> None:
@@ -84,6 +106,8 @@ def check_per_sequence(name: str, value, batch_size: int, device: torch.device, 
         raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+    if not value_checks_on():
+        return value.float()
     if batch_size and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if nonnegative and batch_size and bool((value < 0).any()):

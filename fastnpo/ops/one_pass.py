@@ -276,6 +276,7 @@ def one_pass_sequence_loss(
     compute_dh: bool,
     compute_dw: bool,
     chunk_bytes: int | None = None,
+    bounds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(loss, dH [N, D] in hidden's dtype or None, dW [V, D] in weight's dtype or None) of
     loss_from_logprobs(per-sequence summed log-probs), in one sweep of chunks of whole sequences.
@@ -283,6 +284,7 @@ def one_pass_sequence_loss(
     hidden [N, D], weight [V, D]; row_ids: the kept rows (ascending), labels their targets,
     sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
     chunk_bytes: fp32 logits per chunk (default: chunk_budget's rule, read at call time).
+    bounds: chunk_rows's boundaries when the caller found them on the host (then no sync at all).
     Everything is validated and sized before the loop (one .tolist() in chunk_rows); the loop itself
     makes no host sync of its own (the closure's, if any, are the caller's).
     """
@@ -290,8 +292,8 @@ def one_pass_sequence_loss(
         isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
     ):
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-    budget = chunk_budget(weight.shape[0], chunk_bytes)
-    bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], budget)
+    if bounds is None:
+        bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], chunk_budget(weight.shape[0], chunk_bytes))
     ops = Matmuls(hidden)
     kernels = epilogue_kernels(hidden.device, ops.dtype)
     w = ops.operand(weight)

@@ -31,7 +31,13 @@ class ModelConfig:
     random_init: build the architecture from its config.json with fresh random weights
     (benchmarks). tokenizer: defaults to name_or_path. dtype: the parameters' dtype; "auto" (the
     default): the one the model's config.json names (bfloat16 for most hub LLMs), else float32;
-    `fastnpo train` and `fastnpo plan` resolve it the same way and say what they chose."""
+    `fastnpo train` and `fastnpo plan` resolve it the same way and say what they chose.
+    loss_design: how a step computes the loss's gradients. "two_call": the fused token log-probs,
+    then autograd through the method's loss (any method). "one_pass": ONE call computes the
+    logits, the loss and both gradients chunk by chunk (ops.example_loss: 6NDV FLOPs, no
+    recompute), for the methods whose loss is a sum of per-example terms (Method.separable: npo,
+    npo_rt, simnpo, ga, graddiff, finetune) on padded or packed batches. "auto" (the default):
+    one_pass on CUDA where the method allows, else two_call."""
 
     name_or_path: str = ""
     tokenizer: str = ""
@@ -39,12 +45,15 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     impl: str = "auto"
+    loss_design: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         dtypes = ("auto", *DTYPES)
         require(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}", self.dtype)
         require(self.impl in IMPLS, "model.impl", f"must be one of {IMPLS}", self.impl)
+        designs = ("auto", "one_pass", "two_call")
+        require(self.loss_design in designs, "model.loss_design", f"must be one of {designs}", self.loss_design)
         # LoraConfig is shared with other routes; its values only matter here when it is on.
         if self.lora.enabled:
             require(self.lora.r >= 1, "model.lora.r", "must be >= 1", self.lora.r)
@@ -212,6 +221,15 @@ def check_config(config: Config) -> None:
     require(bool(d.forget), "data.forget", "is required (a file, a folder or a hub dataset name)", d.forget)
     needs_retain = "retain" in METHODS[config.method.name].sets
     require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {config.method.name}", d.retain)
+    if m.loss_design == "one_pass":
+        separable = [name for name, method in METHODS.items() if method.separable]
+        message = f"needs a loss that is a sum of per-example terms ({', '.join(separable)}); use auto or two_call"
+        require(
+            METHODS[config.method.name].separable,
+            "model.loss_design",
+            message,
+            f"one_pass with method.name={config.method.name}",
+        )
     # DataConfig (data/) does not check its own values yet.
     require(bool(r.output_dir), "run.output_dir", "is required", r.output_dir)
     if config.optim.offload:

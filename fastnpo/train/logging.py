@@ -8,10 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
 from ..distributed import ProcessInfo
 from ..files import atomic_write
 from ..profiling import peak_memory_bytes
@@ -102,27 +100,21 @@ class RunLogger:
         self.bar.update(1)
 
     def record(self, result: StepResult, *, step: int, lr: float, started: float) -> dict:
-        """The step's metrics.jsonl record: loss terms, mean log-probs and tokens summed over ranks
-        (one small all-reduce), grad norm, lr, throughput since `started`, peak memory."""
-        keys, info = sorted(result.term_totals), self.info
-        stats = torch.tensor(
-            [result.term_totals[k] for k in keys] + [result.logp_sums[n] for n in self.sets] + [result.tokens],
-            dtype=torch.float64,
-            device=info.device,
-        )
-        stats = distributed.all_reduce_sum(stats, info).cpu().tolist()
+        """The step's metrics.jsonl record: loss terms, mean log-probs and tokens (summed over
+        ranks by StepResult.collect), grad norm, lr, throughput since `started`, peak memory."""
         elapsed = time.perf_counter() - started
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
-        record.update({k: stats[i] for i, k in enumerate(keys)})
-        record["loss"] = sum(stats[i] * result.coeffs[k] for i, k in enumerate(keys))
-        for j, name in enumerate(self.sets):
-            record[f"mean_{name}_logp"] = stats[len(keys) + j] / max(1, result.global_counts[f"{name}_examples"])
+        keys = sorted(result.term_totals)
+        record.update({k: result.term_totals[k] for k in keys})
+        record["loss"] = sum(result.term_totals[k] * result.coeffs[k] for k in keys)
+        for name in self.sets:
+            record[f"mean_{name}_logp"] = result.logp_sums[name] / max(1, result.global_counts[f"{name}_examples"])
         record.update(
             {
-                "grad_norm": float(result.grad_norm),
+                "grad_norm": result.grad_norm,
                 "lr": lr,
-                "tokens_per_s": stats[-1] / elapsed,
-                "peak_memory_mib": peak_memory_bytes(info.device) / 2**20,
+                "tokens_per_s": result.tokens / elapsed,
+                "peak_memory_mib": peak_memory_bytes(self.info.device) / 2**20,
             }
         )
         return record

@@ -12,15 +12,18 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
+from .. import distributed
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
 from ..methods import Method, TermInputs, example_of_positions, scored_count
 from ..ops import IGNORE_INDEX
+from ..ops.checks import values_checked_by_caller
 from .config import Config, ConfigError
 from .optimizers import StepInBackward
-from .setup import TrainModel
+from .setup import TrainModel, target_owner
 
 __all__ = ["StepContext", "StepResult", "TrainingDiverged", "example_of_positions", "train_step"]
 
@@ -50,14 +53,44 @@ class StepContext:
 
 @dataclass
 class StepResult:
-    """This rank's part of a step's statistics (summed over ranks for the log)."""
+    """A step's statistics for the log. The micro-batches add this rank's device tensors
+    (add_term, add_logps); `collect` sums them over ranks and brings them to the host with the
+    gradient norm in ONE copy, the step's only sync with the device."""
 
     global_counts: dict[str, int]  # "<set>_examples" / "_tokens" / "_positions" of the whole step
     term_totals: dict[str, float] = field(default_factory=dict)  # each term's share of its global mean
     coeffs: dict[str, float] = field(default_factory=dict)
     logp_sums: dict[str, float] = field(default_factory=dict)  # summed log-probs per set
-    tokens: int = 0  # input tokens, padding excluded
-    grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    tokens: int = 0  # input tokens, padding excluded (this rank's until collect, then all ranks')
+    grad_norm: float = 0.0
+
+    def add_term(self, key: str, value: torch.Tensor, coeff: float) -> None:
+        self.term_totals[key] = self.term_totals.get(key, 0.0) + value.double()
+        self.coeffs[key] = coeff
+
+    def add_logps(self, name: str, total: torch.Tensor) -> None:
+        self.logp_sums[name] = self.logp_sums[name] + total.double()
+
+    def collect(self, grad_norm: torch.Tensor, info: ProcessInfo) -> None:
+        """The statistics summed over ranks (one all-reduce) and the gradient norm (already
+        global), as floats in ONE device-to-host copy. Host numbers enter by a fill, not a
+        copy (a host-to-device copy waits for the device)."""
+        keys, names = sorted(self.term_totals), sorted(self.logp_sums)
+        stats = [*(self.term_totals[k] for k in keys), *(self.logp_sums[n] for n in names), float(self.tokens)]
+        # nccl reduces only device tensors; gloo takes CPU ones.
+        device = info.device if not info.distributed or dist.get_backend() == "nccl" else torch.device("cpu")
+
+        def on_device(value) -> torch.Tensor:
+            if isinstance(value, torch.Tensor):
+                return value.to(device, torch.float64).reshape(())
+            return torch.full((), value, dtype=torch.float64, device=device)
+
+        summed = distributed.all_reduce_sum(torch.stack([on_device(v) for v in stats]), info)
+        host = torch.cat([on_device(grad_norm).reshape(1), summed]).tolist()
+        self.grad_norm = host[0]
+        self.term_totals = dict(zip(keys, host[1 : 1 + len(keys)], strict=True))
+        self.logp_sums = dict(zip(names, host[1 + len(keys) : -1], strict=True))
+        self.tokens = int(host[-1])
 
 
 def split_micro_batches(items: list[dict] | None, parts: int) -> list[list[dict] | None]:
@@ -102,10 +135,10 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
         micro_batch_backward(ctx, {**parts, **stand_ins}, result, empty=set(stand_ins))
 
     if ctx.in_backward is not None:  # every parameter has stepped already, inside the backward
-        result.grad_norm = ctx.in_backward.finish()
-        if not bool(torch.isfinite(result.grad_norm)):
+        result.collect(ctx.in_backward.finish(), ctx.info)
+        if not math.isfinite(result.grad_norm):
             raise TrainingDiverged(
-                f"the gradient norm is {float(result.grad_norm)}: training diverged. With optim.in_backward "
+                f"the gradient norm is {result.grad_norm}: training diverged. With optim.in_backward "
                 "the parameters whose gradients came before the non-finite one were already updated; nothing "
                 "is exported and the last checkpoint (if any) is kept. Lower optim.lr, raise method.beta or "
                 "check the data."
@@ -115,12 +148,12 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     # max_grad_norm 0 measures without clipping (an infinite limit scales by exactly 1).
     limit = ctx.config.optim.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, limit)
-    result.grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    result.collect(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm, ctx.info)
     # The norm is global (reduced across ranks), so every rank takes this branch together.
-    if not bool(torch.isfinite(result.grad_norm)):
+    if not math.isfinite(result.grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(
-            f"the gradient norm is {float(result.grad_norm)}: training diverged. The parameters were not "
+            f"the gradient norm is {result.grad_norm}: training diverged. The parameters were not "
             "updated and nothing is exported; the last checkpoint (if any) is kept. Lower optim.lr, "
             "raise method.beta or check the data."
         )
@@ -136,71 +169,131 @@ def micro_batch_backward(
     """One forward over the concatenation of `parts` (the sets in method order), the method's
     loss terms renormalised by the step's global counts, backward; adds to `result`. The sets in
     `empty` hold a stand-in example: they count as zero examples and zero tokens."""
-    sets, device = ctx.method.sets, ctx.info.device
+    sets, method = ctx.method.sets, ctx.method
     rows, start = {}, 0
     for name in sets:
         rows[name] = slice(start, start + len(parts[name]))
         start += len(parts[name])
-    lengths = {name: 0 if name in empty else len(parts[name]) for name in sets}
-    batch = collate_micro_batch([it for name in sets for it in parts[name]], ctx.config, ctx.tokenizer)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    host = collate_micro_batch([it for name in sets for it in parts[name]], ctx.config, ctx.tokenizer)
+    batch = to_device(host, ctx.info.device)
     # Input tokens (padding excluded) of the real examples, for tokens/s.
     result.tokens += sum(len(it["input_ids"]) for name in sets if name not in empty for it in parts[name])
-    logits_rows = rows["retain"] if ctx.model.reference is not None else None
+    index = host["index"]
+    ref_logps = {name: ctx.ref.lookup(name, index[rows[name]])[0] for name in method.ref_sets}
+    weights = forget_weights(ctx.example_weights, index[rows["forget"]]) if ctx.example_weights is not None else None
+    ref_logps, weights = to_device((ref_logps, weights), ctx.info.device)
+    # Each term's share of the step's global count, from the tokenized examples (host values).
+    local = {}
+    for name in sets:
+        items = [] if name in empty else parts[name]
+        local[name] = {unit: local_count(unit, items, ctx.config.method) for unit in UNITS}
+
+    def share(term) -> float:
+        set_name, unit = term.normalizer.split("_")
+        return local[set_name][unit] / max(1, result.global_counts[term.normalizer])
+
+    def step_loss(terms) -> torch.Tensor:
+        """The terms' sum, each scaled by its share of the step's global count (x world_size:
+        FSDP averages gradients over ranks)."""
+        return sum(term.coeff * term.value * share(term) * ctx.info.world_size for term in terms.values())
+
+    autocast = torch.autocast(ctx.info.device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast)
+    with values_checked_by_caller(), autocast:
+        if uses_one_pass(ctx.config, method, ctx.info.device):
+            batch["target_owner"] = target_owner(host)  # stays on the host: the op's rows without a sync
+            loss, terms, logps = one_pass_forward(ctx, batch, rows, ref_logps, weights, step_loss)
+        else:
+            terms, logps = two_call_forward(ctx, batch, rows, ref_logps, weights)
+            loss = step_loss(terms)
+    loss.backward()
+    for key, term in terms.items():
+        result.add_term(key, term.value.detach() * share(term), term.coeff)
+    for name in sets:
+        if name not in empty:
+            result.add_logps(name, logps[name].detach().sum())
+
+
+UNITS = ("examples", "tokens", "positions", "scored")
+
+
+def uses_one_pass(config: Config, method: Method, device: torch.device) -> bool:
+    """model.loss_design resolved: "auto" is the one-pass design on CUDA for the methods whose loss
+    is a sum of per-example terms (Method.separable), the two-call path elsewhere."""
+    design = config.model.loss_design
+    if design == "auto":
+        return device.type == "cuda" and method.separable
+    return design == "one_pass"
+
+
+def one_pass_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_logps: dict, weights, step_loss):
+    """(loss, terms, log-probs by set) from ONE call of the one-pass design (ops.example_loss): the
+    logits, the loss and both gradients chunk by chunk, inside the wrapper's forward; the loss
+    carries them to the backward. The closure is evaluated once per chunk and last on the
+    complete log-probs: the terms and log-probs kept are that last call's."""
+    seen = {}
+
+    def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
+        logps = {name: logps_all[r] for name, r in rows.items()}
+        counts = {name: counts_all[r] for name, r in rows.items()}
+        terms = ctx.method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights))
+        seen.update(terms=terms, logps=logps)
+        return step_loss(terms)
+
+    loss = ctx.model.wrapper(batch, sequence_loss=loss_of)
+    return loss, seen["terms"], seen["logps"]
+
+
+def two_call_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_logps: dict, weights):
+    """The method's terms from the log-probs of the forward (token_logprobs: the backward computes
+    the gradients), with what else the method's forward needs (per-token terms, activations, KL)."""
     method, state = ctx.method, ctx.state
+    logits_rows = rows["retain"] if ctx.model.reference is not None else None
     token_term = logits = None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast):
-        with method.capture(state, ctx.model.hf):
-            if method.token_level:  # the forget term from per-token values, inside the wrapper's forward
-                term = partial(
-                    method.forget_term,
-                    ctx.config.method,
-                    state,
-                    forget_rows=rows["forget"],
-                    example_index=batch["index"],
-                )
-                logps_all, counts_all, token_term = ctx.model.wrapper(batch, token_term=term)
-            else:
-                logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
-        activations = method.activation_terms(state, example_of_positions(batch), rows, batch["labels"])
+    with method.capture(state, ctx.model.hf):
+        if method.token_level:  # the forget term from per-token values, inside the wrapper's forward
+            term = partial(
+                method.forget_term, ctx.config.method, state, forget_rows=rows["forget"], example_index=batch["index"]
+            )
+            logps_all, counts_all, token_term = ctx.model.wrapper(batch, token_term=term)
+        else:
+            logps_all, counts_all, logits = ctx.model.wrapper(batch, logits_rows=logits_rows)
+    activations = method.activation_terms(state, example_of_positions(batch), rows, batch["labels"])
     logps = {name: logps_all[r].float() for name, r in rows.items()}
     counts = {name: counts_all[r] for name, r in rows.items()}
-    index = batch["index"].cpu()
-    ref_logps = {name: ctx.ref.lookup(name, index[rows[name]])[0].to(device) for name in method.ref_sets}
-    weights = None
-    if ctx.example_weights is not None:
-        weights = forget_weights(ctx.example_weights, index[rows["forget"]]).to(device)
     kl = None
     if ctx.model.reference is not None:
         with torch.no_grad():
             _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
         attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
-    terms = method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations))
-
-    loss = logps_all.new_zeros(())
-    for key, term in terms.items():
-        set_name, unit = term.normalizer.split("_")
-        local = local_count(unit, lengths[set_name], counts[set_name], parts[set_name], ctx.config.method)
-        share = local / max(1, result.global_counts[term.normalizer])
-        loss = loss + term.coeff * term.value * share * ctx.info.world_size
-        result.term_totals[key] = result.term_totals.get(key, 0.0) + float(term.value.detach()) * share
-        result.coeffs[key] = term.coeff
-    loss.backward()
-    for name in sets:
-        if lengths[name]:
-            result.logp_sums[name] += float(logps[name].detach().sum())
+    inputs = TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations)
+    return method.terms(ctx.config.method, inputs), logps
 
 
-def local_count(unit: str, examples: int, target_counts: torch.Tensor, items: list[dict], method_config=None) -> int:
-    """This micro-batch's count of what a term is a mean over (0 for a stand-in set)."""
-    if unit == "examples" or not examples:
-        return examples
+def to_device(tree, device: torch.device):
+    """Tensors of a dict / tuple (None kept) on `device`; on CUDA through pinned memory without
+    blocking, so that the copies do not wait for the GPU to drain (a plain .to() syncs)."""
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(to_device(value, device) for value in tree)
+    if tree is None or tree.device == device:
+        return tree
+    if device.type == "cuda":
+        return tree.pin_memory().to(device, non_blocking=True)
+    return tree.to(device)
+
+
+def local_count(unit: str, items: list[dict], method_config) -> int:
+    """This micro-batch's count of what a term is a mean over (0 for a stand-in set), from the
+    tokenized examples."""
+    if unit == "examples":
+        return len(items)
     if unit == "positions":
         return sum(len(item["input_ids"]) for item in items)
     if unit == "scored":
         return scored_tokens(items, method_config)
-    return int(target_counts.sum())
+    return target_tokens(items)
 
 
 def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:

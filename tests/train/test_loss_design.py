@@ -1,0 +1,113 @@
+"""The trainer's two loss designs (model.loss_design): the one-pass design (ops.example_loss, the
+gradients computed in the forward call) against the two-call path (token log-probs, then autograd
+through the method's loss), for every method whose loss is a sum of per-example terms."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+from safetensors.torch import load_file
+
+from fastnpo.methods import METHODS
+from fastnpo.train import train
+from fastnpo.train.config import ConfigError
+from fastnpo.train.step import uses_one_pass
+
+REPO = Path(__file__).resolve().parents[2]
+SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of ~24 rows (one or two examples): the one-pass design then runs several chunks per
+    micro-batch, each computing its gradients before the later examples are seen."""
+    from fastnpo.ops import one_pass
+
+    monkeypatch.setattr(one_pass, "chunk_budget", lambda vocab_size, chunk_bytes: 4 * vocab_size * 24)
+
+
+def config_for(tiny, out, **extra):
+    return tiny_config(tiny, out, **{"optim.max_steps": 3, **extra})
+
+
+def trained(tiny, out, **extra) -> dict:
+    train(config_for(tiny, out, **extra))
+    return load_file(Path(out) / "final" / "model.safetensors")
+
+
+def test_the_separable_methods_are_the_ones_the_issue_names():
+    assert sorted(name for name, method in METHODS.items() if method.separable) == SEPARABLE
+
+
+@pytest.mark.parametrize("method", SEPARABLE)
+def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, method):
+    weights = {
+        design: trained(tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design})
+        for design in ("two_call", "one_pass")
+    }
+    moved = 0.0
+    for name, two_call in weights["two_call"].items():
+        torch.testing.assert_close(weights["one_pass"][name], two_call, atol=2e-5, rtol=1e-4, msg=name)
+        moved = max(moved, float((two_call - load_file(Path(tiny["base"]) / "model.safetensors")[name]).abs().max()))
+    assert moved > 1e-4  # three steps at lr 1e-3 moved the parameters: the comparison is not of two copies
+
+
+@pytest.mark.parametrize("extra", [{"data.packing": True, "data.pack_tokens": 128}, {"optim.grad_accum": 2}])
+def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_path, extra):
+    weights = {
+        design: trained(tiny, tmp_path / design, **{"method.name": "npo_rt", "model.loss_design": design, **extra})
+        for design in ("two_call", "one_pass")
+    }
+    for name, two_call in weights["two_call"].items():
+        torch.testing.assert_close(weights["one_pass"][name], two_call, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch):
+    import fastnpo.ops.autograd as autograd
+    from fastnpo.ops import one_pass
+
+    calls = []
+    original = autograd.one_pass_sequence_loss
+    chunk_rows = one_pass.chunk_rows
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("compute_dw"))
+        return original(*args, **kwargs)
+
+    def chunks(*args, **kwargs):
+        bounds = chunk_rows(*args, **kwargs)
+        assert len(bounds) > 3  # several chunks per call
+        return bounds
+
+    monkeypatch.setattr(one_pass, "chunk_rows", chunks)
+
+    monkeypatch.setattr(autograd, "one_pass_sequence_loss", counted)
+    trained(tiny, tmp_path / "one_pass", **{"method.name": "npo_rt", "model.loss_design": "one_pass"})
+    assert calls == [True, True, True]  # one call per step (grad_accum 1), with the weight gradient
+    calls.clear()
+    trained(tiny, tmp_path / "two_call", **{"method.name": "npo_rt", "model.loss_design": "two_call"})
+    assert calls == []
+
+
+def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
+    for method, expected in [("npo_rt", True), ("simnpo", True), ("idkdpo", False), ("undial", False)]:
+        config = config_for(tiny, tmp_path, **{"method.name": method})
+        assert uses_one_pass(config, METHODS[method], CUDA) is expected
+        assert uses_one_pass(config, METHODS[method], CPU) is False
+    config = config_for(tiny, tmp_path, **{"model.loss_design": "two_call"})
+    assert uses_one_pass(config, METHODS["npo"], CUDA) is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"model.loss_design": "onepass"}, r"model\.loss_design: must be one of \('auto', 'one_pass', 'two_call'\)"),
+        ({"model.loss_design": "one_pass", "method.name": "idkdpo"}, r"model\.loss_design: needs a loss that is a sum"),
+        ({"model.loss_design": "one_pass", "method.name": "npo_kl"}, r"one_pass with method\.name=npo_kl"),
+    ],
+)
+def test_a_design_the_method_cannot_use_is_refused_naming_the_key(tiny, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        config_for(tiny, tmp_path, **extra)
