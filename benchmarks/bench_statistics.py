@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
+    parser.add_argument("--out", default=None, help="file stem (default statistics_<device>[_smoke])")
     return parser
 
 
@@ -186,7 +187,7 @@ def main(argv=None) -> tuple[Path, Path]:
         f"call (MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')})",
         "command: bench_statistics.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     ]
-    stem = f"statistics_{device.type}" + ("_smoke" if args.smoke else "")
+    stem = args.out or f"statistics_{device.type}" + ("_smoke" if args.smoke else "")
     paths = write(Path(args.out_dir), stem, rows, header)
     print("wrote", *paths)
     return paths

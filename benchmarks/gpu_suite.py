@@ -38,6 +38,9 @@ Call 2, tests and the trainer:
   train        bench_train.py at the Llama-3.2-1B shape, with its profile of fastnpo's step -> train.csv, .md
   memory-plan  bench_memory_plan.py: the plan against the measured peak of real steps: 8B in-backward
                plain and 8-bit, offload at 1B and 8B -> memory_plan.csv (+ its table in summary.md)
+  statistics   bench_statistics.py at an 8B evaluation's head (8192 x 4096 x 128256, bf16): the privacy
+               metrics' per-token statistics, fastnpo's Triton and torch paths against open-unlearning's
+               full-logits computation (time, peak memory, error) -> statistics.csv, statistics.md
 
 OUT gets at most 8 files per call (a device run brings back 8, < 16 MiB each): log.txt (every part's
 output), summary.md (the one-screen summary, also printed last), env.txt, and the call's own files
@@ -114,8 +117,17 @@ CALLS = {
         "total_s": 390,
     },
     2: {
-        "what": "tests and the trainer: GPU-marked tests, trainer benchmark, memory plan",
-        "files": ("env.txt", "log.txt", "summary.md", "train.csv", "train.md", "memory_plan.csv"),
+        "what": "tests and the trainer: GPU-marked tests, trainer benchmark, memory plan, evaluation statistics",
+        "files": (
+            "env.txt",
+            "log.txt",
+            "summary.md",
+            "train.csv",
+            "train.md",
+            "memory_plan.csv",
+            "statistics.csv",
+            "statistics.md",
+        ),
         "total_s": 390,
     },
 }
@@ -209,6 +221,8 @@ def call_parts(call: int) -> list[Part]:
         Part("gpu-tests", 140, 90, 40),
         Part("train", 120, 90, 100),  # 104 s in the H200's second window (memory subprocesses included)
         Part("memory-plan", 150, 90, 60),  # ~25-60 s a case (the 8-bit case compiles its step), 80 s at most
+        # predicted ~10-20 s: three forward-only contenders, the Triton kernel's first autotuning
+        Part("statistics", 40, 90, 20),
     ]
 
 
@@ -539,6 +553,9 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
                 f"{number(r.get('predicted_host_gib'), '.1f')} GiB / peak {number(r.get('host_peak_gib'), '.1f')} GiB, "
                 f"steps {r.get('step_s') or '–'} s"
             )
+    statistics = out / "statistics.md"
+    if statistics.exists():
+        lines += ["", statistics.read_text().strip()]
     train = read_csv(out / "train.csv")
     if train:
         lines += ["", "NPO step: contender, median step ms, tokens/s, x baseline, peak MiB (x baseline)", ""]
@@ -614,6 +631,11 @@ def commands(part: Part, *, smoke: bool, out: Path, tmp: Path, args) -> list[lis
         if smoke:
             return [[*common, "--smoke", "--cases", SMOKE_MEMORY_CASES, "--timeout", "90"]]
         return [[*common, "--cases", args.memory_cases, "--timeout", "80"]]
+    if part.name == "statistics":
+        argv = [py, BENCH / "bench_statistics.py", *device, "--out-dir", out, "--out", "statistics"]
+        if smoke:
+            return [[*argv, "--smoke"]]
+        return [[*argv, "--dtype", "bfloat16", "--shape", "8192x4096x128256", "--repeats", "5", "--warmup", "2"]]
     raise ValueError(f"no command for part {part.name!r}")
 
 
