@@ -6,7 +6,8 @@
 2. fine-tune the target on `full`, and a retain model on each retain split (TOFU's recipe:
    same start, same steps, the forget authors left out);
 3. evaluate target and retain models: forget quality of the target against the retain
-   model shows how much there is to forget before any unlearning;
+   model shows how much there is to forget before any unlearning; privleak (the Min-K% attack's
+   AUC on the forget split vs its holdout split) is relative to the same retain model's AUC;
 4. unlearn every forget split with every method through the trainer (cached reference
    log-probs), once per unlearning seed (data order), evaluating every `eval_every` epochs;
 5. print the table (median and range over the unlearning seeds) and write results.json, with
@@ -34,7 +35,7 @@ from ..files import OVERWRITE_OPTION, check_new_folder
 from ..methods import BASELINES, METHODS, method_for
 from ..tiny import TinyModelSpec
 from ..train import load_config, train
-from .evaluate import EvalConfig, Evaluator, add_forget_quality, summary
+from .evaluate import EvalConfig, Evaluator, add_forget_quality, add_privleak, summary
 from .minitofu import prepare_tiny
 from .plots import plot_results, results_table
 
@@ -184,7 +185,9 @@ def _finetune_models(
 
 
 def _evaluate_before(target: Path, retain_models: dict[str, Path], data: Path, preset: DemoPreset, log):
-    """Evaluators per split, and the reports of the retain models and of the target before unlearning."""
+    """Evaluators per split, and the reports of the retain models and of the target before unlearning.
+    Forget quality and privleak are against the split's retain model (its own: 1 and 0); privleak's
+    holdout split is the forget split's (EvalConfig's default: forget05 -> holdout05)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -197,8 +200,8 @@ def _evaluate_before(target: Path, retain_models: dict[str, Path], data: Path, p
     retain_reports, target_reports = {}, {}
     for split in preset.splits:
         retain_reports[split] = evaluators[split].evaluate(AutoModelForCausalLM.from_pretrained(retain_models[split]))
-        add_forget_quality(retain_reports[split], retain_reports[split])
-        target_reports[split] = add_forget_quality(
+        _against_retain(retain_reports[split], retain_reports[split])
+        target_reports[split] = _against_retain(
             evaluators[split].evaluate(AutoModelForCausalLM.from_pretrained(target)), retain_reports[split]
         )
         log(
@@ -206,6 +209,11 @@ def _evaluate_before(target: Path, retain_models: dict[str, Path], data: Path, p
             f"(retain model 1.0), model utility {target_reports[split]['model_utility']:.3f}"
         )
     return evaluators, retain_reports, target_reports
+
+
+def _against_retain(report: dict, retain_report: dict) -> dict:
+    """Forget quality and privleak of a report against the split's retain model."""
+    return add_privleak(add_forget_quality(report, retain_report), retain_report)
 
 
 def _unlearn_config(target: Path, data: Path, split: str, method: str, out: Path, preset: DemoPreset, seed: int):
@@ -267,7 +275,7 @@ def _unlearn_split(
         # Evaluation (greedy generation on four sets) costs more than an epoch of unlearning.
         if epoch % preset.eval_every and epoch != last_epoch:
             return None
-        return summary(add_forget_quality(evaluator.evaluate(model), retain_report))
+        return summary(_against_retain(evaluator.evaluate(model), retain_report))
 
     before = summary(reports["target"])
     runs = {}

@@ -26,12 +26,18 @@ FQ_FLOOR = 1e-30  # forget quality 0 on a log axis
 FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10}
 
 
+def _format(value: float, fmt: str) -> str:
+    """format(value, fmt), without the sign of a number that rounds to zero ("-0.0": privleak)."""
+    text = format(value, fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _spread(values: list[float], fmt: str) -> str:
     """median [min, max] over the unlearning seeds (the median alone for one seed)."""
     if len(values) == 1:
-        return format(values[0], fmt)
+        return _format(values[0], fmt)
     low, mid, high = min(values), statistics.median(values), max(values)
-    return f"{mid:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+    return f"{_format(mid, fmt)} [{_format(low, fmt)}, {_format(high, fmt)}]"
 
 
 def _best(epochs: list[dict]) -> dict:
@@ -39,36 +45,89 @@ def _best(epochs: list[dict]) -> dict:
     return max(epochs[1:], key=lambda e: (e["forget_quality"], e["model_utility"]))
 
 
+# The demo's privacy columns: summary key, column header, format (privleak is in percent).
+PRIVACY_COLUMNS = (("privleak", "final privleak", ".1f"), ("extraction_strength", "final ES", ".2f"))
+PRIVACY_NOTE = (
+    "privleak: open-unlearning's privacy leakage, in percent: the relative difference of 1 - AUC against "
+    "the split's retain model's 1 - AUC, AUC that of the Min-K% membership-inference attack (k = 40%) "
+    "separating the forget split's answers from its holdout split's (holdout01 / 05 / 10: as many "
+    "questions about authors no model here was trained on). The retain model is the reference, so its "
+    "privleak is 0; near 0 is as private as a model that never saw the forget set, strongly negative "
+    "(down to -100) means the forget set still looks like training data, positive that it looks less like "
+    "training data than it does to the retain model (over-unlearning). It is coarse with few questions and "
+    "AUC_retain far above 0.5: one forget / holdout pair ranked the other way moves it by "
+    "100 / (n_forget x n_holdout x (1 - AUC_retain)) points (docs/evaluation.md). ES: extraction strength "
+    "on the forget answers, the mean of 1 - k/L with k the "
+    "first token from which the greedy prediction reproduces the rest of the answer; an answer it does not "
+    "reproduce even from its last token scores 1/L (open-unlearning's loop), so the floor is about 1 over "
+    "the answer length, not 0. Both at the final epoch, from the same forward passes as the other numbers."
+)
+
+
+def _privacy_note(results: Mapping, splits: Sequence[str]) -> str:
+    """PRIVACY_NOTE, and the retain models' Min-K% AUC (privleak's reference) where the results have it."""
+    aucs = [(s, results["retain_models"][s].get("mia_min_k")) for s in splits]
+    known = [f"{split} {auc:.3f}" for split, auc in aucs if auc is not None]
+    return PRIVACY_NOTE + (f" AUC_retain: {', '.join(known)}." if known else "")
+
+
 def results_table(results: dict) -> str:
     """Forget quality (FQ) / model utility (MU) per method and split, as median [min, max] over
-    the unlearning seeds: at the final epoch, and at the epoch with the best forget quality.
+    the unlearning seeds: at the final epoch, and at the epoch with the best forget quality; with
+    privleak and extraction strength (ES) at the final epoch when the results have them (a demo
+    before they were reported has not: its table is unchanged; a missing number reads n/a).
     Every seed must hold every split and method: a ValueError names the first one missing."""
-    seeds, _ = _check_results(results)
+    seeds, splits = _check_results(results)
     first = results["runs"][seeds[0]]
+    entries = [results[what][split] for what in ("target", "retain_models") for split in splits]
+    entries += [run[-1] for seed in seeds for split in splits for run in results["runs"][seed][split].values()]
+    privacy = [column for column in PRIVACY_COLUMNS if any(column[0] in entry for entry in entries)]
+
+    def privacy_cells(final: list[dict]) -> list[str]:
+        return [
+            _spread([e[key] for e in final], fmt) if all(key in e for e in final) else "n/a" for key, _, fmt in privacy
+        ]
+
+    header = ["split", "method", "final FQ", "final MU", *(title for _, title, _ in privacy)]
+    header += ["best FQ", "MU there", "best-FQ epoch per seed"]
+    blank = [""] * 3
     lines = [
         f"Unlearning seeds {', '.join(seeds)}: median [min, max] over the seeds.",
         "",
-        "| split | method | final FQ | final MU | best FQ | MU there | best-FQ epoch per seed |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for split, methods in first.items():
         target, retain = results["target"][split], results["retain_models"][split]
-        lines.append(
-            f"| {split} | target (before) | {target['forget_quality']:.2g} | {target['model_utility']:.3f} | | | |"
-        )
-        lines.append(f"| {split} | retain model | 1 | {retain['model_utility']:.3f} | | | |")
+        rows = [
+            [
+                "target (before)",
+                f"{target['forget_quality']:.2g}",
+                f"{target['model_utility']:.3f}",
+                *privacy_cells([target]),
+            ],
+            ["retain model", "1", f"{retain['model_utility']:.3f}", *privacy_cells([retain])],
+        ]
         for method in methods:
             runs = [results["runs"][seed][split][method] for seed in seeds]
             final = [run[-1] for run in runs]
             best = [_best(run) for run in runs]
-            cells = (
-                _spread([e["forget_quality"] for e in final], ".2g"),
-                _spread([e["model_utility"] for e in final], ".3f"),
-                _spread([e["forget_quality"] for e in best], ".2g"),
-                _spread([e["model_utility"] for e in best], ".3f"),
-                ", ".join(str(e["epoch"]) for e in best),
+            rows.append(
+                [
+                    METHOD_LABELS.get(method, method),
+                    _spread([e["forget_quality"] for e in final], ".2g"),
+                    _spread([e["model_utility"] for e in final], ".3f"),
+                    *privacy_cells(final),
+                    _spread([e["forget_quality"] for e in best], ".2g"),
+                    _spread([e["model_utility"] for e in best], ".3f"),
+                    ", ".join(str(e["epoch"]) for e in best),
+                ]
             )
-            lines.append(f"| {split} | {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        for n, row in enumerate(rows):
+            cells = [split, *row, *(blank if n < 2 else [])]
+            lines.append("|" + "".join(f" {cell} |" if cell else " |" for cell in cells))
+    if privacy:
+        lines += ["", _privacy_note(results, splits)]
     return "\n".join(lines)
 
 

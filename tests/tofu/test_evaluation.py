@@ -134,6 +134,17 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
         assert env["versions"][package], package
     assert env["torch_threads"] == preset.threads and env["blas"] and "git_commit" in env
     assert saved["preset"] == "quick" and saved["seed"] == 0
+    # privleak against the split's own retain model (issue 27 item 3): 0 for that model itself; every
+    # row of the table has it and extraction strength.
+    for split in preset.splits:
+        assert saved["retain_models"][split]["privleak"] == 0.0
+        finals = [saved["target"][split]] + [
+            saved["runs"][str(seed)][split][method][-1] for seed in preset.unlearn_seeds for method in preset.methods
+        ]
+        for entry in finals:
+            assert isinstance(entry["privleak"], float) and 0 <= entry["extraction_strength"] <= 1
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert "| final privleak | final ES |" in table and "n/a" not in table
     # The committed quick table is what this code produces: published numbers cannot drift from
     # the code. Regenerate with the command in docs/demo/README.md when a change is intended.
     committed = (REPO / "docs" / "demo" / "quick" / "results.md").read_text()

@@ -192,6 +192,50 @@ def test_plot_results_refuses_what_it_cannot_draw(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def _rows(table: str) -> list[list[str]]:
+    """The cells of a markdown table's rows (header and separator included)."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+
+
+def test_results_table_adds_privleak_and_extraction_strength_when_the_results_have_them():
+    rng = random.Random()
+    results = synthetic_results(rng, seeds=3, splits=("forget01",), methods=("ga", "npo"))
+    without = results_table(results)
+    assert "privleak" not in without and "ES" not in without  # an older demo's table: as it was
+    results["target"]["forget01"].update(privleak=-87.04, extraction_strength=0.912)
+    results["retain_models"]["forget01"].update(privleak=0.0, extraction_strength=0.131)
+    for seed, privleak in zip(("0", "1", "2"), (-12.3, -0.04, 40.0), strict=True):
+        for method in ("ga", "npo"):
+            results["runs"][seed]["forget01"][method][-1].update(privleak=privleak, extraction_strength=0.25)
+    table = results_table(results)
+    rows = _rows(table)
+    assert rows[0] == [
+        "split",
+        "method",
+        "final FQ",
+        "final MU",
+        "final privleak",
+        "final ES",
+        "best FQ",
+        "MU there",
+        "best-FQ epoch per seed",
+    ]
+    assert rows[2][1:6] == ["target (before)", rows[2][2], rows[2][3], "-87.0", "0.91"] and rows[2][6:] == [""] * 3
+    assert rows[3][1:] == ["retain model", "1", rows[3][3], "0.0", "0.13", "", "", ""]
+    # median [min, max] over the seeds; -0.04 rounds to 0.0, not -0.0.
+    assert [row[4] for row in rows[4:]] == ["0.0 [-12.3, 40.0]"] * 2 and "-0.0" not in table
+    # The other columns are the table without the privacy columns, cell for cell.
+    assert [row[:4] + row[6:] for row in rows] == _rows(without)
+    assert "privleak: open-unlearning's privacy leakage" in table and "retain model is the reference" in table
+    assert "AUC_retain:" not in table  # no AUC in these results: none invented
+    results["retain_models"]["forget01"]["mia_min_k"] = 0.8125
+    assert results_table(results).endswith(" AUC_retain: forget01 0.812.")
+    # A number missing from a row reads n/a, not a median over fewer seeds.
+    del results["runs"]["1"]["forget01"]["npo"][-1]["privleak"]
+    rows = _rows(results_table(results))
+    assert rows[-1][1] == "NPO" and rows[-1][4] == "n/a" and rows[-2][4] == "0.0 [-12.3, 40.0]"
+
+
 def random_summary(rng, forget_quality=True):
     out = {f"{s}/{m}": rng.random() for s in EVAL_SETS for m in (*EVAL_METRICS, "mean_truth_ratio")}
     out["model_utility"] = rng.random()
