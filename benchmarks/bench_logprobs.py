@@ -9,9 +9,10 @@ One process, one command:
 
 Contenders (see README.md): naive PyTorch (full logits), torch.compile of naive, fastnpo impl="torch",
 fastnpo impl="triton", Liger-Kernel's fused linear cross-entropy (reduction="none") and its chunked
-selective log-prob op, Cut Cross-Entropy (reduction="none"), the NPO loss (naive / unfused /
-fused / one-pass / epilogue: npo_loss with fused=False, True, "one_pass", "epilogue") and the
-fused-epilogue design's forward-only form (fastnpo.ops.fused_epilogue.epilogue_token_logprobs, fwd only).
+selective log-prob op, Cut Cross-Entropy (reduction="none"), the NPO loss (npo-naive / -unfused /
+-fused / -one-pass / -epilogue: npo_loss with impl="naive", then design="two_call", "two_sweep",
+"one_pass", "epilogue") and the epilogue design's forward-only form
+(fastnpo.ops.experimental.epilogue.epilogue_token_logprobs, fwd only).
 A contender that cannot run here is recorded as skipped with the reason, never dropped.
 
 Modes: "fwd" (under no_grad: reference log-probs, evaluation) and "fwd+bwd" (gradients for hidden and
@@ -46,7 +47,8 @@ import torch
 import fastnpo
 from fastnpo.losses import npo_from_logprobs
 from fastnpo.ops import IMPLS
-from fastnpo.ops.fused_epilogue import epilogue_token_logprobs
+from fastnpo.ops.backends import DEPRECATED_IMPLS
+from fastnpo.ops.experimental.epilogue import epilogue_token_logprobs
 from fastnpo.profiling import peak_memory_during
 
 # Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
@@ -181,7 +183,7 @@ class Contender:
     modes: tuple = MODES
     mode_skip: dict = field(default_factory=dict)
     impl: str = "auto"  # npo kind only
-    fused: bool | str = False  # npo kind only: npo_loss's fused (False, True, "one_pass" or "epilogue")
+    design: str = "two_call"  # npo kind only: npo_loss's design (fastnpo.ops.DESIGNS)
 
 
 def naive_logprobs(hidden, weight, labels):
@@ -220,7 +222,7 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
     # TRITON_INTERPRET=1 (~1 ms per program iteration: tiny shapes only, e.g. the GPU suite's --smoke).
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for impl in IMPLS:
-        if impl in ("auto", "naive", "torch"):
+        if impl in ("auto", "naive", "torch") or impl in DEPRECATED_IMPLS:
             continue
         out.append(
             Contender(
@@ -302,16 +304,19 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
             "fastnpo-epilogue-fwd",
             lambda h, w, y: epilogue_token_logprobs(h, w, y),
             skip=triton_skip,
-            note="fused_epilogue.epilogue_token_logprobs: the logits GEMM with per-tile softmax statistics, no E",
+            note="experimental.epilogue.epilogue_token_logprobs: the logits GEMM with per-tile softmax statistics,"
+            " no E",
             modes=("fwd",),
             mode_skip={"fwd+bwd": "the forward-only form (reference passes, evaluation): no gradients"},
         )
     )
-    fwd_only_reason = "forward-only NPO is token_logprobs + a sum; fused differs only when gradients are needed"
-    for name, impl, fused in (
-        ("npo-naive", "naive", False),
-        ("npo-unfused", "auto", False),
-        ("npo-fused", "auto", True),
+    fwd_only_reason = "forward-only NPO is token_logprobs + a sum; the designs differ only when gradients are needed"
+    # The contender names predate design= (npo-unfused: "two_call", npo-fused: "two_sweep"); they stay so
+    # that benchmarks/results/*.md compare across runs.
+    for name, impl, design in (
+        ("npo-naive", "naive", "two_call"),
+        ("npo-unfused", "auto", "two_call"),
+        ("npo-fused", "auto", "two_sweep"),
         ("npo-one-pass", "auto", "one_pass"),
         ("npo-epilogue", "auto", "epilogue"),
     ):
@@ -320,12 +325,12 @@ def build_contenders(device: torch.device, dtype: torch.dtype, skip_compile: boo
                 name,
                 None,
                 kind="npo",
-                skip=triton_skip if fused == "epilogue" else None,
-                note=f"npo_loss(impl='{impl}', fused={fused!r}), T={NPO_SEQ_LEN}",
+                skip=triton_skip if design == "epilogue" else None,
+                note=f"npo_loss(impl='{impl}', design={design!r}), T={NPO_SEQ_LEN}",
                 modes=("fwd+bwd",),
                 mode_skip={"fwd": fwd_only_reason},
                 impl=impl,
-                fused=fused,
+                design=design,
             )
         )
     return out
@@ -341,7 +346,7 @@ def make_npo_fn(contender: Contender, seq_len: int, ref_logps: torch.Tensor):
             ref_logps,
             beta=NPO_BETA,
             impl=contender.impl,
-            fused=contender.fused,
+            design=contender.design,
         )
 
     return fn

@@ -21,7 +21,7 @@ Call 1, the kernels (most valuable first):
   gemm         bench_logprobs.py --gemm-only: the rate of the designs' exact GEMMs at the 4 head shapes
                (logits [8192 x D] x [D x V], dH, dW; bf16; median and best) and of a square 8192^3 -> gemm.csv
   logprobs     bench_logprobs.py: N=8192, the four (D, V), bf16, fwd and fwd+bwd, peak memory and error
-               against fp32 of naive, torch.compile(naive), fastnpo triton / triton-exact / cublas (split) /
+               against fp32 of naive, torch.compile(naive), fastnpo triton / triton-exact / split /
                epilogue-fwd, npo one_pass / epilogue (against npo-naive), Liger, CCE; the floor at the
                run's median matmul rate (x_floor) and at its best GEMM rates (x_floor_best)
                -> logprobs.csv, logprobs.md (rewritten after each shape)
@@ -87,7 +87,7 @@ PEERS = ("liger_kernel", "cut_cross_entropy", "trl", "transformers", "peft", "da
 # npo-unfused / npo-fused (the two-call path the trainer benchmark compares): seconds each per shape.
 # naive and npo-naive always run (the references of the speed-up and error columns).
 LOGPROBS_CONTENDERS = (
-    "naive,compile(naive),fastnpo-triton,fastnpo-triton-exact,fastnpo-cublas,fastnpo-epilogue-fwd,"
+    "naive,compile(naive),fastnpo-triton,fastnpo-triton-exact,fastnpo-split,fastnpo-epilogue-fwd,"
     "liger-flce,cce,npo-naive,npo-one-pass,npo-epilogue"
 )
 # The memory-plan cases of call 2, in order: the 8B optimizer step in the backward (plain AdamW, then

@@ -10,14 +10,14 @@ bench_logprobs.py says how fast each design is; this says why: for each impl, a 
 forward + backward calls, then PROFILED_CALLS profiled ones, and the operators / kernels sorted by
 their own device time (per call), with the wall time of one call beside them.
 
---npo DESIGNS profiles npo_loss(fused=DESIGN) fwd+bwd calls (sequences of --seq-len tokens) the same
+--npo DESIGNS profiles npo_loss(design=DESIGN) fwd+bwd calls (sequences of --seq-len tokens) the same
 way and counts, per call: device launches (kernels, copies and fills the profiler saw on the GPU),
 the device-busy share (the union of those intervals over the span from the first to the last),
 host syncs (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize / blocking
 cudaMemcpy calls) and scalar reads (aten::_local_scalar_dense: .item(), bool(tensor), .tolist()).
 --sweep-rows times the one_pass design at several chunk sizes (rows of fp32 logits per chunk: the
 rule's floor MIN_CHUNK_ROWS set to each, CHUNK_BYTES out of the way) and --sweep-epilogue-mib the
-epilogue design at several E budgets (fused_epilogue.CHUNK_BYTES), each with its chunk count, median
+epilogue design at several E budgets (experimental.epilogue.CHUNK_BYTES), each with its chunk count, median
 and best time and peak extra memory. The GPU suite's first call runs it as its `one-pass` part
 (--out: a markdown file beside the tables in log.txt).
 """
@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 
 import fastnpo
-from fastnpo.ops import cublas, fused_epilogue, one_pass
+from fastnpo.ops import matmuls, one_pass
+from fastnpo.ops.experimental import epilogue as fused_epilogue
+from fastnpo.ops.experimental import split
 from fastnpo.profiling import peak_memory_during
 
 PROFILED_CALLS = 3
@@ -134,7 +136,7 @@ def npo_call(design: str, hidden, weight, labels, ref):
     def call():
         h = hidden.detach().view(batch, seq_len, -1).requires_grad_(True)
         w = weight.detach().requires_grad_(True)
-        fastnpo.npo_loss(h, w, labels, ref, beta=NPO_BETA, fused=design).backward()
+        fastnpo.npo_loss(h, w, labels, ref, beta=NPO_BETA, design=design).backward()
 
     return call
 
@@ -166,7 +168,7 @@ def profile_npo(designs, hidden, weight, labels, ref, *, row_limit: int, report:
     report += [
         "## One call per design: launches, device-busy share, host syncs",
         "",
-        f"npo_loss(fused=DESIGN) forward + backward, beta {NPO_BETA}, {labels.shape[0]} sequences of "
+        f"npo_loss(design=DESIGN) forward + backward, beta {NPO_BETA}, {labels.shape[0]} sequences of "
         f"{labels.shape[1]} tokens; {calls} profiled call(s) after {warmup} warm-up call(s) (compile, autotune); "
         "counts per call. Launches: kernels, copies and fills on the device (none on a CPU); busy share: "
         "the union of their intervals over the span from the first to the last; syncs: blocking CUDA "
@@ -196,7 +198,7 @@ def profile_npo(designs, hidden, weight, labels, ref, *, row_limit: int, report:
                 synchronize(device)
         except Exception as error:  # a design that cannot run here is reported, the rest still run
             report.append(f"| {design} | failed: {type(error).__name__}: {str(error)[:160]} | | | | | | |")
-            print(f"\n--- npo fused={design!r}: FAILED {type(error).__name__}: {error}")
+            print(f"\n--- npo design={design!r}: FAILED {type(error).__name__}: {error}")
             continue
         counts = trace_counts(prof, calls)
 
@@ -209,13 +211,13 @@ def profile_npo(designs, hidden, weight, labels, ref, *, row_limit: int, report:
             f"| {counts['python_ops']:.0f} |"
         )
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\n--- npo fused={design!r}: one fwd+bwd call {wall_ms:.1f} ms wall; per call: {counts} ---")
+        print(f"\n--- npo design={design!r}: one fwd+bwd call {wall_ms:.1f} ms wall; per call: {counts} ---")
         print(prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70))
     report.append("")
 
 
 def sweep(label: str, design: str, settings, hidden, weight, labels, ref, *, repeats: int, report: list) -> None:
-    """Time npo_loss(fused=design) under each setting (a context that sets the chunk rule)."""
+    """Time npo_loss(design=design) under each setting (a context that sets the chunk rule)."""
     device = hidden.device
     report += [
         f"## {label}",
@@ -277,9 +279,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", default="8192x4096x128256", help="NxDxV")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--impls", default="cublas,triton", help="comma-separated fastnpo impls (token op)")
+    parser.add_argument("--impls", default="split,triton", help="comma-separated fastnpo impls (token op)")
     parser.add_argument("--rows", type=int, default=15, help="table rows per impl")
-    parser.add_argument("--npo", default="", help="comma-separated npo_loss fused designs to profile (one_pass,...)")
+    parser.add_argument("--npo", default="", help="comma-separated npo_loss designs to profile (one_pass,...)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence of the npo calls")
     parser.add_argument("--sweep-rows", default="", help="one_pass chunk sizes in rows, e.g. 512,1024,2048,4096")
     parser.add_argument("--sweep-epilogue-mib", default="", help="epilogue E budgets per chunk in MiB, e.g. 128,512")
@@ -295,17 +297,17 @@ def main(argv=None) -> None:
     hidden = torch.randn(n, d, generator=generator).to(device, dtype)
     weight = (torch.randn(v, d, generator=generator) * (1.5 / d**0.5)).to(device, dtype)
     labels = torch.randint(0, v, (n,), generator=generator).to(device)
-    mode = cublas.matmul_mode(device.type, dtype)
+    mode = matmuls.matmul_mode(device.type, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    split = cublas.split_kernels(device)  # where Triton runs, the cublas impl is the split design
+    kernels = split.split_kernels(device)  # where Triton runs, impl='split' runs the split kernels
     layout = (
-        f"split design, dlogits blocks (rows, vocab) {cublas.split_blocks(n, v, hidden.element_size(), split[2])}"
-        if split is not None
-        else f"torch blocks (rows, vocab) {cublas.blocks(n, v)}"
+        f"split kernels, dlogits blocks (rows, vocab) {split.split_blocks(n, v, hidden.element_size(), kernels[2])}"
+        if kernels is not None
+        else f"torch blocks (rows, vocab) {split.blocks(n, v)}"
     )
     print(
         f"profile: N={n} D={d} V={v} {args.dtype} on {device} ({name}); "
-        f"torch {torch.__version__}; cublas: {layout}, matmul_mode {mode}; "
+        f"torch {torch.__version__}; split: {layout}, matmul_mode {mode}; "
         f"allow_tf32 {torch.backends.cuda.matmul.allow_tf32}"
     )
     for impl in filter(None, args.impls.split(",")):

@@ -1,5 +1,6 @@
 """pytest-benchmark suite at tiny CPU sizes: fastnpo impl="naive" vs impl="torch", forward and fwd+bwd,
-and the NPO loss's designs (npo_loss fused=False / True / "one_pass", bench_logprobs' npo-* contenders).
+and the NPO loss's designs (npo_loss design="two_call" / "two_sweep" / "one_pass", bench_logprobs' npo-*
+contenders).
 
 Not part of the main test run (pyproject's testpaths is ["tests"]); run it explicitly:
 
@@ -59,8 +60,8 @@ def test_forward_backward(benchmark, inputs, impl):
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [False, True, "one_pass"])
-def test_npo_forward_backward(benchmark, inputs, fused):
+@pytest.mark.parametrize("design", ["two_call", "two_sweep", "one_pass"])
+def test_npo_forward_backward(benchmark, inputs, design):
     # The npo-unfused / npo-fused / npo-one-pass contenders' path, against npo-naive.
     hidden, weight, labels, _ = inputs
     labels = npo_labels(labels, NPO_T)
@@ -74,7 +75,7 @@ def test_npo_forward_backward(benchmark, inputs, fused):
         return loss.detach(), h.grad, w.grad
 
     expected = run(Contender("npo-naive", None, kind="npo", impl="naive"))
-    contender = Contender("npo", None, kind="npo", impl="torch", fused=fused)
+    contender = Contender("npo", None, kind="npo", impl="torch", design=design)
     got = benchmark.pedantic(run, args=(contender,), rounds=5, warmup_rounds=1)
     for mine, ref in zip(got, expected, strict=True):
         torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)

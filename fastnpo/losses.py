@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .ops import (
     IGNORE_INDEX,
     aligned_labels,
-    check_fused,
     fused_sequence_loss,
+    resolve_design,
     sequence_logprobs,
     token_logprobs_flat,
 )
@@ -168,7 +168,8 @@ def npo_loss(
     weights: torch.Tensor | None = None,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool | str = False,
+    design: str | None = None,
+    fused=None,
 ) -> torch.Tensor:
     """NPO loss from hidden states: mean_b w_b (2/beta) softplus(beta (logp_b - ref_logps_b)).
 
@@ -178,20 +179,22 @@ def npo_loss(
     targets, weights [B] >= 0 (default 1). Every row needs at least one target token (else
     ValueError naming the rows).
 
-    fused: False (default) runs the usual forward, then backward. True computes the gradients in
-    the forward call (ops.autograd.FusedSequenceLossFunction) and allows one backward; it saves no
-    FLOPs (the log-sum-exp must be complete before any probability is known: two sweeps over the
-    vocabulary, 8NDV) and measured no faster on CPU (benchmarks/results/logprobs_cpu.md, npo-fused
-    vs npo-unfused). "one_pass" also computes them in the forward call and allows one backward, in
-    ONE sweep of chunks of whole sequences (ops/one_pass.py: 6NDV, library matmuls, exact,
-    filter_eps unused), valid because NPO is a mean of per-sequence terms. All three give the same
-    values and gradients up to rounding. Weights or ref_logps that require grad (U2A) take the
-    fused=False path whatever fused says: the fused designs return no gradient for them.
+    design (ops/designs.py; status and measurements in ops/DESIGNS.md): "two_call" (default) runs
+    the usual forward, then backward. "two_sweep" computes the gradients in the forward call
+    (ops.autograd.FusedSequenceLossFunction) and allows one backward; it saves no FLOPs (the
+    log-sum-exp must be complete before any probability is known: two sweeps over the vocabulary,
+    8NDV). "one_pass" also computes them in the forward call and allows one backward, in ONE sweep
+    of chunks of whole sequences (ops/one_pass.py: 6NDV, library matmuls, exact, filter_eps unused),
+    valid because NPO is a mean of per-sequence terms. "epilogue" (experimental, Triton) is
+    one_pass's contract through Triton GEMMs. All give the same values and gradients up to
+    rounding. Weights or ref_logps that require grad (U2A) take the "two_call" path whatever design
+    says: the single-call designs return no gradient for them. fused: the deprecated spelling
+    (False -> "two_call", True -> "two_sweep", "one_pass", "epilogue"; DeprecationWarning).
     """
     check_hidden_and_weight(hidden, weight, exact_dim=3)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
     beta = check_positive("beta", beta)
-    fused = check_fused(fused)
+    design = resolve_design(design, fused, "two_call")
     batch = hidden.shape[0]
     ref_logps = check_per_sequence("ref_logps", ref_logps, batch, hidden.device)
     if weights is not None:
@@ -201,8 +204,8 @@ def npo_loss(
     def loss_from_logprobs(logps):
         return npo_from_logprobs(logps, ref_logps, beta=beta, weights=weights)
 
-    if fused and not (ref_logps.requires_grad or (weights is not None and weights.requires_grad)):
-        return _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, fused)
+    if design != "two_call" and not (ref_logps.requires_grad or (weights is not None and weights.requires_grad)):
+        return _single_call(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, design)
     logps = sequence_logprobs(
         hidden, weight, labels, shift=shift, ignore_index=ignore_index, impl=impl, filter_eps=filter_eps
     )
@@ -230,7 +233,8 @@ def ga_loss(
     ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     filter_eps="auto",
-    fused: bool | str = False,
+    design: str | None = None,
+    fused=None,
 ) -> torch.Tensor:
     """Gradient-ascent loss: minus the token-mean cross-entropy over all target tokens of the batch.
 
@@ -238,12 +242,12 @@ def ga_loss(
     is gradient ascent on the targets. hidden [B, T, D] with shift=True ([..., D] without),
     labels aligned as in sequence_logprobs / token_logprobs. Raises if no token is a target.
 
-    fused: as in npo_loss (False, True or "one_pass"); the fused designs see every target token
-    as its own sequence, so "one_pass" (valid: the loss is a sum over tokens) chunks by tokens.
+    design, fused: as in npo_loss (default "two_call"); the single-call designs see every target
+    token as its own sequence, so "one_pass" (valid: the loss is a sum over tokens) chunks by tokens.
     """
     check_hidden_and_weight(hidden, weight, exact_dim=3 if shift else None)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    fused = check_fused(fused)
+    design = resolve_design(design, fused, "two_call")
     targets = aligned_labels(labels, shift, ignore_index) if shift else labels.long()
     count = int((targets != ignore_index).sum())
     if count == 0:
@@ -253,8 +257,8 @@ def ga_loss(
         return logps.sum() / count
 
     dim = hidden.shape[-1]
-    if fused:
-        return _fused(
+    if design != "two_call":
+        return _single_call(
             hidden.reshape(-1, 1, dim),
             weight,
             targets.reshape(-1, 1),
@@ -263,7 +267,7 @@ def ga_loss(
             ignore_index,
             impl,
             filter_eps,
-            fused,
+            design,
         )
     return (
         token_logprobs_flat(hidden.reshape(-1, dim), weight, targets.reshape(-1), ignore_index, impl, filter_eps).sum()
@@ -271,7 +275,7 @@ def ga_loss(
     )
 
 
-def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, fused):
+def _single_call(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl, filter_eps, design):
     batch, length, dim = hidden.shape
     targets = aligned_labels(labels, shift, ignore_index)
     return fused_sequence_loss(
@@ -283,5 +287,5 @@ def _fused(hidden, weight, labels, loss_from_logprobs, shift, ignore_index, impl
         ignore_index=ignore_index,
         impl=impl,
         filter_eps=filter_eps,
-        fused=fused,
+        design=design,
     )

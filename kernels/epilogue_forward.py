@@ -1,6 +1,6 @@
 """Fused-epilogue forward: the logits GEMM whose epilogue keeps per-(row, tile) softmax statistics.
 
-The "epilogue" design (fastnpo/ops/fused_epilogue.py; QuACK's scaled-exp idea adapted to
+The "epilogue" design (experimental: fastnpo/ops/experimental/epilogue.py; QuACK's scaled-exp idea adapted to
 per-sequence losses). One program per (BLOCK_N rows, TILE_V vocabulary columns) output tile of
 hidden[row_ids] @ weight.T, a full GEMM tile (tiles.logits_tile: fp32 accumulation over D). Its
 epilogue, on the fp32 tile z still in registers:

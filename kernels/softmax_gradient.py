@@ -1,16 +1,16 @@
-"""Softmax-gradient kernel: one vocabulary block of dlogits, for the "split" backward of the cublas design.
+"""Softmax-gradient kernel: one vocabulary block of dlogits, for the backward of the split design
+(impl="split", experimental: fastnpo/ops/experimental/split.py).
 
 The fused backward kernel (logprobs_backward.py) does all three matmuls of a tile in one program
-and adds dH / dW with fp32 atomics into fp32 buffers: exact, it took 111 ms on the H200 at N=8192,
-D=4096, V=128256, against ~38 ms for its 6NDV at the matmul rate. The split design leaves the two
-gradient matmuls to the library: for a block of Vc vocabulary columns this kernel only recomputes
-the logits and writes
+and adds dH / dW with fp32 atomics into fp32 buffers (what that costs on a GPU: benchmarks/README.md,
+"Second GPU window"). The split design leaves the two gradient matmuls to the library: for a
+block of Vc vocabulary columns this kernel only recomputes the logits and writes
 
     dlogits[i, j] = grad[i] * (onehot(labels[i] == v0 + j) - exp(logit[i, j] - lse[i]))
 
 in the compute dtype into an [n, Vc] buffer (what the matmuls read: bf16 dlogits are what the
 fused kernel feeds its own dots, too), after which dW[v0:v0+Vc] = dlogits.T @ rows and
-dH += dlogits @ W_block are plain cuBLAS matmuls (fastnpo/ops/cublas.py). Cost: the logits'
+dH += dlogits @ W_block are plain cuBLAS matmuls (fastnpo/ops/experimental/split.py). Cost: the logits'
 2 n D Vc FLOPs, as in the forward, plus n Vc stores.
 """
 
@@ -39,7 +39,7 @@ SOFTMAX_GRADIENT_CANDIDATES = [
     (128, 128, 64, 4, 4),
 ]
 # The interpreter (one config, CPU tensors) costs per program iteration, nearly whatever the tile:
-# larger tiles than tiles.autotune_configs' 16 x 32 x 16 keep impl="cublas" on CPU tests and the GPU
+# larger tiles than tiles.autotune_configs' 16 x 32 x 16 keep impl="split" on CPU tests and the GPU
 # suite's smoke run (which launch this kernel once per vocabulary block of every call) short.
 SOFTMAX_GRADIENT_CONFIGS = (
     [triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=1)]

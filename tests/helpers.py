@@ -93,8 +93,8 @@ def value_and_grads(fn, hidden, weight, upstream=1.0, hidden_grad=True, weight_g
     return loss.detach(), h.grad, w.grad
 
 
-def fused_loss_fn(labels, t, loss_fn, chunk_bytes, fused: str):
-    """(h, w) -> fused_sequence_loss(..., fused=fused) of loss_fn over sequences of t positions."""
+def fused_loss_fn(labels, t, loss_fn, chunk_bytes, design: str):
+    """(h, w) -> fused_sequence_loss(..., design=design) of loss_fn over sequences of t positions."""
     from fastnpo.ops import fused_sequence_loss
 
     return lambda h, w: fused_sequence_loss(
@@ -106,7 +106,7 @@ def fused_loss_fn(labels, t, loss_fn, chunk_bytes, fused: str):
         ignore_index=IGNORE_INDEX,
         impl="auto",
         filter_eps=None,
-        fused=fused,
+        design=design,
         chunk_bytes=chunk_bytes,
     )
 

@@ -52,9 +52,9 @@ def value_and_grads(fn, hidden, weight):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("design", ["two_sweep", "two_call"])
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_npo_loss_matches_formula(impl, fused, with_weights):
+def test_npo_loss_matches_formula(impl, design, with_weights):
     device = device_for(impl)
     hidden, weight, labels = batch(device=device)
     true_logps, _ = reference_sequence_logprobs(hidden, weight, labels)
@@ -64,7 +64,7 @@ def test_npo_loss_matches_formula(impl, fused, with_weights):
 
     ours = value_and_grads(
         lambda h, w: fastnpo.npo_loss(
-            h, w, labels, ref_logps, beta=beta, weights=weights, impl=impl, fused=fused, filter_eps=None
+            h, w, labels, ref_logps, beta=beta, weights=weights, impl=impl, design=design, filter_eps=None
         ),
         hidden,
         weight,
@@ -88,8 +88,8 @@ def test_npo_gradient_weight_starts_at_one():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_ga_loss_is_minus_huggingface_loss(impl, fused):
+@pytest.mark.parametrize("design", ["two_sweep", "two_call"])
+def test_ga_loss_is_minus_huggingface_loss(impl, design):
     transformers = pytest.importorskip("transformers")
     device = device_for(impl)
     config = transformers.LlamaConfig(
@@ -112,7 +112,7 @@ def test_ga_loss_is_minus_huggingface_loss(impl, fused):
     model.zero_grad()
 
     hidden = model.model(input_ids=input_ids).last_hidden_state
-    ours = fastnpo.ga_loss(hidden, model.lm_head.weight, labels, impl=impl, fused=fused, filter_eps=None)
+    ours = fastnpo.ga_loss(hidden, model.lm_head.weight, labels, impl=impl, design=design, filter_eps=None)
     torch.testing.assert_close(ours, -stock.loss, atol=1e-5, rtol=1e-5)
     ours.backward()
     torch.testing.assert_close(model.lm_head.weight.grad, -stock_grad, atol=1e-5, rtol=1e-4)
@@ -132,12 +132,12 @@ def test_fused_loss_scales_with_upstream_and_skips_work_without_grad():
     hidden, weight, labels = batch()
     ref_logps = torch.zeros(4)
     h = hidden.clone().requires_grad_()
-    (3.0 * fastnpo.npo_loss(h, weight, labels, ref_logps, fused=True, impl="torch")).backward()
+    (3.0 * fastnpo.npo_loss(h, weight, labels, ref_logps, design="two_sweep", impl="torch")).backward()
     h2 = hidden.clone().requires_grad_()
-    (3.0 * fastnpo.npo_loss(h2, weight, labels, ref_logps, fused=False, impl="torch")).backward()
+    (3.0 * fastnpo.npo_loss(h2, weight, labels, ref_logps, design="two_call", impl="torch")).backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        value = fastnpo.npo_loss(hidden.requires_grad_(), weight, labels, ref_logps, fused=True, impl="torch")
+        value = fastnpo.npo_loss(hidden.requires_grad_(), weight, labels, ref_logps, design="two_sweep", impl="torch")
     assert not value.requires_grad
 
 
@@ -195,24 +195,24 @@ def test_npo_to_ga_as_beta_vanishes():
 def test_fused_loss_refuses_a_second_backward():
     hidden, weight, labels = batch()
     hidden.requires_grad_()
-    loss = fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), fused=True, impl="torch")
+    loss = fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), design="two_sweep", impl="torch")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated once"):
         loss.backward()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_npo_loss_refuses_rows_without_target_tokens(fused):
+@pytest.mark.parametrize("design", ["two_call", "two_sweep"])
+def test_npo_loss_refuses_rows_without_target_tokens(design):
     # Issue 14: a row whose labels are all ignored gave logp 0 and a silent loss of ~78.
     hidden, weight, labels = batch()
     labels[1] = IGNORE
     labels[3, 0] = 5
     labels[3, 1:] = IGNORE  # only position 0 is labelled, and nothing predicts it after the shift
     with pytest.raises(ValueError, match=r"rows \[1, 3\] have no target token"):
-        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", fused=fused)
+        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", design=design)
     labels[:] = IGNORE
     with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\]"):
-        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", fused=fused)
+        fastnpo.npo_loss(hidden, weight, labels, torch.zeros(4), impl="torch", design=design)
 
 
 def test_kl_is_reference_to_policy_averaged_over_attended_positions():

@@ -1,12 +1,18 @@
 """The fused linear + log-softmax log-prob op: hidden states and the lm_head weight in,
 per-token / per-sequence log-probabilities out, without the [tokens x vocab] logits.
 
-    backends.py  the implementations (Triton kernels, vocabulary-chunked PyTorch) and the choice
-    autograd.py  the autograd functions (two-pass, and the fused loss that does both in one call)
-    one_pass.py  the fused loss's one-pass design: chunks of whole sequences, 6NDV (separable losses)
-    chunked.py   the vocabulary-chunked PyTorch backend (fp32: the CPU path)
-    cublas.py    gradients from library matmuls, fed by Triton kernels where they run (no atomics, exact dW)
-    naive.py     full logits: the correctness reference and benchmark baseline
+What is production and what is experimental, with where each design was measured and how fast:
+DESIGNS.md (checked against README.md's `impl` paragraph by tests/test_design_status.py).
+
+    backends.py  the `impl` backends (Triton kernels, vocabulary-chunked PyTorch, split) and the choice
+    designs.py   the `design` names (two_call, two_sweep, one_pass, epilogue) and the deprecated `fused`
+    autograd.py  the autograd functions (two calls, and the single-call loss designs)
+    one_pass.py  design="one_pass": chunks of whole sequences in one sweep, 6NDV (separable losses)
+    chunked.py   impl="torch": the vocabulary-chunked PyTorch backend (fp32: the CPU path)
+    matmuls.py   fp32-result library matmuls (one_pass, split) and where Triton runs
+    naive.py     impl="naive": full logits, the correctness reference and benchmark baseline
+    experimental/  designs never measured on a GPU and chosen by no default:
+                 split.py (impl="split", formerly "cublas"), epilogue.py (design="epilogue")
     checks.py    input checks that name the argument
     logprobs.py  the public token_logprobs / sequence_logprobs
     packed.py    per-example log-probs of packed rows
@@ -15,9 +21,10 @@ per-token / per-sequence log-probabilities out, without the [tokens x vocab] log
     undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
 """
 
-from .autograd import check_fused, example_loss, fused_sequence_loss, token_logprobs_flat
+from .autograd import example_loss, fused_sequence_loss, token_logprobs_flat
 from .backends import IMPLS, resolve_filter_eps, resolve_impl
 from .ce_u import ce_u_token_losses
+from .designs import DESIGNS, resolve_design
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
 from .naive import naive_token_logprobs
 from .packed import packed_sequence_logprobs
@@ -25,16 +32,17 @@ from .statistics import TokenStatistics, token_statistics
 from .undial import undial_token_losses
 
 __all__ = [
+    "DESIGNS",
     "IGNORE_INDEX",
     "IMPLS",
     "TokenStatistics",
     "aligned_labels",
     "ce_u_token_losses",
-    "check_fused",
     "example_loss",
     "fused_sequence_loss",
     "naive_token_logprobs",
     "packed_sequence_logprobs",
+    "resolve_design",
     "resolve_filter_eps",
     "resolve_impl",
     "sequence_logprobs",

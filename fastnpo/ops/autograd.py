@@ -1,6 +1,7 @@
 """Autograd functions of the fused linear + log-softmax log-probs, over a backend (backends.py), and
-of a loss of per-sequence log-probs with its gradients computed in the forward call (two designs:
-two sweeps over a backend, or one pass of chunks of whole sequences, one_pass.py).
+of a loss of per-sequence log-probs with its gradients computed in the forward call (designs.py:
+"two_sweep" over a backend, "one_pass" over chunks of whole sequences (one_pass.py), and the
+experimental "epilogue").
 
 Rows whose label is ignore_index are dropped before any backend runs (prompts and padding
 often make up most of a batch), and their log-prob is exactly 0.
@@ -13,7 +14,8 @@ import torch
 
 from . import one_pass
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
-from .fused_epilogue import check_device, epilogue_sequence_loss
+from .designs import resolve_design
+from .experimental.epilogue import check_device, epilogue_sequence_loss
 from .naive import naive_token_logprobs
 from .one_pass import one_pass_sequence_loss
 
@@ -60,9 +62,9 @@ class FusedSequenceLossFunction(torch.autograd.Function):
     computes the loss and both gradients at once and autograd's backward only scales the stored
     gradients. Three designs, all (hidden, weight, row_ids, labels, sequence_ids, num_sequences,
     loss_from_logprobs, *, compute_dh, compute_dw) -> (loss, dH [N, D] or None, dW [V, D] or None):
-    two_sweep_sequence_loss (fused=True, any loss), one_pass.one_pass_sequence_loss
-    (fused="one_pass", separable losses only) and fused_epilogue.epilogue_sequence_loss
-    (fused="epilogue", separable losses only, Triton).
+    two_sweep_sequence_loss (design="two_sweep", any loss), one_pass.one_pass_sequence_loss
+    (design="one_pass", separable losses only) and experimental.epilogue.epilogue_sequence_loss
+    (design="epilogue", separable losses only, Triton).
     """
 
     @staticmethod
@@ -98,7 +100,7 @@ class FusedSequenceLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.consumed:
-            raise RuntimeError("a fused loss can be back-propagated once; use fused=False to backward twice")
+            raise RuntimeError("a fused loss can be back-propagated once; use design='two_call' to backward twice")
         dh, dw = ctx.dh, ctx.dw
         ctx.dh = ctx.dw = None  # used once, so they can be scaled in place: no second [V, D] copy
         ctx.consumed = True
@@ -124,7 +126,7 @@ def two_sweep_sequence_loss(
     backend: Backend,
     filter_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """fused=True's design: the backend's forward, then its backward with the loss's gradient.
+    """design="two_sweep": the backend's forward, then its backward with the loss's gradient.
 
     The log-sum-exp must be complete before any probability is known, so this is still two sweeps
     over the vocabulary (8NDV with the backward's recompute); what fusing saves is the
@@ -180,17 +182,6 @@ def token_logprobs_flat(
     return logps.new_zeros(labels.shape[0]).index_copy(0, row_ids, logps)
 
 
-def check_fused(fused) -> bool | str:
-    """fused as npo_loss / ga_loss / fused_sequence_loss take it, validated (ValueError naming it)."""
-    if isinstance(fused, bool) or (isinstance(fused, str) and fused in ("one_pass", "epilogue")):
-        return fused
-    raise ValueError(
-        "fused must be False (forward, then backward), True (gradients in the forward call, two sweeps "
-        "over the vocabulary), 'one_pass' (one sweep; separable losses only) or 'epilogue' (one sweep "
-        f"through Triton GEMMs with a fused softmax epilogue; separable losses only), got {fused!r}"
-    )
-
-
 def fused_sequence_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -201,26 +192,29 @@ def fused_sequence_loss(
     ignore_index: int,
     impl: str,
     filter_eps,
-    fused: bool | str = True,
+    design: str | None = None,
     chunk_bytes: int | None = None,
+    fused=None,
 ) -> torch.Tensor:
     """loss_from_logprobs(summed per-sequence log-probs) for hidden [B*T, D], labels [B*T] (already
     aligned: labels[i] is predicted by hidden[i]).
 
-    fused: True computes the gradients in the same call over the `impl` backend (two sweeps over the
-    vocabulary; any loss); "one_pass" in the same call in one sweep of chunks of whole sequences
-    (one_pass.py: library matmuls, exact, `impl` and filter_eps unused but impl="naive"), valid ONLY
-    for a loss that is a sum of per-sequence terms, which the caller vouches for; False runs the
-    two-call path (token log-probs, then autograd through the loss). impl="naive" is always the
-    two-call path over full logits. "epilogue" is one_pass's contract (separable losses, impl and
-    filter_eps unused but impl="naive") through Triton GEMMs whose epilogue keeps per-tile softmax
-    statistics (fused_epilogue.py; CUDA tensors or TRITON_INTERPRET=1, else ValueError).
-    chunk_bytes: the one-pass design's fp32 logits per chunk (default one_pass's rule), the epilogue
-    design's E (operand dtype) per chunk (default fused_epilogue.CHUNK_BYTES).
+    design (designs.py; default "two_sweep"): "two_sweep" computes the gradients in the same call over
+    the `impl` backend (two sweeps over the vocabulary; any loss); "one_pass" in the same call in one
+    sweep of chunks of whole sequences (one_pass.py: library matmuls, exact, `impl` and filter_eps
+    unused but impl="naive"), valid ONLY for a loss that is a sum of per-sequence terms, which the
+    caller vouches for; "two_call" runs the token log-probs, then autograd through the loss.
+    impl="naive" is always the two-call path over full logits. "epilogue" (experimental) is
+    one_pass's contract (separable losses, impl and filter_eps unused but impl="naive") through
+    Triton GEMMs whose epilogue keeps per-tile softmax statistics (experimental/epilogue.py; CUDA
+    tensors or TRITON_INTERPRET=1, else ValueError). fused: the deprecated spelling (False, True,
+    "one_pass", "epilogue"; DeprecationWarning). chunk_bytes: the one-pass design's fp32 logits per
+    chunk (default one_pass's rule), the epilogue design's E (operand dtype) per chunk (default
+    experimental.epilogue.CHUNK_BYTES).
     """
-    fused = check_fused(fused)
+    design = resolve_design(design, fused, "two_sweep")
     num_sequences = labels.shape[0] // sequence_length
-    if fused is False or resolve_impl(impl, hidden.device) == "naive":
+    if design == "two_call" or resolve_impl(impl, hidden.device) == "naive":
         token_logps = token_logprobs_flat(hidden, weight, labels, ignore_index, impl, filter_eps)
         return loss_from_logprobs(token_logps.view(num_sequences, sequence_length).sum(dim=1))
     row_ids = kept_rows(labels, ignore_index)
@@ -232,7 +226,7 @@ def fused_sequence_loss(
         row_ids // sequence_length,
         num_sequences,
         loss_from_logprobs,
-        fused=fused,
+        design=design,
         impl=impl,
         filter_eps=filter_eps,
         chunk_bytes=chunk_bytes,
@@ -249,9 +243,10 @@ def example_loss(
     *,
     impl: str = "auto",
     filter_eps=None,
-    fused: bool | str = "one_pass",
+    design: str | None = None,
     chunk_bytes: int | None = None,
     upstream_is_one: bool = False,
+    fused=None,
 ) -> torch.Tensor:
     """fused_sequence_loss for rows of any layout: hidden [N, D], targets [N] (aligned: targets[i]
     is predicted by hidden[i]), owner [N] the example (< num_examples) each target belongs to, -1
@@ -263,9 +258,10 @@ def example_loss(
     then found on the host, and the call makes no device sync of its own. upstream_is_one: the
     caller promises to back-propagate this loss alone (loss.backward(), upstream gradient 1): the
     backward then returns the stored gradients without checking the upstream value (a sync).
+    design: as in fused_sequence_loss, default "one_pass" (fused: its deprecated spelling).
     The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
-    fused = check_fused(fused)
-    if fused is False or resolve_impl(impl, hidden.device) == "naive":
+    design = resolve_design(design, fused, "one_pass")
+    if design == "two_call" or resolve_impl(impl, hidden.device) == "naive":
         owner = owner.to(hidden.device)
         unowned = torch.full_like(targets, IGNORE_ROW)
         kept = torch.where(owner >= 0, targets, unowned)
@@ -276,7 +272,7 @@ def example_loss(
     sequence_ids = owner[row_ids]
     bounds = None
     if owner.device.type == "cpu":  # found on the host: no device sync for the rows or the chunks
-        if fused == "one_pass":
+        if design == "one_pass":
             vocab_size = weight.shape[0]
             budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
             bounds = one_pass.chunk_rows(sequence_ids, num_examples, vocab_size, budget)
@@ -289,7 +285,7 @@ def example_loss(
         sequence_ids.contiguous(),
         num_examples,
         loss_from_logprobs,
-        fused=fused,
+        design=design,
         impl=impl,
         filter_eps=filter_eps,
         chunk_bytes=chunk_bytes,
@@ -315,24 +311,24 @@ def _fused_loss(
     num_sequences,
     loss_from_logprobs,
     *,
-    fused,
+    design,
     impl,
     filter_eps,
     chunk_bytes,
     bounds=None,
     upstream_is_one=False,
 ) -> torch.Tensor:
-    """The loss over the kept rows (row_ids, their labels and sequences) through a fused design;
+    """The loss over the kept rows (row_ids, their labels and sequences) through a single-call design;
     bounds: the one-pass design's chunk boundaries when the caller found them on the host."""
     impl = resolve_impl(impl, hidden.device)
-    if fused == "one_pass":
-        design = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds)
-    elif fused == "epilogue":
+    if design == "one_pass":
+        run = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds)
+    elif design == "epilogue":
         check_device(hidden.device)
-        design = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)
+        run = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)
     else:
         filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
-        design = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)
+        run = functools.partial(two_sweep_sequence_loss, backend=backend_for(impl), filter_eps=filter_eps)
     want_grads = torch.is_grad_enabled()
     return FusedSequenceLossFunction.apply(
         hidden,
@@ -342,7 +338,7 @@ def _fused_loss(
         sequence_ids,
         num_sequences,
         loss_from_logprobs,
-        design,
+        run,
         want_grads and hidden.requires_grad,
         want_grads and weight.requires_grad,
         upstream_is_one,

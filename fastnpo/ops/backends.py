@@ -4,22 +4,27 @@ A backend computes, for the kept rows of hidden [N, D] (row_ids) and their label
     forward(hidden, weight, row_ids, labels) -> (lse, target_logit)                     fp32 [n]
     backward(..., lse, grad, *, filter_eps, compute_dh, compute_dw) -> (dh [n, D], dw [V, D])  fp32
 "triton" runs the kernels in kernels/ (fastnpo.kernels), "torch" the vocabulary-chunked code in
-chunked.py (fp32, the CPU path), "cublas" the design of cublas.py: the gradients from library
-matmuls (low-precision operands, fp32 accumulation, no atomics), fed where Triton runs (CUDA, or
-the interpreter) by the Triton forward and softmax-gradient kernels, elsewhere by vocabulary blocks
+chunked.py (fp32, the CPU path), "split" (experimental, experimental/split.py) the gradients from
+library matmuls (low-precision operands, fp32 accumulation, no atomics), fed where Triton runs (CUDA,
+or the interpreter) by the Triton forward and softmax-gradient kernels, elsewhere by vocabulary blocks
 of torch ops; "naive" (full logits, naive.py) has no backend: it is plain autograd. dh and dw may
-come back in fp32 or in the input's dtype.
+come back in fp32 or in the input's dtype. Which is production: ops/DESIGNS.md. "cublas" is the
+deprecated name of "split" (one release, with a DeprecationWarning).
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from .chunked import chunked_backward, chunked_forward
-from .cublas import cublas_backward, cublas_forward, triton_runs_on
+from .experimental.split import split_backward, split_forward
+from .matmuls import triton_runs_on
 
-IMPLS = ("auto", "triton", "cublas", "torch", "naive")
+# The accepted impl names; the last, "cublas", is the deprecated spelling of "split" (one release).
+IMPLS = ("auto", "triton", "torch", "split", "naive", "cublas")
+DEPRECATED_IMPLS = {"cublas": "split"}
 
 
 class ForwardFn(Protocol):
@@ -61,13 +66,22 @@ def _triton_backend() -> Backend:
 
 
 TORCH_BACKEND = Backend("torch", chunked_forward, chunked_backward)
-CUBLAS_BACKEND = Backend("cublas", cublas_forward, cublas_backward)
+SPLIT_BACKEND = Backend("split", split_forward, split_backward)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete implementation for `impl` on `device` ("auto": triton on CUDA, torch elsewhere)."""
+    """The concrete implementation for `impl` on `device` ("auto": triton on CUDA, torch elsewhere;
+    "cublas": "split", with a DeprecationWarning)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl in DEPRECATED_IMPLS:
+        new = DEPRECATED_IMPLS[impl]
+        warnings.warn(
+            f"impl={impl!r} is deprecated and will be removed in the next release: use impl={new!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        impl = new
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if impl == "triton" and not triton_runs_on(device):
@@ -81,7 +95,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def backend_for(impl: str) -> Backend:
     if impl == "triton":
         return _triton_backend()
-    return CUBLAS_BACKEND if impl == "cublas" else TORCH_BACKEND
+    if impl in DEPRECATED_IMPLS:
+        impl = DEPRECATED_IMPLS[impl]
+    return SPLIT_BACKEND if impl == "split" else TORCH_BACKEND
 
 
 def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:

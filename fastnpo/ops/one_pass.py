@@ -1,6 +1,7 @@
-"""The one-pass design of a per-sequence loss: logits, loss gradient and weight gradients in one sweep.
+"""design="one_pass" (production): a per-sequence loss's logits, loss gradient and weight gradients
+in one sweep.
 
-fused=True (autograd.FusedSequenceLossFunction over a backend) already computes the gradients in
+design="two_sweep" (autograd.FusedSequenceLossFunction over a backend) already computes the gradients in
 the forward call, but sweeps the vocabulary twice: the log-sum-exp must be complete before any
 probability is known, so the backward recomputes the logits (8NDV FLOPs). When the loss is a SUM
 OF PER-SEQUENCE TERMS, the gradient of a sequence's log-prob needs only that sequence, so chunks of
@@ -15,7 +16,7 @@ rows were dropped, as autograd.kept_rows does):
     dW      += dlogits^T @ rows         one matmul, accumulated into dW         2 n D V
 
 6NDV FLOPs in all, the floor: no recompute, no atomics, every FLOP in a library matmul (cuBLAS on
-CUDA with low-precision operands and out_dtype=torch.float32 results, cublas.matmul_mode's contract;
+CUDA with low-precision operands and out_dtype=torch.float32 results, matmuls.matmul_mode's contract;
 fp32 operands elsewhere, e.g. the CPU).
 
 The epilogue, one code path per situation (epilogue_kernels):
@@ -69,44 +70,10 @@ full-length vector of the log-probs known so far, the sequences not yet seen hol
 placeholder, and takes the gradient of the chunk's entries; the loss returned is the closure on the
 complete vector. A non-separable closure (a batch softmax, a normalisation by the batch's log-probs)
 would get gradients that depend on the placeholders, silently wrong: only callers that know their
-loss is separable select this design (fused="one_pass").
+loss is separable select this design (design="one_pass").
 
-Floors at N = 8192, D = 4096, V = 128256, bf16, T = 512, on an H100 (~750 TFLOP/s dense bf16
-achievable, ~3 TB/s HBM), written before any GPU run (PREDICTIONS: neither path has been timed on a
-GPU); 4 chunks of 2048 rows (1002 MiB of logits each); bf16 on CUDA takes the epilogue kernels:
-  FLOPs   6NDV = 2.58e13 -> 34.4 ms at 750 TFLOP/s.
-  bytes   per logit (N V = 1.05e9): the logits matmul's fp32 write 4, the epilogue kernels 10
-          (row_statistics read 4, v1's out-of-place dlogits kernel read 4 + bf16 write 2: the same
-          bytes as logits_gradient_ in place), the two gradient matmuls' dlogits reads 2 + 2: 18 B,
-          18.9 GB; W read by two matmuls and dW read + written once per chunk: 4.2 GB x 4 chunks =
-          16.8 GB; dW / dH zero fill 1.1 GB.
-          36.8 GB -> 12.3 ms at 3 TB/s.
-  The matmuls are compute-bound (2048-row chunks keep the dW update's K at 2048), but the epilogue's
-  10.5 GB are separate bandwidth-bound kernels that cannot overlap them: predicted ~45 ms = matmuls
-  at ~85% of 750 TFLOP/s (40.5 ms) + the epilogue kernels at ~85% of 3 TB/s (4.1 ms) + small ops
-  (~0.5 ms). Their exps (2 per logit, 2.1e9) are ~0.6 ms of the SFUs' rate, hidden under the bytes.
-  The torch-op epilogue instead (30 B per logit: row max read 4, subtract 8, exp 8, row sum read 4,
-  scale read 4 + bf16 write 2; 57.8 GB in all) was predicted at ~53 ms (its 31.5 GB: 12.4 ms).
-  For comparison, fused=True's floor is 8NDV = 45.9 ms.
-  Peak extra memory: the gradients 1066 MiB + fp32 logits 1002 MiB + bf16 dlogits 501 MiB + the
-  chunk's rows and fp32 dH rows 48 MiB: ~2.6 GiB (the same on both epilogue paths).
-
-v2 (this version: no zero fill, dH written once, the row floor, no sync in the loop), PREDICTED at
-the same size before any GPU run, H100 (DESIGN.md's measured 790 TFLOP/s bf16 matmul, 3.0 TB/s):
-  chunks   R = 2093 rows -> 4 chunks of 4 sequences (2048 rows): dW written once + 3 RMWs.
-  matmuls  6NDV = 2.58e13 at ~85% of 790 TFLOP/s: 38.4 ms (their operand / result bytes: the
-           logits' fp32 write 4.2 GB, the dlogits' reads 4.2 GB, W 8.4 GB, dW 7.4 GB, inside).
-  epilogue the two kernels, 10 B per logit: 10.5 GB at ~85% of 3.0 TB/s: 4.1 ms, not overlapped.
-  small    dH index_copy_ (2 x 67 MB), lse / grad vectors, ~30 launches per chunk (~130 in all,
-           ~5 us each, issued ahead of the GPU: no sync in the loop): ~0.1 ms exposed; the v1
-           zero fills (1.1 GB: ~0.4 ms) are gone. npo_loss's closure still syncs once or twice per
-           chunk: ~4 x 30 us of bubble.
-  total    ~43 ms per step (1.25x the 34.4 ms floor at 750 TFLOP/s; 1.31x 6NDV's 32.7 ms at 790).
-  Peak extra memory: the gradients 1066 MiB + one fp32 logits buffer 1002 MiB (the bf16 dlogits
-  written in place in it: -501 MiB against v1) + the chunk's rows 16 MiB: ~2.1 GiB.
-  Not done yet (issue 24 item 1's last part): ONE row kernel reading each fp32 row once (the
-  statistics and the in-place dlogits together, g applied after the matmuls): 6 B per logit,
-  4.1 -> 2.5 ms: predicted ~41.5 ms.
+Floors and predicted times at N = 8192, D = 4096, V = 128256 (bf16, T = 512, v1 and v2 of this
+design): benchmarks/README.md, "The one-pass design: floors and predictions".
 """
 
 import itertools
@@ -115,7 +82,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cublas import Matmuls, triton_runs_on
+from .matmuls import Matmuls, triton_runs_on
 
 CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
 MIN_CHUNK_ROWS = 2048  # the default budget's floor in rows, whatever V: bounds the dW read-modify-writes
@@ -168,7 +135,8 @@ def chunk_rows(
                     f"labels: sequence {sequence} has {end - start} target tokens; their fp32 logits "
                     f"({end - start} x {vocab_size} x 4 B = {(end - start) * vocab_size * 4 / 2**30:.2f} GiB) "
                     f"exceed the one-pass cap of {cap} B (max(chunk_bytes, one_pass.MAX_CHUNK_BYTES)) and one "
-                    "pass cannot split a sequence: use fused=True, shorter sequences or a larger MAX_CHUNK_BYTES"
+                    "pass cannot split a sequence: use design='two_sweep', shorter sequences or a larger "
+                    "MAX_CHUNK_BYTES"
                 )
         bounds.append(end)
     return bounds
@@ -200,7 +168,7 @@ def _softmax_gradient(
 def epilogue_kernels(device: torch.device, operand_dtype: torch.dtype):
     """kernels/sequence_epilogue.py where the chunk epilogue takes it, else None (the torch ops):
     bf16 / fp16 operands (the dlogits are then a new buffer, written once by the kernel) where
-    Triton runs (cublas.triton_runs_on: CUDA, or any device under TRITON_INTERPRET=1), with triton
+    Triton runs (matmuls.triton_runs_on: CUDA, or any device under TRITON_INTERPRET=1), with triton
     installed. fp32 operands (the CPU, fp32 inputs) keep the torch ops, in place."""
     if operand_dtype not in (torch.bfloat16, torch.float16) or not triton_runs_on(device):
         return None

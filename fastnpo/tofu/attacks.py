@@ -16,7 +16,8 @@ from ..modeling import decoder, output_weight
 from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs, token_statistics
 from . import privacy
 
-STATISTICS_IMPL = {"cublas": "auto"}  # token_statistics has no cublas design: its default instead
+# token_statistics has no split design (nor its deprecated name): its default instead
+STATISTICS_IMPL = {"split": "auto", "cublas": "auto"}
 
 
 def _hidden_and_weight(lm, batch: dict):

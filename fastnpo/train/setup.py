@@ -253,7 +253,7 @@ class TrainLogprobModel(SequenceLogprobModel):
                     examples,
                     lambda logps: sequence_loss(logps, counts),
                     impl=self.impl,
-                    fused="one_pass",
+                    design="one_pass",
                     upstream_is_one=True,  # the step back-propagates this loss alone
                 )
         tokens = token_logprobs(hidden, weight, targets, impl=self.impl)

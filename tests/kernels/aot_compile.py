@@ -3,7 +3,7 @@
     python tests/kernels/aot_compile.py --arch 90 --dtype bfloat16   # prints one JSON line per compile
 
 The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, the
-cublas design's split backward, which launches softmax_gradient once per vocabulary block, and the
+split design's backward, which launches softmax_gradient once per vocabulary block, and the
 one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient_ on one chunk of
 fp32 logits, the latter writing the bf16 / fp16 dlogits in place over them, called as
 one_pass_sequence_loss calls them where one_pass.epilogue_kernels takes them: bf16 / fp16
@@ -58,7 +58,8 @@ def captured_launches(dtype_name: str):
     from fastnpo.kernels import logprobs_backward as bwd
     from fastnpo.kernels import logprobs_forward as fwd
     from fastnpo.kernels import softmax_gradient as sg
-    from fastnpo.ops import cublas, one_pass
+    from fastnpo.ops import one_pass
+    from fastnpo.ops.experimental import split
 
     dtype = getattr(torch, dtype_name)
     n, d, v = SHAPE["n"], SHAPE["d"], SHAPE["v"]
@@ -80,8 +81,8 @@ def captured_launches(dtype_name: str):
         (
             sg,
             "softmax_gradient_kernel",
-            # what cublas_backward runs on CUDA (the matmuls run on meta tensors too: shapes only)
-            lambda: cublas.split_backward(
+            # what split_backward runs on CUDA (the matmuls run on meta tensors too: shapes only)
+            lambda: split.kernel_backward(
                 hidden,
                 weight,
                 row_ids,

@@ -64,7 +64,7 @@ def test_gpu_suite_smoke_both_calls(tmp_path):
         assert stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
         summaries[call] = summary
     one = summaries[1]
-    for design in ("fastnpo-triton", "fastnpo-triton-exact", "fastnpo-cublas", "fastnpo-epilogue-fwd"):
+    for design in ("fastnpo-triton", "fastnpo-triton-exact", "fastnpo-split", "fastnpo-epilogue-fwd"):
         assert f"| fwd | {design} |" in one, design
     for design in ("npo-naive", "npo-one-pass", "npo-epilogue"):
         assert f"| fwd+bwd | {design} |" in one, design

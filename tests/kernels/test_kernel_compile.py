@@ -3,7 +3,7 @@
 The triton wheel ships ptxas, so a CPU machine can compile for a CUDA target: the kernels are
 compiled at a real shape (N=8192, D=4096, V=128256) with the launch arguments the project's own
 launchers pass (tests/kernels/aot_compile.py), for every autotune config: the fused forward and
-backward, the softmax-gradient kernel of the cublas design's split backward, and the one-pass design's
+backward, the softmax-gradient kernel of the split design's backward, and the one-pass design's
 epilogue kernels (kernels/sequence_epilogue.py's row_statistics and in-place logits_gradient_, on a
 2048-row chunk of fp32 logits; bf16 / fp16 operands only, as one_pass runs them); the fused-epilogue
 design's three GEMM kernels (kernels/epilogue_forward.py, kernels/epilogue_backward.py: sm_90 bf16, at the
@@ -180,8 +180,8 @@ def test_broken_kernel_is_caught(tmp_path):
 
 
 # ------------------------------------------------------------------ the fused-epilogue design's kernels
-# kernels/epilogue_forward.py and kernels/epilogue_backward.py (fused="epilogue"), launched by their own
-# launchers at N=8192, D=4096, V=128256 on meta tensors: a 512-row chunk (fused_epilogue.CHUNK_BYTES of
+# kernels/epilogue_forward.py and kernels/epilogue_backward.py (design="epilogue"), launched by their own
+# launchers at N=8192, D=4096, V=128256 on meta tensors: a 512-row chunk (experimental.epilogue.CHUNK_BYTES of
 # bf16 E at this V holds one 512-token sequence) with E stored (the design) and without (the
 # forward-only form), dH, and dW both written (first chunk) and accumulated (later chunks). Each
 # (kernel, specialisation) is compiled for every autotune config, with aot_compile's binder,

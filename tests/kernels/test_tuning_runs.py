@@ -21,7 +21,7 @@ from fastnpo.kernels import logprobs_backward as bwd
 from fastnpo.kernels import logprobs_forward as fwd
 from fastnpo.kernels import softmax_gradient as sg
 from fastnpo.kernels.tiles import AUTOTUNE_CACHE, INTERPRET, ROW_BUCKETS
-from fastnpo.ops import cublas
+from fastnpo.ops.experimental import split
 
 D, V = 4096, 128256
 
@@ -94,7 +94,7 @@ def test_two_call_training_tunes_at_most_once_per_bucket_and_variant(recorders):
             bwd.logprobs_backward(
                 hidden, weight, row_ids, labels, lse, grad, filter_eps=filter_eps, compute_dh=True, compute_dw=True
             )
-        cublas.split_backward(
+        split.kernel_backward(
             hidden,
             weight,
             row_ids,

@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnpo
-from fastnpo.ops import chunked, cublas
+from fastnpo.ops import chunked
+from fastnpo.ops.experimental import split
 
 IGNORE = -100
 SYNC_OPS = {
@@ -48,7 +49,7 @@ def small_blocks(monkeypatch):
     """Block sizes small enough that the test shapes take many vocabulary (and row) blocks."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(chunked, "MIN_VOCAB_CHUNK", 64)
-    monkeypatch.setattr(cublas, "blocks", functools.partial(cublas.blocks, block_bytes=4096))
+    monkeypatch.setattr(split, "blocks", functools.partial(split.blocks, block_bytes=4096))
 
 
 def inputs(n, d, v, dtype=torch.float32, seed=0):
@@ -76,15 +77,15 @@ def number_of_blocks(impl, n, v):
     if impl == "torch":
         row_block, vocab_chunk = chunked._blocks(n, v)
     else:
-        row_block, vocab_chunk = cublas.blocks(n, v)
+        row_block, vocab_chunk = split.blocks(n, v)
     return -(-n // row_block) * -(-v // vocab_chunk)
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas_blocked"])
+@pytest.mark.parametrize("impl", ["torch", "split_blocked"])
 def test_backward_syncs_do_not_grow_with_the_number_of_blocks(impl, small_blocks, monkeypatch):
-    if impl == "cublas_blocked":  # the cublas design's torch blocks: where Triton does not run
+    if impl == "split_blocked":  # the split design's torch blocks: where Triton does not run
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        impl = "cublas"
+        impl = "split"
     n, d = 37, 24
     kept = n - len(range(0, n, 4))
     few, many = 131, 1031
@@ -95,7 +96,7 @@ def test_backward_syncs_do_not_grow_with_the_number_of_blocks(impl, small_blocks
     assert len(syncs_many) <= 1, syncs_many
 
 
-@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("impl", ["triton", "split"])
 def test_kernel_backward_makes_no_host_sync(impl):
     # The fused kernel's backward and the split design (under the interpreter on CPU) launch
     # kernels and matmuls only.
@@ -113,12 +114,12 @@ def reference64(hidden, weight, labels, grad):
     return logp.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas_blocked"])
+@pytest.mark.parametrize("impl", ["torch", "split_blocked"])
 @pytest.mark.parametrize("n,d,v", [(1, 7, 257), (37, 24, 1031), (66, 19, 509)])
 def test_many_block_backward_matches_float64(impl, n, d, v, small_blocks, monkeypatch):
-    if impl == "cublas_blocked":
+    if impl == "split_blocked":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        impl = "cublas"
+        impl = "split"
     hidden, weight, labels, grad = inputs(n, d, v, seed=n + v)
     if n > 1:
         labels[1] = v - 1  # the last column of the last (ragged) block

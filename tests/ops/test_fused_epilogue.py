@@ -1,4 +1,4 @@
-"""fused="epilogue" (fastnpo/ops/fused_epilogue.py, kernels/epilogue_forward.py, kernels/epilogue_backward.py).
+"""design="epilogue" (fastnpo/ops/experimental/epilogue.py, kernels/epilogue_forward.py, kernels/epilogue_backward.py).
 
 The logits GEMM's epilogue keeps per-(row, tile) maxima and sums of exp, E = exp(z - tile max) in the
 operand dtype and the exact target logit; dH and dW are GEMMs that scale E per (row, tile) while
@@ -23,7 +23,8 @@ from helpers import (
 import fastnpo
 from fastnpo import losses
 from fastnpo.kernels import epilogue_backward, epilogue_forward
-from fastnpo.ops import fused_epilogue, fused_sequence_loss
+from fastnpo.ops import fused_sequence_loss
+from fastnpo.ops.experimental import epilogue as fused_epilogue
 
 IGNORE = -100
 BETA = 0.37
@@ -133,11 +134,11 @@ def test_npo_and_ga_accept_fused_epilogue_and_agree_with_the_two_call_path():
     ref_logps = torch.randn(3) * 5 - 20
 
     for loss in (
-        lambda h, w, fused: fastnpo.npo_loss(h, w, y2, ref_logps, beta=BETA, fused=fused, impl="torch"),
-        lambda h, w, fused: fastnpo.ga_loss(h, w, y2, fused=fused, impl="torch"),
+        lambda h, w, design: fastnpo.npo_loss(h, w, y2, ref_logps, beta=BETA, design=design, impl="torch"),
+        lambda h, w, design: fastnpo.ga_loss(h, w, y2, design=design, impl="torch"),
     ):
-        got = value_and_grads(functools.partial(loss, fused="epilogue"), h3, weight, upstream=0.8)
-        want = value_and_grads(functools.partial(loss, fused=False), h3, weight, upstream=0.8)
+        got = value_and_grads(functools.partial(loss, design="epilogue"), h3, weight, upstream=0.8)
+        want = value_and_grads(functools.partial(loss, design="two_call"), h3, weight, upstream=0.8)
         for a, b_, name in zip(got, want, ("loss", "dH", "dW"), strict=True):
             torch.testing.assert_close(a, b_, atol=2e-5 * max(1.0, b_.abs().max().item()), rtol=0, msg=name)
 
@@ -277,15 +278,15 @@ def test_bad_inputs_name_the_argument(monkeypatch):
         call(hidden, weight, bad)
     with pytest.raises(ValueError, match="chunk_bytes must be"):
         fused_loss_fn(labels, 6, torch.sum, 0, "epilogue")(hidden, weight)
-    with pytest.raises(ValueError, match="fused must be"):
+    with pytest.raises(ValueError, match="design must be"):
         fused_sequence_loss(
-            hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, fused="epilog"
+            hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, design="epilog"
         )
     # A sequence whose E alone exceeds the cap (2 rows here) is refused before any work, naming it.
     labels[6:] = torch.randint(0, 37, (6,), device=DEV)
     monkeypatch.setattr(fused_epilogue, "MAX_CHUNK_BYTES", 4 * 37 * 2)
     h = hidden.clone().requires_grad_()
-    with pytest.raises(ValueError, match=r"labels: fused='epilogue'.*sequence 1"):
+    with pytest.raises(ValueError, match=r"labels: design='epilogue'.*sequence 1"):
         fused_loss_fn(labels, 6, torch.sum, 4 * 37, "epilogue")(h, weight)
     assert h.grad is None
 
@@ -294,8 +295,8 @@ def test_off_triton_devices_the_design_says_so(monkeypatch):
     hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
     if DEV != "cpu":
         pytest.skip("a CUDA device always runs Triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time (cublas.triton_runs_on)
-    with pytest.raises(ValueError, match="fused='epilogue' runs Triton kernels: hidden must be a CUDA tensor"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time (matmuls.triton_runs_on)
+    with pytest.raises(ValueError, match="design='epilogue' runs Triton kernels: hidden must be a CUDA tensor"):
         fused_loss_fn(labels, 6, torch.sum, None, "epilogue")(hidden.requires_grad_(), weight)
     with pytest.raises(ValueError, match="hidden must be a CUDA tensor"):
         fused_epilogue.epilogue_token_logprobs(hidden.detach(), weight, labels)
@@ -376,7 +377,7 @@ OPS_PER_CHUNK, OPS_FIXED = 44, 15
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_design_budget_no_sync_6ndv_few_ops(dtype, monkeypatch):
-    from test_one_pass_budget import SYNCING
+    from helpers import SYNCING_OPS as SYNCING
 
     b, t, d, v = 6, 9, 24, 97
     call = record_design_call(b, t, d, v, dtype, dtype.itemsize * v, monkeypatch)  # each sequence alone

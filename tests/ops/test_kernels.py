@@ -134,7 +134,7 @@ def test_poisoned_outputs_are_overwritten(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("impl", ["triton", "split"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("n,d,v", [(1, 64, 1031), (333, 200, 4099), (2048, 1024, 32003)])
 def test_compiled_kernels_match_reference(impl, dtype, tol, n, d, v):
@@ -182,9 +182,9 @@ def test_64_bit_offsets():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cublas_design_gets_low_precision_matmuls_on_cuda(dtype):
-    # Without torch.mm(..., out_dtype=float32) the cublas design falls back to fp32 operands
+def test_split_design_gets_low_precision_matmuls_on_cuda(dtype):
+    # Without torch.mm(..., out_dtype=float32) the split and one-pass designs fall back to fp32 operands
     # (correct, but ~10x slower on tensor cores): a GPU run must show which one it got.
-    from fastnpo.ops.cublas import matmul_mode
+    from fastnpo.ops.matmuls import matmul_mode
 
     assert matmul_mode("cuda", dtype) in ("out_dtype_inplace", "out_dtype")

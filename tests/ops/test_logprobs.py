@@ -63,7 +63,7 @@ def check_against_reference(impl, hidden, weight, labels):
     return ours, dh
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas", "triton", "naive"])
+@pytest.mark.parametrize("impl", ["torch", "split", "triton", "naive"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,v", SHAPES)
 def test_token_logprobs_values_and_gradients(impl, dtype, n, d, v):
@@ -74,7 +74,7 @@ def test_token_logprobs_values_and_gradients(impl, dtype, n, d, v):
     assert torch.all(dh[ignored] == 0), "ignored rows get no gradient"
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "split", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_logits_do_not_overflow(impl, dtype):
     # |logit| ~ 100: exp overflows fp32 at 88 without the max subtraction.
@@ -85,7 +85,7 @@ def test_large_logits_do_not_overflow(impl, dtype):
     assert ours.min() < -50, "some targets should be very unlikely at this scale"
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas", "triton", "naive"])
+@pytest.mark.parametrize("impl", ["torch", "split", "triton", "naive"])
 def test_non_contiguous_inputs_and_leading_dims(impl):
     device = device_for(impl)
     b, t, d, v = 3, 5, 24, 53
@@ -103,7 +103,7 @@ def test_non_contiguous_inputs_and_leading_dims(impl):
     torch.testing.assert_close(dw.double(), dw_ref, atol=5e-4, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "split", "triton"])
 @pytest.mark.parametrize("needs", [(True, False), (False, True)])
 def test_only_one_input_requires_grad(impl, needs):
     device = device_for(impl)
@@ -144,24 +144,24 @@ def test_chunked_path_crosses_chunk_boundaries(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cublas_path_crosses_block_boundaries(monkeypatch, dtype):
+def test_split_path_crosses_block_boundaries(monkeypatch, dtype):
     # Tiny blocks: several vocabulary blocks and, with more rows than a block holds, dW summed
     # over row blocks (the fp32 block accumulator) instead of written once. The torch block loop
     # runs where Triton cannot (CPU without the interpreter); the split path has its own tests
     # (test_split_backward.py).
-    from fastnpo.ops import cublas
+    from fastnpo.ops.experimental import split
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(cublas, "BLOCK_BYTES", 4 * 7 * 5)
-    monkeypatch.setattr(cublas, "MIN_VOCAB_BLOCK", 5)
-    assert cublas.blocks(23, 47, cublas.BLOCK_BYTES) == (7, 5)
+    monkeypatch.setattr(split, "BLOCK_BYTES", 4 * 7 * 5)
+    monkeypatch.setattr(split, "MIN_VOCAB_BLOCK", 5)
+    assert split.blocks(23, 47, split.BLOCK_BYTES) == (7, 5)
     hidden, weight, labels = make_inputs(23, 16, 47, dtype, "cpu", ignore_fraction=0.2)
-    _, dh = check_against_reference("cublas", hidden, weight, labels)
+    _, dh = check_against_reference("split", hidden, weight, labels)
     assert torch.all(dh[labels == IGNORE] == 0)
 
 
-def test_cublas_blocks_fit_the_byte_budget():
-    from fastnpo.ops.cublas import BLOCK_BYTES, MIN_VOCAB_BLOCK, blocks
+def test_split_blocks_fit_the_byte_budget():
+    from fastnpo.ops.experimental.split import BLOCK_BYTES, MIN_VOCAB_BLOCK, blocks
 
     for n, v in [(1, 7), (8192, 128256), (65536, 256000), (3, 100), (100_000, 300)]:
         rows, vocab = blocks(n, v)
@@ -171,14 +171,14 @@ def test_cublas_blocks_fit_the_byte_budget():
     assert blocks(8192, 128256) == (8192, 1024)  # N=8192: every row in one block, so dW is written once
 
 
-def test_cublas_matmul_mode_on_cpu_is_upcast():
-    from fastnpo.ops.cublas import matmul_mode
+def test_split_matmul_mode_on_cpu_is_upcast():
+    from fastnpo.ops.matmuls import matmul_mode
 
     assert matmul_mode("cpu", torch.bfloat16) == "upcast"
     assert matmul_mode("cpu", torch.float32) == "upcast"
 
 
-@pytest.mark.parametrize("impl", ["torch", "cublas", "triton", "naive"])
+@pytest.mark.parametrize("impl", ["torch", "split", "triton", "naive"])
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("shift", [True, False])
 def test_sequence_logprobs(impl, average, shift):

@@ -1,11 +1,11 @@
-"""fused="one_pass" (fastnpo/ops/one_pass.py): a per-sequence loss and its gradients in one sweep of
+"""design="one_pass" (fastnpo/ops/one_pass.py): a per-sequence loss and its gradients in one sweep of
 chunks of whole sequences.
 
 Everything is checked against a plain float64 formula written here (full logits, autograd), a
 low-precision result judged against plain torch in the same dtype (tests/ops/test_logprobs.py's
 rule), with the chunk budget forced small so that several chunks run. Separability cannot be
 detected, so the documented callers (npo_loss, ga_loss, the Hugging Face patch's NLL) are checked to
-give what fused=False gives. The epilogue kernels (kernels/sequence_epilogue.py, taken with bf16 /
+give what design="two_call" gives. The epilogue kernels (kernels/sequence_epilogue.py, taken with bf16 /
 fp16 operands where Triton runs) run here under the interpreter on tiny odd shapes, alone against
 float64 and inside the design with the CUDA path's low-precision operands emulated.
 """
@@ -29,7 +29,7 @@ from helpers import (
 import fastnpo
 from fastnpo import losses
 from fastnpo.kernels import sequence_epilogue
-from fastnpo.ops import cublas, fused_sequence_loss, one_pass
+from fastnpo.ops import fused_sequence_loss, matmuls, one_pass
 
 IGNORE = -100
 BETA = 0.37
@@ -152,7 +152,7 @@ def test_backward_scales_the_stored_gradients():
     torch.testing.assert_close(scaled[2], -2.5 * once[2])
 
 
-class LowPrecisionOperands(cublas.Matmuls):
+class LowPrecisionOperands(matmuls.Matmuls):
     """The CUDA path's matmuls, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
     operands with fp32 results, so the dlogits are written in the input's dtype and dW is accumulated
     by addmm_ in it, as cuBLAS does on the GPU."""
@@ -303,7 +303,7 @@ def test_weight_gradient_rounds_once_per_chunk():
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 4 * 2.0**-8)])
 @pytest.mark.parametrize("caller", ["npo_loss", "ga_loss", "ga_loss unshifted", "hf_nll"])
 def test_documented_callers_match_the_other_designs(caller, dtype, rel, monkeypatch):
-    # fused="one_pass" must equal fused=False (two calls) and fused=True (two sweeps) for every
+    # design="one_pass" must equal "two_call" and "two_sweep" for every
     # caller documented as separable, with chunks smaller than a sequence.
     monkeypatch.setattr(one_pass, "CHUNK_BYTES", 4 * 53 * 3)
     monkeypatch.setattr(one_pass, "MIN_CHUNK_ROWS", 1)  # the default budget's row floor would take all rows
@@ -313,22 +313,22 @@ def test_documented_callers_match_the_other_designs(caller, dtype, rel, monkeypa
     labels[0, 2:] = torch.randint(0, v, (t - 2,))  # npo_loss needs targets in every row
     if caller == "npo_loss":
         ref_logps, weights = torch.randn(b) - 30, torch.rand(b) * 2
-        call = lambda fused: (
+        call = lambda design: (
             lambda h, w: fastnpo.npo_loss(
-                h, w, labels, ref_logps, beta=BETA, weights=weights, impl="torch", filter_eps=None, fused=fused
+                h, w, labels, ref_logps, beta=BETA, weights=weights, impl="torch", filter_eps=None, design=design
             )
         )
     elif caller == "ga_loss":
-        call = lambda fused: lambda h, w: fastnpo.ga_loss(h, w, labels, impl="torch", filter_eps=None, fused=fused)
+        call = lambda design: lambda h, w: fastnpo.ga_loss(h, w, labels, impl="torch", filter_eps=None, design=design)
     elif caller == "ga_loss unshifted":
         hidden, labels = hidden.view(2, 2, t, d), labels.view(2, 2, t)
-        call = lambda fused: (
-            lambda h, w: fastnpo.ga_loss(h, w, labels, shift=False, impl="torch", filter_eps=None, fused=fused)
+        call = lambda design: (
+            lambda h, w: fastnpo.ga_loss(h, w, labels, shift=False, impl="torch", filter_eps=None, design=design)
         )
     else:
         targets = fastnpo.ops.aligned_labels(labels, True, IGNORE).reshape(-1)
         denominator = (targets != IGNORE).sum()
-        call = lambda fused: (
+        call = lambda design: (
             lambda h, w: fused_sequence_loss(
                 h.reshape(b * t, d),
                 w,
@@ -338,26 +338,28 @@ def test_documented_callers_match_the_other_designs(caller, dtype, rel, monkeypa
                 ignore_index=IGNORE,
                 impl="torch",
                 filter_eps=None,
-                fused=fused,
+                design=design,
             )
         )
-    results = {fused: value_and_grads(call(fused), hidden, weight, upstream=0.8) for fused in (False, True, "one_pass")}
-    for other in (False, True):
+    designs = ("two_call", "two_sweep", "one_pass")
+    results = {design: value_and_grads(call(design), hidden, weight, upstream=0.8) for design in designs}
+    for other in ("two_call", "two_sweep"):
         for got, want, name in zip(results["one_pass"], results[other], ("loss", "dH", "dW"), strict=True):
             atol = rel * want.abs().max().item()
             torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0, msg=f"{name} vs {other}")
 
 
-def test_bad_fused_value_names_the_argument():
+def test_bad_design_value_names_the_argument():
+    # (The deprecated fused= spelling's bad values: tests/ops/test_deprecated_spellings.py.)
     hidden, weight, labels = make_batch(2, 6, 16, 37, torch.float32)
-    for bad in ("one-pass", "True", 1, None):
-        with pytest.raises(ValueError, match="fused must be"):
-            fastnpo.npo_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), torch.zeros(2), fused=bad)
-        with pytest.raises(ValueError, match="fused must be"):
-            fastnpo.ga_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), fused=bad)
-        with pytest.raises(ValueError, match="fused must be"):
+    for bad in ("one-pass", "True", 1, True, False, "cublas"):
+        with pytest.raises(ValueError, match="design must be"):
+            fastnpo.npo_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), torch.zeros(2), design=bad)
+        with pytest.raises(ValueError, match="design must be"):
+            fastnpo.ga_loss(hidden.view(2, 6, 16), weight, labels.view(2, 6), design=bad)
+        with pytest.raises(ValueError, match="design must be"):
             fused_sequence_loss(
-                hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, fused=bad
+                hidden, weight, labels, 6, torch.sum, ignore_index=IGNORE, impl="torch", filter_eps=None, design=bad
             )
     with pytest.raises(ValueError, match="chunk_bytes must be"):
         fused_loss_fn(labels, 6, torch.sum, 0, "one_pass")(hidden, weight)
@@ -367,7 +369,7 @@ def test_one_pass_refuses_a_second_backward():
     hidden, weight, labels = make_batch(3, 8, 16, 37, torch.float32)
     labels[:8] = torch.randint(0, 37, (8,))
     h = hidden.view(3, 8, 16).clone().requires_grad_()
-    loss = fastnpo.npo_loss(h, weight, labels.view(3, 8), torch.zeros(3), impl="torch", fused="one_pass")
+    loss = fastnpo.npo_loss(h, weight, labels.view(3, 8), torch.zeros(3), impl="torch", design="one_pass")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated once"):
         loss.backward()
@@ -376,7 +378,7 @@ def test_one_pass_refuses_a_second_backward():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 def test_one_pass_on_cuda(dtype, tol):
-    # cuBLAS with out_dtype=float32 (cublas.matmul_mode) and chunks of ~3 sequences.
+    # cuBLAS with out_dtype=float32 (matmuls.matmul_mode) and chunks of ~3 sequences.
     b, t, d, v = 12, 160, 256, 5003
     hidden, weight, labels = make_batch(b, t, d, v, dtype, device="cuda")
     check_against_float64(hidden, weight, labels, t, tol, 4 * v * 3 * t, upstream=0.9)
@@ -398,7 +400,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 
     def work(hidden, weight, labels):
         ref_logps = torch.zeros(hidden.shape[0])
-        fastnpo.npo_loss(hidden, weight, labels, ref_logps, impl="torch", fused="one_pass").backward()
+        fastnpo.npo_loss(hidden, weight, labels, ref_logps, impl="torch", design="one_pass").backward()
 
     # Warm-up on a small input: one-time allocations (thread pools) are not the op's.
     work(hidden[:2, :8].detach().requires_grad_(), weight[:64].detach().requires_grad_(), labels[:2, :8] % 64)

@@ -234,7 +234,7 @@ def test_an_over_long_sequence_is_refused_through_the_public_path(monkeypatch):
     hidden, weight, labels, _ = make_inputs(b, t, d, v, torch.float32, drop_prefix=False)
     labels[:4] = IGNORE  # sequence 0: 4 target tokens, within the cap of 5 rows
     labels[t : t + 2] = IGNORE  # sequence 1: 6, the first over it (sequence 2: 8)
-    with pytest.raises(ValueError, match=r"labels: sequence 1 has 6 target tokens.*fused=True"):
+    with pytest.raises(ValueError, match=r"labels: sequence 1 has 6 target tokens.*design='two_sweep'"):
         fused_sequence_loss(
             hidden.requires_grad_(),
             weight,
@@ -244,6 +244,6 @@ def test_an_over_long_sequence_is_refused_through_the_public_path(monkeypatch):
             ignore_index=IGNORE,
             impl="torch",
             filter_eps=None,
-            fused="one_pass",
+            design="one_pass",
             chunk_bytes=4 * v,
         )

@@ -1,7 +1,7 @@
-"""The cublas design's split path: kernels/softmax_gradient.py, and impl="cublas" built on it.
+"""The split design (impl="split", experimental): kernels/softmax_gradient.py and the design built on it.
 
 Where Triton runs (CUDA, or CPU under the interpreter that conftest.py turns on without a GPU),
-impl="cublas" is the Triton forward kernel plus, per vocabulary block, the softmax-gradient kernel
+impl="split" is the Triton forward kernel plus, per vocabulary block, the softmax-gradient kernel
 and two library matmuls. Everything is checked against a plain float64 formula written here, with
 a low-precision result judged against plain torch in the same dtype (tests/ops/test_logprobs.py's
 rule). Interpreter shapes stay tiny: the kernel test computes one narrow vocabulary block.
@@ -13,7 +13,7 @@ from helpers import TRITON_DEVICE, assert_as_good_as_torch
 
 import fastnpo
 from fastnpo.kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient
-from fastnpo.ops import cublas
+from fastnpo.ops.experimental import split
 
 IGNORE = -100
 DTYPES = [(torch.float32, 5e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
@@ -91,29 +91,29 @@ def values_and_grads(fn, hidden, weight, labels, upstream):
 
 @pytest.fixture
 def split_only(monkeypatch):
-    """Fail if impl="cublas" falls back to its torch block loop instead of the split path."""
+    """Fail if impl="split" falls back to its torch block loop instead of the split path."""
 
     def fail(*args, **kwargs):
-        raise AssertionError("impl='cublas' took the torch block loop, not the split path")
+        raise AssertionError("impl='split' took the torch block loop, not the split path")
 
-    monkeypatch.setattr(cublas, "_blocked_forward", fail)
-    monkeypatch.setattr(cublas, "_blocked_backward", fail)
+    monkeypatch.setattr(split, "_blocked_forward", fail)
+    monkeypatch.setattr(split, "_blocked_backward", fail)
 
 
 @pytest.mark.usefixtures("split_only")
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("d,v", [(72, 67), (16, 263)])
 @pytest.mark.parametrize("n", [1, 37, 130])
-def test_cublas_split_path_matches_float64(n, d, v, dtype, tol, monkeypatch):
+def test_split_split_path_matches_float64(n, d, v, dtype, tol, monkeypatch):
     # Vocabulary blocks one column tile wide (the last one narrow: a column slice of the buffer)
     # and, at n=130, 40-row blocks whose dW sums go through the fp32 block accumulator. One block
-    # of everything (the default at these sizes) is what tests/ops/test_logprobs.py's impl="cublas"
+    # of everything (the default at these sizes) is what tests/ops/test_logprobs.py's impl="split"
     # cases run through the same interpreter.
     width = COLUMN_MULTIPLE
-    monkeypatch.setattr(cublas, "SPLIT_BUFFER_BYTES", min(n, 40) * width * dtype.itemsize)
-    monkeypatch.setattr(cublas, "MIN_SPLIT_COLUMNS", width)
+    monkeypatch.setattr(split, "SPLIT_BUFFER_BYTES", min(n, 40) * width * dtype.itemsize)
+    monkeypatch.setattr(split, "MIN_SPLIT_COLUMNS", width)
     if v > width:
-        assert cublas.split_blocks(n, v, dtype.itemsize, COLUMN_MULTIPLE) == (min(n, 40), width)
+        assert split.split_blocks(n, v, dtype.itemsize, COLUMN_MULTIPLE) == (min(n, 40), width)
     hidden = (torch.randn(n, d, dtype=torch.float64) * 2).to(dtype).to(TRITON_DEVICE)
     weight = (torch.randn(v, d, dtype=torch.float64) / d**0.5).to(dtype).to(TRITON_DEVICE)
     labels = torch.randint(0, v, (n,))
@@ -122,7 +122,7 @@ def test_cublas_split_path_matches_float64(n, d, v, dtype, tol, monkeypatch):
     upstream = torch.randn(n, dtype=torch.float64, device=TRITON_DEVICE)
 
     def ours_fn(h, w, y):
-        return fastnpo.token_logprobs(h, w, y, impl="cublas", filter_eps=None)
+        return fastnpo.token_logprobs(h, w, y, impl="split", filter_eps=None)
 
     ours, dh, dw = values_and_grads(ours_fn, hidden, weight, labels, upstream)
     base, dh_base, dw_base = values_and_grads(same_dtype_logprobs, hidden, weight, labels, upstream)
@@ -135,48 +135,48 @@ def test_cublas_split_path_matches_float64(n, d, v, dtype, tol, monkeypatch):
 
 
 def test_cpu_without_interpreter_keeps_the_torch_block_loop(monkeypatch):
-    # No CUDA, no interpreter: the split kernels cannot run, so impl="cublas" is the block loop.
+    # No CUDA, no interpreter: the split kernels cannot run, so impl="split" is the block loop.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert cublas.split_kernels(torch.device("cpu")) is None
+    assert split.split_kernels(torch.device("cpu")) is None
     called = []
     for name in ("_blocked_forward", "_blocked_backward"):
-        real = getattr(cublas, name)
+        real = getattr(split, name)
         monkeypatch.setattr(
-            cublas, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k)
+            split, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k)
         )
     hidden = torch.randn(9, 16, requires_grad=True)
     weight = torch.randn(41, 16, requires_grad=True)
-    fastnpo.token_logprobs(hidden, weight, torch.randint(0, 41, (9,)), impl="cublas").sum().backward()
+    fastnpo.token_logprobs(hidden, weight, torch.randint(0, 41, (9,)), impl="split").sum().backward()
     assert called == ["_blocked_forward", "_blocked_backward"]
 
 
 def test_split_blocks_fit_the_buffer_budget():
     for n, v, size in [(1, 7, 2), (8192, 128256, 2), (8192, 128256, 4), (200_000, 256000, 2), (3, 100, 4)]:
-        rows, vocab = cublas.split_blocks(n, v, size, 256)
+        rows, vocab = split.split_blocks(n, v, size, 256)
         assert 1 <= rows <= n and 1 <= vocab <= v
-        assert rows * vocab * size <= cublas.SPLIT_BUFFER_BYTES
+        assert rows * vocab * size <= split.SPLIT_BUFFER_BYTES
         assert vocab == v or vocab % 256 == 0
     # N=8192 bf16: all rows in one block, eight near-equal ~16k-column blocks (252 MiB buffer).
-    assert cublas.split_blocks(8192, 128256, 2, 256) == (8192, 16128)
+    assert split.split_blocks(8192, 128256, 2, 256) == (8192, 16128)
     # Rows are split only when a block would be narrower than MIN_SPLIT_COLUMNS.
-    assert cublas.split_blocks(200_000, 256000, 2, 256)[0] == cublas.SPLIT_BUFFER_BYTES // 2 // 2048
+    assert split.split_blocks(200_000, 256000, 2, 256)[0] == split.SPLIT_BUFFER_BYTES // 2 // 2048
 
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("split_only")
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_cublas_split_path_on_cuda_crosses_blocks(dtype, tol, monkeypatch):
+def test_split_split_path_on_cuda_crosses_blocks(dtype, tol, monkeypatch):
     # Compiled kernels and cuBLAS matmuls: 1024-column blocks, the last one narrow, 700-row blocks.
     n, d, v = 2000, 256, 5003
-    monkeypatch.setattr(cublas, "SPLIT_BUFFER_BYTES", 700 * 1024 * dtype.itemsize)
-    monkeypatch.setattr(cublas, "MIN_SPLIT_COLUMNS", 1024)
+    monkeypatch.setattr(split, "SPLIT_BUFFER_BYTES", 700 * 1024 * dtype.itemsize)
+    monkeypatch.setattr(split, "MIN_SPLIT_COLUMNS", 1024)
     hidden = (torch.randn(n, d, dtype=torch.float64) * 2).to(dtype).cuda()
     weight = (torch.randn(v, d, dtype=torch.float64) / d**0.5).to(dtype).cuda()
     labels = torch.randint(0, v, (n,), device="cuda")
     labels[::7] = IGNORE
     upstream = torch.randn(n, dtype=torch.float64, device="cuda")
     ours, dh, dw = values_and_grads(
-        lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="cublas", filter_eps=None),
+        lambda h, w, y: fastnpo.token_logprobs(h, w, y, impl="split", filter_eps=None),
         hidden,
         weight,
         labels,

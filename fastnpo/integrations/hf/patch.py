@@ -296,6 +296,7 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
             ignore_index=ignore_index,
             impl=handle.impl,
             filter_eps=handle.filter_eps,
+            design="two_sweep",
         )
     out = FusedCausalLMOutput(
         loss=loss,

@@ -1,11 +1,10 @@
-"""The cublas design: library matmuls (cuBLAS on CUDA) for the gradients, no atomics, exact dW.
+"""The split design (impl="split", EXPERIMENTAL: never measured on a GPU; ops/DESIGNS.md): the
+Triton forward, then a backward that splits each vocabulary block's work between a Triton kernel
+(the block's dlogits) and two library matmuls (cuBLAS on CUDA: dW and dH), so no atomics and dW
+written once. One numerics contract (bf16 / fp16 operands, fp32 accumulation, dW written once in the
+weight's dtype), two implementations:
 
-The first GPU run (benchmarks/results/logprobs_cuda_h200.md) showed where time goes: the Triton
-backward with exact gradients spends ~3-4x the 6NDV floor accumulating dW with fp32 atomics, while
-a plain cuBLAS matmul runs at ~92% of the chip's rate. Two implementations, one numerics contract
-(bf16 / fp16 operands, fp32 accumulation, dW written once in the weight's dtype):
-
-Where Triton runs (CUDA tensors, or CPU under TRITON_INTERPRET=1): the "split" design.
+Where Triton runs (CUDA tensors, or CPU under TRITON_INTERPRET=1): the split kernels.
   forward   the Triton forward kernel (kernels/logprobs_forward.py): 2NDV, no logits stored.
   backward  for each block of Vc vocabulary rows (an [n, Vc] buffer of <= SPLIT_BUFFER_BYTES, ~16k
             columns at n=8192 in bf16: a handful of blocks, three launches each):
@@ -19,24 +18,21 @@ Where Triton runs (CUDA tensors, or CPU under TRITON_INTERPRET=1): the "split" d
   is the dlogits buffer (written once, read by the two matmuls: 3 x 2 bytes x N x V in bf16).
   Extra memory: the buffer, one compact copy of the kept rows, the fp32 dH.
 
-Elsewhere (CPU without the interpreter): vocabulary blocks of torch ops. For each block of Vb
-  rows: logits = rows @ W_b^T (fp32 result), its log-sum-exp merged into a running one and the
-  target picked; the backward recomputes the block's logits, dlogits = g * (onehot - softmax) in
-  torch, then the same two gradient matmuls. The same 8NDV, but ~20 small elementwise launches
-  per block (measured on the H200 at 1024-wide blocks: ~20 ms of elementwise work and ~2,500
-  launches per call, the GPU busy 75 of 118 ms), which is why CUDA takes the split design.
+Elsewhere (CPU without the interpreter): vocabulary blocks of torch ops (the "blocked" path, the
+design this module held before the split kernels). For each block of Vb rows: logits = rows @ W_b^T
+(fp32 result), its log-sum-exp merged into a running one and the target picked; the backward
+recomputes the block's logits, dlogits = g * (onehot - softmax) in torch, then the same two gradient
+matmuls. The same 8NDV, but ~20 small elementwise launches per block, which is why CUDA takes the
+split kernels. What the blocked path measured on a GPU and why the split kernels replaced it:
+benchmarks/README.md ("Second GPU window").
 
-Low-precision operands with an fp32 result need torch.mm(..., out_dtype=torch.float32) (CUDA);
-where the running torch lacks it (and on CPU) the matmuls take fp32 copies of their operands:
-the same function, slower. `matmul_mode` says which one a device gets.
+The matmuls' fp32-result contract is ops/matmuls.py's (matmul_mode, Matmuls).
 """
-
-import os
-from functools import cache
 
 import torch
 
-from .chunked import add_target_logits_, softmax_gradient_
+from ..chunked import add_target_logits_, softmax_gradient_
+from ..matmuls import Matmuls, triton_runs_on
 
 BLOCK_BYTES = 32 * 2**20  # one fp32 [rows, Vb] logits block: fits the H100 / H200 L2 (50 / 60 MB)
 MIN_VOCAB_BLOCK = 256  # narrower blocks make the matmuls inefficient; more rows are split instead
@@ -77,89 +73,20 @@ def split_blocks(
     return row_block, min(vocab_size, _round_up(-(-vocab_size // num_blocks), multiple))
 
 
-@cache
-def matmul_mode(device_type: str, dtype: torch.dtype) -> str:
-    """How fp32 results come from this device's matmuls, probed once on small tensors:
-    "out_dtype_inplace": low-precision operands, fp32 output, accumulated in place (out=);
-    "out_dtype": the same, but the accumulation makes a new tensor (one copy per block);
-    "upcast": fp32 operands (CPU, fp32 inputs, or a torch without out_dtype)."""
-    if dtype not in (torch.bfloat16, torch.float16) or device_type != "cuda":
-        return "upcast"
-    a = torch.randn(8, 16, device=device_type).to(dtype)
-    b = torch.randn(16, 8, device=device_type).to(dtype)
-    want = a.float() @ b.float() + 1
-    for mode in ("out_dtype_inplace", "out_dtype"):
-        acc = torch.ones(8, 8, device=device_type)
-        try:
-            if mode == "out_dtype_inplace":
-                out = torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            else:
-                out = torch.addmm(acc, a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            continue
-        if out.dtype == torch.float32 and torch.allclose(out, want, atol=1e-3, rtol=1e-3):
-            return mode
-    return "upcast"
-
-
-class Matmuls:
-    """fp32-result matmuls for one call, in the mode the device supports."""
-
-    def __init__(self, like: torch.Tensor):
-        self.mode = matmul_mode(like.device.type, like.dtype)
-        self.dtype = like.dtype if self.mode != "upcast" else torch.float32
-
-    def operand(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
-
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a @ b in fp32."""
-        return torch.mm(a, b) if self.mode == "upcast" else torch.mm(a, b, out_dtype=torch.float32)
-
-    def addmm(self, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """bias + a @ b in fp32, a new tensor (bias broadcasts)."""
-        if self.mode == "upcast":
-            return torch.addmm(bias, a, b)
-        return torch.addmm(bias, a, b, out_dtype=torch.float32)
-
-    def accumulate(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """acc += a @ b, acc fp32."""
-        if self.mode == "upcast":
-            acc.addmm_(a, b)
-        elif self.mode == "out_dtype_inplace":
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        else:
-            acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
-
-    def mm_into(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """out = a @ b, written once in out's dtype (fp32 accumulation inside the matmul)."""
-        if out.dtype == self.dtype and out.is_contiguous():
-            torch.mm(a, b, out=out)
-        else:
-            out.copy_(self.mm(a, b))
-
-
-def triton_runs_on(device: torch.device) -> bool:
-    """Whether Triton kernels run on `device`'s tensors: CUDA, or any device under the interpreter
-    (TRITON_INTERPRET=1, read at call time). The one rule for impl="triton", this design's split and
-    the one-pass epilogue (one_pass.py)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def split_kernels(device: torch.device):
     """The Triton pieces of the split design, or None where they cannot run (not triton_runs_on the
     device, or no triton installed)."""
     if not triton_runs_on(device):
         return None
     try:  # imported here: the package (and this backend's CPU path) works without triton
-        from ..kernels.logprobs_forward import logprobs_forward
-        from ..kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient
+        from ...kernels.logprobs_forward import logprobs_forward
+        from ...kernels.softmax_gradient import COLUMN_MULTIPLE, softmax_gradient
     except ImportError:
         return None
     return logprobs_forward, softmax_gradient, COLUMN_MULTIPLE
 
 
-def cublas_forward(
+def split_forward(
     hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp and target logit (fp32 [n]) of hidden[row_ids] @ weight.T."""
@@ -172,7 +99,7 @@ def cublas_forward(
 def _blocked_forward(
     hidden: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cublas_forward without Triton: vocabulary blocks of torch ops."""
+    """split_forward without Triton: vocabulary blocks of torch ops."""
     n, vocab_size = row_ids.numel(), weight.shape[0]
     ops = Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))
@@ -189,7 +116,7 @@ def _blocked_forward(
     return lse, target
 
 
-def cublas_backward(
+def split_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     row_ids: torch.Tensor,
@@ -210,7 +137,7 @@ def cublas_backward(
     kernels = split_kernels(hidden.device)
     if kernels is not None:
         _, kernel, multiple = kernels
-        return split_backward(
+        return kernel_backward(
             hidden,
             weight,
             row_ids,
@@ -225,7 +152,7 @@ def cublas_backward(
     return _blocked_backward(hidden, weight, row_ids, labels, lse, grad, compute_dh=compute_dh, compute_dw=compute_dw)
 
 
-def split_backward(
+def kernel_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     row_ids: torch.Tensor,
@@ -238,7 +165,7 @@ def split_backward(
     kernel,
     multiple: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """cublas_backward's split design: per vocabulary block, `kernel` (kernels.softmax_gradient) writes
+    """split_backward where Triton runs: per vocabulary block, `kernel` (kernels.softmax_gradient) writes
     dlogits in the compute dtype, then dW_b = dlogits^T @ rows (written once) and dH += dlogits @ W_b.
     `multiple`: the kernel's widest column tile (split_blocks)."""
     n = row_ids.numel()
@@ -268,7 +195,7 @@ def _blocked_backward(
     compute_dh: bool,
     compute_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """cublas_backward without Triton: vocabulary blocks of torch ops (the logits recomputed in fp32)."""
+    """split_backward without Triton: vocabulary blocks of torch ops (the logits recomputed in fp32)."""
     n = row_ids.numel()
     ops = Matmuls(hidden)
     rows = ops.operand(hidden.index_select(0, row_ids))

@@ -1,6 +1,7 @@
-"""The fused-epilogue design (fused="epilogue"): QuACK's scaled-exp idea for per-sequence losses.
+"""The epilogue design (design="epilogue", EXPERIMENTAL: never measured on a GPU; ops/DESIGNS.md):
+QuACK's scaled-exp idea for per-sequence losses.
 
-Like one_pass.py, chunks of WHOLE SEQUENCES run forward and backward in one call (the loss must be
+Like ops/one_pass.py, chunks of WHOLE SEQUENCES run forward and backward in one call (the loss must be
 separable: a sum of per-sequence terms, which the caller vouches for; see one_pass.py). Unlike it,
 no fp32 logits buffer exists: the logits GEMM's epilogue keeps what the rest needs.
 
@@ -28,8 +29,8 @@ The forward-only form (epilogue_token_logprobs, and this design's call when no g
 stores no E: the GEMM and its statistics only, for reference passes and evaluation, in row blocks
 whose fp32 partials fit STATS_BYTES (4185 rows at V = 128256: whole sequences not needed).
 
-Triton runs where cublas.triton_runs_on says (CUDA tensors, or any device under TRITON_INTERPRET=1);
-elsewhere this design raises a clear error (fused="one_pass" is the CPU's single-sweep design).
+Triton runs where matmuls.triton_runs_on says (CUDA tensors, or any device under TRITON_INTERPRET=1);
+elsewhere this design raises a clear error (design="one_pass" is the CPU's single-sweep design).
 """
 
 import itertools
@@ -37,9 +38,9 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import check_hidden_and_weight, check_labels
-from .cublas import triton_runs_on
-from .one_pass import _chunk_gradient, _gradient_buffers, chunk_rows
+from ..checks import check_hidden_and_weight, check_labels
+from ..matmuls import triton_runs_on
+from ..one_pass import _chunk_gradient, _gradient_buffers, chunk_rows
 
 CHUNK_BYTES = 128 * 2**20  # E (operand dtype) per chunk: the memory goal's side of the trade
 MAX_CHUNK_BYTES = 2 * 2**30  # E of a lone over-budget sequence: refused above this
@@ -48,7 +49,7 @@ STATS_BYTES = 32 * 2**20  # the forward-only form's two fp32 [rows, T] partials 
 
 def _kernels():
     """(epilogue_forward, epilogue_backward) modules; imported here so the package works without triton."""
-    from ..kernels import epilogue_backward, epilogue_forward
+    from ...kernels import epilogue_backward, epilogue_forward
 
     return epilogue_forward, epilogue_backward
 
@@ -56,8 +57,8 @@ def _kernels():
 def check_device(device: torch.device) -> None:
     if not triton_runs_on(device):
         raise ValueError(
-            f"fused='epilogue' runs Triton kernels: hidden must be a CUDA tensor (or TRITON_INTERPRET=1 "
-            f"for the interpreter), got a tensor on {device}; use fused='one_pass' on this device"
+            f"design='epilogue' runs Triton kernels: hidden must be a CUDA tensor (or TRITON_INTERPRET=1 "
+            f"for the interpreter), got a tensor on {device}; use design='one_pass' on this device"
         )
 
 
@@ -101,8 +102,8 @@ def epilogue_chunks(
         return chunk_rows(sequence_ids, num_sequences, vocab_size, 4 * vocab_size * rows, 4 * vocab_size * cap_rows)
     except ValueError as error:
         raise ValueError(
-            f"labels: fused='epilogue' keeps a whole sequence's E ({element_bytes} B per logit) in one chunk, "
-            f"capped at {cap_rows} target tokens at V={vocab_size} (max(chunk_bytes, fused_epilogue."
+            f"labels: design='epilogue' keeps a whole sequence's E ({element_bytes} B per logit) in one chunk, "
+            f"capped at {cap_rows} target tokens at V={vocab_size} (max(chunk_bytes, epilogue."
             f"MAX_CHUNK_BYTES)); {error}"
         ) from error
 
