@@ -173,3 +173,27 @@ SYNCING_OPS = {
     aten.unique_dim,
     aten.repeat_interleave,
 }
+
+
+def tiny_alternates(tiny) -> Path:
+    """AltPO's alternate answers for every question of the session's Mini-TOFU (the data.alternate
+    layout: question, answer, alternate), written once beside its data folder: each question's
+    alternate is the answer of the next row, a fluent answer with other facts."""
+    import json
+
+    data = Path(tiny["data"])
+    path = data.parent / "alternates.jsonl"
+    if not path.exists():
+        rows = {}
+        for split in sorted(data.glob("*.jsonl")):
+            for line in split.read_text().splitlines():
+                row = json.loads(line)
+                if "question" in row and "answer" in row:
+                    rows.setdefault(row["question"], row["answer"])
+        questions = list(rows)
+        lines = [
+            json.dumps({"question": q, "answer": rows[q], "alternate": rows[questions[(i + 1) % len(questions)]]})
+            for i, q in enumerate(questions)
+        ]
+        path.write_text("".join(line + "\n" for line in lines))
+    return path

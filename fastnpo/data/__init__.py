@@ -11,18 +11,22 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+from .alternates import ALTERNATE_COLUMN, add_alternate_answers, alternate_prompts, make_alternates
 from .batching import PairedBatches, collate, collate_packed, length_grouped_batches
 from .config import DataConfig, check_template
 from .sources import DEFAULT_IDK_ANSWERS, add_idk_answers, describe_source, idk_answers, load_qa_split
 from .tokenize import QADataset, _check_tokenizer, encode_prompt, encode_qa, tokenize_split
 
 __all__ = [
+    "ALTERNATE_COLUMN",
     "DEFAULT_IDK_ANSWERS",
     "DataConfig",
     "PairedBatches",
     "QADataset",
     "UnlearningData",
+    "add_alternate_answers",
     "add_idk_answers",
+    "alternate_prompts",
     "build_unlearning_data",
     "check_template",
     "collate",
@@ -32,6 +36,7 @@ __all__ = [
     "idk_answers",
     "length_grouped_batches",
     "load_qa_split",
+    "make_alternates",
     "tokenize_split",
 ]
 
@@ -41,6 +46,7 @@ class UnlearningData(NamedTuple):
     retain: QADataset | None
     idk: QADataset | None
     batches: PairedBatches
+    alternate: QADataset | None = None
 
 
 def _warn_repeated_questions(questions: list[str], name: str) -> None:
@@ -55,8 +61,11 @@ def _warn_repeated_questions(questions: list[str], name: str) -> None:
         )
 
 
-def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -> UnlearningData:
-    """Load, tokenise and pair the sets named by config. idk=True adds the IdkDPO refusals.
+def build_unlearning_data(
+    config: DataConfig, tokenizer, *, idk: bool = False, alternate: bool = False
+) -> UnlearningData:
+    """Load, tokenise and pair the sets named by config. idk=True adds the IdkDPO refusals,
+    alternate=True the forget questions' alternate answers (data.alternate, alternates.py).
 
     The caller collates each step's items (collate / collate_packed with its pad id).
     """
@@ -85,6 +94,12 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -
     if answers is not None:
         with_idk = add_idk_answers(forget_raw, answers, seed=config.seed)
         idk_set = tokenize_split(with_idk, tokenizer, config, answer_column="idk_answer", what=f"{forget_name} (idk)")
+    alternate_set = None
+    if alternate:
+        with_alternates = add_alternate_answers(forget_raw, config, what=forget_name)
+        alternate_set = tokenize_split(
+            with_alternates, tokenizer, config, answer_column=ALTERNATE_COLUMN, what=f"{forget_name} (alternate)"
+        )
     batches = PairedBatches(
         forget,
         retain,
@@ -92,5 +107,6 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, idk: bool = False) -
         retain_batch_size=config.retain_batch_size,
         seed=config.seed,
         idk=idk_set,
+        alternate=alternate_set,
     )
-    return UnlearningData(forget, retain, idk_set, batches)
+    return UnlearningData(forget, retain, idk_set, batches, alternate_set)

@@ -163,13 +163,14 @@ def collate_packed(items: Sequence[dict], pack_tokens: int, pad_token_id: int) -
 
 class PairedBatches:
     """Which examples each step trains on: ``{"forget": items, "retain": items | None}`` (plus
-    ``"idk"`` when given), uncollated (the trainer splits them into micro-batches and collates).
+    ``"idk"`` / ``"alternate"`` when given), uncollated (the trainer splits them into micro-batches
+    and collates).
 
     An epoch is one pass over the forget set in length-grouped batches (order fixed by
     (seed, epoch)). Retain batches cycle through the retain set; the retain batch of step s in
     epoch e is a pure function of (seed, e, s), so resuming from (epoch, step) replays exactly.
-    The idk set must be aligned with forget (row i = same question with a refusal): its batch
-    holds the same indices in the same order.
+    The idk and alternate sets must be aligned with forget (row i = same question with a refusal
+    or an alternate answer): their batches hold the same indices in the same order.
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class PairedBatches:
         retain_batch_size: int = 8,
         seed: int = 0,
         idk: QADataset | None = None,
+        alternate: QADataset | None = None,
     ):
         _check_count("batch_size", batch_size, 1)
         _check_count("retain_batch_size", retain_batch_size, 1)
@@ -189,12 +191,13 @@ class PairedBatches:
             raise ValueError("forget set is empty")
         if retain is not None and len(retain) == 0:
             raise ValueError("retain set is empty")
-        if idk is not None and idk.indices != forget.indices:
-            raise ValueError(
-                f"idk set must be aligned with the forget set (same indices, same order); got "
-                f"{len(idk)} vs {len(forget)} examples"
-            )
-        self.forget, self.retain, self.idk = forget, retain, idk
+        for name, aligned in (("idk", idk), ("alternate", alternate)):
+            if aligned is not None and aligned.indices != forget.indices:
+                raise ValueError(
+                    f"{name} set must be aligned with the forget set (same indices, same order); got "
+                    f"{len(aligned)} vs {len(forget)} examples"
+                )
+        self.forget, self.retain, self.idk, self.alternate = forget, retain, idk, alternate
         self.batch_size, self.retain_batch_size, self.seed = batch_size, retain_batch_size, seed
         self.epoch, self.step = 0, 0
         self._forget_lengths = forget.lengths
@@ -231,6 +234,8 @@ class PairedBatches:
             out["retain"] = [self.retain[i] for i in self._retain_batch(epoch, step)]
         if self.idk is not None:
             out["idk"] = [self.idk[i] for i in positions]
+        if self.alternate is not None:
+            out["alternate"] = [self.alternate[i] for i in positions]
         return out
 
     def next_items(self) -> dict[str, list[dict] | None]:

@@ -16,6 +16,10 @@ class DataConfig:
     is then the dataset's config name). retain = "" means no retain set.
     template: a format string with {question}, or "chat" for the tokenizer's chat template.
     idk_answers: a text file of refusals (one per line) for IdkDPO; "" = DEFAULT_IDK_ANSWERS.
+    alternate: the forget questions' alternate answers (alternate preference optimization): a
+    .json/.jsonl/.parquet file (or a directory holding ``<forget_split>.jsonl|.json|.parquet``)
+    with ``question`` and ``alternate`` columns, matched to the forget set by question
+    (fastnpo.data.make_alternates writes one); "" = the forget set's own ``alternate`` column.
     """
 
     forget: str = ""
@@ -30,6 +34,7 @@ class DataConfig:
     packing: bool = False
     pack_tokens: int = 1024
     idk_answers: str = ""
+    alternate: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -41,6 +46,7 @@ class DataConfig:
             "template",
             "answer_prefix",
             "idk_answers",
+            "alternate",
         ):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"data.{name}: must be a string, got {getattr(self, name)!r}")

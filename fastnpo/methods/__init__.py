@@ -9,6 +9,8 @@ One module per method or family (base.py holds what they share):
   ceu.py              ceu
   rmu.py              rmu
   undial.py           undial
+  pdu.py              pdu
+  altpo.py            altpo
 
 A method object (base.Method) says which sets it reads, which need cached reference log-probs,
 what it builds once (prepare), the forward it needs, its loss terms with their normalisation
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import reading_defaults, require, require_finite
+from .altpo import AltPO
 from .base import (
     Method,
     MethodMemory,
@@ -38,6 +41,7 @@ from .ceu import CEU
 from .dpo import IdkDPO
 from .gradient_ascent import Finetune, GradDiff, GradientAscent
 from .npo import NPO, NPOWithKL, NPOWithRetain, SimNPO
+from .pdu import PDU
 from .rmu import RMU, RMUState, rmu_control_vector, rmu_trainable_pattern
 from .token_weighted import WGA, SatImp
 from .undial import Undial, UndialReference
@@ -76,12 +80,14 @@ METHODS: dict[str, Method] = {
         NPOWithRetain(),
         SimNPO(),
         IdkDPO(),
+        AltPO(),
         NPOWithKL(),
         WGA(),
         SatImp(),
         CEU(),
         RMU(),
         Undial(),
+        PDU(),
         Finetune(),
     )
 }
@@ -118,15 +124,18 @@ class MethodConfig:
     methods read.
 
     forget_coeff scales the forget term (GradDiff's gamma, NPO+RT's npo_coeff); retain_coeff
-    the retain term (GradDiff's alpha, NPO+RT's rt_coeff, SimNPO's lambda, IdkDPO's retain NLL,
-    RMU's alongside rmu_alpha); kl_coeff NPO+KL's KL term. average_logprobs: the NPO family and
-    IdkDPO on token-mean log-probs (MUSE, U2A) instead of summed ones (the NPO paper).
+    the retain term (GradDiff's alpha, NPO+RT's rt_coeff, SimNPO's lambda, IdkDPO's and AltPO's
+    retain NLL, RMU's alongside rmu_alpha; PDU's dual variable starts there); kl_coeff NPO+KL's KL
+    term. average_logprobs: the NPO family, IdkDPO and AltPO on token-mean log-probs (MUSE, U2A)
+    instead of summed ones (the NPO paper).
 
     A key left null takes the method's default when the section is built, so a printed or saved
-    config shows the value the run uses: beta is 0.1 (NPO, IdkDPO) or the method's own (SimNPO:
-    2.5); every other null key is one method's own parameter (simnpo_gamma and delta: SimNPO's
-    margin; wga_beta; satimp_beta1/2; ceu_ignore_first; rmu_*, rmu_positions "attended" or
-    "labelled" among them; undial_beta) and gets that method's default whichever method runs.
+    config shows the value the run uses: beta is 0.1 (NPO, IdkDPO, AltPO) or the method's own
+    (SimNPO: 2.5); every other null key is one method's own parameter (simnpo_gamma and delta:
+    SimNPO's margin; wga_beta; satimp_beta1/2; ceu_ignore_first; rmu_*, rmu_positions "attended"
+    or "labelled" among them; undial_beta; pdu_epsilon, pdu_dual_lr and pdu_warmup_steps: PDU's
+    constraint bound, dual step size and dual warm-up) and gets that method's default whichever
+    method runs.
     """
 
     name: str = "npo"
@@ -148,6 +157,9 @@ class MethodConfig:
     rmu_alpha: float | None = None
     rmu_positions: str | None = None
     undial_beta: float | None = None
+    pdu_epsilon: float | None = None
+    pdu_dual_lr: float | None = None
+    pdu_warmup_steps: int | None = None
 
     def __post_init__(self):
         if reading_defaults():  # load_structured's schema: resolved once method.name is known

@@ -43,7 +43,8 @@ class TermInputs:
     summed log-probs of the method's ref_sets; weights: per forget example (U2A); kl: position-mean
     KL(pi_ref || pi) on the retain batch (live_reference methods); token_term: a token-level
     method's forget term (Method.forget_term); activations: capture methods' terms by set
-    (Method.activation_terms)."""
+    (Method.activation_terms); state: what the method's prepare built, as after_step has left it
+    (the trainer passes it; None where a caller keeps no state)."""
 
     logps: dict[str, torch.Tensor]
     counts: dict[str, torch.Tensor]
@@ -52,6 +53,7 @@ class TermInputs:
     kl: torch.Tensor | None = None
     token_term: torch.Tensor | None = None
     activations: dict[str, torch.Tensor] | None = None
+    state: object | None = None  # what Method.prepare built (and after_step updates), when the caller has it
 
 
 @dataclass
@@ -178,6 +180,22 @@ class Method:
             value = nll_from_logprobs(x.logps["retain"], x.counts["retain"])
             terms["retain_nll"] = Term(value, "retain_tokens", config.retain_coeff)
         return terms
+
+    # ------------------------------------------------------------------ state across steps
+
+    def after_step(self, config, state, result) -> None:
+        """Called by the trainer once per optimizer step, after StepResult.collect: result.term_totals
+        hold each term's GLOBAL mean over the step as host floats (the same on every rank), so a
+        method may update `state` from them (e.g. a dual variable) without a device sync and without
+        the ranks drifting apart. config: the method section. Nothing by default."""
+
+    def state_dict(self, state) -> dict:
+        """What of `state` changes during training and a resume must restore (JSON-able; saved in
+        each checkpoint's trainer.json). {} by default: prepare rebuilds the rest."""
+        return {}
+
+    def load_state_dict(self, state, saved: dict) -> None:
+        """Restore what state_dict gave, into the `state` prepare has just rebuilt."""
 
     # ------------------------------------------------------------------ the memory plan
 

@@ -345,14 +345,25 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def save_run_state(
-    directory: Path, step: int, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo, *, keep: int
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    batches,
+    info: ProcessInfo,
+    *,
+    keep: int,
+    method_state: dict | None = None,
 ) -> None:
-    """Everything a resume needs: weights, optimizer, scheduler, data position (RNG: save_checkpoint)."""
+    """Everything a resume needs: weights, optimizer, scheduler, data position, the method's state
+    that changes during training (Method.state_dict; RNG: save_checkpoint)."""
     state = {
         "step": step,
         "world_size": info.world_size,
         "scheduler": scheduler.state_dict(),
         "batches": batches.state_dict(),
+        "method": method_state or {},
     }
     save_checkpoint(directory, step, model, optimizer, state, info, keep=keep)
 
@@ -386,14 +397,17 @@ def intact_checkpoint(newest: Path, info: ProcessInfo, log) -> Path:
 
 
 def resume_run_state(
-    path: Path, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo, log=print
+    path: Path, model: nn.Module, optimizer, scheduler, batches, info: ProcessInfo, log=print, load_method=None
 ) -> tuple[Path, int]:
     """Restore what save_run_state wrote, from the newest intact checkpoint at or before `path`
-    (intact_checkpoint); returns it and the step to continue from."""
+    (intact_checkpoint); returns it and the step to continue from. load_method(saved): restores the
+    method's state (Method.load_state_dict; {} from a checkpoint written before it was saved)."""
     path = intact_checkpoint(path, info, log)
     state = load_checkpoint(path, model, optimizer, info)
     scheduler.load_state_dict(state["scheduler"])
     batches.load_state_dict(state["batches"])
+    if load_method is not None:
+        load_method(state.get("method", {}))
     return path, state["step"]
 
 

@@ -169,7 +169,14 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     step = 0
     if resume_from is not None:
         resume_from, step = checkpoint.resume_run_state(
-            resume_from, trainee.wrapper, optimizer, scheduler, batches, info, log
+            resume_from,
+            trainee.wrapper,
+            optimizer,
+            scheduler,
+            batches,
+            info,
+            log,
+            load_method=lambda saved: method.load_state_dict(state, saved),
         )
         log(f"resumed from {resume_from} at step {step}")
     if evaluation is not None:
@@ -251,6 +258,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
                 batches,
                 info,
                 keep=config.run.keep_checkpoints,
+                method_state=run.method.state_dict(run.state),
             )
             folder.commit()
     logger.close()

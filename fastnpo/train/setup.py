@@ -125,12 +125,14 @@ def load_data(config: Config, tokenizer, method: Method, micro_per_step: int):
         batch_size=config.data.batch_size * micro_per_step,
         retain_batch_size=config.data.retain_batch_size * micro_per_step,
     )
-    data = build_unlearning_data(data_config, tokenizer, idk="idk" in method.sets)
+    data = build_unlearning_data(data_config, tokenizer, idk="idk" in method.sets, alternate="alternate" in method.sets)
     sets = {"forget": data.forget.items}
     if data.retain is not None:
         sets["retain"] = data.retain.items
     if data.idk is not None:
         sets["idk"] = data.idk.items
+    if data.alternate is not None:
+        sets["alternate"] = data.alternate.items
     return sets, data.batches
 
 

@@ -144,6 +144,7 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
                 "check the data."
             )
         scheduler.step()
+        ctx.method.after_step(ctx.config.method, ctx.state, result)
         return result
     # max_grad_norm 0 measures without clipping (an infinite limit scales by exactly 1).
     limit = ctx.config.optim.max_grad_norm or math.inf
@@ -160,6 +161,7 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    ctx.method.after_step(ctx.config.method, ctx.state, result)  # host floats after collect: no device sync
     return result
 
 
@@ -235,7 +237,7 @@ def one_pass_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
     def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
         logps = {name: logps_all[r] for name, r in rows.items()}
         counts = {name: counts_all[r] for name, r in rows.items()}
-        terms = ctx.method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights))
+        terms = ctx.method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights, state=ctx.state))
         seen.update(terms=terms, logps=logps)
         return step_loss(terms)
 
@@ -266,7 +268,7 @@ def two_call_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
             _, _, ref_logits = ctx.model.reference(batch, logits_rows=logits_rows)
         attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
-    inputs = TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations)
+    inputs = TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations, state)
     return method.terms(ctx.config.method, inputs), logps
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, interrupted_in_step, tiny_config, tiny_overrides
+from helpers import REPO, interrupted_in_step, tiny_alternates, tiny_config, tiny_overrides
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
@@ -26,8 +26,9 @@ METHOD_OVERRIDES = {"rmu": {"method.rmu_layer": 1, "method.rmu_update_layers": "
 RMU_TRAINED = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")
 
 
-def method_overrides(method):
-    return {"method.name": method, **METHOD_OVERRIDES.get(method, {})}
+def method_overrides(method, tiny=None):
+    extra = {"data.alternate": tiny_alternates(tiny)} if method == "altpo" else {}  # AltPO's alternate answers
+    return {"method.name": method, **METHOD_OVERRIDES.get(method, {}), **extra}
 
 
 def final_weights(out) -> dict:
@@ -41,7 +42,7 @@ def final_weights(out) -> dict:
 def test_every_method_trains_and_exports(tiny, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    result = train(tiny_config(tiny, tmp_path / "run", **method_overrides(method)))
+    result = train(tiny_config(tiny, tmp_path / "run", **method_overrides(method, tiny)))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_memory_mib", "mean_forget_logp"):
@@ -63,7 +64,7 @@ def test_new_methods_train_through_the_cli(tiny, tmp_path, method):
     from fastnpo.cli import main
 
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
-    assert main(args + tiny_overrides(tiny, tmp_path / "run", **method_overrides(method))) == 0
+    assert main(args + tiny_overrides(tiny, tmp_path / "run", **method_overrides(method, tiny))) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     term = "rmu_forget" if method == "rmu" else method
     assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r[term])) for r in records)
@@ -173,6 +174,12 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0, co
         return F.cross_entropy(shifted[keep], soft)
     if name == "graddiff":
         return forget.sum() / forget_counts.sum() + retain_nll
+    if name == "pdu":
+        # open-unlearning's logit-margin flattening, (max - mean)^2 of the logits at the positions
+        # whose own label is an answer token (no shift), + lambda (= retain_coeff at step 1) x NLL.
+        logits, labels = out["forget"][2], out["forget"][3]
+        margin = (logits.max(dim=-1)[0] - logits.mean(dim=-1)) ** 2
+        return margin[labels != -100].mean() + config.method.retain_coeff * retain_nll
     npo = ((2 / beta) * F.softplus(beta * (forget - ref["forget"][0]))).mean()
     if name == "npo":
         return npo
@@ -193,6 +200,10 @@ def naive_method_loss(name, model, reference, items, pad_id, beta, gamma=0.0, co
         idk = out["idk"][0]
         margin = beta * ((idk - ref["idk"][0]) - (forget - ref["forget"][0]))
         return (-(2 / beta) * F.logsigmoid(margin)).mean() + retain_nll
+    if name == "altpo":  # open-unlearning's DPO trainer with the alternate answer as the winner
+        alternate = out["alternate"][0]
+        margin = beta * ((alternate - ref["alternate"][0]) - (forget - ref["forget"][0]))
+        return (-(2 / beta) * F.logsigmoid(margin)).mean() + retain_nll
     raise AssertionError(name)
 
 
@@ -206,7 +217,7 @@ def test_first_step_gradient_equals_naive_with_live_reference(tiny, tmp_path, mo
     beta = 0.7
     # Exponents that give the tiny model's p ~ 1e-3 weights far from 0 and 1.
     weights = {"method.wga_beta": 0.3, "method.satimp_beta1": 0.3, "method.satimp_beta2": 2.0}
-    extra = {**method_overrides(method), "method.beta": beta, "optim.max_grad_norm": 0, **weights}
+    extra = {**method_overrides(method, tiny), "method.beta": beta, "optim.max_grad_norm": 0, **weights}
     config = tiny_config(tiny, tmp_path / "run", **extra)
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     with pytest.raises(StopIteration):
@@ -465,7 +476,7 @@ def test_packing_gives_the_same_first_step_gradient(tiny, tmp_path, monkeypatch,
     monkeypatch.setattr(torch.optim, "AdamW", CaptureGradients)
     grads = {}
     for packing in (False, True):
-        extra = {**method_overrides(method), "data.packing": packing, "data.pack_tokens": 128}
+        extra = {**method_overrides(method, tiny), "data.packing": packing, "data.pack_tokens": 128}
         config = tiny_config(tiny, tmp_path / f"run{packing}", **extra, **{"optim.max_grad_norm": 0})
         with pytest.raises(StopIteration):
             train(config)
@@ -582,7 +593,7 @@ def assert_same_training(split_run, one_batch_run, initial, trained=None):
 
 def ragged_overrides(tiny, tmp_path, method, batch, **extra):
     common = {
-        **method_overrides(method),
+        **method_overrides(method, tiny),
         "data.forget": ragged_forget(tiny, tmp_path),
         "data.batch_size": batch,
         "data.retain_batch_size": batch,
