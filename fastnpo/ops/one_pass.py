@@ -265,7 +265,9 @@ def one_pass_sequence_loss(
     ops = Matmuls(hidden)
     kernels = epilogue_kernels(hidden.device, ops.dtype)
     w = ops.operand(weight)
-    sequence_logps = torch.zeros(num_sequences, device=hidden.device)
+    # Summed in float64: one sequence's hundreds of token log-probs added one by one in fp32 (index_add_
+    # is sequential) drift by several ulps of the sum; pairwise fp32 sums (the two-call path) do not.
+    sequence_sums = torch.zeros(num_sequences, dtype=torch.float64, device=hidden.device)
     dh, dw = _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw)
 
     def run_chunk(ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor, first: bool) -> None:
@@ -277,10 +279,10 @@ def one_pass_sequence_loss(
         else:  # one read of the logits, which stay as they are
             lse, target = kernels.row_statistics(logits, targets)
             token_logps = target - lse
-        sequence_logps.index_add_(0, sequences, token_logps)
+        sequence_sums.index_add_(0, sequences, token_logps.double())
         if dh is None and dw is None:
             return
-        grad = _chunk_gradient(loss_from_logprobs, sequence_logps)[sequences]
+        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float())[sequences]
         if kernels is None:
             dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
         else:  # one more read of the logits, the dlogits written in place over them (a view)
@@ -293,4 +295,4 @@ def one_pass_sequence_loss(
 
     for r0, r1 in itertools.pairwise(bounds):
         run_chunk(row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1], r0 == 0)
-    return loss_from_logprobs(sequence_logps), dh, dw
+    return loss_from_logprobs(sequence_sums.float()), dh, dw

@@ -138,17 +138,18 @@ def epilogue_sequence_loss(
     else:  # no E: the forward-only form's row blocks (any rows; the sums are index_add_ed)
         n, block = row_ids.numel(), stats_rows(fwd.num_tiles(vocab_size))
         bounds = [*range(0, n, block), n]
-    sequence_logps = torch.zeros(num_sequences, device=hidden.device)
+    # float64 sums, as one_pass's: fp32 token log-probs added one by one drift by ulps of the sum
+    sequence_sums = torch.zeros(num_sequences, dtype=torch.float64, device=hidden.device)
     dh, dw = _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw)
     for r0, r1 in itertools.pairwise(bounds):
         ids, targets, sequences = row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1]
         e, tile_max, tile_sum, target = fwd.epilogue_forward(hidden, weight, ids, targets, store_e=want_grads)
         lse = fold_partials(tile_max, tile_sum)
         token_logps = target - lse
-        sequence_logps.index_add_(0, sequences, token_logps)
+        sequence_sums.index_add_(0, sequences, token_logps.double())
         if not want_grads:
             continue
-        grad = _chunk_gradient(loss_from_logprobs, sequence_logps)[sequences]
+        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float())[sequences]
         scale, label_grad = backward_scales(tile_max, lse, token_logps, grad)
         del tile_sum, target, lse
         if dh is not None:
@@ -160,7 +161,7 @@ def epilogue_sequence_loss(
             bwd.epilogue_dw(e, scale, targets, label_grad, rows, dw, accumulate=r0 > 0)
             del rows
         del e, scale
-    return loss_from_logprobs(sequence_logps), dh, dw
+    return loss_from_logprobs(sequence_sums.float()), dh, dw
 
 
 @torch.no_grad()
