@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--verify", type=int, default=0, metavar="N", help="recompute N examples per set and compare")
     cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `fastnpo train`")
 
+    alternates = commands.add_parser(
+        "make-alternates",
+        parents=[_debug_flag()],
+        help="AltPO's alternate answers: the model's greedy answer per forget question (JSON lines)",
+    )
+    alternates.add_argument("--config", required=True, help="YAML file, as for `fastnpo train` (model.*, data.*)")
+    alternates.add_argument("--out", required=True, help="the JSON-lines file to write (then data.alternate=<it>)")
+    alternates.add_argument("--max-new-tokens", type=int, default=64, help="longest alternate answer (default 64)")
+    alternates.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    alternates.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `fastnpo train`")
+
     u2a = commands.add_parser(
         "u2a",
         parents=[_debug_flag()],
@@ -299,6 +310,14 @@ def run_cache_ref(args) -> dict:
     return build_reference_cache(load_config(args.config, args.overrides), verify=args.verify)
 
 
+def run_make_alternates(args) -> dict:
+    from .train import load_config
+    from .train.alternates import write_alternates
+
+    config = load_config(args.config, args.overrides)
+    return write_alternates(config, args.out, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+
+
 def run_u2a(args):
     from .u2a import run_u2a as u2a
 
@@ -418,6 +437,7 @@ def run_prepare_tiny(args) -> dict:
 COMMANDS = {
     "train": run_train,
     "cache-ref": run_cache_ref,
+    "make-alternates": run_make_alternates,
     "u2a": run_u2a,
     "demo": run_demo,
     "eval": run_eval,

@@ -169,3 +169,20 @@ def test_make_alternates_writes_the_models_greedy_answers(tiny, tmp_path):
             DataConfig(**{**vars(config), "alternate": str(tmp_path / "alt")}), tokenizer, alternate=True
         )
         assert len(data.alternate) == len(forget)
+
+
+def test_the_make_alternates_command_writes_one_alternate_per_forget_question(tiny, tmp_path):
+    from fastnpo.cli import main
+
+    out = tmp_path / "alternates.jsonl"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    overrides = [f"model.name_or_path={tiny['base']}", f"data.forget={tiny['data']}", "run.progress=false"]
+    argv = ["make-alternates", "--config", str(config), "--out", str(out), "--max-new-tokens", "4", *overrides]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    forget = [json.loads(line) for line in (Path(tiny["data"]) / "forget10.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in rows] == [(f["question"], f["answer"]) for f in forget]
+    assert all(isinstance(r["alternate"], str) for r in rows)
+    before = out.read_bytes()
+    assert main(argv) == 2  # an existing file is refused (one line, exit 2) and kept
+    assert out.read_bytes() == before
