@@ -25,16 +25,11 @@ the committed results).
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import datetime
 import functools
 import gc
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -43,6 +38,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from common import (
+    MIB,
+    OUT_DIR,
+    bar_panel,
+    clean_memory,
+    command_line,
+    date_line,
+    device_kind,
+    fmt,
+    load_average,
+    machine_info,
+    machine_line,
+    make_inputs,
+    parse_shape,
+    pyplot,
+    read_results_csv,
+    sample_ms,
+    save_figure,
+    synchronize,
+    versions_line,
+    write_csv,
+    write_markdown,
+)
 
 import fastnpo
 from fastnpo.losses import npo_from_logprobs
@@ -51,11 +69,6 @@ from fastnpo.ops.backends import DEPRECATED_IMPLS
 from fastnpo.ops.experimental.epilogue import epilogue_token_logprobs
 from fastnpo.profiling import peak_memory_during
 
-# Default output folder, relative to the working directory like fastnpo's run folders (runs/ is
-# ignored by git). benchmarks/results holds the committed results: `--out-dir benchmarks/results`
-# (from the repository root) regenerates them, under the same file names. The other
-# benchmark scripts import it from here.
-OUT_DIR = "runs/benchmarks"
 CUDA_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 2304, 256000), (8192, 2048, 128256)]
 CPU_SHAPES = [(2048, 256, 131072), (1024, 256, 32768), (512, 128, 32000)]  # the first is the CPU target
 CPU_QUICK_SHAPES = [(1024, 256, 32768), (512, 128, 32000)]
@@ -71,83 +84,6 @@ DTYPES = {
 MODES = ("fwd", "fwd+bwd")
 NPO_SEQ_LEN = 512
 NPO_BETA = 0.1
-MIB = 2**20
-
-# ---------------------------------------------------------------------------------------------
-# Inputs that look like a trained model's final hidden states and lm_head
-# ---------------------------------------------------------------------------------------------
-
-# Spread of the logits' random part: 0.02 (the usual lm_head init std) x sqrt(4096) for RMS-1 rows.
-LOGIT_STD = 0.02 * math.sqrt(4096)
-
-
-def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, kind: str, seed: int = 0):
-    """hidden [n, d], weight [v, d] (dtype) and labels [n] int64 on device.
-
-    kind="randn": hidden ~ N(0, 1), weight ~ N(0, 0.02^2), uniform labels: flat logits, the usual
-    micro-benchmark input and an unrealistic one (every probability is ~1/V).
-
-    kind="realistic" (default), built to have the properties that matter for these kernels:
-    - labels drawn from a Zipf(1.07) unigram over the vocabulary, low ids most frequent (as BPE
-      merge order makes them);
-    - weight = N(0, (1.28/sqrt(d))^2) (std 0.02 at d=4096, the lm_head init) plus a shared
-      "frequency" direction u whose coefficient is the token's log unigram frequency, so every row
-      gets the unigram prior in its logits (frequent tokens are likely everywhere, as in a trained LM);
-    - hidden rows = gamma * RMS-normalised(r): RMS 1 like a final RMSNorm output, gamma a learned-like
-      per-channel scale (log-normal, sigma 0.2), r a mix of the frequency direction, a few outlier
-      channels shared by all rows (+-4 before normalisation: the "massive activations" of real
-      LLMs), noise, and a component along the target token's own weight row whose size sets the
-      target's logit margin over the rest of the vocabulary: 45% of rows confident (margin 2..7 nats),
-      35% medium (-2..2), 20% wrong (-7..-2).
-    The result (printed by logit_profile): mean target probability ~0.55, top-1 accuracy ~0.8,
-    NLL ~1.5 nats, entropy ~3.5 nats, ~0.1% of the probabilities above 2^-12 (what gradient filtering
-    cannot skip). A random-init transformers model would not do: its final norm has unit scale and
-    its logits are flat like randn's.
-    """
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen, device=device)
-
-    if kind == "randn":
-        hidden = randn(n, d)
-        weight = randn(v, d) * 0.02
-        labels = torch.randint(0, v, (n,), generator=gen, device=device)
-        return hidden.to(dtype), weight.to(dtype), labels
-    if kind != "realistic":
-        raise ValueError(f"unknown hidden kind {kind!r}")
-    log_freq = -1.07 * torch.log(torch.arange(v, device=device, dtype=torch.float32) + 10)
-    log_freq -= torch.logsumexp(log_freq, 0)
-    labels = torch.multinomial(log_freq.exp(), n, replacement=True, generator=gen)
-    base = randn(v, d) * (LOGIT_STD / math.sqrt(d))
-    u = randn(d)
-    u /= u.norm()
-    prior = log_freq - log_freq.mean()
-    beta = 0.25 * math.sqrt(d)  # the rows' component along u
-    target_rows = base[labels]
-    weight = base.addr_(prior / beta, u)  # in place: base is weight from here on
-    k = max(2, d // 1024)
-    outliers = torch.zeros(d, device=device)
-    magnitude = 4.0 * min(1.0, math.sqrt(d / 256))  # keep the outliers a fixed share of tiny rows
-    outliers[torch.randperm(d, generator=gen, device=device)[:k]] = magnitude * torch.sign(randn(k))
-    gamma = torch.exp(0.2 * randn(d))
-    # Target margin over the log-sum-exp of the rest of the vocabulary.
-    lse_rest = torch.logsumexp(prior, 0) + 0.5 * LOGIT_STD**2
-    pick, uniform = rand(n), rand(n)
-    margin = torch.where(pick < 0.45, 2 + 5 * uniform, torch.where(pick < 0.8, -2 + 4 * uniform, -7 + 5 * uniform))
-    target_norm = target_rows.norm(dim=1)
-    budget = max(float(d - outliers.square().sum() - beta**2), 0.5 * d)
-    alpha = ((lse_rest - prior[labels] + margin) / target_norm).clamp(0, math.sqrt(0.9 * budget))
-    noise = randn(n, d)
-    noise_norm = torch.sqrt((budget - alpha**2).clamp(min=0.05 * d))
-    r = (outliers + beta * u) + alpha[:, None] * target_rows / target_norm[:, None]
-    r += noise * (noise_norm / noise.norm(dim=1))[:, None]
-    hidden = gamma * (r * (math.sqrt(d) / r.norm(dim=1, keepdim=True)))
-    del base, target_rows, noise, r
-    return hidden.to(dtype), weight.to(dtype), labels
 
 
 def logit_profile(hidden, weight, labels, rows: int = 256) -> dict:
@@ -364,50 +300,6 @@ def npo_labels(labels: torch.Tensor, seq_len: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def clean_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        try:  # return freed heap pages to the OS so that the resident-set peak starts clean
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-
-
-def median_ms(call, device, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median, min) ms of call() after warm-up."""
-    if device.type == "cuda":
-        try:
-            import triton.testing
-
-            times = triton.testing.do_bench(call, warmup=100, rep=400, return_mode="all")
-            return float(statistics.median(times)), float(min(times))
-        except ImportError:
-            pass
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
-
-
 def gemm_calls(n, d, v, dtype, device, fp32out: bool = False, operands: list | None = None) -> dict:
     """{name: (call, FLOPs, (M, N, K), out dtype)} of the three GEMMs every fastnpo design runs at this
     shape, on random operands (never zeros), each into a preallocated output:
@@ -452,21 +344,6 @@ def gemm_calls(n, d, v, dtype, device, fp32out: bool = False, operands: list | N
     return calls
 
 
-def time_call(call, device, repeats: int, cuda_ms: tuple[int, int]) -> list[float]:
-    """ms of each timed call: CUDA triton.testing.do_bench (L2 flushed, all samples), CPU perf_counter."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return list(triton.testing.do_bench(call, warmup=cuda_ms[0], rep=cuda_ms[1], return_mode="all"))
-    call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 GEMM_FIELDS = ["device", "dtype", "N", "D", "V", "gemm", "M", "N_out", "K", "out", "flops", "samples"]
 GEMM_FIELDS += ["median_ms", "best_ms", "median_tflops", "best_tflops"]
 
@@ -482,7 +359,7 @@ def gemm_rates(shapes, dtype, device, args, log) -> list[dict]:
         if is_square:
             calls = {"square": calls["logits"]}
         for name, (call, flops, (m, n_out, k), out) in calls.items():
-            times = time_call(call, device, max(args.repeats, 1), (args.cuda_warmup_ms, args.cuda_rep_ms))
+            times = sample_ms(call, device, max(args.repeats, 1), (args.cuda_warmup_ms, args.cuda_rep_ms))
             med, best = statistics.median(times), min(times)
             row = dict(device=device.type, dtype=str(dtype).replace("torch.", ""), N=n, D=d, V=v, gemm=name)
             row.update(M=m, N_out=n_out, K=k, out=out, flops=flops, samples=len(times))
@@ -601,49 +478,9 @@ def abs_maxdiff(x, ref):
 # ---------------------------------------------------------------------------------------------
 
 
-def machine_info(device) -> dict:
-    info = {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "fastnpo": fastnpo.__version__,
-    }
-    for module in ("triton", "liger_kernel", "cut_cross_entropy"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:
-            try:
-                from importlib.metadata import version
-
-                info[module] = version(module.replace("_", "-"))
-            except Exception:
-                info[module] = "not installed"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            found = re.search(r"model name\s*:\s*(.+)", handle.read())
-            cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    info["cpu"] = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
-    try:
-        info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
-    return info
-
-
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    shapes = []
-    for item in text.split(","):
-        parts = item.lower().replace("*", "x").split("x")
-        if len(parts) != 3:
-            raise SystemExit(f"--shapes wants NxDxV items separated by commas, got {item!r}")
-        shapes.append(tuple(int(p) for p in parts))
-    return shapes
+    """--shapes: NxDxV items separated by commas."""
+    return [parse_shape(item) for item in text.split(",")]
 
 
 def tolerance(dtype) -> dict:
@@ -967,23 +804,9 @@ CSV_FIELDS = [
 ]
 
 
-def write_csv(path, rows, header_lines):
-    with open(path, "w", newline="") as handle:
-        for line in header_lines:
-            handle.write(f"# {line}\n")
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def fmt(value, spec):
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
-
-
-def write_markdown(path, rows, shapes_info, header_lines, title):
-    lines = [f"# {title}", ""] + [f"- {line}" for line in header_lines] + [""]
+def markdown_body(rows, shapes_info) -> list[str]:
+    """The markdown report under its title and header lines: a table per shape, what was skipped."""
+    lines = []
     skipped = {}
     versus = "fp64 reference" if all(row["dtype"] == "float32" for row in rows) else "fp32 reference"
     for info in shapes_info:
@@ -1050,15 +873,12 @@ def write_markdown(path, rows, shapes_info, header_lines, title):
         "naive ms / contender ms (npo-* rows: vs npo-naive).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    return lines
 
 
 def write_plot(path, rows, title):
     """A grid of horizontal bar charts: one column per shape; rows fwd ms, fwd+bwd ms, and their peak MiB."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in rows if r["status"] == "ok"]
     shapes = list(dict.fromkeys((r["N"], r["D"], r["V"]) for r in rows))
@@ -1073,42 +893,21 @@ def write_plot(path, rows, title):
     fig, axes = plt.subplots(len(panels), len(shapes), figsize=(5.2 * len(shapes), 2.6 * len(panels)), squeeze=False)
     for col, shape in enumerate(shapes):
         for line, (mode, metric, label) in enumerate(panels):
-            ax = axes[line][col]
             hits = [r for r in ok if (r["N"], r["D"], r["V"]) == shape and r["mode"] == mode and r.get(metric)]
-            ys = [r[metric] for r in hits]
-            bars = ax.barh(range(len(hits)), ys, color=[colors[r["contender"]] for r in hits])
-            ax.set_yticks(range(len(hits)))
-            ax.set_yticklabels([r["contender"] for r in hits], fontsize=8)
-            ax.invert_yaxis()
-            top = max(ys, default=1.0)
-            for bar, r in zip(bars, hits, strict=True):
-                text = f"{r[metric]:.0f}" if r[metric] >= 10 else f"{r[metric]:.2f}"
-                if metric == "median_ms" and r.get("speedup_vs_naive"):
-                    text += f"  ({r['speedup_vs_naive']:.2f}x)"
-                ax.text(
-                    bar.get_width() + 0.01 * top,
-                    bar.get_y() + bar.get_height() / 2,
-                    text,
-                    va="center",
-                    fontsize=7,
-                )
-            ax.set_xlim(0, top * 1.35)
-            ax.tick_params(axis="x", labelsize=7)
-            ax.set_title(f"N={shape[0]} D={shape[1]} V={shape[2]} - {label}", fontsize=9)
-            ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(title + "\nlabels: ms (speedup vs naive; npo-*: vs npo-naive)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def read_results_csv(path: Path) -> tuple[list[str], list[dict]]:
-    """(its "# " header lines, its rows as strings) of a results CSV this folder's scripts wrote."""
-    with open(path) as handle:
-        lines = handle.read().splitlines()
-    header = [line[2:].strip() for line in lines if line.startswith("# ")]
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
-    return header, rows
+            bar_panel(
+                axes[line][col],
+                [r["contender"] for r in hits],
+                [r[metric] for r in hits],
+                [colors[r["contender"]] for r in hits],
+                [
+                    f"  ({r['speedup_vs_naive']:.2f}x)" if metric == "median_ms" and r.get("speedup_vs_naive") else ""
+                    for r in hits
+                ],
+                f"N={shape[0]} D={shape[1]} V={shape[2]} - {label}",
+                room=1.35,
+            )
+    title += "\nlabels: ms (speedup vs naive; npo-*: vs npo-naive)"
+    save_figure(plt, fig, path, title, top=0.96, fontsize=10)
 
 
 def plot_from_csv(path: Path) -> Path:
@@ -1191,11 +990,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
 
-    kind = (
-        "cpu"
-        if device.type == "cpu"
-        else "cuda_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    )
+    kind = device_kind(device)
     stem = args.out or "logprobs_" + kind + ("" if dtype == default_dtype else "_" + str(dtype).split(".")[1]) + (
         "_randn" if args.hidden == "randn" else ""
     ) + ("_quick" if args.quick else "")
@@ -1211,9 +1006,9 @@ def main(argv=None):
         rows = gemm_rates(shapes, dtype, device, args, log)
         path = out_dir / f"{args.out or 'gemm_' + kind}.csv"
         header = [
-            f"date: {info['date']}",
-            f"machine: {info.get('gpu', '')}{'; ' if 'gpu' in info else ''}{info['cpu']}",
-            f"versions: python {info['python']}, torch {info['torch']}, triton {info['triton']}",
+            date_line(info),
+            machine_line(info),
+            versions_line(info, ("python", "torch", "triton")),
             "timing: "
             + (
                 f"triton.testing.do_bench, all samples (L2 flushed), warm-up {args.cuda_warmup_ms} ms, "
@@ -1222,13 +1017,9 @@ def main(argv=None):
                 else f"{max(args.repeats, 1)} perf_counter calls after one warm-up call"
             )
             + "; random operands; median and best (fastest) sample",
-            "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+            command_line(__file__, argv),
         ]
-        with open(path, "w", newline="") as handle:
-            handle.writelines(f"# {line}\n" for line in header)
-            writer = csv.DictWriter(handle, fieldnames=GEMM_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, rows, GEMM_FIELDS, header)
         log(f"wrote {path}")
         return rows
 
@@ -1262,10 +1053,7 @@ def write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu
     elapsed = time.perf_counter() - start
     cpu_seconds = sum(os.times()[:2]) - cpu_start
     share = f"{cpu_seconds / elapsed:.2f} of {os.cpu_count()} cores"
-    try:
-        load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load_end = "?"
+    load_end = load_average()
     timing = (
         f"median of {args.repeats} timed calls (time.perf_counter), interleaved round-robin across the "
         "contenders and the matmul/copy references, after 1 warm-up call (the first call, which is checked "
@@ -1276,15 +1064,12 @@ def write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu
         f"timing budget {args.cuda_rep_ms} ms per contender"
     )
     header = [
-        f"date: {info['date']}",
-        f"machine: {info.get('gpu', '')}{'; ' if 'gpu' in info else ''}{info['cpu']}",
+        date_line(info),
+        machine_line(info),
         f"load average at start: {info.get('load average at start', '?')}, at end: {load_end}; "
         f"this process used {share} on average (CPU time / wall time; on a shared machine the rest went "
         "to other processes and the timings are inflated)",
-        "versions: "
-        + ", ".join(
-            f"{k} {info[k]}" for k in ("python", "torch", "triton", "fastnpo", "liger_kernel", "cut_cross_entropy")
-        ),
+        versions_line(info, ("python", "torch", "triton", "fastnpo", "liger_kernel", "cut_cross_entropy")),
         f"device {device.type}, dtype {str(dtype).replace('torch.', '')}, hidden states {args.hidden}"
         + (
             "; Triton kernels through the interpreter (TRITON_INTERPRET=1): their times are CPU interpreter "
@@ -1301,13 +1086,13 @@ def write_reports(args, argv, device, dtype, info, rows, shapes_info, start, cpu
         "copy bandwidth (read + write bytes of a large copy, timed among the contenders): "
         + ", ".join(f"{i['N']}x{i['D']}x{i['V']}: {i['bandwidth_gbs']:.1f} GB/s" for i in shapes_info)
         + f"; total run time {elapsed:.0f} s",
-        "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        command_line(__file__, argv),
     ]
     dtype_name = str(dtype).replace("torch.", "")
     title = f"fastnpo log-probs benchmark: {kind}, {dtype_name}, {args.hidden} hidden states"
     csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
-    write_csv(csv_path, rows, header)
-    write_markdown(md_path, rows, shapes_info, header, title)
+    write_csv(csv_path, rows, CSV_FIELDS, header)
+    write_markdown(md_path, title, header, markdown_body(rows, shapes_info))
     written = [csv_path, md_path]
     if not args.no_plot:
         write_plot(png_path, rows, title)

@@ -22,7 +22,6 @@ the committed results).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -31,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-MIB = 2**20
+from common import MIB, OUT_DIR, fmt, read_results_csv, write_csv, write_markdown
 
 MICRO = dict(
     model_type="llama",
@@ -227,10 +226,6 @@ FIELDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here, not at the top: the case workers import this module, and bench_logprobs
-    # imports torch and fastnpo (benchmarks/ is on sys.path when run as a script).
-    from bench_logprobs import OUT_DIR
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="a micro Llama (any device)")
@@ -298,42 +293,28 @@ def main(argv=None) -> int:
                 row["predicted_over_measured"] = plan["allocated"] / got["peak_allocated"]
         rows.append(row)
         log("  " + json.dumps({k: v for k, v in row.items() if k not in ("model",)}, default=str))
-        write_csv(out_dir / f"{stem}.csv", rows, machine, torch.__version__)
+        write_csv(out_dir / f"{stem}.csv", rows, FIELDS, [machine_text(machine, torch.__version__)])
         if not args.csv_only:
-            write_markdown(out_dir / f"{stem}.md", rows, machine, torch.__version__)
+            write_table(out_dir / f"{stem}.md", rows, machine, torch.__version__)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def markdown_from_csv(path: Path) -> Path:
     """The markdown table of a CSV written earlier (the GPU suite brings back the CSV only)."""
-    with open(path) as handle:
-        first = handle.readline()
-        rows = list(csv.DictReader(handle))
-    machine, _, version = first.lstrip("# ").strip().partition(", torch ")
+    header, rows = read_results_csv(path)
+    machine, _, version = (header or [""])[0].partition(", torch ")
     out = path.with_suffix(".md")
-    write_markdown(out, rows, machine, version)
+    write_table(out, rows, machine, version)
     return out
 
 
-def fmt(value, spec):
-    try:
-        return format(float(value), spec)
-    except (TypeError, ValueError):
-        return "–"
+def machine_text(machine: str, torch_version: str) -> str:
+    """The CSV's one header line, which the markdown's title repeats."""
+    return f"{machine}, torch {torch_version}"
 
 
-def write_csv(csv_path: Path, rows: list[dict], machine: str, torch_version: str) -> None:
-    with open(csv_path, "w", newline="") as handle:
-        handle.write(f"# {machine}, torch {torch_version}\n")
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_markdown(md_path: Path, rows: list[dict], machine: str, torch_version: str) -> None:
+def write_table(md_path: Path, rows: list[dict], machine: str, torch_version: str) -> None:
     lines = [
-        f"# Memory plan vs measured peak ({machine}, torch {torch_version})",
-        "",
         "NPO+RT, bf16 parameters / gradients / optimizer state, fused log-prob op, full-length rows, "
         "two steps; measured = torch.cuda.max_memory_allocated over the run (CPU: peak resident set).",
         "",
@@ -350,7 +331,8 @@ def write_markdown(md_path: Path, rows: list[dict], machine: str, torch_version:
             f"| {fmt(r.get('predicted_over_measured'), '.3f')} | {r['predicted_phase']} "
             f"| {fmt(r.get('reserved_peak_mib'), '.0f')} | {r.get('step_s', r['status'])} |"
         )
-    md_path.write_text("\n".join(lines) + "\n")
+    title = f"Memory plan vs measured peak ({machine_text(machine, torch_version)})"
+    write_markdown(md_path, title, [], [*lines, ""])
 
 
 if __name__ == "__main__":

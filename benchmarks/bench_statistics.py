@@ -26,15 +26,26 @@ results). Done-when of issue 27: fastnpo-torch's peak extra memory below 5% of t
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts import each other
-from bench_logprobs import OUT_DIR, clean_memory, machine_info, make_inputs, median_ms
+from common import (
+    MIB,
+    OUT_DIR,
+    clean_memory,
+    command_line,
+    date_line,
+    machine_info,
+    make_inputs,
+    markdown_table,
+    median_ms,
+    parse_shape,
+    versions_line,
+    write_csv,
+    write_markdown,
+)
 
 from fastnpo.ops import token_statistics
 from fastnpo.profiling import peak_memory_during
@@ -107,8 +118,8 @@ def measure(name, fn, hidden, weight, labels, device, args) -> dict:
         "dtype": str(hidden.dtype).removeprefix("torch."),
         "median_ms": round(median, 1),
         "min_ms": round(low, 1),
-        "peak_extra_mib": round(peak / 2**20, 1),
-        "full_logits_mib": round(full / 2**20, 1),
+        "peak_extra_mib": round(peak / MIB, 1),
+        "full_logits_mib": round(full / MIB, 1),
         "pct_of_full_logits": round(100 * peak / full, 2),
         "max_abs_diff_logprob": f"{diffs[0]:.1e}",
         "max_abs_diff_mean": f"{diffs[1]:.1e}",
@@ -120,14 +131,8 @@ def measure(name, fn, hidden, weight, labels, device, args) -> dict:
 def write(out_dir: Path, stem: str, rows: list[dict], header: list[str]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    with open(csv_path, "w", newline="") as handle:
-        handle.writelines(f"# {line}\n" for line in header)
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["# fastnpo token statistics vs full logits", "", *[f"- {line}" for line in header], ""]
-    lines += ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    lines += ["| " + " | ".join(str(row[f]) for f in FIELDS) + " |" for row in rows]
+    write_csv(csv_path, rows, FIELDS, header)
+    lines = markdown_table(rows, FIELDS)
     ours = [r for r in rows if r["contender"] != "full-logits"]
     base = next(r for r in rows if r["contender"] == "full-logits")
     lines.append("")
@@ -139,7 +144,7 @@ def write(out_dir: Path, stem: str, rows: list[dict], header: list[str]) -> tupl
             f"{row['peak_extra_mib'] / max(base['peak_extra_mib'], 1e-9):.3f}x the full-logits computation's peak; "
             f"time {row['median_ms'] / base['median_ms']:.2f}x the full-logits computation's"
         )
-    md_path.write_text("\n".join(lines) + "\n")
+    write_markdown(md_path, "fastnpo token statistics vs full logits", header, [*lines, ""])
     return csv_path, md_path
 
 
@@ -161,11 +166,7 @@ def main(argv=None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 1, 0
-    shape = (
-        tuple(int(x) for x in args.shape.lower().split("x"))
-        if args.shape
-        else (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE)
-    )
+    shape = parse_shape(args.shape) if args.shape else (SMOKE_SHAPE if args.smoke else DEFAULT_SHAPE)
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     hidden, weight, labels = make_inputs(*shape, dtype, device, "realistic", seed=args.seed)
@@ -178,14 +179,14 @@ def main(argv=None) -> tuple[Path, Path]:
         rows.append(measure(name, fn, hidden, weight, labels, device, args))
         print(rows[-1], flush=True)
     header = [
-        f"date: {info['date']}",
+        date_line(info),
         f"machine: {info.get('gpu', info['cpu'])}",
-        "versions: " + ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "triton", "fastnpo")),
+        versions_line(info, ("python", "torch", "triton", "fastnpo")),
         f"load average at start: {info.get('load average at start', 'n/a')}",
         f"inputs: realistic hidden states (bench_logprobs.make_inputs), {args.dtype}, seed {args.seed}",
         f"timing: median of {args.repeats} calls after {args.warmup} warm-up; memory: peak above the start of one "
         f"call (MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')})",
-        "command: bench_statistics.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command_line(__file__, argv),
     ]
     stem = args.out or f"statistics_{device.type}" + ("_smoke" if args.smoke else "")
     paths = write(Path(args.out_dir), stem, rows, header)

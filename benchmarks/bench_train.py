@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -48,9 +47,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-# Header and memory helpers shared with bench_logprobs.py (benchmarks/ is on sys.path when run as a script).
-from bench_logprobs import OUT_DIR, clean_memory, machine_info, read_results_csv
+from common import (
+    MIB,
+    OUT_DIR,
+    CpuShare,
+    bar_panel,
+    clean_memory,
+    command_line,
+    date_line,
+    device_kind,
+    fmt,
+    llama_1b_config,
+    load_average,
+    machine_info,
+    machine_line,
+    pyplot,
+    read_results_csv,
+    save_figure,
+    synchronize,
+    versions_line,
+    write_csv,
+    write_markdown,
+)
 
 from fastnpo.data import collate, length_grouped_batches
 from fastnpo.distributed import ProcessInfo
@@ -59,16 +77,9 @@ from fastnpo.modeling import DTYPES, SequenceLogprobModel
 from fastnpo.ops import IGNORE_INDEX
 from fastnpo.profiling import peak_memory_during
 from fastnpo.refcache import sharded_item_logprobs
-from fastnpo.train.memory_plan import KNOWN_MODELS
 
 PAD_ID = 0  # random token ids are drawn from [1, V)
-MIB = 2**20
-
-# Llama-3.2-1B's shape, as the memory planner knows it (random weights: nothing is downloaded).
-LLAMA_1B = {
-    **{k: v for k, v in KNOWN_MODELS["meta-llama/Llama-3.2-1B"].items() if k != "model_type"},
-    "max_position_embeddings": 1024,
-}
+LLAMA_1B = llama_1b_config()
 # A tiny Llama for 2 CPU cores, with a real-sized vocabulary so that the logits matter.
 TINY_32K = dict(
     vocab_size=32000,
@@ -238,11 +249,6 @@ def liger_logprobs(model, batch: dict, loss_fn) -> torch.Tensor:
     b, t, d = hidden.shape
     ce = loss_fn(model.lm_head.weight, hidden.reshape(b * t, d), targets.reshape(b * t))
     return -(ce.float().view(b, t) * (targets != IGNORE_INDEX)).sum(-1)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Contender:
@@ -564,12 +570,6 @@ def summarise(specs, s: Settings, timing: dict, memory: dict) -> list[dict]:
     return rows
 
 
-def fmt(value, spec: str) -> str:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
-
-
 def target_line(rows: list[dict], device: str) -> str:
     by_name = {row["contender"]: row for row in rows}
     if "fastnpo" not in by_name:
@@ -585,14 +585,9 @@ def target_line(rows: list[dict], device: str) -> str:
     )
 
 
-def write_csv(path: Path, rows: list[dict], header: list[str]) -> None:
-    with open(path, "w", newline="") as handle:
-        for line in header:
-            handle.write(f"# {line}\n")
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+def csv_rows(rows: list[dict]) -> list[dict]:
+    """The rows as the CSV holds them: floats to 6 significant digits."""
+    return [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
 def markdown_table(rows: list[dict], pad_to: int) -> list[str]:
@@ -612,17 +607,16 @@ def markdown_table(rows: list[dict], pad_to: int) -> list[str]:
     return lines
 
 
-def write_markdown(path: Path, rows, header, title, s: Settings, device_kind: str) -> None:
-    lines = [f"# {title}", ""]
+def write_report(path: Path, rows, header, title, s: Settings) -> None:
+    note = []
     if s.device == "cpu":
-        lines += [
+        note = [
             "> **GPU numbers are not yet measured.** This file is the CPU run (tiny model, fp32); the GPU "
             "setting (Llama-3.2-1B shape, bf16, padding to 500) runs with `--device cuda` and writes "
             "`train_cuda_<gpu>.md`.",
             "",
         ]
-    lines += [f"- {line}" for line in header] + [""]
-    lines += [*markdown_table(rows, s.pad_to), ""]
+    lines = [*markdown_table(rows, s.pad_to), ""]
     lines += [target_line(rows, s.device), ""]
     lines += [
         "Columns: median step ms over the timed steps (one step = forward, NPO loss, backward, gradient "
@@ -659,15 +653,11 @@ def write_markdown(path: Path, rows, header, title, s: Settings, device_kind: st
     notes = [row for row in rows if row.get("note")]
     if notes:
         lines += ["Failures:", ""] + [f"- {row['contender']}: {row['note']}" for row in notes] + [""]
-    path.write_text("\n".join(lines))
+    write_markdown(path, title, header, lines, note=note)
 
 
 def write_plot(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [row["contender"] for row in rows]
     colors = [plt.cm.tab10(i % 10) for i in range(len(rows))]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
@@ -677,24 +667,9 @@ def write_plot(path: Path, rows: list[dict], title: str) -> None:
     ]
     for ax, (key, label, ratio, unit) in zip(axes, panels, strict=True):
         values = [row.get(key) or 0.0 for row in rows]
-        bars = ax.barh(range(len(rows)), values, color=colors)
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels(names, fontsize=8)
-        ax.invert_yaxis()
-        top = max(values, default=1.0) or 1.0
-        for bar, row, value in zip(bars, rows, values, strict=True):
-            text = f"{value:.0f}" if value >= 10 else f"{value:.2f}"
-            if row.get(ratio) is not None:
-                text += f"  ({row[ratio]:.2f}{unit})"
-            ax.text(value + 0.01 * top, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=7)
-        ax.set_xlim(0, top * 1.45)
-        ax.set_title(label, fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        suffixes = [f"  ({row[ratio]:.2f}{unit})" if row.get(ratio) is not None else "" for row in rows]
+        bar_panel(ax, names, values, colors, suffixes, label, room=1.45)
+    save_figure(plt, fig, path, title, top=0.92)
 
 
 def plot_from_csv(path: Path) -> Path:
@@ -813,8 +788,8 @@ def main(argv=None):
 
     info["transformers"] = transformers.__version__
     log("fastnpo trainer-step benchmark: " + "; ".join(f"{k} {v}" for k, v in info.items()))
-    kind = "cpu" if not cuda else "cuda_" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower())
-    stem = args.out or f"train_{kind.strip('-')}" + ("_quick" if args.quick else "")
+    kind = device_kind(device)
+    stem = args.out or f"train_{kind}" + ("_quick" if args.quick else "")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -826,10 +801,10 @@ def main(argv=None):
     log(f"data: {len(items)} examples, length {min(lengths)}-{max(lengths)} (mean {statistics.mean(lengths):.1f})")
     log(f"initial model: {profile}")
 
-    started, cpu_started = time.perf_counter(), sum(os.times()[:2])
+    share = CpuShare()
     log(f"timing ({schedule}, {s.warmup} warm-up + {s.steps} timed steps):")
     timing = time_contenders(specs, s, batches, schedule, log)
-    cpu_share = (sum(os.times()[:2]) - cpu_started) / (time.perf_counter() - started)
+    cpu_share = share.cores()
     if args.profile:
         profile_steps(SPEC_BY_NAME[args.profile], s, batches, log)
     memory = {}
@@ -837,13 +812,9 @@ def main(argv=None):
         log("peak memory (one fresh subprocess per contender):")
         for spec in specs:
             memory[spec.name] = measure_memory(spec, s, log)
-    elapsed = time.perf_counter() - started
+    elapsed = share.elapsed()
     rows = summarise(specs, s, timing, memory)
-
-    try:
-        load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load_end = "?"
+    load_end = load_average()
     config = s.config
     with torch.device("meta"):
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -870,12 +841,12 @@ def main(argv=None):
         + ": resident state after warm-up + one step on the longest timed batch"
     )
     header = [
-        f"date: {info['date']}",
-        f"machine: {info.get('gpu', '')}{'; ' if 'gpu' in info else ''}{info['cpu']}",
+        date_line(info),
+        machine_line(info),
         f"load average at start: {info.get('load average at start', '?')}, at end: {load_end}; the timing "
         f"process used {cpu_share:.2f} of {os.cpu_count()} cores (CPU time / wall time; on a shared machine "
         "the rest went to other processes and every contender's times are inflated)",
-        "versions: " + ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "transformers", "triton", "fastnpo")),
+        versions_line(info, ("python", "torch", "transformers", "triton", "fastnpo")),
         f"model: Llama ({s.model}: hidden {config['hidden_size']}, intermediate {config['intermediate_size']}, "
         f"{config['num_hidden_layers']} layers, {config['num_attention_heads']} heads, "
         f"{config['num_key_value_heads']} kv heads, vocab {config['vocab_size']}, tied embeddings; "
@@ -892,12 +863,12 @@ def main(argv=None):
         f"timing: {timing_text}",
         f"memory: {memory_text}",
         f"total run time {elapsed:.0f} s",
-        "command: " + " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        command_line(__file__, argv),
     ]
     title = f"fastnpo NPO training step vs an open-unlearning-style step: {kind}, {s.dtype}"
     csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
-    write_csv(csv_path, rows, header)
-    write_markdown(md_path, rows, header, title, s, kind)
+    write_csv(csv_path, csv_rows(rows), CSV_FIELDS, header)
+    write_report(md_path, rows, header, title, s)
     written = [csv_path, md_path]
     if not args.no_plot:
         write_plot(png_path, rows, title)

@@ -11,17 +11,14 @@ Without --compare it is a single `fastnpo u2a` run. With --out, writes OUT.json 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
+from common import machine_record
 
 from fastnpo import u2a
 
@@ -34,25 +31,6 @@ VARIANTS = {
     # Every candidate, with inner.epochs scaled by k / N: as many inner steps as u2a / random.
     "uniform_equal_steps": ["bilevel.selection=uniform"],
 }
-
-
-def machine_info() -> dict:
-    """Where a result was measured (bench_u2a_scores.py writes it into its header too)."""
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def _row(name: str, seed: int, result: dict) -> dict:
@@ -106,7 +84,7 @@ def compare_selections(
                 f"[u2a] seed {seed} {name:>16}: J {row['j_start']:.4f} -> {row['j_end']:.4f} | {end} | "
                 f"selected {row['selected_by_kind']}"
             )
-    return {"rows": rows, "machine": machine_info(), "overrides": list(overrides), "config": str(config_path)}
+    return {"rows": rows, "machine": machine_record(), "overrides": list(overrides), "config": str(config_path)}
 
 
 def comparison_markdown(result: dict) -> str:

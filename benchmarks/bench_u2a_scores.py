@@ -18,7 +18,6 @@ benchmarks/results: the committed results).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import statistics
 import sys
@@ -26,8 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_logprobs import OUT_DIR  # benchmarks/ is on sys.path when run as a script
-from bench_u2a_compare import machine_info
+from common import OUT_DIR, command_line, llama_1b_config, machine_record, versions_line, write_csv, write_markdown
 from scipy.stats import spearmanr
 
 from fastnpo import u2a
@@ -53,10 +51,9 @@ def tiny_problem(args):
 def llama_1b_problem(args):
     """A Llama-3.2-1B-shaped model with random weights and random-token sequences: the scores'
     cost and agreement do not need trained weights (no download on the GPU machines)."""
-    from bench_train import LLAMA_1B  # the shape the trainer benchmark uses (benchmarks/ is on sys.path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA_1B)
+    config = LlamaConfig(**llama_1b_config())  # the shape the trainer benchmark uses
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device=args.device, dtype=u2a.DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(args.seed)
@@ -97,9 +94,9 @@ def timed(problem, method, repeats, device, fd_step=0.0):
     return results[-1], statistics.median(seconds), peak
 
 
-def write_results(args, rows: list[dict], what: str) -> None:
+def write_results(args, argv, rows: list[dict], what: str) -> None:
     """<stem>.csv (the rows under a header of the run's settings and machine) and <stem>.md."""
-    info = machine_info()
+    info = machine_record()
     device = "cpu" if args.device == "cpu" else "cuda"
     name = args.out or f"u2a_scores_{device}{'_1b' if args.model_size == '1b' else ''}"
     stem = str(Path(args.out_dir) / name)
@@ -110,15 +107,11 @@ def write_results(args, rows: list[dict], what: str) -> None:
         f"forward batch: {args.batch_size}, timed repeats (central/jvp): {args.repeats}",
         f"machine: {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']}), "
         f"GPU: {info['gpu']}, load average at end: {info['load_average']}",
-        f"versions: python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"command: {' '.join(sys.argv)}",
+        versions_line(info, ("python", "torch", "transformers")),
+        command_line(__file__, argv),
     ]
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="") as f:
-        f.writelines(f"# {line}\n" for line in header)
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(f"{stem}.csv", rows, list(rows[0]), header)
     table = [
         "| method | seconds | speed-up vs per-example | Spearman | max rel. error | median rel. error | h (fd_step) |",
         "|---|---|---|---|---|---|---|",
@@ -129,10 +122,9 @@ def write_results(args, rows: list[dict], what: str) -> None:
             f"| {r['spearman']:.5f} | {r['max_rel_error']:.2e} | {r['median_elementwise_rel_error']:.2e} "
             f"| {r['fd_step']:.0e} |"
         )
-    text = "# U2A scores: all candidates at once vs one backward per candidate\n\n"
-    text += "\n".join(f"- {line}" for line in header) + "\n\n" + "\n".join(table) + "\n"
-    Path(f"{stem}.md").write_text(text)
-    print(text)
+    title = "U2A scores: all candidates at once vs one backward per candidate"
+    write_markdown(f"{stem}.md", title, header, [*table, ""])
+    print(Path(f"{stem}.md").read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +191,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["speedup_vs_per_example"] = base / row["seconds"]
 
-    write_results(args, rows, what)
+    write_results(args, argv, rows, what)
     return 0
 
 

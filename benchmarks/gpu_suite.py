@@ -56,7 +56,6 @@ calls side by side (50-95 s on this project's shared 2-core machine).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import glob
 import json
@@ -72,6 +71,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import cpu_name, fmt, read_results_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -305,12 +306,7 @@ for name in ["triton", "fastnpo", *sys.argv[1:]]:
 """
     lines = [f"date {now()}", f"mode {'smoke (CPU, tiny shapes)' if smoke else 'gpu'}"]
     lines.append(f"host {platform.node()} {platform.platform()}; {os.cpu_count()} CPU cores")
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((x.split(":", 1)[1].strip() for x in handle if x.startswith("model name")), "?")
-        lines.append(f"cpu {model}")
-    except OSError:
-        pass
+    lines.append(f"cpu {cpu_name()}")
     if shutil.which("nvidia-smi"):
         query = "name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit"
         out = subprocess.run(
@@ -355,17 +351,8 @@ def write_finder(hook_dir: Path) -> None:
 
 
 def read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as handle:
-        return list(csv.DictReader(line for line in handle if not line.startswith("#")))
-
-
-def number(value, spec: str) -> str:
-    try:
-        return format(float(value), spec)
-    except (TypeError, ValueError):
-        return "–"
+    """The rows of a results CSV a part wrote; none where the part wrote none."""
+    return read_results_csv(path)[1] if path.exists() else []
 
 
 def gpu_test_files() -> list[str]:
@@ -462,7 +449,7 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
         for r in gemms:
             lines.append(
                 f"| {r['N']}x{r['D']}x{r['V']} | {r['gemm']} | [{r['M']} x {r['K']}] x [{r['K']} x {r['N_out']}] "
-                f"| {r['out']} | {number(r['median_tflops'], '.4g')} | {number(r['best_tflops'], '.4g')} |"
+                f"| {r['out']} | {fmt(r['median_tflops'], '.4g')} | {fmt(r['best_tflops'], '.4g')} |"
             )
     rows = [r for r in read_csv(out / "logprobs.csv") if r.get("status") == "ok"]
     if rows:
@@ -491,8 +478,8 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
                     cells.append(
                         "–"
                         if hit is None
-                        else f"{number(hit['median_ms'], '.2f')} ({number(hit['x_floor'], '.2f')}x / "
-                        f"{number(hit.get('x_floor_best'), '.2f')}x), {number(hit.get('peak_mib'), '.0f')} MiB"
+                        else f"{fmt(hit['median_ms'], '.2f')} ({fmt(hit['x_floor'], '.2f')}x / "
+                        f"{fmt(hit.get('x_floor_best'), '.2f')}x), {fmt(hit.get('peak_mib'), '.0f')} MiB"
                         + ("" if hit.get("check") == "pass" else " " + hit.get("check", "?"))
                     )
                 if any(c != "–" for c in cells):
@@ -513,9 +500,7 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
                     cells.append(f"{mode} –")
             floors.append(f"{shape}: " + ", ".join(cells))
         lines.append("Floors, ms (at the median matmul rate / at the best GEMM rates): " + "; ".join(floors))
-        lines.append(
-            "matmul TFLOP/s (median) measured: " + ", ".join(f"{k} {number(v, '.3g')}" for k, v in rates.items())
-        )
+        lines.append("matmul TFLOP/s (median) measured: " + ", ".join(f"{k} {fmt(v, '.3g')}" for k, v in rates.items()))
     one_pass = out / "one_pass.md"
     if one_pass.exists():
         lines += ["", one_pass.read_text().strip()]
@@ -547,10 +532,10 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
             lines.append(
                 f"- {r['case']} ({r['optimizer']}, in_backward {r.get('in_backward', '?')}, offload "
                 f"{r.get('offload', '?')}, checkpointing {r['checkpointing']}, {r['rows']}x{r['length']}): "
-                f"{r['status']}, measured {number(r.get('measured_peak_mib'), '.0f')}, "
-                f"plan {number(r.get('predicted_mib'), '.0f')} ({number(r.get('predicted_over_measured'), '.3f')}), "
-                f"reserved {number(r.get('reserved_peak_mib'), '.0f')}, host plan "
-                f"{number(r.get('predicted_host_gib'), '.1f')} GiB / peak {number(r.get('host_peak_gib'), '.1f')} GiB, "
+                f"{r['status']}, measured {fmt(r.get('measured_peak_mib'), '.0f')}, "
+                f"plan {fmt(r.get('predicted_mib'), '.0f')} ({fmt(r.get('predicted_over_measured'), '.3f')}), "
+                f"reserved {fmt(r.get('reserved_peak_mib'), '.0f')}, host plan "
+                f"{fmt(r.get('predicted_host_gib'), '.1f')} GiB / peak {fmt(r.get('host_peak_gib'), '.1f')} GiB, "
                 f"steps {r.get('step_s') or '–'} s"
             )
     statistics = out / "statistics.md"
@@ -561,10 +546,10 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
         lines += ["", "NPO step: contender, median step ms, tokens/s, x baseline, peak MiB (x baseline)", ""]
         for r in train:
             lines.append(
-                f"- {r['contender']}: {number(r['median_step_ms'], '.1f')} ms, "
-                f"{number(r['tokens_per_s'], '.0f')} tok/s, "
-                f"{number(r['speedup_vs_baseline'], '.2f')}x, {number(r.get('peak_mib'), '.0f')} MiB "
-                f"({number(r.get('peak_vs_baseline'), '.2f')}x)"
+                f"- {r['contender']}: {fmt(r['median_step_ms'], '.1f')} ms, "
+                f"{fmt(r['tokens_per_s'], '.0f')} tok/s, "
+                f"{fmt(r['speedup_vs_baseline'], '.2f')}x, {fmt(r.get('peak_mib'), '.0f')} MiB "
+                f"({fmt(r.get('peak_vs_baseline'), '.2f')}x)"
             )
     return "\n".join(lines) + "\n"
 

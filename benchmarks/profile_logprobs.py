@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from common import parse_shape, sample_ms, synchronize
 
 import fastnpo
 from fastnpo.ops import matmuls, one_pass
@@ -46,19 +47,6 @@ SCALAR_READS = "aten::_local_scalar_dense"
 NPO_BETA = 0.1
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        n, d, v = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--shape {text!r}: expected NxDxV, e.g. 8192x4096x128256") from None
-    return n, d, v
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_impl(impl: str, hidden, weight, labels, *, row_limit: int) -> None:
     device = hidden.device
 
@@ -69,6 +57,14 @@ def profile_impl(impl: str, hidden, weight, labels, *, row_limit: int) -> None:
 
     for _ in range(2):  # compile, autotune, allocator warm-up
         call()
+    wall_ms, prof = wall_and_profile(call, device, PROFILED_CALLS)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- impl={impl}: one fwd+bwd call {wall_ms:.1f} ms wall; profile of {PROFILED_CALLS} calls ---")
+    print(prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70))
+
+
+def wall_and_profile(call, device, calls: int):
+    """(ms of one call, a torch.profiler profile of `calls` more calls), the device synchronised around each."""
     synchronize(device)
     started = time.perf_counter()
     call()
@@ -78,12 +74,10 @@ def profile_impl(impl: str, hidden, weight, labels, *, row_limit: int) -> None:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(PROFILED_CALLS):
+        for _ in range(calls):
             call()
         synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n--- impl={impl}: one fwd+bwd call {wall_ms:.1f} ms wall; profile of {PROFILED_CALLS} calls ---")
-    print(prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=70))
+    return wall_ms, prof
 
 
 def trace_counts(prof, calls: int) -> dict:
@@ -141,19 +135,6 @@ def npo_call(design: str, hidden, weight, labels, ref):
     return call
 
 
-def time_ms(call, device, repeats: int) -> list[float]:
-    if device.type == "cuda":
-        import triton.testing
-
-        return list(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="all"))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1e3)
-    return times
-
-
 def kept_sequences(labels):
     """sequence ids of the kept rows (shifted targets that are not -100), as npo_loss keeps them."""
     batch, seq_len = labels.shape
@@ -184,18 +165,7 @@ def profile_npo(designs, hidden, weight, labels, ref, *, row_limit: int, report:
         try:
             for _ in range(warmup):
                 call()
-            synchronize(device)
-            started = time.perf_counter()
-            call()
-            synchronize(device)
-            wall_ms = (time.perf_counter() - started) * 1e3
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(calls):
-                    call()
-                synchronize(device)
+            wall_ms, prof = wall_and_profile(call, device, calls)
         except Exception as error:  # a design that cannot run here is reported, the rest still run
             report.append(f"| {design} | failed: {type(error).__name__}: {str(error)[:160]} | | | | | | |")
             print(f"\n--- npo design={design!r}: FAILED {type(error).__name__}: {error}")
@@ -232,7 +202,7 @@ def sweep(label: str, design: str, settings, hidden, weight, labels, ref, *, rep
             call()  # compile / autotune the new row bucket
             synchronize(device)
             _, peak = peak_memory_during(call, device)
-            times = time_ms(call, device, repeats)
+            times = sample_ms(call, device, repeats, (25, 100), warm_up=False)
             line = (
                 f"| {name} | {chunks} | {statistics.median(times):.2f} | {min(times):.2f} | {len(times)} "
                 f"| {peak / 2**20:.1f} |"

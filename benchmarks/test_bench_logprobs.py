@@ -11,7 +11,8 @@ Each case checks its values (and gradients) against the naive implementation bef
 
 import pytest
 import torch
-from bench_logprobs import Contender, make_inputs, make_npo_fn, npo_labels  # benchmarks/ is on sys.path in pytest
+from bench_logprobs import Contender, make_npo_fn, npo_labels  # benchmarks/ is on sys.path in pytest
+from common import make_inputs
 
 import fastnpo
 

@@ -1,12 +1,15 @@
 """The benchmarks the docs tell users to run write under runs/, never over the committed
 benchmarks/results/ unless the command asks for it (issue 22 item 6).
 
-Every `python benchmarks/<script>.py ...` command in the bash blocks of README.md and
+Every `python benchmarks/<script>.py ...` command in the bash blocks of README.md, docs/results.md and
 benchmarks/README.md is parsed with its script's own argument parser (nothing runs): the folder it
 writes into must be under runs/, or benchmarks/results when the command says `--out-dir
 benchmarks/results`. Every script that writes result files has a parser whose default is under runs/.
+The scripts share their helpers through benchmarks/common.py and import no other script (issue 25
+item 6).
 """
 
+import ast
 import importlib
 import re
 import shlex
@@ -17,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-DOCS = [REPO / "README.md", BENCH / "README.md"]
+DOCS = [REPO / "README.md", REPO / "docs" / "results.md", BENCH / "README.md"]
 # Scripts whose result files go to --out-dir; the others write no file by default.
 WRITERS = ("bench_logprobs", "bench_train", "bench_memory_plan", "bench_u2a_scores")
 NO_DEFAULT_OUTPUT = {
@@ -26,6 +29,8 @@ NO_DEFAULT_OUTPUT = {
     "gpu_suite": "--out is required",
 }
 COMMITTED = "benchmarks/results"
+# The benchmark scripts and common.py; test_*.py files test a script and import it.
+SCRIPTS = sorted(path for path in BENCH.glob("*.py") if not path.name.startswith("test_"))
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
@@ -43,7 +48,7 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
 
 def script(name):
     if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the scripts import each other, as when run from benchmarks/
+        sys.path.insert(0, str(BENCH))  # the scripts import common, as when run from benchmarks/
     return importlib.import_module(name)
 
 
@@ -95,3 +100,30 @@ def test_bench_statistics_smoke_mode_runs_and_writes_under_runs_by_default(tmp_p
     assert "| full-logits |" in table and "| fastnpo-torch |" in table and "MALLOC_MMAP_THRESHOLD_=65536" in table
     rows = (tmp_path / "statistics_cpu_smoke.csv").read_text().splitlines()
     assert rows[0].startswith("# date:") and sum(not r.startswith("#") for r in rows) == 3  # header + 2 rows
+
+
+def benchmark_imports(path: Path) -> set[str]:
+    """The modules of benchmarks/ that path imports anywhere in it (top level or inside a function)."""
+    local = {other.stem for other in BENCH.glob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[0] for name in names} & local
+    return found
+
+
+def test_the_import_check_sees_benchmark_imports():
+    assert "common.py" in {path.name for path in SCRIPTS} and len(SCRIPTS) >= 8
+    assert benchmark_imports(BENCH / "test_bench_logprobs.py") == {"bench_logprobs", "common"}
+    assert benchmark_imports(BENCH / "bench_logprobs.py") == {"common"}
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=[path.name for path in SCRIPTS])
+def test_benchmark_scripts_import_only_common(path):
+    imported = benchmark_imports(path) - {"common"}
+    assert not imported, f"{path.name} imports {sorted(imported)}: move what it shares into benchmarks/common.py"
