@@ -32,7 +32,7 @@ fastnpo/u2a/run.py (objective: fastnpo/u2a/problem.py, bilevel: fastnpo/u2a/bile
 DEMO_TIME = (
     "It runs on one thread: on the project's idle 2-core AMD EPYC (2026-12-05) the default preset's stages took "
     "3 min 22 s, and `make demo` in a fresh clone 4 min 28 s with its install; a busy machine takes several "
-    "times longer (see README, 'The demo')."
+    "times longer (see docs/results.md, 'The demo')."
 )
 
 

@@ -93,7 +93,7 @@ def resolve_model_dtype(config: Config, log) -> Config:
     if dtype != "float32" and config.optim.name == "adamw":
         log(
             f"note: plain AdamW on {dtype} parameters has no fp32 master copy and loses updates much smaller "
-            "than the weights (README: The trainer); optim.name=adamw_kahan or model.dtype=float32 keeps them"
+            "than the weights (docs/trainer.md: optim); optim.name=adamw_kahan or model.dtype=float32 keeps them"
         )
     return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype))
 
