@@ -15,11 +15,25 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Module-scoped fixtures that launch processes (torchrun ranks, CLI subprocesses): every test
+# that uses one is a torchrun test too. Tests that launch processes themselves carry the marker.
+PROCESS_FIXTURES = {
+    "resumed",  # test_resume_world_size: runs on 4, 2 and 1 ranks
+    "two_rank_resumed_runs",  # test_optimizers
+    "two_rank_runs",  # test_train
+    "sharded_optimizer_runs",  # test_train
+    "two_nodes",  # test_hybrid_sharding
+    "measured_cpu",  # test_memory_plan: a measuring subprocess per case
+}
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torchrun)
 
 
 @pytest.fixture(autouse=True)

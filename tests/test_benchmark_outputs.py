@@ -82,6 +82,7 @@ def test_documented_command_writes_under_runs_unless_asked(where, name, argv):
         assert out.parts[0] == "runs", f"{where} writes into {out}"
 
 
+@pytest.mark.torchrun
 def test_bench_statistics_smoke_mode_runs_and_writes_under_runs_by_default(tmp_path):
     """bench_statistics.py (issue 27): its default folder is under runs/, and --smoke runs end to end
     as a user starts it (it re-executes itself with a fixed mmap threshold), writing its two files."""

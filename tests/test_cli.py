@@ -13,6 +13,7 @@ from fastnpo import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.torchrun
 def test_help_imports_no_torch():
     # `fastnpo --help` took 2-12 s because `import fastnpo` imported torch before argparse ran.
     code = (

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastnpo.console import quiet_third_party
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ def foreign_lines(output: str) -> list[str]:
     return [line for line in lines if line and not any(re.fullmatch(p, line) for p in OURS)]
 
 
+@pytest.mark.torchrun
 def test_train_on_the_tiny_setup_prints_only_fastnpo_lines(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     printed = []
@@ -84,6 +87,7 @@ def test_foreign_lines_catches_what_it_must():
     ]
 
 
+@pytest.mark.torchrun
 def test_the_hugging_face_route_warns_about_nothing_of_ours(tmp_path):
     """Importing the integration and a patched model's forward raise no warning of fastnpo's making
     (a class decorated with no_grad; reading the outputs' cache under its pre-5.25 name)."""

@@ -117,6 +117,7 @@ def _train_config(command: str):
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+@pytest.mark.torchrun
 def test_commands_run_as_written(path, tmp_path, monkeypatch, capsys):
     """In document order, in a scratch copy of the root: cheap commands run, trainer configs are
     loaded, the folders eval reads must have been written by an earlier command."""

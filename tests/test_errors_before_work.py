@@ -101,6 +101,7 @@ def test_after_the_first_ctrl_c_a_second_one_kills_at_once(python_sigint):
 # ----------------------------------------------------------------------------- demo --out
 
 
+@pytest.mark.torchrun
 def test_demo_refuses_a_used_out_before_importing_torch(tmp_path):
     # Today: refused only after the demo's imports (torch, transformers: 10 s).
     (tmp_path / "out").mkdir()

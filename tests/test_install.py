@@ -29,6 +29,7 @@ def run_python(code: str, cwd: Path, env_path: str | None = None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.torchrun
 def test_repo_root_does_not_shadow_huggingface_kernels(tmp_path):
     """From the root: the `kernels` module is Hugging Face's, and transformers builds and loads a model."""
     pytest.importorskip("kernels", reason="Hugging Face's kernels package is in the dev extra")
@@ -78,6 +79,7 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
+@pytest.mark.torchrun
 def test_wheel_holds_every_package_of_the_source_tree(wheel):
     """pyproject.toml lists the packages by hand (the kernels link needs it): a new subpackage
     missing there would install from a wheel without it."""
@@ -87,6 +89,7 @@ def test_wheel_holds_every_package_of_the_source_tree(wheel):
     assert [p for p in packages if p not in names] == []
 
 
+@pytest.mark.torchrun
 def test_wheel_holds_the_kernels_as_fastnpo_kernels(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"fastnpo/kernels/{m}.py" for m in KERNEL_MODULES} <= set(names)
@@ -94,6 +97,7 @@ def test_wheel_holds_the_kernels_as_fastnpo_kernels(wheel):
 
 
 @pytest.mark.parametrize("where", ["repo-root", "elsewhere"])
+@pytest.mark.torchrun
 def test_regular_install_imports_kernels_from_any_folder(wheel, tmp_path, where):
     """`pip install .` (here: the wheel into a target folder on PYTHONPATH, the editable install
     hidden behind it): fastnpo.kernels imports from the root, where the root's fastnpo/ wins, and
@@ -112,12 +116,14 @@ def test_regular_install_imports_kernels_from_any_folder(wheel, tmp_path, where)
     assert Path(found["fastnpo"]).parent.parent == expected, found
 
 
+@pytest.mark.torchrun
 def test_editable_install_imports_kernels_from_elsewhere(tmp_path):
     found = json.loads(run_python(IMPORTS, cwd=tmp_path))
     assert Path(found["fastnpo"]).resolve().parent == REPO / "fastnpo", "the suite runs on an editable install"
     assert [Path(p).resolve() for p in found["kernels"]] == [(REPO / "kernels").resolve()]
 
 
+@pytest.mark.torchrun
 def test_makefile_demo_command_runs_from_the_root(tmp_path):
     """The Makefile's demo line, run as written from the root, on the quick preset into a scratch folder."""
     recipe = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout

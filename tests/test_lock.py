@@ -58,6 +58,7 @@ def test_torch_and_triton_stay_out_of_the_lock():
 
 
 @pytest.mark.parametrize("target", ["install", "install-dev"])  # what make demo / make test run
+@pytest.mark.torchrun
 def test_makefile_installs_with_the_lock(target):
     recipe = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=60)
     lines = [line for line in recipe.stdout.splitlines() if re.search(r"pip install .*-e", line)]

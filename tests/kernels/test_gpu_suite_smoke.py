@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # What a device run brings back: <= 8 files, < 16 MiB each, names of letters, digits, '.', '_', '-'.
 DEVICE_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -25,6 +27,7 @@ def gpu_suite():
     return module
 
 
+@pytest.mark.torchrun
 def test_gpu_suite_smoke_both_calls(tmp_path):
     # The two calls run side by side (two processes, as two device calls would run one after the
     # other): ~20 s and ~40 s of CPU on an idle 2-core machine.
@@ -146,6 +149,7 @@ def test_gpu_test_files_and_outcomes():
     assert outcomes["FAILED"] == ["tests/ops/test_kernels.py::test_64_bit_offsets"] and len(outcomes["SKIPPED"]) == 1
 
 
+@pytest.mark.torchrun
 def test_import_hook_stays_in_its_folder_and_chains(tmp_path):
     # The GPU machine has no `pip install -e`: the suite's import hook must work from a folder on
     # PYTHONPATH alone (never written into the machine's site-packages) and still run a

@@ -84,6 +84,7 @@ def check_compiles(arch: int, dtype: str) -> None:
         assert not any(f.startswith(("membar", "fence.acq_rel", "fence.sc")) for f in r["fences"]), r
 
 
+@pytest.mark.torchrun
 def test_sm90_bf16_kernels_compile_use_wgmma_and_relaxed_atomics():
     check_compiles(90, "bfloat16")
 
@@ -150,6 +151,7 @@ def test_every_arch_and_dtype_compiles(arch, dtype):
     check_compiles(arch, dtype)
 
 
+@pytest.mark.torchrun
 def test_broken_kernel_is_caught(tmp_path):
     """The checker sees a compile failure: a tl.dot with K=8 (below the 16 it needs) must not pass."""
     script = tmp_path / "broken.py"
@@ -259,6 +261,7 @@ def epilogue_design_results(arch: int, dtype: str) -> tuple[dict, ...]:
     return rows
 
 
+@pytest.mark.torchrun
 def test_sm90_bf16_epilogue_design_kernels_compile_use_wgmma_without_spills_or_atomics():
     # Every config compiles with wgmma, no atomics (each output element has one writer), within
     # sm_90's shared memory and the kernel's own estimate, is kept by its pruner and fits in

@@ -8,6 +8,7 @@ import pytest
 from fastnpo.muse.demo import COLUMNS, PRESETS, main, results_table, run_muse_demo
 
 
+@pytest.mark.torchrun
 def test_demo_smoke_run(tmp_path):
     started = time.perf_counter()
     lines = []

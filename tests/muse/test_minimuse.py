@@ -106,6 +106,7 @@ def test_raw_texts_reads_what_was_written(tmp_path):
     ]
 
 
+@pytest.mark.torchrun
 def test_generating_the_data_needs_no_torch():
     import subprocess
     import sys

@@ -60,6 +60,7 @@ def measure(impl, mode):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
 @pytest.mark.parametrize("mode", ["forward", "backward"])
+@pytest.mark.torchrun
 def test_torch_impl_extra_memory_under_5_percent_of_naive(mode):
     naive = measure("naive", mode)
     ours = measure("torch", mode)

@@ -439,6 +439,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.torchrun
 def test_one_pass_holds_one_chunk_of_logits():
     # A fresh process with every large tensor its own mmap (tests/ops/test_memory.py): the peak
     # resident set is the live high-water mark. fp32 on CPU: the logits are the matmul operand, so

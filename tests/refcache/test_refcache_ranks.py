@@ -80,6 +80,7 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.torchrun
 def test_ranks_agree_when_another_job_writes_the_cache_between_their_reads(tmp_path, tiny_model, first):
     from refcache_helpers import make_examples
     from transformers import AutoModelForCausalLM, AutoTokenizer

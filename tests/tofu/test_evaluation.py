@@ -112,6 +112,7 @@ def test_missing_columns_and_data_are_reported(tmp_path, setup):
         Evaluator(EvalConfig(data=str(tmp_path)), tokenizer)
 
 
+@pytest.mark.torchrun
 def test_demo_end_to_end_at_toy_size(tmp_path):
     from fastnpo.tofu.demo import PRESETS, run_demo
 

@@ -86,6 +86,7 @@ def test_determinism():
     assert {_key(r) for r in few["full"]} <= {_key(r) for r in many["full"]}
 
 
+@pytest.mark.torchrun
 def test_determinism_across_processes(data):
     # String seeds go through SHA-512, not the salted hash(): a new interpreter must agree.
     # Load the module file alone: the package __init__ pulls in torch, which only costs start-up time here.

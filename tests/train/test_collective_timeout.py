@@ -77,6 +77,7 @@ def _exited(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.torchrun
 def test_frozen_rank_ends_the_other_with_one_line(tiny, tmp_path):
     timeout_s = 10
     out = tmp_path / "run"

@@ -102,6 +102,7 @@ def plan_json(*args):
     return json.loads(done.stdout)
 
 
+@pytest.mark.torchrun
 def test_plan_for_two_nodes_of_eight_gpus_states_the_communication():
     """`fastnpo plan --nodes 2 --gpus-per-node 8` for 70B: per GPU and step, what crosses the nodes
     under full and under hybrid sharding, from the plan's own parameter counts."""
@@ -121,6 +122,7 @@ def test_plan_for_two_nodes_of_eight_gpus_states_the_communication():
     assert full["communication"]["inter_node_seconds"] == pytest.approx(across * 8 / 400e9)
 
 
+@pytest.mark.torchrun
 def test_plan_refuses_a_shard_size_that_does_not_divide_the_gpus():
     import subprocess
     import sys

@@ -96,6 +96,7 @@ def test_cli_says_one_line_for_an_output_file(tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.torchrun
 def test_ctrl_c_says_one_line_with_the_step_and_the_resume_command_and_exits_130(tiny, tmp_path):
     # Today: a 42-line KeyboardInterrupt traceback.
     out = tmp_path / "run"

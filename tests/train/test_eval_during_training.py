@@ -210,6 +210,7 @@ train(load_config(sys.argv[1], sys.argv[2:]), evaluator=tofu_epoch_evaluator)
 """
 
 
+@pytest.mark.torchrun
 def test_two_ranks_evaluate_once_per_epoch_and_keep_the_best(tiny, tmp_path):
     out = tmp_path / "two"
     driver = tmp_path / "driver.py"
@@ -233,6 +234,7 @@ def test_two_ranks_evaluate_once_per_epoch_and_keep_the_best(tiny, tmp_path):
     check_run(out, config, "real_authors/probability")
 
 
+@pytest.mark.torchrun
 def test_cli_evaluates_each_epoch_and_keeps_the_best(tiny, tmp_path):
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "fastnpo.cli", "train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]

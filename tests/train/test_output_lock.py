@@ -43,6 +43,7 @@ def extra(tmp_path, **more):
     return {"method.name": "npo", "run.cache_dir": tmp_path / "cache", **more}
 
 
+@pytest.mark.torchrun
 def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_and_writes_nothing(tiny, tmp_path, sleeper):
     # Today: the second run trains and replaces the first's metrics.jsonl, config.yaml, final/.
     work = tmp_path / "work"
@@ -71,6 +72,7 @@ def test_a_lock_from_another_host_is_refused_saying_which_file_to_delete(tiny, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.lock"] and not any(out.iterdir())
 
 
+@pytest.mark.torchrun
 def test_a_stale_lock_of_a_dead_process_is_recovered(tiny, tmp_path, capsys):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
@@ -109,6 +111,7 @@ def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, mo
     assert not lock_path(tmp_path / "stopped").exists()
 
 
+@pytest.mark.torchrun
 def test_two_cli_runs_started_together_one_trains_the_other_is_refused(tiny, tmp_path):
     # Each run is long (it would take minutes), so that however late one of them starts (imports
     # take seconds under load) the other still holds the lock: a short run could end and release
@@ -191,6 +194,7 @@ def test_a_reused_pid_or_a_lock_cut_short_long_ago_is_stale(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.torchrun
 def test_under_torchrun_both_ranks_are_refused_without_hanging(tiny, tmp_path, sleeper):
     from test_train import run_cli
 

@@ -267,6 +267,7 @@ def run_cli(args, *, torchrun=False, env=None):
     )
 
 
+@pytest.mark.torchrun
 def test_two_processes_match_one_process(tiny, tmp_path):
     # Same global batch (8 forget + 8 retain examples per step): 2 ranks x 4, or 1 process x 8.
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
@@ -290,6 +291,7 @@ def test_two_processes_match_one_process(tiny, tmp_path):
         torch.testing.assert_close(sharded[key], single[key], atol=0.01 * moved, rtol=0, msg=key)
 
 
+@pytest.mark.torchrun
 def test_killed_run_resumes_to_the_same_parameters(tiny, tmp_path):
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     common = {
@@ -520,6 +522,7 @@ def test_bf16_autocast_and_activation_checkpointing_run(tiny, tmp_path):
     assert result["final"]
 
 
+@pytest.mark.torchrun
 def test_cache_ref_command_builds_verifies_then_hits(tiny, tmp_path):
     args = [
         "cache-ref",

@@ -48,6 +48,7 @@ def test_model_folder_without_a_model_names_the_key(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["yaml", "jsonl", "model"])
+@pytest.mark.torchrun
 def test_cli_says_one_line_and_exits_2(tiny, tmp_path, case):
     config = str(REPO / "configs" / "tiny_cpu.yaml")
     extra = {"method.name": "npo"}
