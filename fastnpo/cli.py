@@ -99,12 +99,7 @@ def _add_demo_parser(commands) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastnpo", description="Fast, memory-lean LLM unlearning.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (same as FASTNPO_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_train_parser(commands)
-
+def _add_cache_ref_parser(commands) -> None:
     cache = commands.add_parser(
         "cache-ref", parents=[_debug_flag()], help="compute (or reuse) the reference log-prob cache only"
     )
@@ -112,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--verify", type=int, default=0, metavar="N", help="recompute N examples per set and compare")
     cache.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `fastnpo train`")
 
+
+def _add_make_alternates_parser(commands) -> None:
     alternates = commands.add_parser(
         "make-alternates",
         parents=[_debug_flag()],
@@ -123,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     alternates.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     alternates.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for `fastnpo train`")
 
+
+def _add_u2a_parser(commands) -> None:
     u2a = commands.add_parser(
         "u2a",
         parents=[_debug_flag()],
@@ -134,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     u2a.add_argument("--print-config", action="store_true", help="print the resolved config tree and exit")
     u2a.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. bilevel.k=16 run.overwrite=true")
 
-    _add_demo_parser(commands)
 
+def _add_eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", parents=[_debug_flag()], help="TOFU metrics of a model on TOFU-schema data")
     evaluate.add_argument("--model", required=True, help="model folder or hub name")
     evaluate.add_argument(
@@ -174,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-privacy", action="store_true", help="skip privleak, extraction strength and exact memorization"
     )
 
+
+def _add_plan_parser(commands) -> None:
     plan = commands.add_parser(
         "plan",
         parents=[_debug_flag()],
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plan_arguments(plan)
 
+
+def _add_prepare_tiny_parser(commands) -> None:
     prepare = commands.add_parser(
         "prepare-tiny",
         parents=[_debug_flag()],
@@ -196,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", default="runs/tiny", help="folder to write data/ and base/ into (default runs/tiny)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the data, the tokenizer and the model weights")
     prepare.add_argument("--overwrite", action="store_true", help="replace the data/ and base/ that --out holds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastnpo", description="Fast, memory-lean LLM unlearning.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (same as FASTNPO_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    # The order here is the order `fastnpo --help` lists the commands in.
+    _add_train_parser(commands)
+    _add_cache_ref_parser(commands)
+    _add_make_alternates_parser(commands)
+    _add_u2a_parser(commands)
+    _add_demo_parser(commands)
+    _add_eval_parser(commands)
+    _add_plan_parser(commands)
+    _add_prepare_tiny_parser(commands)
     return parser
 
 
@@ -252,7 +270,7 @@ def run_train(args):
     if args.print_config:
         return to_yaml(config)
     with _second_ctrl_c_kills():
-        if config.run.eval_every_epoch:
+        if config.eval.every_epoch:
             from .tofu.evaluate import epoch_evaluator
 
             return train(config, evaluator=epoch_evaluator)

@@ -266,14 +266,7 @@ def evaluate_muse(
     retain_report: the retrained model's report, for privleak (None: its AUC is taken as 0.5, with a
     warning, as open-unlearning does)."""
     config = MuseEvalConfig() if config is None else config
-    if not isinstance(config, MuseEvalConfig):
-        raise ValueError(f"config must be a MuseEvalConfig, got {type(config).__name__}")
-    if not hasattr(model, "generate") or not hasattr(model, "parameters"):
-        raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-        raise ValueError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has neither a pad_token nor an eos_token to pad batches with")
+    _check_inputs(model, tokenizer, config)
     reference_auc = retain_auc(retain_report)  # fails before any work
     data = (
         layout
@@ -293,52 +286,79 @@ def evaluate_muse(
             result = _knowmem(model, tokenizer, qa, icl, config, f"{part} knowmem")
             report[f"{part}_knowmem_ROUGE"] = result["rouge"]
             details[f"{part}_knowmem"] = result["examples"]
-        prompts, items = _verbmem_items(tokenizer, data.verbmem, config.max_length)
-        raw = generate_raw(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=config.verbmem_max_new_tokens,
-            batch_size=config.verbmem_batch_size,
-            desc="forget verbmem",
-            progress=config.progress,
-        )
-        eos_text = _decode_special(tokenizer)
-        continuations = [truncate_at_stopwords(t, (eos_text,)) for t in raw]
-        gold = [_decode(tokenizer, item["input_ids"][len(p) :]).strip() for p, item in zip(prompts, items, strict=True)]
-        scores = rouge_l_f1(continuations, gold)
-        report["forget_verbmem_ROUGE"] = float(np.mean(scores))
-        details["forget_verbmem"] = [
-            {"prompt": p, "gold": g, "generation": c, "rougeL_f1": s}
-            for p, g, c, s in zip(data.verbmem["prompt"], gold, continuations, scores, strict=True)
-        ]
+        report["forget_verbmem_ROUGE"], details["forget_verbmem"], items = _verbmem(model, tokenizer, data, config)
         if config.privacy:
-            stats = _statistics(model, tokenizer, items, config, "verbmem statistics")
-            report["extraction_strength"] = float(
-                np.mean([privacy_metrics.extraction_strength(s["is_argmax"]) for s in stats])
+            numbers, details[privacy_metrics.PRIVLEAK_ATTACK] = _privacy(
+                model, tokenizer, data, items, config, reference_auc
             )
-            report["exact_memorization"] = privacy_metrics.mean_ignoring_none(
-                [privacy_metrics.exact_memorization(s["is_argmax"]) for s in stats]
-            )
-            scores = {}
-            for part, rows in (("forget", data.privleak_forget), ("holdout", data.privleak_holdout)):
-                part_stats = _statistics(
-                    model,
-                    tokenizer,
-                    _text_items(tokenizer, rows["text"], config.max_length),
-                    config,
-                    f"privleak {part}",
-                )
-                scores[part] = [privacy_metrics.min_k_score(s["logprob"], config.k) for s in part_stats]
-            auc = privacy_metrics.auc(scores["forget"], scores["holdout"])
-            report[privacy_metrics.PRIVLEAK_ATTACK] = auc
-            report["retain_auc"] = reference_auc
-            report["privleak"] = privacy_metrics.privleak(auc, reference_auc)
-            details[privacy_metrics.PRIVLEAK_ATTACK] = scores
+            report.update(numbers)
     finally:
         model.train(was_training)
     report["details"] = details
     return report
+
+
+def _check_inputs(model, tokenizer, config) -> None:
+    """evaluate_muse's arguments, refused before any work when they cannot be what it needs."""
+    if not isinstance(config, MuseEvalConfig):
+        raise ValueError(f"config must be a MuseEvalConfig, got {type(config).__name__}")
+    if not hasattr(model, "generate") or not hasattr(model, "parameters"):
+        raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise ValueError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither a pad_token nor an eos_token to pad batches with")
+
+
+def _verbmem(lm, tokenizer, data: MuseData, config: MuseEvalConfig) -> tuple[float, list[dict], list[dict]]:
+    """forget_verbmem_ROUGE, its per-example details, and the verbmem items (prompt + gold
+    continuation tokens), which extraction strength scores next."""
+    prompts, items = _verbmem_items(tokenizer, data.verbmem, config.max_length)
+    raw = generate_raw(
+        lm,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.verbmem_max_new_tokens,
+        batch_size=config.verbmem_batch_size,
+        desc="forget verbmem",
+        progress=config.progress,
+    )
+    eos_text = _decode_special(tokenizer)
+    continuations = [truncate_at_stopwords(t, (eos_text,)) for t in raw]
+    gold = [_decode(tokenizer, item["input_ids"][len(p) :]).strip() for p, item in zip(prompts, items, strict=True)]
+    scores = rouge_l_f1(continuations, gold)
+    examples = [
+        {"prompt": p, "gold": g, "generation": c, "rougeL_f1": s}
+        for p, g, c, s in zip(data.verbmem["prompt"], gold, continuations, scores, strict=True)
+    ]
+    return float(np.mean(scores)), examples, items
+
+
+def _privacy(lm, tokenizer, data: MuseData, items, config: MuseEvalConfig, reference_auc) -> tuple[dict, dict]:
+    """(extraction strength, exact memorization, the attack's AUC, the retain AUC, privleak; the
+    attack's per-example scores on privleak's forget and holdout texts)."""
+    stats = _statistics(lm, tokenizer, items, config, "verbmem statistics")
+    numbers = {
+        "extraction_strength": float(np.mean([privacy_metrics.extraction_strength(s["is_argmax"]) for s in stats])),
+        "exact_memorization": privacy_metrics.mean_ignoring_none(
+            [privacy_metrics.exact_memorization(s["is_argmax"]) for s in stats]
+        ),
+    }
+    scores = {}
+    for part, rows in (("forget", data.privleak_forget), ("holdout", data.privleak_holdout)):
+        part_stats = _statistics(
+            lm,
+            tokenizer,
+            _text_items(tokenizer, rows["text"], config.max_length),
+            config,
+            f"privleak {part}",
+        )
+        scores[part] = [privacy_metrics.min_k_score(s["logprob"], config.k) for s in part_stats]
+    auc = privacy_metrics.auc(scores["forget"], scores["holdout"])
+    numbers[privacy_metrics.PRIVLEAK_ATTACK] = auc
+    numbers["retain_auc"] = reference_auc
+    numbers["privleak"] = privacy_metrics.privleak(auc, reference_auc)
+    return numbers, scores
 
 
 def summary(report: dict) -> dict:

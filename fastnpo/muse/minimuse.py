@@ -329,24 +329,8 @@ def generate_minimuse(
 ) -> dict[str, dict[str, list[dict]]]:
     """{config: {split: rows}} in the hub layout, plus config "trainer" (the module docstring);
     the same arguments give identical data. num_retain articles each in retain1 and retain2."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    for name, value in (("num_forget", num_forget), ("num_retain", num_retain), ("num_holdout", num_holdout)):
-        _check_count(name, value, 2, 50)
-    _check_count("num_general", num_general, 2, 60)
-    # Two ICL sets come out of the general QA, and at least one general QA pair is left to train on.
-    _check_count("num_icl", num_icl, 1, (num_general * QA_PER_ARTICLE - 1) // 2)
-    total = num_general + num_forget + 2 * num_retain + num_holdout
-    if total > 120:  # the distinct-name pools (120 towns, surnames, companies) bound it
-        raise ValueError(f"num_general + num_forget + 2 * num_retain + num_holdout must be <= 120, got {total}")
-    entity_rng, article_rng, kind_rng = _rng(seed, "entities"), _rng(seed, "articles"), _rng(seed, "kinds")
-    entities = _entities(entity_rng, total)
-    kinds = list(_KINDS)
-    towns = [e["town"] for e in entities]
-    articles = []
-    for i, entity in enumerate(entities):
-        rival = towns[(i + 1 + kind_rng.randrange(total - 1)) % total]
-        articles.append(_article(article_rng, entity, kinds[i % len(kinds)], rival))
+    total = _check_sizes(seed, num_forget, num_retain, num_holdout, num_general, num_icl)
+    articles = _articles(seed, total)
     cuts = {}
     start = 0
     for name, count in (
@@ -358,17 +342,79 @@ def generate_minimuse(
     ):
         cuts[name] = articles[start : start + count]
         start += count
+    forget_icl, retain_icl, qa_rows = _general_qa(seed, cuts, num_icl)
+    return {
+        "raw": {name: _documents(seed, cuts, name) for name in ("forget", "retain1", "retain2", "holdout")},
+        "verbmem": {"forget": [{"prompt": a["prompt"], "gt": a["gt"]} for a in cuts["forget"]]},
+        "knowmem": {
+            "forget_qa": _qa(cuts, "forget"),
+            "forget_qa_icl": forget_icl,
+            "retain_qa": _qa(cuts, "retain2"),
+            "retain_qa_icl": retain_icl,
+        },
+        "privleak": {
+            "forget": _texts(cuts, "forget"),
+            "holdout": _texts(cuts, "holdout"),
+            "retain": _texts(cuts, "retain2"),
+        },
+        "trainer": {
+            "forget": _trainer_rows(seed, cuts, ["forget"]),
+            "retain": _trainer_rows(seed, cuts, ["retain1"]),
+            "target": _trainer_rows(seed, cuts, ["general", "forget", "retain1", "retain2"]) + qa_rows,
+            "retrain": _trainer_rows(seed, cuts, ["general", "retain1", "retain2"]) + qa_rows,
+        },
+    }
 
-    def texts(name):
-        return [{"text": a["text"]} for a in cuts[name]]
 
-    def documents(name):  # the raw split: the split's articles, then its quizzes
-        return texts(name) + [{"text": t} for t in _quizzes(_rng(seed, f"quiz:{name}"), qa(name))]
+def _check_sizes(seed, num_forget, num_retain, num_holdout, num_general, num_icl) -> int:
+    """generate_minimuse's arguments, refused when out of range; returns the number of articles."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    for name, value in (("num_forget", num_forget), ("num_retain", num_retain), ("num_holdout", num_holdout)):
+        _check_count(name, value, 2, 50)
+    _check_count("num_general", num_general, 2, 60)
+    # Two ICL sets come out of the general QA, and at least one general QA pair is left to train on.
+    _check_count("num_icl", num_icl, 1, (num_general * QA_PER_ARTICLE - 1) // 2)
+    total = num_general + num_forget + 2 * num_retain + num_holdout
+    if total > 120:  # the distinct-name pools (120 towns, surnames, companies) bound it
+        raise ValueError(f"num_general + num_forget + 2 * num_retain + num_holdout must be <= 120, got {total}")
+    return total
 
-    def qa(name):
-        return [dict(pair) for a in cuts[name] for pair in a["qa"]]
 
-    general_qa = qa("general")
+def _articles(seed: int, total: int) -> list[dict]:
+    """`total` articles, each about its own entity, the kinds in turn, each naming another entity's town."""
+    entity_rng, article_rng, kind_rng = _rng(seed, "entities"), _rng(seed, "articles"), _rng(seed, "kinds")
+    entities = _entities(entity_rng, total)
+    kinds = list(_KINDS)
+    towns = [e["town"] for e in entities]
+    articles = []
+    for i, entity in enumerate(entities):
+        rival = towns[(i + 1 + kind_rng.randrange(total - 1)) % total]
+        articles.append(_article(article_rng, entity, kinds[i % len(kinds)], rival))
+    return articles
+
+
+def _texts(cuts: dict, name: str) -> list[dict]:
+    return [{"text": a["text"]} for a in cuts[name]]
+
+
+def _documents(seed: int, cuts: dict, name: str) -> list[dict]:
+    """The raw split: the split's articles, then its quizzes."""
+    return _texts(cuts, name) + [{"text": t} for t in _quizzes(_rng(seed, f"quiz:{name}"), _qa(cuts, name))]
+
+
+def _qa(cuts: dict, name: str) -> list[dict]:
+    return [dict(pair) for a in cuts[name] for pair in a["qa"]]
+
+
+def _trainer_rows(seed: int, cuts: dict, names: list[str]) -> list[dict]:
+    """The splits' documents as the trainer's rows: the text is the answer, to an empty question."""
+    return [{"question": "", "answer": d["text"]} for name in names for d in _documents(seed, cuts, name)]
+
+
+def _general_qa(seed: int, cuts: dict, num_icl: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(forget_qa_icl, retain_qa_icl, the rest of the general QA as trainer rows), from the shuffled general QA."""
+    general_qa = _qa(cuts, "general")
     _rng(seed, "icl").shuffle(general_qa)
     forget_icl, retain_icl = general_qa[:num_icl], general_qa[num_icl : 2 * num_icl]
     general_train = general_qa[2 * num_icl :]
@@ -378,27 +424,7 @@ def generate_minimuse(
         {"question": knowmem_prompt(icl_sets[i % 2], r["question"]), "answer": r["answer"]}
         for i, r in enumerate(general_train)
     ]
-
-    def rows(names):
-        return [{"question": "", "answer": d["text"]} for name in names for d in documents(name)]
-
-    return {
-        "raw": {name: documents(name) for name in ("forget", "retain1", "retain2", "holdout")},
-        "verbmem": {"forget": [{"prompt": a["prompt"], "gt": a["gt"]} for a in cuts["forget"]]},
-        "knowmem": {
-            "forget_qa": qa("forget"),
-            "forget_qa_icl": forget_icl,
-            "retain_qa": qa("retain2"),
-            "retain_qa_icl": retain_icl,
-        },
-        "privleak": {"forget": texts("forget"), "holdout": texts("holdout"), "retain": texts("retain2")},
-        "trainer": {
-            "forget": rows(["forget"]),
-            "retain": rows(["retain1"]),
-            "target": rows(["general", "forget", "retain1", "retain2"]) + qa_rows,
-            "retrain": rows(["general", "retain1", "retain2"]) + qa_rows,
-        },
-    }
+    return forget_icl, retain_icl, qa_rows
 
 
 def _serialize(rows: list[dict]) -> bytes:

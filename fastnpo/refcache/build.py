@@ -42,20 +42,7 @@ def get_or_build_ref_logprobs(
     writer cannot write the file, or a rank cannot read it back, that rank goes on with its own
     computed values and says so.
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    if local_rank is None:
-        local_rank = rank
-    if not isinstance(local_rank, int) or not 0 <= local_rank <= rank:
-        raise ValueError(f"local_rank must be an int in [0, rank={rank}], got {local_rank!r}")
-    if world_size > 1 and barrier is None:
-        raise ValueError(
-            "barrier is required when world_size > 1 (the first rank of each node writes, the others wait for it)"
-        )
-    if not callable(compute):
-        raise TypeError("compute must be a callable returning (logps, counts)")
+    local_rank = _check_ranks(compute, rank, world_size, local_rank, barrier)
     parts = dict(parts)
     key = cache_key(**parts)
     path = cache_path(cache_dir, key)
@@ -70,6 +57,41 @@ def get_or_build_ref_logprobs(
         return ref, True
 
     log(f"{PREFIX} cache miss {path} ({reason}); computing{who}")
+    computed, elapsed = _compute_and_write(path, key, parts, compute, local_rank, world_size, barrier, log)
+    loaded, why = _read(path, key, parts)
+    if loaded is None:
+        log(f"{PREFIX} could not read back {path} ({why}); using the values computed on this rank{who}")
+        return computed, False
+    writer = rank - local_rank  # the first rank of this node
+    if local_rank != 0:
+        _warn_if_different(loaded, computed, log, who, writer)
+    verb = "wrote" if local_rank == 0 else f"loaded rank {writer}'s"
+    log(f"{PREFIX} computed {computed.summary()} in {elapsed:.1f}s; {verb} {path}{who}")
+    return loaded, False
+
+
+def _check_ranks(compute, rank, world_size, local_rank, barrier) -> int:
+    """get_or_build_ref_logprobs's arguments checked before any work; returns local_rank (default: rank)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if local_rank is None:
+        local_rank = rank
+    if not isinstance(local_rank, int) or not 0 <= local_rank <= rank:
+        raise ValueError(f"local_rank must be an int in [0, rank={rank}], got {local_rank!r}")
+    if world_size > 1 and barrier is None:
+        raise ValueError(
+            "barrier is required when world_size > 1 (the first rank of each node writes, the others wait for it)"
+        )
+    if not callable(compute):
+        raise TypeError("compute must be a callable returning (logps, counts)")
+    return local_rank
+
+
+def _compute_and_write(path, key, parts, compute, local_rank, world_size, barrier, log) -> tuple[RefLogprobs, float]:
+    """A miss: every rank computes, the node's first rank writes the file, all meet at the barrier.
+    Returns (this rank's computed values, seconds the compute took)."""
     start = time.perf_counter()
     error: Exception | None = None
     computed = None
@@ -87,17 +109,7 @@ def get_or_build_ref_logprobs(
         barrier()
     if error is not None:
         raise error
-
-    loaded, why = _read(path, key, parts)
-    if loaded is None:
-        log(f"{PREFIX} could not read back {path} ({why}); using the values computed on this rank{who}")
-        return computed, False
-    writer = rank - local_rank  # the first rank of this node
-    if local_rank != 0:
-        _warn_if_different(loaded, computed, log, who, writer)
-    verb = "wrote" if local_rank == 0 else f"loaded rank {writer}'s"
-    log(f"{PREFIX} computed {computed.summary()} in {elapsed:.1f}s; {verb} {path}{who}")
-    return loaded, False
+    return computed, elapsed
 
 
 def _warn_if_different(loaded: RefLogprobs, computed: RefLogprobs, log, who: str, writer: int) -> None:

@@ -238,90 +238,8 @@ def plot_forget_quality_vs_utility(results: dict, path: Path) -> None:
             3, len(splits), figsize=(5.6 * len(splits), 13.5), squeeze=False, height_ratios=(1.35, 1, 1)
         )
         for col, split in enumerate(splits):
-            trade, fq_ax, mu_ax = axes[:, col]
-            target, retain = results["target"][split], results["retain_models"][split]
-            # The reference markers sit beneath the method lines (zorder 1 < 3): no method hides under them.
-            trade.scatter(
-                [retain["model_utility"]],
-                [1.0],
-                marker="*",
-                s=260,
-                color="gold",
-                edgecolor="black",
-                zorder=1,
-                label="retain model",
-            )
-            trade.scatter(
-                [target["model_utility"]],
-                [max(target["forget_quality"], FQ_FLOOR)],
-                marker="s",
-                s=110,
-                color="lightgrey",
-                edgecolor="black",
-                zorder=1,
-                label="target (epoch 0)",
-            )
-            epochs: set[int] = set()  # every method's evaluated epochs: the per-epoch panels' ticks
-            for method in results["runs"][seeds[0]][split]:
-                runs = [results["runs"][seed][split][method] for seed in seeds]
-                fq, mu = epoch_spread(runs, "forget_quality"), epoch_spread(runs, "model_utility")
-                epochs.update(fq.epochs)
-                color, label = colors[method], METHOD_LABELS.get(method, method)
-                floor = [max(v, FQ_FLOOR) for v in fq.median]
-                trade.plot(
-                    mu.median, floor, marker="o", markersize=4, linewidth=1.8, color=color, zorder=3, label=label
-                )
-                trade.errorbar(
-                    [mu.median[-1]],
-                    [floor[-1]],
-                    xerr=[[mu.median[-1] - mu.low[-1]], [mu.high[-1] - mu.median[-1]]],
-                    yerr=[[floor[-1] - max(fq.low[-1], FQ_FLOOR)], [max(fq.high[-1], FQ_FLOOR) - floor[-1]]],
-                    marker="D",
-                    markersize=8,
-                    markeredgecolor="black",
-                    color=color,
-                    elinewidth=1.2,
-                    capsize=3,
-                    zorder=4,
-                )
-                for ax, spread in ((fq_ax, fq), (mu_ax, mu)):
-                    low = [max(v, FQ_FLOOR) for v in spread.low] if ax is fq_ax else spread.low
-                    mid = floor if ax is fq_ax else spread.median
-                    high = [max(v, FQ_FLOOR) for v in spread.high] if ax is fq_ax else spread.high
-                    ax.fill_between(spread.epochs, low, high, color=color, alpha=0.13, linewidth=0, zorder=2)
-                    ax.plot(spread.epochs, mid, marker="o", markersize=4, linewidth=1.8, color=color, zorder=3)
-            for ax in (trade, fq_ax):
-                ax.axhline(0.05, linestyle="--", color="grey", linewidth=1, zorder=0, label="KS p = 0.05")
-                ax.set_yscale("log")
-                ax.set_ylabel("forget quality (KS p-value)")
-            trade.set_xlabel("model utility")
-            trade.set_title(f"Mini-TOFU {split}: forget quality vs model utility")
-            fq_ax.set_title(f"{split}: forget quality per epoch")
-            mu_ax.axhline(retain["model_utility"], color="black", linestyle=":", linewidth=1.2, zorder=0)
-            mu_ax.axhline(target["model_utility"], color="grey", linestyle="-.", linewidth=1.2, zorder=0)
-            mu_ax.set_ylabel("model utility")
-            mu_ax.set_title(f"{split}: model utility per epoch")
-            for ax in (fq_ax, mu_ax):
-                ax.set_xlabel("epoch")
-                ax.set_xticks(sorted(epochs))
-            for ax in axes[:, col]:
-                ax.grid(alpha=0.3, zorder=0)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        handles += [plt.Line2D([], [], color="black", linestyle=":"), plt.Line2D([], [], color="grey", linestyle="-.")]
-        labels += ["retain model's utility", "target's utility"]
-        # The methods of every split, once: the first panel may lack one another split has.
-        by_label = dict(zip(labels, handles, strict=True))
-        for method in methods:
-            by_label.setdefault(METHOD_LABELS.get(method, method), plt.Line2D([], [], color=colors[method]))
-        fig.legend(
-            by_label.values(),
-            by_label.keys(),
-            loc="lower center",
-            ncol=min(len(by_label), 7),
-            bbox_to_anchor=(0.5, 0.035),
-            frameon=False,
-            fontsize=11,
-        )
+            _draw_split(axes[:, col], results, split, seeds, colors)
+        _split_figure_legend(plt, fig, axes, methods, colors)
         fig.text(
             0.5,
             0.005,
@@ -337,6 +255,101 @@ def plot_forget_quality_vs_utility(results: dict, path: Path) -> None:
         fig.tight_layout(rect=(0, 0.075, 1, 1))
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _draw_split(column, results: dict, split: str, seeds: list[str], colors: dict) -> None:
+    """One split's column: the trade-off panel, forget quality per epoch, model utility per epoch."""
+    trade, fq_ax, mu_ax = column
+    target, retain = results["target"][split], results["retain_models"][split]
+    # The reference markers sit beneath the method lines (zorder 1 < 3): no method hides under them.
+    trade.scatter(
+        [retain["model_utility"]],
+        [1.0],
+        marker="*",
+        s=260,
+        color="gold",
+        edgecolor="black",
+        zorder=1,
+        label="retain model",
+    )
+    trade.scatter(
+        [target["model_utility"]],
+        [max(target["forget_quality"], FQ_FLOOR)],
+        marker="s",
+        s=110,
+        color="lightgrey",
+        edgecolor="black",
+        zorder=1,
+        label="target (epoch 0)",
+    )
+    epochs: set[int] = set()  # every method's evaluated epochs: the per-epoch panels' ticks
+    for method in results["runs"][seeds[0]][split]:
+        runs = [results["runs"][seed][split][method] for seed in seeds]
+        epochs.update(_draw_method(column, runs, colors[method], METHOD_LABELS.get(method, method)))
+    for ax in (trade, fq_ax):
+        ax.axhline(0.05, linestyle="--", color="grey", linewidth=1, zorder=0, label="KS p = 0.05")
+        ax.set_yscale("log")
+        ax.set_ylabel("forget quality (KS p-value)")
+    trade.set_xlabel("model utility")
+    trade.set_title(f"Mini-TOFU {split}: forget quality vs model utility")
+    fq_ax.set_title(f"{split}: forget quality per epoch")
+    mu_ax.axhline(retain["model_utility"], color="black", linestyle=":", linewidth=1.2, zorder=0)
+    mu_ax.axhline(target["model_utility"], color="grey", linestyle="-.", linewidth=1.2, zorder=0)
+    mu_ax.set_ylabel("model utility")
+    mu_ax.set_title(f"{split}: model utility per epoch")
+    for ax in (fq_ax, mu_ax):
+        ax.set_xlabel("epoch")
+        ax.set_xticks(sorted(epochs))
+    for ax in column:
+        ax.grid(alpha=0.3, zorder=0)
+
+
+def _draw_method(column, runs: list, color, label: str) -> list[int]:
+    """One method in a split's column (runs: its evaluated epochs per seed); returns those epochs."""
+    trade, fq_ax, mu_ax = column
+    fq, mu = epoch_spread(runs, "forget_quality"), epoch_spread(runs, "model_utility")
+    floor = [max(v, FQ_FLOOR) for v in fq.median]
+    trade.plot(mu.median, floor, marker="o", markersize=4, linewidth=1.8, color=color, zorder=3, label=label)
+    trade.errorbar(
+        [mu.median[-1]],
+        [floor[-1]],
+        xerr=[[mu.median[-1] - mu.low[-1]], [mu.high[-1] - mu.median[-1]]],
+        yerr=[[floor[-1] - max(fq.low[-1], FQ_FLOOR)], [max(fq.high[-1], FQ_FLOOR) - floor[-1]]],
+        marker="D",
+        markersize=8,
+        markeredgecolor="black",
+        color=color,
+        elinewidth=1.2,
+        capsize=3,
+        zorder=4,
+    )
+    for ax, spread in ((fq_ax, fq), (mu_ax, mu)):
+        low = [max(v, FQ_FLOOR) for v in spread.low] if ax is fq_ax else spread.low
+        mid = floor if ax is fq_ax else spread.median
+        high = [max(v, FQ_FLOOR) for v in spread.high] if ax is fq_ax else spread.high
+        ax.fill_between(spread.epochs, low, high, color=color, alpha=0.13, linewidth=0, zorder=2)
+        ax.plot(spread.epochs, mid, marker="o", markersize=4, linewidth=1.8, color=color, zorder=3)
+    return fq.epochs
+
+
+def _split_figure_legend(plt, fig, axes, methods: list[str], colors: dict) -> None:
+    """The figure's one legend: the first panel's entries, the reference lines, every method once."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles += [plt.Line2D([], [], color="black", linestyle=":"), plt.Line2D([], [], color="grey", linestyle="-.")]
+    labels += ["retain model's utility", "target's utility"]
+    # The methods of every split, once: the first panel may lack one another split has.
+    by_label = dict(zip(labels, handles, strict=True))
+    for method in methods:
+        by_label.setdefault(METHOD_LABELS.get(method, method), plt.Line2D([], [], color=colors[method]))
+    fig.legend(
+        by_label.values(),
+        by_label.keys(),
+        loc="lower center",
+        ncol=min(len(by_label), 7),
+        bbox_to_anchor=(0.5, 0.035),
+        frameon=False,
+        fontsize=11,
+    )
 
 
 def plot_memorisation(results: dict, path: Path) -> None:
@@ -391,6 +404,27 @@ def _fq_bottom(flats: Mapping[str, Mapping]) -> float:
 def plot_eval(reports: Mapping[str, Mapping], path: Path, *, sets: Sequence[str] = EVAL_SETS, title: str = "") -> None:
     """Bars of one or more TOFU evaluations side by side (label -> `fastnpo eval` report or its
     summary): probability, truth ratio score and ROUGE-L per set, model utility, forget quality."""
+    flats = _eval_numbers(reports, sets)
+    plt = _pyplot()
+    width = 0.8 / len(flats)
+    colors = {label: f"C{k}" for k, label in enumerate(flats)}
+    with plt.rc_context(FONT):
+        fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+        panels = [*EVAL_METRICS.items(), ("model_utility", "model utility"), ("forget_quality", None)]
+        for ax, (metric, ylabel) in zip(axes.flat, panels, strict=False):
+            per_set = metric in EVAL_METRICS
+            keys = [f"{s}/{metric}" for s in sets] if per_set else [metric]
+            _draw_eval_bars(ax, metric, keys, flats, width, colors)
+            _label_eval_panel(ax, metric, ylabel, keys, sets, flats)
+        _eval_legend(plt, axes.flat[-1], flats, colors)
+        fig.suptitle(title or "TOFU evaluation", fontsize=14)
+        fig.tight_layout(pad=1.5)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _eval_numbers(reports: Mapping[str, Mapping], sets: Sequence[str]) -> dict:
+    """Each report's numbers (_flat), after refusing what plot_eval cannot draw."""
     if not reports:
         raise ValueError("reports is empty: give at least one label -> report")
     unknown = [s for s in sets if s not in EVAL_SETS]
@@ -401,80 +435,80 @@ def plot_eval(reports: Mapping[str, Mapping], path: Path, *, sets: Sequence[str]
     for label, flat in flats.items():
         if not any(k in flat for k in wanted):
             raise ValueError(f"reports[{label!r}] holds none of the TOFU numbers ({', '.join(wanted[:3])}, ...)")
-    plt = _pyplot()
-    width = 0.8 / len(flats)
-    colors = {label: f"C{k}" for k, label in enumerate(flats)}
-    with plt.rc_context(FONT):
-        fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
-        panels = [*EVAL_METRICS.items(), ("model_utility", "model utility"), ("forget_quality", None)]
-        for ax, (metric, ylabel) in zip(axes.flat, panels, strict=False):
-            per_set = metric in EVAL_METRICS
-            keys = [f"{s}/{metric}" for s in sets] if per_set else [metric]
-            for k, (label, flat) in enumerate(flats.items()):
-                xs = [i + (k - (len(flats) - 1) / 2) * width for i in range(len(keys))]
-                values = [flat.get(key) for key in keys]
-                shown = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
-                for x, v in zip(xs, values, strict=True):
-                    if v is None:  # x in data, y in axes coordinates: the same spot on a linear or log axis
-                        ax.text(
-                            x,
-                            0.02,
-                            "n/a",
-                            ha="center",
-                            va="bottom",
-                            fontsize=10,
-                            color="grey",
-                            transform=ax.get_xaxis_transform(),
-                        )
-                if not shown:
-                    continue
-                # On the log axis of forget quality the bars stand on a floor below the smallest value.
-                bottom = _fq_bottom(flats) if metric == "forget_quality" else 0.0
-                bars = ax.bar(
-                    [x for x, _ in shown],
-                    [max(v, FQ_FLOOR) - bottom for _, v in shown],
-                    width * 0.95,
-                    bottom=bottom,
-                    color=colors[label],
-                    label=label,
-                    zorder=2,
+    return flats
+
+
+def _draw_eval_bars(ax, metric: str, keys: list[str], flats: dict, width: float, colors: dict) -> None:
+    """One panel's bars: a group per key, a bar per report side by side, "n/a" where a report lacks the number."""
+    for k, (label, flat) in enumerate(flats.items()):
+        xs = [i + (k - (len(flats) - 1) / 2) * width for i in range(len(keys))]
+        values = [flat.get(key) for key in keys]
+        shown = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+        for x, v in zip(xs, values, strict=True):
+            if v is None:  # x in data, y in axes coordinates: the same spot on a linear or log axis
+                ax.text(
+                    x,
+                    0.02,
+                    "n/a",
+                    ha="center",
+                    va="bottom",
+                    fontsize=10,
+                    color="grey",
+                    transform=ax.get_xaxis_transform(),
                 )
-                ax.bar_label(
-                    bars,
-                    labels=[f"{v:.2g}" if metric == "forget_quality" else f"{v:.2f}" for _, v in shown],
-                    fontsize=9,
-                    padding=2,
-                )
-            ax.set_xlim(-0.6, len(keys) - 0.4)
-            ax.set_xticks(range(len(keys)) if per_set else [])
-            if per_set:
-                ax.set_xticklabels([SET_LABELS[s] + ("" if s == "forget" else "*") for s in sets])
-            ax.grid(axis="y", alpha=0.3, zorder=0)
-            if metric == "forget_quality":
-                ax.set_yscale("log")
-                ax.set_ylim(_fq_bottom(flats), 3)
-                ax.axhline(0.05, linestyle="--", color="grey", linewidth=1, zorder=1)
-                ax.set_ylabel("forget quality (KS p-value, log)")
-                ax.set_title("forget quality (above the dashed line p = 0.05:\nforget set like the retain model's)")
-            else:
-                ax.set_ylim(0, 1.12)
-                ax.set_ylabel(ylabel)
-                ax.set_title(ylabel.split("\n")[0] + (" per set" if per_set else ""))
-        legend_ax = axes.flat[-1]
-        legend_ax.axis("off")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in flats]
-        legend_ax.legend(handles, list(flats), loc="upper left", frameon=False, fontsize=11, title="model")
-        legend_ax.text(
-            0.0,
-            0.05,
-            "* enters model utility: the harmonic mean of\nprobability, truth ratio score and ROUGE-L on the\n"
-            "retain, real-authors and world-facts sets.\nn/a: not in the report (forget quality needs\n"
-            "--retain-stats; ROUGE-L and model utility\nneed generation).",
-            transform=legend_ax.transAxes,
-            va="bottom",
-            fontsize=10,
+        if not shown:
+            continue
+        # On the log axis of forget quality the bars stand on a floor below the smallest value.
+        bottom = _fq_bottom(flats) if metric == "forget_quality" else 0.0
+        bars = ax.bar(
+            [x for x, _ in shown],
+            [max(v, FQ_FLOOR) - bottom for _, v in shown],
+            width * 0.95,
+            bottom=bottom,
+            color=colors[label],
+            label=label,
+            zorder=2,
         )
-        fig.suptitle(title or "TOFU evaluation", fontsize=14)
-        fig.tight_layout(pad=1.5)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        ax.bar_label(
+            bars,
+            labels=[f"{v:.2g}" if metric == "forget_quality" else f"{v:.2f}" for _, v in shown],
+            fontsize=9,
+            padding=2,
+        )
+
+
+def _label_eval_panel(ax, metric: str, ylabel: str | None, keys: list[str], sets: Sequence[str], flats: dict) -> None:
+    """One panel's axes: set names below the per-set panels, a log scale for forget quality."""
+    per_set = metric in EVAL_METRICS
+    ax.set_xlim(-0.6, len(keys) - 0.4)
+    ax.set_xticks(range(len(keys)) if per_set else [])
+    if per_set:
+        ax.set_xticklabels([SET_LABELS[s] + ("" if s == "forget" else "*") for s in sets])
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    if metric == "forget_quality":
+        ax.set_yscale("log")
+        ax.set_ylim(_fq_bottom(flats), 3)
+        ax.axhline(0.05, linestyle="--", color="grey", linewidth=1, zorder=1)
+        ax.set_ylabel("forget quality (KS p-value, log)")
+        ax.set_title("forget quality (above the dashed line p = 0.05:\nforget set like the retain model's)")
+    else:
+        ax.set_ylim(0, 1.12)
+        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel.split("\n")[0] + (" per set" if per_set else ""))
+
+
+def _eval_legend(plt, legend_ax, flats: dict, colors: dict) -> None:
+    """The last panel: no plot, the legend of the models and what * and n/a mean."""
+    legend_ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in flats]
+    legend_ax.legend(handles, list(flats), loc="upper left", frameon=False, fontsize=11, title="model")
+    legend_ax.text(
+        0.0,
+        0.05,
+        "* enters model utility: the harmonic mean of\nprobability, truth ratio score and ROUGE-L on the\n"
+        "retain, real-authors and world-facts sets.\nn/a: not in the report (forget quality needs\n"
+        "--retain-stats; ROUGE-L and model utility\nneed generation).",
+        transform=legend_ax.transAxes,
+        va="bottom",
+        fontsize=10,
+    )

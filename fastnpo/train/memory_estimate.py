@@ -235,19 +235,98 @@ def _optimizer(shape: ModelShape, s: Settings, trainable: int, world: int) -> tu
     return state, _step_temporaries(s, largest, largest if s.in_backward else trainable // world)
 
 
+@dataclass
+class _Amounts:
+    """Bytes per GPU of each thing a training step holds, before estimate() sums them into the
+    candidate peak moments (phases) and the components of the table."""
+
+    params: int
+    grads: int  # what exists at once (optim.in_backward: one tensor's, not all)
+    state: int
+    step_temp: int
+    autocast_copies: int
+    root_unsharded: int  # FSDP2's root unit, unsharded through the step
+    gather_fwd: int  # the root + two decoder layers unsharded
+    gather_bwd: int  # end of the backward: the root's gradients and their reduce-dtype copy
+    layer_grad_bufs: int  # a layer's unsharded gradients until they are reduced
+    per_layer: int  # one layer's saved activations
+    act_full: int  # all layers' activations without checkpointing
+    act_ckpt: int  # ... with checkpointing
+    layer_backward: int  # one layer's gradient temporaries
+    saved: int  # the activations saved for the backward, as configured
+    fused_keep: int
+    fused_bwd: int
+    mid_backward: int  # gradients held while the backward goes through the last layer
+    end_of_backward: int  # gradients (and step) at the end of the backward
+    reference: int  # frozen reference copies on the GPU
+    reference_model: int  # of which a live reference model
+    host: int = 0  # optim.offload: CPU memory per process
+
+
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
     p, c = DTYPE_BYTES[s.dtype], compute_bytes(s)
     world = s.gpus if s.sharded else 1
-    n, d, v = s.tokens, shape.hidden, shape.vocab
-    residual = 4 if s.dtype == "float32" and (c == 4 or not s.sharded) else c  # the residual stream
     trainable = trainable_params(shape, s)
     subset = s.lora or bool(shape.method_trainable)  # LoRA / a method's subset: the lm_head and the root do not train
+    amounts = _amounts(shape, s, trainable, subset)
+    if s.offload and s.device == "cuda":
+        _offload_to_host(amounts, shape, c, subset)
+    phases = _phases(amounts, s, shape, c)
+    components = _components(amounts, s)
+    notes = _notes(shape, s, trainable * p // world, amounts.host)
+    with_ckpt = amounts.act_ckpt + amounts.layer_backward
+    without = amounts.act_full + amounts.layer_backward
+    return Estimate(components, phases, _overhead(s, phases), without, with_ckpt, notes, amounts.host)
 
-    params = shape.params * p // world
+
+def _amounts(shape: ModelShape, s: Settings, trainable: int, subset: bool) -> _Amounts:
+    """Every amount of a step on the GPU, before any offload to the CPU."""
+    p, c = DTYPE_BYTES[s.dtype], compute_bytes(s)
+    world = s.gpus if s.sharded else 1
+    residual = 4 if s.dtype == "float32" and (c == 4 or not s.sharded) else c  # the residual stream
     grads = trainable * p // world
     state, step_temp = _optimizer(shape, s, trainable, world)
-    autocast_copies = 2 * shape.linear_params if autocast(s) else 0
+    root_unsharded, gather_fwd, gather_bwd, layer_grad_bufs = _fsdp_buffers(shape, s, c, subset)
 
+    # A loss on a middle layer's output (method_backward_layers): autograd saves only the layers
+    # from the first updated one to that layer, and nothing flows back through the lm_head and the fused op.
+    backward_layers = shape.method_backward_layers or shape.layers
+    per_layer, act_full, act_ckpt, layer_backward = _activations(replace(shape, layers=backward_layers), s, c, residual)
+    fused_keep, fused_bwd = _fused_op(shape, s, c)
+    if shape.method_backward_layers:
+        fused_keep = fused_bwd = 0
+    head_grad = shape.vocab * shape.hidden * p // world if not subset else 0
+    mid_backward, end_of_backward = head_grad, grads
+    if s.in_backward:  # each tensor steps, and its gradient goes, as soon as it is ready
+        mid_backward, end_of_backward, grads = _in_backward_gradients(shape, s, trainable, head_grad)
+    reference, reference_model = _reference_copies(shape, s)
+    return _Amounts(
+        params=shape.params * p // world,
+        grads=grads,
+        state=state,
+        step_temp=step_temp,
+        autocast_copies=2 * shape.linear_params if autocast(s) else 0,
+        root_unsharded=root_unsharded,
+        gather_fwd=gather_fwd,
+        gather_bwd=gather_bwd,
+        layer_grad_bufs=layer_grad_bufs,
+        per_layer=per_layer,
+        act_full=act_full,
+        act_ckpt=act_ckpt,
+        layer_backward=layer_backward,
+        saved=act_ckpt - per_layer if s.activation_checkpointing else act_full,
+        fused_keep=fused_keep,
+        fused_bwd=fused_bwd,
+        mid_backward=mid_backward,
+        end_of_backward=end_of_backward,
+        reference=reference,
+        reference_model=reference_model,
+    )
+
+
+def _fsdp_buffers(shape: ModelShape, s: Settings, c: int, subset: bool) -> tuple[int, int, int, int]:
+    """(the unsharded root, the forward's unsharded units, the end of the backward's root
+    gradients, one layer's gradient buffers), bytes per GPU; all 0 unless FSDP2 shards."""
     # FSDP2: the root unit stays unsharded through the step; two layers unsharded at a time.
     root_unsharded = shape.root_params * c if s.sharded else 0
     gather_fwd = root_unsharded + (2 * shape.layer_params * c if s.sharded else 0)
@@ -256,29 +335,30 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     root_trainable = 0 if subset else shape.root_params
     gather_bwd = root_trainable * (c + reduce_bytes) if s.sharded else 0
     layer_grad_bufs = (0 if subset else shape.layer_params) * (c + reduce_bytes) if s.sharded else 0
+    return root_unsharded, gather_fwd, gather_bwd, layer_grad_bufs
 
-    # A loss on a middle layer's output (method_backward_layers): autograd saves only the layers
-    # from the first updated one to that layer, and nothing flows back through the lm_head and the fused op.
-    backward_layers = shape.method_backward_layers or shape.layers
-    per_layer, act_full, act_ckpt, layer_backward = _activations(replace(shape, layers=backward_layers), s, c, residual)
-    saved = act_ckpt - per_layer if s.activation_checkpointing else act_full
-    fused_keep, fused_bwd = _fused_op(shape, s, c)
-    if shape.method_backward_layers:
-        fused_keep = fused_bwd = 0
-    head_grad = v * d * p // world if not subset else 0
-    mid_backward, end_of_backward = head_grad, grads
-    if s.in_backward:  # each tensor steps, and its gradient goes, as soon as it is ready
-        # During the backward: with tied embeddings the lm_head's gradient waits for the
-        # embedding's (the very end), while a layer's largest tensor steps; untied, the lm_head
-        # steps as soon as the fused op's backward has made its gradient. At the end the last
-        # tensor steps (tied: the embedding), bounded by the largest.
-        held = head_grad if shape.tied else 0
-        mid = _shard(shape.intermediate * d if shape.tied else v * d, trainable, world)
-        last = _shard(shape.largest_tensor, trainable, world)
-        mid_backward = held + mid * p + _step_temporaries(s, mid, mid)
-        end_of_backward = last * p + _step_temporaries(s, last, last)
-        grads = max(held + mid * p, last * p)
 
+def _in_backward_gradients(shape: ModelShape, s: Settings, trainable: int, head_grad: int) -> tuple[int, int, int]:
+    """optim.in_backward: (gradients and step mid-backward, at its end, most gradients at once)."""
+    p = DTYPE_BYTES[s.dtype]
+    world = s.gpus if s.sharded else 1
+    # During the backward: with tied embeddings the lm_head's gradient waits for the
+    # embedding's (the very end), while a layer's largest tensor steps; untied, the lm_head
+    # steps as soon as the fused op's backward has made its gradient. At the end the last
+    # tensor steps (tied: the embedding), bounded by the largest.
+    held = head_grad if shape.tied else 0
+    mid = _shard(shape.intermediate * shape.hidden if shape.tied else shape.vocab * shape.hidden, trainable, world)
+    last = _shard(shape.largest_tensor, trainable, world)
+    mid_backward = held + mid * p + _step_temporaries(s, mid, mid)
+    end_of_backward = last * p + _step_temporaries(s, last, last)
+    return mid_backward, end_of_backward, max(held + mid * p, last * p)
+
+
+def _reference_copies(shape: ModelShape, s: Settings) -> tuple[int, int]:
+    """(all frozen reference copies on the GPU, of which a live reference model), bytes per GPU."""
+    p = DTYPE_BYTES[s.dtype]
+    world = s.gpus if s.sharded else 1
+    v, d = shape.vocab, shape.hidden
     reference = reference_model = 0
     if s.live_reference_rows:  # a frozen copy of the model and two sets of full logits
         reference_model = shape.params * p // world
@@ -286,51 +366,72 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     reference += shape.method_frozen_copy * p  # a method's frozen layers, copied before sharding
     if s.reference_head:  # the initial lm_head, copied before sharding (its hidden states stay on the CPU)
         reference += v * d * p
+    return reference, reference_model
 
-    host = 0
-    if s.offload and s.device == "cuda":
-        # Shards, their gradients, the state and the step live in CPU memory; the GPU keeps the
-        # unsharded units in use (gather_fwd), a layer's gradients until they are reduced
-        # (layer_grad_bufs) and the root's at the end of the backward (gather_bwd). (On a CPU
-        # "device" the two memories are one: nothing moves.)
-        host = params + grads + state + step_temp + reference_model  # the live reference copy is offloaded too
-        params = grads = state = step_temp = end_of_backward = 0
-        reference -= reference_model
-        mid_backward = v * d * c if not subset else 0  # the root's unsharded lm_head gradient, reduced at the end
-    persistent = params + state + autocast_copies + reference
-    phases = {
-        "backward start (fused op backward)": persistent + gather_fwd + saved + fused_keep + fused_bwd,
+
+def _offload_to_host(a: _Amounts, shape: ModelShape, c: int, subset: bool) -> None:
+    """optim.offload on a GPU: move what CPUOffloadPolicy keeps in CPU memory into a.host."""
+    # Shards, their gradients, the state and the step live in CPU memory; the GPU keeps the
+    # unsharded units in use (gather_fwd), a layer's gradients until they are reduced
+    # (layer_grad_bufs) and the root's at the end of the backward (gather_bwd). (On a CPU
+    # "device" the two memories are one: nothing moves.)
+    a.host = a.params + a.grads + a.state + a.step_temp + a.reference_model  # the live reference copy is offloaded too
+    a.params = a.grads = a.state = a.step_temp = a.end_of_backward = 0
+    a.reference -= a.reference_model
+    # the root's unsharded lm_head gradient, reduced at the end
+    a.mid_backward = shape.vocab * shape.hidden * c if not subset else 0
+
+
+def _phases(a: _Amounts, s: Settings, shape: ModelShape, c: int) -> dict[str, int]:
+    """Bytes allocated at each candidate peak moment of the step (c: the compute dtype's bytes)."""
+    n, d = s.tokens, shape.hidden
+    persistent = a.params + a.state + a.autocast_copies + a.reference
+    return {
+        "backward start (fused op backward)": persistent + a.gather_fwd + a.saved + a.fused_keep + a.fused_bwd,
         "backward through the last layer": persistent
-        + gather_fwd
-        + saved
-        + (per_layer if s.activation_checkpointing else 0)
-        + layer_backward
-        + layer_grad_bufs
-        + mid_backward,
-        "end of backward": persistent + end_of_backward + gather_bwd + root_unsharded + n * d * c * 2,
-        "optimizer step": params + grads + state + step_temp + reference,
+        + a.gather_fwd
+        + a.saved
+        + (a.per_layer if s.activation_checkpointing else 0)
+        + a.layer_backward
+        + a.layer_grad_bufs
+        + a.mid_backward,
+        "end of backward": persistent + a.end_of_backward + a.gather_bwd + a.root_unsharded + n * d * c * 2,
+        "optimizer step": a.params + a.grads + a.state + a.step_temp + a.reference,
     }
-    components = {
-        "parameters": params,
-        "gradients": grads,
-        "optimizer state": state,
-        "optimizer step temporaries": step_temp,
-        "activations": saved + (per_layer if s.activation_checkpointing else 0) + layer_backward,
-        "fused log-prob op": fused_keep + fused_bwd,
-        "FSDP all-gather buffers": gather_fwd + max(gather_bwd, layer_grad_bufs),
-        "autocast bf16 weight copies": autocast_copies,
-        "frozen reference copies": reference,  # a live reference model, a method's frozen layers or lm_head
+
+
+def _components(a: _Amounts, s: Settings) -> dict[str, int]:
+    """Each component's own high-water mark, bytes per GPU (the rows of the table)."""
+    return {
+        "parameters": a.params,
+        "gradients": a.grads,
+        "optimizer state": a.state,
+        "optimizer step temporaries": a.step_temp,
+        "activations": a.saved + (a.per_layer if s.activation_checkpointing else 0) + a.layer_backward,
+        "fused log-prob op": a.fused_keep + a.fused_bwd,
+        "FSDP all-gather buffers": a.gather_fwd + max(a.gather_bwd, a.layer_grad_bufs),
+        "autocast bf16 weight copies": a.autocast_copies,
+        "frozen reference copies": a.reference,  # a live reference model, a method's frozen layers or lm_head
     }
-    if s.device == "cuda":
-        overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.gpus > 1 else 0)
-        overhead += int(FRAGMENTATION * max(phases.values()))
-    else:
-        overhead = 0
+
+
+def _overhead(s: Settings, phases: dict[str, int]) -> int:
+    """What the GPU holds outside torch's allocations: CUDA context, NCCL, fragmentation (0 on CPU)."""
+    if s.device != "cuda":
+        return 0
+    overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.gpus > 1 else 0)
+    return overhead + int(FRAGMENTATION * max(phases.values()))
+
+
+def _notes(shape: ModelShape, s: Settings, all_grads: int, host: int) -> list[str]:
+    """The shape's notes, then what the settings change that the table does not show
+    (all_grads: the gradients' bytes per GPU were they all to exist at once)."""
+    p = DTYPE_BYTES[s.dtype]
     notes = list(shape.notes)
     if s.in_backward:
         notes.append(
             "optim.in_backward: each parameter steps as its gradient is ready and the gradient is freed, "
-            f"so {_gib(trainable * p // world)} of gradients never exist at once (no gradient clipping, "
+            f"so {_gib(all_grads)} of gradients never exist at once (no gradient clipping, "
             "no gradient accumulation)"
         )
     if s.optimizer == "adamw_8bit":
@@ -358,9 +459,7 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
             f"in CPU memory ({_gib(host)} per process, pinned) and runs the optimizer step there; each step "
             "copies every unit's parameters to the GPU and its gradients back (PCIe time, not GPU memory)"
         )
-    with_ckpt = act_ckpt + layer_backward
-    without = act_full + layer_backward
-    return Estimate(components, phases, overhead, without, with_ckpt, notes, host)
+    return notes
 
 
 def _gib(n: int) -> str:

@@ -251,31 +251,55 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
     out = []
     if not s.activation_checkpointing and fits(with_settings(s, activation_checkpointing=True)):
         out.append("distributed.activation_checkpointing=true")
+    # Every other change is tried with activation checkpointing on: it costs time, not memory.
     ckpt = with_settings(s, activation_checkpointing=True)
+    out += _smaller_micro_batch(s, ckpt, config, fits)
+    if config.distributed.fsdp != "off":
+        out += _more_gpus(s, ckpt, fits)
+    out += _leaner_optimizer(s, ckpt, fits)
+    if not s.offload and config.distributed.fsdp != "off":
+        out += _cpu_offload(shape, s, ckpt, fits)
+    if s.offload:
+        return out
+    out.append(_per_parameter_budget(shape, s, ckpt, budget))
+    return out
+
+
+def _smaller_micro_batch(s: Settings, ckpt: Settings, config: Config, fits) -> list[str]:
+    """The largest smaller micro-batch that fits, with the gradient accumulation that keeps the global batch."""
     d = config.data
     for micro in range(max(d.batch_size, d.retain_batch_size) - 1, 0, -1):
         scale = micro / max(d.batch_size, d.retain_batch_size)
         rows = max(1, math.floor(s.rows * scale))
         if fits(with_settings(ckpt, rows=rows)):
             accum = math.ceil(config.optim.grad_accum / scale)
-            out.append(
+            return [
                 f"data.batch_size={max(1, math.floor(d.batch_size * scale))} "
                 f"data.retain_batch_size={max(1, math.floor(d.retain_batch_size * scale))} "
                 f"optim.grad_accum={accum} (same global batch)"
                 + ("" if s.activation_checkpointing else " distributed.activation_checkpointing=true")
-            )
-            break
-    if config.distributed.fsdp != "off":
-        for gpus in (2, 4, 8, 16, 32, 64, 128):
-            if gpus > s.gpus and fits(with_settings(ckpt, gpus=gpus, sharded=True)):
-                out.append(f"{gpus} GPUs with FSDP2 ({launch(gpus)}), activation checkpointing on")
-                break
+            ]
+    return []
+
+
+def _more_gpus(s: Settings, ckpt: Settings, fits) -> list[str]:
+    """The fewest GPUs (a power of two, more than now) over which FSDP2 makes the run fit."""
+    for gpus in (2, 4, 8, 16, 32, 64, 128):
+        if gpus > s.gpus and fits(with_settings(ckpt, gpus=gpus, sharded=True)):
+            return [f"{gpus} GPUs with FSDP2 ({launch(gpus)}), activation checkpointing on"]
+    return []
+
+
+def _leaner_optimizer(s: Settings, ckpt: Settings, fits) -> list[str]:
+    """Smaller parameters or optimizer state, or gradients that never all exist, that make the run fit."""
+    out = []
     if s.dtype == "float32" and s.optimizer == "adamw" and fits(with_settings(ckpt, dtype="bfloat16")):
         out.append("model.dtype=bfloat16 (halves parameters, gradients and AdamW state; no fp32 master: see the note)")
     lean = with_settings(ckpt, state_dtype="bfloat16")
     if s.optimizer == "adamw_kahan" and s.state_dtype == "float32" and fits(lean):
         out.append("optim.state_dtype=bfloat16 (adamw_kahan's moments in bf16: 4 bytes per parameter less)")
     if not s.in_backward:
+        # in the backward alone, else (adamw_kahan with fp32 moments) also with bf16 moments
         for lean_state in (ckpt, lean if s.optimizer == "adamw_kahan" and s.state_dtype == "float32" else None):
             if lean_state is not None and fits(with_settings(lean_state, in_backward=True)):
                 change = "optim.in_backward=true optim.max_grad_norm=0 optim.grad_accum=1"
@@ -293,21 +317,28 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
             "optim.grad_accum=1 (torchao 8-bit moments, stochastic rounding, steps inside the backward: "
             "~4 bytes per parameter; pip install 'fastnpo[lean]')"
         )
-    if not s.offload and config.distributed.fsdp != "off":
-        offloaded = with_settings(ckpt, offload=True, sharded=True, in_backward=False)
-        if s.optimizer == "adamw_8bit":
-            offloaded = with_settings(offloaded, optimizer="adamw_kahan", state_dtype="bfloat16")
-        if fits(offloaded):
-            host = estimate(shape, offloaded).host
-            change = "optim.offload=true" + (" optim.in_backward=false" if s.in_backward else "")
-            if s.optimizer == "adamw_8bit":
-                change += " optim.name=adamw_kahan optim.state_dtype=bfloat16"
-            out.append(
-                f"{change} (FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory, "
-                f"{host / GIB:.1f} GiB per process; the step runs on the CPU)"
-            )
-    if s.offload:
-        return out
+    return out
+
+
+def _cpu_offload(shape: ModelShape, s: Settings, ckpt: Settings, fits) -> list[str]:
+    """FSDP2's CPU offload, when it makes the run fit (adamw_8bit, which it cannot run, becomes adamw_kahan)."""
+    offloaded = with_settings(ckpt, offload=True, sharded=True, in_backward=False)
+    if s.optimizer == "adamw_8bit":
+        offloaded = with_settings(offloaded, optimizer="adamw_kahan", state_dtype="bfloat16")
+    if not fits(offloaded):
+        return []
+    host = estimate(shape, offloaded).host
+    change = "optim.offload=true" + (" optim.in_backward=false" if s.in_backward else "")
+    if s.optimizer == "adamw_8bit":
+        change += " optim.name=adamw_kahan optim.state_dtype=bfloat16"
+    return [
+        f"{change} (FSDP2 CPU offload: parameters, gradients and optimizer state in CPU memory, "
+        f"{host / GIB:.1f} GiB per process; the step runs on the CPU)"
+    ]
+
+
+def _per_parameter_budget(shape: ModelShape, s: Settings, ckpt: Settings, budget: int) -> str:
+    """The line that says how many bytes per parameter the GPU can afford, against what the optimizer uses."""
     per_param = per_param_budget(shape, ckpt, budget)
     trainable = trainable_params(shape, s)
     p = DTYPE_BYTES[s.dtype]
@@ -320,12 +351,11 @@ def suggestions(shape: ModelShape, s: Settings, config: Config, budget: int) -> 
         kind = f"adamw_8bit here: {used:.2f} = {p} + {p} + {state:.2f} (parameter, gradient, 8-bit m + v)"
     else:
         kind = f"plain AdamW here: {used} = {p} x (parameter, gradient, m, v)"
-    out.append(
+    return (
         f"budget: at this micro-batch with checkpointing the GPU can afford "
         f"{per_param:.1f} bytes per parameter for parameters + gradients + optimizer state and its step "
         f"({kind} plus the step's temporaries, {held})"
     )
-    return out
 
 
 def launch(gpus: int) -> str:
