@@ -4,13 +4,12 @@ One module per method or family (base.py holds what they share):
 
   gradient_ascent.py  ga, graddiff, finetune
   npo.py              npo, npo_rt, npo_kl, simnpo
-  dpo.py              idkdpo
+  dpo.py              idkdpo, altpo
   token_weighted.py   wga, satimp
   ceu.py              ceu
   rmu.py              rmu
   undial.py           undial
   pdu.py              pdu
-  altpo.py            altpo
 
 A method object (base.Method) says which sets it reads, which need cached reference log-probs,
 what it builds once (prepare), the forward it needs, its loss terms with their normalisation
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import reading_defaults, require, require_finite
-from .altpo import AltPO
 from .base import (
     Method,
     MethodMemory,
@@ -38,7 +36,7 @@ from .base import (
     target_ranks,
 )
 from .ceu import CEU
-from .dpo import IdkDPO
+from .dpo import AltPO, IdkDPO
 from .gradient_ascent import Finetune, GradDiff, GradientAscent
 from .npo import NPO, NPOWithKL, NPOWithRetain, SimNPO
 from .pdu import PDU
