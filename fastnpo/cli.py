@@ -19,6 +19,7 @@ config keys (YAML sections, or dotted key=value overrides), defined as dataclass
   optim.*        OptimConfig        fastnpo/train/config.py
   distributed.*  DistributedConfig  fastnpo/train/sharding.py
   run.*          RunConfig          fastnpo/train/config.py
+  eval.*         EpochEvalConfig    fastnpo/train/config.py (evaluation during training)
 `fastnpo train --print-config [--config FILE] [key=value ...]` prints every key with its value
 (defaults <- FILE <- overrides) and exits.
 """

@@ -35,8 +35,11 @@ def reading_defaults() -> bool:
     return _READING_DEFAULTS.get()
 
 
-def load_structured(schema: type[T], path: str | Path | None = None, overrides=()) -> T:
-    """Defaults of `schema` <- YAML file <- `key=value` overrides; raises ConfigError naming the key."""
+def load_structured(schema: type[T], path: str | Path | None = None, overrides=(), renamed=None) -> T:
+    """Defaults of `schema` <- YAML file <- `key=value` overrides; raises ConfigError naming the key.
+    renamed: {old dotted key: new dotted key} of keys that moved; an old key in the file or an
+    override is refused with "<old> is now <new>" (before OmegaConf's "not in" would say less)."""
+    renamed = renamed or {}
     token = _READING_DEFAULTS.set(True)
     try:
         merged = OmegaConf.structured(schema)
@@ -47,10 +50,16 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, _load_yaml(path))
+            loaded = _load_yaml(path)
+            _refuse_renamed(OmegaConf.to_container(loaded), renamed, f"config file {path}")
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
+            key = item.split("=", 1)[0].strip()
+            for old, new in renamed.items():
+                if key == old or key.startswith(old + "."):
+                    raise ConfigError(f"{old} is now {new} (override {item!r})")
         for item in overrides:
             merged = _merge_override(merged, item)
         return OmegaConf.to_object(merged)
@@ -60,6 +69,18 @@ def load_structured(schema: type[T], path: str | Path | None = None, overrides=(
         if isinstance(error, ConfigKeyError) and first_line.startswith("Key '"):
             first_line = _with_closest_key(first_line, error)
         raise ConfigError(f"{key}: {first_line}" if key else first_line) from None
+
+
+def _refuse_renamed(tree, renamed: dict, where: str) -> None:
+    """ConfigError "<old> is now <new>" for the first renamed key present in a loaded YAML tree."""
+    for old, new in renamed.items():
+        node = tree
+        for part in old.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise ConfigError(f"{old} is now {new} ({where})")
 
 
 def _merge_override(merged, item: str):

@@ -262,24 +262,24 @@ def summary(report: dict) -> dict:
 
 
 def epoch_evaluator(config, tokenizer) -> EpochEvaluator:
-    """The trainer's per-epoch TOFU evaluation (run.eval_every_epoch, run.keep_best): the run's
-    eval keys into an Evaluator, forget quality against run.retain_stats, a flat summary."""
-    r = config.run
+    """The trainer's per-epoch TOFU evaluation (eval.every_epoch, eval.keep_best): the run's
+    eval section into an Evaluator, forget quality against eval.retain_stats, a flat summary."""
+    r = config.eval
     eval_config = EvalConfig(
-        data=r.eval_data,
-        forget_split=r.eval_forget_split,
+        data=r.data,
+        forget_split=r.forget_split,
         template=config.data.template,
         answer_prefix=config.data.answer_prefix,
-        max_examples=r.eval_max_examples,
-        max_new_tokens=r.eval_max_new_tokens,
-        generate=r.eval_generate,
+        max_examples=r.max_examples,
+        max_new_tokens=r.max_new_tokens,
+        generate=r.generate,
         impl=config.model.impl,
     )
     evaluator = Evaluator(eval_config, tokenizer)
     retain = json.loads(Path(r.retain_stats).read_text()) if r.retain_stats else None
-    per_set = ["probability", "truth_ratio", "mean_truth_ratio"] + (["rouge"] if r.eval_generate else [])
+    per_set = ["probability", "truth_ratio", "mean_truth_ratio"] + (["rouge"] if r.generate else [])
     metrics = [f"{s}/{m}" for s in evaluator.sets for m in per_set]
-    metrics += ["model_utility"] if r.eval_generate else []
+    metrics += ["model_utility"] if r.generate else []
     metrics += ["forget_quality"] if retain is not None else []
     if eval_config.privacy:
         metrics += ["extraction_strength", "exact_memorization"]
@@ -293,8 +293,8 @@ def epoch_evaluator(config, tokenizer) -> EpochEvaluator:
         return summary(report)
 
     notes = {
-        "forget_quality": "needs run.retain_stats (a `fastnpo eval --out` JSON of the retain model)",
-        "model_utility": "needs run.eval_generate=true",
+        "forget_quality": "needs eval.retain_stats (a `fastnpo eval --out` JSON of the retain model)",
+        "model_utility": "needs eval.generate=true",
     }
     return EpochEvaluator(evaluate, tuple(metrics), notes)
 

@@ -2,10 +2,12 @@
 
 Each section's dataclass checks its own values in __post_init__ (DataConfig in data/,
 MethodConfig in methods/, LoraConfig in modeling.py, DistributedConfig in sharding.py; the
-model, optimizer and run sections here), so a rule is written once, next to its field.
+model, optimizer, run and eval sections here), so a rule is written once, next to its field.
 OmegaConf.to_object builds the dataclasses, so a bad value stops load_config with a
 ConfigError naming its dotted key. What a lone section cannot know (a key the method requires,
-a value every run must set) is checked on the whole tree by check_config.
+a value every run must set) is checked on the whole tree by check_config. load_config also
+refuses a key that moved (RENAMED_KEYS, naming the new one) and resolves run.cache_dir's
+default, so what is printed and saved is what the run uses.
 """
 
 import math
@@ -22,7 +24,17 @@ from ..ops import IMPLS
 from .optimizers import OPTIMIZERS, STATE_DTYPES
 from .sharding import DistributedConfig
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "OptimConfig", "RunConfig", "load_config", "to_yaml"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EpochEvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "default_cache_dir",
+    "load_config",
+    "to_yaml",
+]
 
 
 @dataclass
@@ -35,8 +47,8 @@ class ModelConfig:
     loss_design: how a step computes the loss's gradients. "two_call": the fused token log-probs,
     then autograd through the method's loss (any method). "one_pass": ONE call computes the
     logits, the loss and both gradients chunk by chunk (ops.example_loss: 6NDV FLOPs, no
-    recompute), for the methods whose loss is a sum of per-example terms (Method.separable: npo,
-    npo_rt, simnpo, ga, graddiff, finetune) on padded or packed batches. "auto" (the default):
+    recompute), for the methods whose loss is a sum of per-example terms (Method.separable; the
+    list is in docs/trainer.md) on padded or packed batches. "auto" (the default):
     one_pass on CUDA where the method allows, else two_call."""
 
     name_or_path: str = ""
@@ -141,20 +153,15 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     """output_dir holds checkpoints/, metrics.jsonl, config.yaml, run_info.json and final/.
-    cache_dir: the reference log-prob cache ("" = <output_dir>/../ref-cache, shared by runs
-    beside each other). resume: continue from the newest complete checkpoint in output_dir.
+    cache_dir: the reference log-prob cache; "" (the default) is <output_dir>/../ref-cache, shared
+    by runs beside each other, and load_config writes that path in (resolved against the working
+    directory), so `--print-config` and the run's config.yaml show the folder used. resume:
+    continue from the newest complete checkpoint in output_dir.
     example_weights: a JSON list of per-forget-example weights (U2A), by example index.
-    eval_every_epoch: evaluate the model once after each full epoch (rank 0; the caller supplies
-    the evaluator, see evaluation.py) and append its summary to epochs.jsonl. eval_data: a
-    folder of TOFU-schema files or a hub name; eval_forget_split: the forget split evaluated;
-    retain_stats: a `fastnpo eval --out` JSON of the retain model (enables forget_quality);
-    eval_max_examples / eval_max_new_tokens / eval_generate: as EvalConfig's (eval_generate
-    off: no ROUGE, no model_utility). keep_best: a summary key (forget_quality,
-    model_utility, forget/probability, ...): the epoch with the best value is exported to
-    <output_dir>/best, and best.json names it; keep_best_mode: max (higher is better) or min.
     gpu_memory_gib: the memory per GPU, in GiB, this run is meant for: `fastnpo plan` plans
     against it (its --gpu-memory flag overrides it; null: the visible GPU's, else 80). Training
-    does not read it."""
+    does not read it. (The per-epoch evaluation keys, once run.eval_* / run.keep_best*, are
+    the eval section: EpochEvalConfig.)"""
 
     output_dir: str = "runs/unlearn"
     seed: int = 0
@@ -169,15 +176,6 @@ class RunConfig:
     progress: bool = True
     export: bool = True
     example_weights: str = ""
-    eval_every_epoch: bool = False
-    eval_data: str = ""
-    eval_forget_split: str = "forget10"
-    retain_stats: str = ""
-    eval_max_examples: int = 300
-    eval_max_new_tokens: int = 48
-    eval_generate: bool = True
-    keep_best: str = ""
-    keep_best_mode: str = "max"
     gpu_memory_gib: float | None = None
 
     def __post_init__(self):
@@ -187,13 +185,60 @@ class RunConfig:
         every = self.checkpoint_every
         require(every >= 0, "run.checkpoint_every", "must be >= 0 (0: only at the end)", every)
         require(self.log_every >= 0, "run.log_every", "must be >= 0 (0: no per-step lines)", self.log_every)
+
+
+def default_cache_dir(output_dir: str) -> str:
+    """run.cache_dir's meaning when empty: ref-cache/ beside the output folder (shared by runs
+    beside each other), as an absolute path (the output folder resolved against the working
+    directory)."""
+    return str(Path(output_dir).resolve().parent / "ref-cache")
+
+
+@dataclass
+class EpochEvalConfig:
+    """The evaluation during training (evaluation.py), the `eval` section.
+    every_epoch: evaluate the model once after each full epoch (rank 0; the caller supplies the
+    evaluator, see evaluation.py) and append its summary to epochs.jsonl. data: a folder of
+    TOFU-schema files or a hub name; forget_split: the forget split evaluated; retain_stats: a
+    `fastnpo eval --out` JSON of the retain model (enables forget_quality); max_examples /
+    max_new_tokens / generate: as fastnpo.tofu's EvalConfig (generate off: no ROUGE, no
+    model_utility). keep_best: a summary key (forget_quality, model_utility,
+    forget/probability, ...): the epoch with the best value is exported to <output_dir>/best,
+    and best.json names it; keep_best_mode: max (higher is better) or min. None of these keys
+    changes the training trajectory (TRAJECTORY_KEYS)."""
+
+    every_epoch: bool = False
+    data: str = ""
+    forget_split: str = "forget10"
+    retain_stats: str = ""
+    max_examples: int = 300
+    max_new_tokens: int = 48
+    generate: bool = True
+    keep_best: str = ""
+    keep_best_mode: str = "max"
+
+    def __post_init__(self):
         mode = self.keep_best_mode
-        require(mode in ("max", "min"), "run.keep_best_mode", "must be max or min", mode)
-        message = "needs run.eval_every_epoch=true (the best epoch is chosen among the evaluated ones)"
-        require(not self.keep_best or self.eval_every_epoch, "run.keep_best", message, self.keep_best)
-        if self.eval_every_epoch:
-            require(self.eval_max_examples >= 1, "run.eval_max_examples", "must be >= 1", self.eval_max_examples)
-            require(self.eval_max_new_tokens >= 1, "run.eval_max_new_tokens", "must be >= 1", self.eval_max_new_tokens)
+        require(mode in ("max", "min"), "eval.keep_best_mode", "must be max or min", mode)
+        message = "needs eval.every_epoch=true (the best epoch is chosen among the evaluated ones)"
+        require(not self.keep_best or self.every_epoch, "eval.keep_best", message, self.keep_best)
+        if self.every_epoch:
+            require(self.max_examples >= 1, "eval.max_examples", "must be >= 1", self.max_examples)
+            require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1", self.max_new_tokens)
+
+
+# The keys that moved: an old one in a YAML file or an override is refused naming the new one.
+RENAMED_KEYS = {
+    "run.eval_every_epoch": "eval.every_epoch",
+    "run.eval_data": "eval.data",
+    "run.eval_forget_split": "eval.forget_split",
+    "run.retain_stats": "eval.retain_stats",
+    "run.eval_max_examples": "eval.max_examples",
+    "run.eval_max_new_tokens": "eval.max_new_tokens",
+    "run.eval_generate": "eval.generate",
+    "run.keep_best": "eval.keep_best",
+    "run.keep_best_mode": "eval.keep_best_mode",
+}
 
 
 @dataclass
@@ -204,12 +249,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EpochEvalConfig = field(default_factory=EpochEvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, checked; raises ConfigError naming the key."""
-    config = load_structured(Config, path, overrides)
+    """Defaults <- YAML file <- `key=value` overrides, checked; raises ConfigError naming the key
+    (an old key of RENAMED_KEYS: naming its new one). An empty run.cache_dir is resolved here to
+    the folder it means (default_cache_dir), so the printed and saved config show it."""
+    config = load_structured(Config, path, overrides, renamed=RENAMED_KEYS)
     check_config(config)
+    if not config.run.cache_dir:
+        config.run.cache_dir = default_cache_dir(config.run.output_dir)
     return config
 
 
@@ -235,15 +285,18 @@ def check_config(config: Config) -> None:
     if config.optim.offload:
         message = "offload is FSDP2's CPUOffloadPolicy: set distributed.fsdp=auto or on (one process is a group of one)"
         require(config.distributed.fsdp != "off", "optim.offload", message, "distributed.fsdp=off")
-    if r.eval_every_epoch:
-        message = "is required by run.eval_every_epoch (a folder of TOFU-schema files or a hub name)"
-        require(bool(r.eval_data), "run.eval_data", message, r.eval_data)
-        stats = r.retain_stats
-        require(not stats or Path(stats).is_file(), "run.retain_stats", "file not found", stats)
+    e = config.eval
+    if e.every_epoch:
+        message = "is required by eval.every_epoch (a folder of TOFU-schema files or a hub name)"
+        require(bool(e.data), "eval.data", message, e.data)
+        stats = e.retain_stats
+        require(not stats or Path(stats).is_file(), "eval.retain_stats", "file not found", stats)
 
 
 # Sections and keys that change the training trajectory: a checkpoint saved under other
-# values cannot be resumed. (Logging, checkpoint frequency and the like may change.)
+# values cannot be resumed. (Logging, checkpoint frequency, the eval section and the like may
+# change; a config.yaml saved before the eval section, with run.eval_* / run.keep_best* keys,
+# resumes: those keys are not compared.)
 TRAJECTORY_KEYS = (
     "model",
     "data",

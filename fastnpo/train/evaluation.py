@@ -1,12 +1,12 @@
-"""Per-epoch evaluation during training, and the best epoch kept (run.eval_every_epoch,
-run.keep_best).
+"""Per-epoch evaluation during training, and the best epoch kept (the eval section:
+eval.every_epoch, eval.keep_best).
 
 The trainer does not know what an evaluation is: fastnpo.tofu imports fastnpo.train, not the
 other way round. The caller of train() passes `evaluator`, a factory
 
     evaluator(config, tokenizer) -> EpochEvaluator
 
-(the TOFU one reads run.eval_data, run.eval_forget_split, run.retain_stats, ...). It is called
+(the TOFU one reads eval.data, eval.forget_split, eval.retain_stats, ...). It is called
 on rank 0 only, before any training work; its failure stops every rank, naming the key.
 
 After each full epoch the model is evaluated ONCE, on rank 0:
@@ -38,8 +38,8 @@ __all__ = ["EpochEvaluation", "EpochEvaluator"]
 @dataclass
 class EpochEvaluator:
     """evaluate(hf_model) -> a flat summary {metric: float} (it may switch the model to eval
-    mode; the trainer switches it back). metrics: the keys its summaries hold; run.keep_best
-    must name one of them. notes: why a key is missing (shown when run.keep_best names it)."""
+    mode; the trainer switches it back). metrics: the keys its summaries hold; eval.keep_best
+    must name one of them. notes: why a key is missing (shown when eval.keep_best names it)."""
 
     evaluate: Callable[[nn.Module], dict]
     metrics: tuple[str, ...]
@@ -52,25 +52,25 @@ class EpochEvaluation:
     def __init__(self, config: Config, info: ProcessInfo, evaluator: EpochEvaluator | None, log):
         self.config, self.info, self.evaluator, self.log = config, info, evaluator, log
         self.out = Path(config.run.output_dir)
-        self.keep_best = config.run.keep_best
-        self.sign = 1.0 if config.run.keep_best_mode == "max" else -1.0
+        self.keep_best = config.eval.keep_best
+        self.sign = 1.0 if config.eval.keep_best_mode == "max" else -1.0
         self.best: dict | None = None  # {"epoch", "metric", "value"}
         self.copy: nn.Module | None = None  # rank 0's unsharded model under FSDP
 
     @classmethod
     def build(cls, config: Config, info: ProcessInfo, factory, tokenizer, log) -> "EpochEvaluation":
-        """Build the evaluator on rank 0 and check run.keep_best against its metrics; every rank
+        """Build the evaluator on rank 0 and check eval.keep_best against its metrics; every rank
         raises if rank 0 could not (no rank is left waiting in a collective)."""
         evaluator, error = None, None
         if info.is_main:
             try:
                 evaluator = factory(config, tokenizer)
-                _check_keep_best(config.run.keep_best, evaluator)
+                _check_keep_best(config.eval.keep_best, evaluator)
             except ConfigError as e:
                 error = e
             except (OSError, ValueError, KeyError) as e:
-                where = config.run.eval_data
-                error = ConfigError(f"run.eval_data: the evaluation could not be set up from {where!r}: {e}")
+                where = config.eval.data
+                error = ConfigError(f"eval.data: the evaluation could not be set up from {where!r}: {e}")
         errors = distributed.all_gather_objects(None if error is None else str(error), info)
         if error is not None:
             raise error
@@ -83,7 +83,7 @@ class EpochEvaluation:
         if trainee.sharded:
             if self.config.model.lora.enabled:
                 message = "not supported with model.lora under FSDP yet (run in one process)"
-                raise ConfigError(f"run.eval_every_epoch: {message}")
+                raise ConfigError(f"eval.every_epoch: {message}")
             if self.info.is_main:
                 self.copy = load_copy()
 
@@ -120,7 +120,7 @@ class EpochEvaluation:
 
     def _improves(self, summary: dict) -> bool:
         if self.keep_best not in summary:
-            raise ConfigError(f"run.keep_best: the evaluation's summary has no {self.keep_best!r}")
+            raise ConfigError(f"eval.keep_best: the evaluation's summary has no {self.keep_best!r}")
         value = summary[self.keep_best]
         if math.isnan(value):
             return False
@@ -129,7 +129,7 @@ class EpochEvaluation:
     def _keep(self, epoch: int, value: float, trainee, tokenizer) -> None:
         lora = self.config.model.lora.enabled
         checkpoint.export_hf(trainee.wrapper, trainee.hf, tokenizer, self.out / "best", self.info, lora=lora)
-        self.best = {"epoch": epoch, "metric": self.keep_best, "mode": self.config.run.keep_best_mode, "value": value}
+        self.best = {"epoch": epoch, "metric": self.keep_best, "mode": self.config.eval.keep_best_mode, "value": value}
         if self.info.is_main:
             atomic_write(self.out / "best.json", json.dumps(self.best, indent=1).encode())
             self.log(f"best {self.keep_best}={value:.4g} at epoch {epoch}: exported {self.out / 'best'}")
@@ -140,4 +140,4 @@ def _check_keep_best(keep_best: str, evaluator: EpochEvaluator) -> None:
     if keep_best and keep_best not in evaluator.metrics:
         note = evaluator.notes.get(keep_best)
         known = ", ".join(evaluator.metrics)
-        raise ConfigError(f"run.keep_best: {note or 'unknown metric'}, got {keep_best!r} (known: {known})")
+        raise ConfigError(f"eval.keep_best: {note or 'unknown metric'}, got {keep_best!r} (known: {known})")

@@ -1,7 +1,7 @@
 """What a run reports: config.yaml and run_info.json beside the run, one metrics.jsonl record
 per step (also to TensorBoard), the progress bar, a console line every run.log_every steps, and
-the per-epoch reports (on_epoch_end, run.eval_every_epoch) in epochs.jsonl. Only rank 0 writes;
-every rank builds the record, since that takes an all-reduce."""
+the per-epoch reports (on_epoch_end, eval.every_epoch) in epochs.jsonl. Only rank 0 writes;
+the statistics come summed over ranks (StepResult.collect)."""
 
 import json
 import time

@@ -9,7 +9,7 @@
    reference's final hidden states of the forget answer tokens) is built from the initial model;
 3. wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
 4. the steps (step.py), logged (logging.py) and checkpointed every run.checkpoint_every steps;
-   with run.eval_every_epoch, an evaluation after each epoch and the best epoch kept
+   with eval.every_epoch, an evaluation after each epoch and the best epoch kept
    (evaluation.py);
 5. a final Hugging Face export.
 """
@@ -71,12 +71,12 @@ def train(config: Config, on_epoch_end=None, evaluator=None) -> dict:
     """Run the config. on_epoch_end(epoch, model) is called on rank 0 after each full epoch
     with the Hugging Face model (single process only: the demo evaluates there); a dict it
     returns is written to epochs.jsonl and returned under "epochs".
-    evaluator(config, tokenizer) -> evaluation.EpochEvaluator: what run.eval_every_epoch
+    evaluator(config, tokenizer) -> evaluation.EpochEvaluator: what eval.every_epoch
     evaluates with (any number of processes; see evaluation.py); required by it."""
-    if config.run.eval_every_epoch and evaluator is None:
+    if config.eval.every_epoch and evaluator is None:
         raise ConfigError(
-            "run.eval_every_epoch: this caller supplies no evaluator "
-            "(train(config, evaluator=...); the TOFU one is built from run.eval_data)"
+            "eval.every_epoch: this caller supplies no evaluator "
+            "(train(config, evaluator=...); the TOFU one is built from eval.data)"
         )
     timeout_s = config.distributed.timeout_s
     info = distributed.setup(config.run.device, offload=config.optim.offload, timeout_s=timeout_s)
@@ -146,7 +146,7 @@ def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, eval
     set_seed(config.run.seed)
     tokenizer = load_tokenizer(config)
     evaluation = None
-    if config.run.eval_every_epoch:  # refuses bad evaluation input before any work
+    if config.eval.every_epoch:  # refuses bad evaluation input before any work
         evaluation = EpochEvaluation.build(config, info, evaluator, tokenizer, log)
         set_seed(config.run.seed)  # whatever the evaluator drew, the run starts from the seed
     micro_per_step = config.optim.grad_accum * info.world_size
@@ -277,7 +277,7 @@ def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, 
         "steps": step,
         "reference_cache_hit": run.run_info["reference_cache_hit"],
         "final": str(final) if config.run.export else None,
-        **({"best": run.evaluation.best} if run.evaluation is not None and config.run.keep_best else {}),
+        **({"best": run.evaluation.best} if run.evaluation is not None and config.eval.keep_best else {}),
     }
 
 

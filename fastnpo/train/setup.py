@@ -24,7 +24,7 @@ from ..modeling import load_tokenizer as load_tokenizer_from
 from ..ops import IGNORE_INDEX, aligned_labels, example_loss, token_logprobs
 from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
-from .config import Config, ConfigError
+from .config import Config, ConfigError, default_cache_dir
 from .optimizers import KahanAdamW, adamw_8bit
 
 # optim.offload moves state from GPU memory to CPU memory: meaningless on any other device. Tests
@@ -160,13 +160,13 @@ def load_example_weights(config: Config, forget: list[dict]) -> torch.Tensor | N
 
 
 def reference_cache_dir(config: Config) -> Path:
-    """run.cache_dir, or by default ref-cache/ beside the output folder (shared by runs beside each other)."""
-    return Path(config.run.cache_dir or Path(config.run.output_dir).resolve().parent / "ref-cache")
+    """run.cache_dir: load_config has resolved an empty one already; a Config built without it
+    gets the same folder (config.default_cache_dir: ref-cache/ beside the output folder)."""
+    return Path(config.run.cache_dir or default_cache_dir(config.run.output_dir))
 
 
 def cached_reference_logprobs(config: Config, model, tokenizer, sets, ref_sets, info: ProcessInfo, log):
-    """The reference pass (refcache.reference_logprobs), cached in run.cache_dir or, by default,
-    in ref-cache/ beside the output folder (shared by runs beside each other)."""
+    """The reference pass (refcache.reference_logprobs), cached in run.cache_dir (reference_cache_dir)."""
     return reference_logprobs(
         model,
         tokenizer,

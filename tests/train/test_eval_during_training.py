@@ -1,5 +1,5 @@
-"""Per-epoch evaluation during training and the best epoch kept (run.eval_every_epoch,
-run.keep_best), in one process and with 2 gloo ranks under torchrun.
+"""Per-epoch evaluation during training and the best epoch kept (eval.every_epoch,
+eval.keep_best), in one process and with 2 gloo ranks under torchrun.
 
 The trainer takes the evaluator from its caller (fastnpo.train may not import fastnpo.tofu);
 `fastnpo.tofu.evaluate.epoch_evaluator` is the TOFU one; the CLI passes it."""
@@ -74,15 +74,15 @@ def overrides(tiny, out, **extra):
         "optim.lr": 1e-2,
         "optim.epochs": EPOCHS,
         "optim.max_steps": 0,
-        "run.eval_every_epoch": True,
-        "run.eval_data": tiny["data"],
-        "run.eval_forget_split": "forget10",
-        "run.retain_stats": tiny["retain_stats"],
-        "run.eval_max_examples": QUICK["max_examples"],
-        "run.eval_max_new_tokens": QUICK["max_new_tokens"],
+        "eval.every_epoch": True,
+        "eval.data": tiny["data"],
+        "eval.forget_split": "forget10",
+        "eval.retain_stats": tiny["retain_stats"],
+        "eval.max_examples": QUICK["max_examples"],
+        "eval.max_new_tokens": QUICK["max_new_tokens"],
         # On the random tiny model ROUGE (hence model utility) is 0 and forget quality one value
         # every epoch; the real-authors probability peaks mid-run, so best/ is not final/.
-        "run.keep_best": "real_authors/probability",
+        "eval.keep_best": "real_authors/probability",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items() if v is not None]  # None: the key's default
@@ -136,7 +136,7 @@ def test_one_process_evaluates_each_epoch_and_keeps_the_best(tiny, tmp_path):
 
 def test_min_mode_keeps_the_lowest_forget_probability(tiny, tmp_path):
     out = tmp_path / "run"
-    extra = {"run.keep_best": "forget/probability", "run.keep_best_mode": "min", "run.eval_generate": False}
+    extra = {"eval.keep_best": "forget/probability", "eval.keep_best_mode": "min", "eval.generate": False}
     config = config_for(tiny, out, **extra)
     train(config, evaluator=tofu_epoch_evaluator)
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
@@ -150,7 +150,7 @@ def test_min_mode_keeps_the_lowest_forget_probability(tiny, tmp_path):
 
 def test_without_the_keys_nothing_changes(tiny, tmp_path):
     # The same run without evaluation: bit-identical final weights, no epochs.jsonl or best/.
-    plain = {"run.eval_every_epoch": False, "run.keep_best": None}
+    plain = {"eval.every_epoch": False, "eval.keep_best": None}
     train(config_for(tiny, tmp_path / "plain", **plain))
     train(config_for(tiny, tmp_path / "evaluated"), evaluator=tofu_epoch_evaluator)
     assert not (tmp_path / "plain" / "epochs.jsonl").exists()
@@ -166,10 +166,10 @@ def test_without_the_keys_nothing_changes(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
-        ({"run.eval_every_epoch": False}, "run.keep_best"),  # keep_best without evaluation
-        ({"run.keep_best_mode": "highest"}, "run.keep_best_mode"),
-        ({"run.eval_data": None}, "run.eval_data"),
-        ({"run.retain_stats": "/nonexistent/stats.json"}, "run.retain_stats"),
+        ({"eval.every_epoch": False}, "eval.keep_best"),  # keep_best without evaluation
+        ({"eval.keep_best_mode": "highest"}, "eval.keep_best_mode"),
+        ({"eval.data": None}, "eval.data"),
+        ({"eval.retain_stats": "/nonexistent/stats.json"}, "eval.retain_stats"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tiny, tmp_path, extra, key):
@@ -180,9 +180,9 @@ def test_bad_config_is_refused_naming_the_key(tiny, tmp_path, extra, key):
 @pytest.mark.parametrize(
     ("extra", "key", "words"),
     [
-        ({"run.keep_best": "no_such_metric"}, "run.keep_best", "unknown metric"),
-        ({"run.keep_best": "forget_quality", "run.retain_stats": None}, "run.keep_best", "needs run.retain_stats"),
-        ({"run.eval_data": "/nonexistent/tofu"}, "run.eval_data", "could not be set up"),
+        ({"eval.keep_best": "no_such_metric"}, "eval.keep_best", "unknown metric"),
+        ({"eval.keep_best": "forget_quality", "eval.retain_stats": None}, "eval.keep_best", "needs eval.retain_stats"),
+        ({"eval.data": "/nonexistent/tofu"}, "eval.data", "could not be set up"),
     ],
 )
 def test_bad_evaluation_is_refused_before_any_work(tiny, tmp_path, extra, key, words):
@@ -194,7 +194,7 @@ def test_bad_evaluation_is_refused_before_any_work(tiny, tmp_path, extra, key, w
 
 
 def test_eval_every_epoch_needs_an_evaluator(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r"run\.eval_every_epoch"):
+    with pytest.raises(ConfigError, match=r"eval\.every_epoch"):
         train(config_for(tiny, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 

@@ -209,7 +209,8 @@ def add_reference_logprobs(
         exists (the ref_sets of the methods that cache reference log-probs).
     cache_dir: optional folder for fastnpo's on-disk reference cache (fastnpo.refcache), keyed by
         fingerprints of the model weights, the tokenizer and the tokenized examples: a rerun on
-        the same inputs loads the numbers instead of recomputing them.
+        the same inputs loads the numbers instead of recomputing them. None or "": no on-disk
+        cache (as U2A's run.cache_dir "").
     Returns a new dataset (or list) with the columns added (replaced if present).
     """
     columns = dataset_columns(dataset)
@@ -237,7 +238,7 @@ def add_reference_logprobs(
         pad_token_id=int(pad_token_id),
         batch_size=batch_size,
         impl=impl,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir or None,  # "" is no cache, not the working directory
         log=log or logger.info,
     )
     out = dataset
