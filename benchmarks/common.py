@@ -413,3 +413,63 @@ def make_inputs(n: int, d: int, v: int, dtype, device, kind: str, seed: int = 0)
     hidden = gamma * (r * (math.sqrt(d) / r.norm(dim=1, keepdim=True)))
     del base, target_rows, noise, r
     return hidden.to(dtype), weight.to(dtype), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles (torch.profiler traces)
+# ---------------------------------------------------------------------------------------------
+
+# Host calls that wait for the device (CPU-side runtime events in the profiler's trace; exact names:
+# cudaMemcpyAsync does not wait by itself, a .item() shows as cudaMemcpyAsync + cudaStreamSynchronize).
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SCALAR_READS = "aten::_local_scalar_dense"
+
+
+def trace_counts(prof, calls: int, closing_syncs: int = 1) -> dict:
+    """Per call, from a torch.profiler profile of `calls` calls (as profile_logprobs.py counts them):
+    device launches (kernels, copies, fills), device_busy_ms (the union of their intervals),
+    busy_share (that union over the span from the first to the last), host syncs (SYNC_EVENTS, less
+    the closing_syncs that close the profiled calls where the device ran anything) and scalar reads."""
+    from collections import Counter
+
+    import torch
+
+    events = list(prof.events())
+    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in device_events)
+    busy, end_so_far = 0.0, None
+    for start, end in intervals:
+        if end_so_far is None or start > end_so_far:
+            busy += end - start
+            end_so_far = end
+        elif end > end_so_far:
+            busy += end - end_so_far
+            end_so_far = end
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    syncs = sum(names.get(name, 0) for name in SYNC_EVENTS) - (closing_syncs if device_events else 0)
+    return {
+        "launches": len(device_events) / calls if device_events else None,
+        "busy_share": busy / span if span else None,
+        "device_busy_ms": busy / 1e3 / calls if device_events else None,
+        "syncs": max(0, syncs) / calls,
+        "scalar_reads": names.get(SCALAR_READS, 0) / calls,
+    }
+
+
+def llama_8b_config(layers: int | None = None) -> dict:
+    """Llama-3.1-8B's shape (random weights), with `layers` decoder layers instead of its 32 if given."""
+    from fastnpo.train.memory_plan import KNOWN_MODELS
+
+    config = {k: v for k, v in KNOWN_MODELS["meta-llama/Llama-3.1-8B"].items() if k != "model_type"}
+    return {**config, "max_position_embeddings": 1024, **({"num_hidden_layers": layers} if layers else {})}
+
+
+def matmul_params(config: dict) -> int:
+    """The weights of a Llama-shaped config's matmuls per token (attention and MLP projections of every
+    layer, the lm_head; not the embedding lookup): the P of the 6 x P x tokens FLOPs of a step."""
+    d, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or d // heads
+    per_layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * inter
+    return layers * per_layer + config["vocab_size"] * d

@@ -36,11 +36,16 @@ Call 2, tests and the trainer:
   env, wheels, import   as above
   gpu-tests    pytest -m gpu on the files that hold GPU-marked tests (the newest designs first) -> log.txt
   train        bench_train.py at the Llama-3.2-1B shape, with its profile of fastnpo's step -> train.csv, .md
+  trainer      bench_trainer.py: fastnpo's real trainer step (fastnpo.train.train) on the batch of
+               configs/tofu_llama32_1b_npo_rt.yaml, model.loss_design one_pass against two_call, at the
+               Llama-3.2-1B shape, then (if the part's time allows) a 16-layer Llama-3.1-8B slice: step ms,
+               tokens/s, peak, x the FLOP floor, device-busy share, host syncs per step -> trainer.md
   memory-plan  bench_memory_plan.py: the plan against the measured peak of real steps: 8B in-backward
                plain and 8-bit, offload at 1B and 8B -> memory_plan.csv (+ its table in summary.md)
   statistics   bench_statistics.py at an 8B evaluation's head (8192 x 4096 x 128256, bf16): the privacy
                metrics' per-token statistics, fastnpo's Triton and torch paths against open-unlearning's
-               full-logits computation (time, peak memory, error) -> statistics.csv, statistics.md
+               full-logits computation (time, peak memory, error) -> statistics.md (its CSV is dropped:
+               the md carries the same table, and call 2 brings back 8 files)
 
 OUT gets at most 8 files per call (a device run brings back 8, < 16 MiB each): log.txt (every part's
 output), summary.md (the one-screen summary, also printed last), env.txt, and the call's own files
@@ -126,12 +131,14 @@ CALLS = {
             "train.csv",
             "train.md",
             "memory_plan.csv",
-            "statistics.csv",
             "statistics.md",
+            "trainer.md",
         ),
         "total_s": 390,
     },
 }
+# Written by a call's parts but not brought back (the call's 8 files): removed before the summary.
+DROPPED = {1: (), 2: ("statistics.csv", "trainer.csv")}
 SMOKE_TOTAL_S = 240  # per call; a smoke call takes ~20-40 s on an idle 2-core machine
 
 # The import hook written by the `import` part (see ensure_importable).
@@ -196,6 +203,7 @@ class Part:
     seconds: float = 0.0
     detail: str = ""
     lines: list = field(default_factory=list)  # its output (pytest parts: parsed for the summary)
+    limit_s: float = 0.0  # the limit it runs under (set by run_call before its commands are built)
 
 
 def call_parts(call: int) -> list[Part]:
@@ -221,6 +229,10 @@ def call_parts(call: int) -> list[Part]:
         # 130 s, 10 compiled-kernel tests took 90 s in the first (autotuning included)
         Part("gpu-tests", 140, 90, 40),
         Part("train", 120, 90, 100),  # 104 s in the H200's second window (memory subprocesses included)
+        # predicted ~40-60 s for the 1B (two train() runs: random init on the GPU, the reference pass,
+        # 3 + 6 + 1 steps each, the one_pass kernels' first autotuning); the 8B slice runs only if the
+        # time left is >= 1.2x what the 1B took
+        Part("trainer", 90, 90, 60),
         Part("memory-plan", 150, 90, 60),  # ~25-60 s a case (the 8-bit case compiles its step), 80 s at most
         # predicted ~10-20 s: three forward-only contenders, the Triton kernel's first autotuning
         Part("statistics", 40, 90, 20),
@@ -541,6 +553,12 @@ def summary_text(call: int, parts: list[Part], out: Path, smoke: bool, total_s: 
     statistics = out / "statistics.md"
     if statistics.exists():
         lines += ["", statistics.read_text().strip()]
+    trainer = out / "trainer.md"
+    if trainer.exists():  # the table and the lines under it, not the header list
+        text = trainer.read_text().splitlines()
+        table = [line for line in text if line.startswith("|")]
+        notes = [line for line in text if line.startswith("- ") and ("skipped" in line or "floor:" in line)]
+        lines += ["", "Trainer step (bench_trainer.py, NPO+RT TOFU batch): one_pass vs two_call", "", *table, *notes]
     train = read_csv(out / "train.csv")
     if train:
         lines += ["", "NPO step: contender, median step ms, tokens/s, x baseline, peak MiB (x baseline)", ""]
@@ -593,6 +611,13 @@ def commands(part: Part, *, smoke: bool, out: Path, tmp: Path, args) -> list[lis
             tiny = ["--model", "micro", "--steps", "1", "--warmup", "1", "--pool", "16", "--batch-size", "4"]
             return [[*common, *tiny, "--length-scale", "0.2", "--no-memory", "--contenders", "fastnpo"]]
         return [[*common, "--model", "1b", "--dtype", "bfloat16", "--steps", "6", "--warmup", "2"]]
+    if part.name == "trainer":
+        argv = [py, BENCH / "bench_trainer.py", *device, "--out-dir", out, "--out", "trainer"]
+        if smoke:
+            return [[*argv, "--smoke"]]
+        # the script starts a model only while the part's limit leaves time for it (files rewritten after each)
+        deadline = max(30.0, (part.limit_s or part.budget_s) - 10)
+        return [[*argv, "--model", "1b,8b-slice", "--deadline-s", f"{deadline:.0f}"]]
     if part.name in ("gemm", "logprobs"):
         common = [py, BENCH / "bench_logprobs.py", *device, "--dtype", "bfloat16", "--out-dir", out]
         shapes = ["--shapes", SMOKE_SHAPES if smoke else GPU_SHAPES]
@@ -636,7 +661,7 @@ def run_call(call: int, out: Path, args) -> int:
     """One device call: its parts into out; returns 1 if a part failed or ran out of time."""
     smoke = args.smoke
     out.mkdir(parents=True, exist_ok=True)
-    for name in set(CALLS[1]["files"]) | set(CALLS[2]["files"]):
+    for name in {*CALLS[1]["files"], *CALLS[2]["files"], *DROPPED[1], *DROPPED[2]}:
         (out / name).unlink(missing_ok=True)
     log = Log(out / "log.txt")
     started, started_epoch = time.perf_counter(), time.time()
@@ -661,6 +686,7 @@ def run_call(call: int, out: Path, args) -> int:
 
     for index, part in enumerate(parts):
         limit = part_limit(parts, index, deadline - time.perf_counter(), smoke=smoke, skip=skip)
+        part.limit_s = limit
         log(f"\n===== {part.name} ({now()}; limit {limit:.0f} s) =====")
         if part.name in skip:
             part.status, part.detail = "skipped", "--skip"
@@ -729,6 +755,8 @@ def run_call(call: int, out: Path, args) -> int:
         part.seconds = time.perf_counter() - t0
         log(f"----- {part.name}: {part.status} in {part.seconds:.0f} s {part.detail}")
 
+    for name in DROPPED[call]:
+        (out / name).unlink(missing_ok=True)
     notes = cap_files(out, CALLS[call]["files"])
     text = summary_text(call, parts, out, smoke, time.perf_counter() - started)
     if notes:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 DOCS = [REPO / "README.md", REPO / "docs" / "results.md", BENCH / "README.md"]
 # Scripts whose result files go to --out-dir; the others write no file by default.
-WRITERS = ("bench_logprobs", "bench_train", "bench_memory_plan", "bench_u2a_scores")
+WRITERS = ("bench_logprobs", "bench_train", "bench_trainer", "bench_memory_plan", "bench_u2a_scores")
 NO_DEFAULT_OUTPUT = {
     "profile_logprobs": "prints its tables, writes no file",
     "bench_u2a_compare": "writes only to an explicit --out (and fastnpo u2a's run.output_dir, under runs/)",
@@ -101,6 +101,32 @@ def test_bench_statistics_smoke_mode_runs_and_writes_under_runs_by_default(tmp_p
     assert "| full-logits |" in table and "| fastnpo-torch |" in table and "MALLOC_MMAP_THRESHOLD_=65536" in table
     rows = (tmp_path / "statistics_cpu_smoke.csv").read_text().splitlines()
     assert rows[0].startswith("# date:") and sum(not r.startswith("#") for r in rows) == 3  # header + 2 rows
+
+
+@pytest.mark.torchrun
+def test_bench_trainer_smoke_runs_both_loss_designs(tmp_path):
+    """bench_trainer.py --smoke (issue 24 item 7): fastnpo.train.train on the micro model, one_pass and
+    two_call, writes a CSV with both contenders' finite step times and a header naming the machine."""
+    import math
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_trainer.py"), "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    header, rows = script("common").read_results_csv(tmp_path / "trainer_cpu_smoke.csv")
+    assert any(line.startswith("machine: ") and "cores" in line for line in header), header
+    assert any("NO Llama tokenizer" in line for line in header), header
+    assert [r["contender"] for r in rows] == ["two_call", "one_pass"], rows
+    for row in rows:
+        assert math.isfinite(float(row["median_step_ms"])) and float(row["median_step_ms"]) > 0, row
+        assert float(row["tokens_per_s"]) > 0 and row["host_syncs_per_step"] == "n/a", row
+    assert rows[0]["first_loss"] == rows[1]["first_loss"]  # the same model, batch and loss
+    assert "| one_pass |" in (tmp_path / "trainer_cpu_smoke.md").read_text()
 
 
 def benchmark_imports(path: Path) -> set[str]:
