@@ -186,3 +186,13 @@ def test_the_make_alternates_command_writes_one_alternate_per_forget_question(ti
     before = out.read_bytes()
     assert main(argv) == 2  # an existing file is refused (one line, exit 2) and kept
     assert out.read_bytes() == before
+
+
+def test_the_make_alternates_command_refuses_a_bad_token_budget(tiny, tmp_path):
+    from fastnpo.cli import main
+
+    out = tmp_path / "alternates.jsonl"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    argv = ["make-alternates", "--config", str(config), "--out", str(out), "--max-new-tokens", "0"]
+    assert main([*argv, f"model.name_or_path={tiny['base']}", f"data.forget={tiny['data']}"]) == 2
+    assert not out.exists()

@@ -14,6 +14,7 @@ import torch
 
 from . import one_pass
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
+from .checks import check_hidden_and_weight
 from .designs import resolve_design
 from .experimental.epilogue import check_device, epilogue_sequence_loss
 from .naive import naive_token_logprobs
@@ -261,6 +262,7 @@ def example_loss(
     design: as in fused_sequence_loss, default "one_pass" (fused: its deprecated spelling).
     The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
     design = resolve_design(design, fused, "one_pass")
+    _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs)
     if design == "two_call" or resolve_impl(impl, hidden.device) == "naive":
         owner = owner.to(hidden.device)
         unowned = torch.full_like(targets, IGNORE_ROW)
@@ -292,6 +294,35 @@ def example_loss(
         bounds=bounds,
         upstream_is_one=upstream_is_one,
     )
+
+
+def _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs) -> None:
+    """example_loss's arguments, without a device sync: shapes, dtypes and devices; owner's values
+    (in range, kept rows in nondecreasing order) only where owner is on the host."""
+    check_hidden_and_weight(hidden, weight, exact_dim=2)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+        raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
+    if not callable(loss_from_logprobs):
+        raise TypeError(f"loss_from_logprobs must be callable, got {type(loss_from_logprobs).__name__}")
+    for name, value in (("targets", targets), ("owner", owner)):
+        if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be an integer tensor [N], got {getattr(value, 'dtype', type(value).__name__)}"
+            )
+        if value.shape != hidden.shape[:1]:
+            raise ValueError(
+                f"{name} must have shape [{hidden.shape[0]}] (one per row of hidden), got {tuple(value.shape)}"
+            )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if owner.device.type == "cpu" and owner.numel():
+        kept = owner[owner >= 0]
+        if kept.numel() and int(kept.max()) >= num_examples:
+            raise ValueError(f"owner holds example {int(kept.max())}, but num_examples is {num_examples}")
+        if kept.numel() > 1 and bool((kept[1:] < kept[:-1]).any()):
+            raise ValueError("owner: the kept rows' examples must be nondecreasing (whole examples in order)")
+    elif owner.device != hidden.device:
+        raise ValueError(f"owner is on {owner.device}: it must be on hidden's device ({hidden.device}) or the host")
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

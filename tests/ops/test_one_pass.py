@@ -450,3 +450,32 @@ def test_one_pass_holds_one_chunk_of_logits():
     )
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["extra"] < 1.5 * measured["chunk"] < measured["logits"], measured
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"hidden": torch.zeros(6, 4, 2)}, ValueError, r"hidden must have 2 dimensions"),
+        ({"targets": torch.zeros(5, dtype=torch.long)}, ValueError, r"targets must have shape \[6\]"),
+        ({"owner": torch.zeros(6)}, TypeError, r"owner must be an integer tensor"),
+        ({"owner": torch.tensor([0, 0, 2, -1, 1, 1])}, ValueError, r"owner: the kept rows' examples must be nondec"),
+        ({"owner": torch.tensor([0, 0, 1, 3, -1, -1])}, ValueError, r"owner holds example 3, but num_examples is 3"),
+        ({"num_examples": -1}, ValueError, r"num_examples must be an int >= 0, got -1"),
+        ({"loss": None}, TypeError, r"loss_from_logprobs must be callable"),
+    ],
+)
+def test_example_loss_names_the_bad_argument(change, error, match):
+    """ops.example_loss (the trainer's one-pass route) refuses bad rows before any work."""
+    from fastnpo.ops import example_loss
+
+    args = {
+        "hidden": torch.randn(6, 4),
+        "weight": torch.randn(11, 4),
+        "targets": torch.randint(0, 11, (6,)),
+        "owner": torch.tensor([0, 0, 1, 1, 2, -1]),
+        "num_examples": 3,
+        "loss": torch.sum,
+    }
+    args.update(change)
+    with pytest.raises(error, match=match):
+        example_loss(args["hidden"], args["weight"], args["targets"], args["owner"], args["num_examples"], args["loss"])
