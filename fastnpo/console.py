@@ -55,11 +55,12 @@ def library_bars_off():
     """No "Loading weights" / "Generating train split" bar per model and split while a demo runs (one
     line per stage in its log: 29 and 14 of those bars per TOFU demo); the settings are restored after."""
     import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # turns off huggingface_hub's bars too
     try:
         yield
     finally:
@@ -67,3 +68,5 @@ def library_bars_off():
             datasets.enable_progress_bars()
         if was[1]:
             hf_logging.enable_progress_bar()
+        # after transformers' switch, which turns huggingface_hub's bars on or off with its own
+        (enable_progress_bars if was[2] else disable_progress_bars)()

@@ -73,6 +73,24 @@ def test_download_bars_stay_and_transformers_bars_go():
     assert not are_progress_bars_disabled() and not transformers_logging.is_progress_bar_enabled()
 
 
+def test_a_demo_leaves_the_bars_as_it_found_them():
+    """library_bars_off (the demos) restores every switch it turned, huggingface_hub's download bars
+    included (transformers' switch turns them off too: after a demo in the same process they stayed
+    off, and the test above failed when a demo test ran before it)."""
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    from fastnpo.console import library_bars_off
+
+    quiet_third_party()
+    before = (datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    with library_bars_off():
+        assert are_progress_bars_disabled() and not datasets.is_progress_bar_enabled()
+    assert not are_progress_bars_disabled()
+    assert (datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()) == before
+
+
 def test_foreign_lines_catches_what_it_must():
     noise = (
         "Failed to load /x/torchao/_C_cutlass_90a.abi3.so: Could not load this library\n"
