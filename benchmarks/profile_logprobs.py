@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from common import parse_shape, sample_ms, synchronize
+from common import SCALAR_READS, SYNC_EVENTS, parse_shape, sample_ms, synchronize
+from common import trace_counts as common_trace_counts
 
 import fastnpo
 from fastnpo.ops import matmuls, one_pass
@@ -42,8 +42,6 @@ from fastnpo.profiling import peak_memory_during
 PROFILED_CALLS = 3
 # Host calls that wait for the device (CPU-side runtime events in the profiler's trace; exact names:
 # cudaMemcpyAsync does not wait by itself, a .item() shows as cudaMemcpyAsync + cudaStreamSynchronize).
-SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-SCALAR_READS = "aten::_local_scalar_dense"
 NPO_BETA = 0.1
 
 
@@ -81,37 +79,21 @@ def wall_and_profile(call, device, calls: int):
 
 
 def trace_counts(prof, calls: int) -> dict:
-    """Launches, device-busy share, host syncs and scalar reads per call, from a profile of `calls` calls."""
-    events = list(prof.events())
-    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    names = Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU)
-    intervals = sorted((e.time_range.start, e.time_range.end) for e in device_events)
-    busy, end_so_far = 0.0, None
-    for start, end in intervals:
-        if end_so_far is None or start > end_so_far:
-            busy += end - start
-            end_so_far = end
-        elif end > end_so_far:
-            busy += end - end_so_far
-            end_so_far = end
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    """common.trace_counts (launches, device-busy share, host syncs less the closing synchronize,
+    scalar reads per call) and the torch ops issued from Python per call."""
+    counts = common_trace_counts(prof, calls)
     # torch ops issued from Python (outermost aten:: ops): what each launch costs the host
-    python_ops = sum(
-        1
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CPU
-        and e.name.startswith("aten::")
-        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+    counts["python_ops"] = (
+        sum(
+            1
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CPU
+            and e.name.startswith("aten::")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+        )
+        / calls
     )
-    return {
-        "launches": len(device_events) / calls if device_events else None,
-        "busy_share": busy / span if span else None,
-        "device_busy_ms": busy / 1e3 / calls if device_events else None,
-        # minus the one torch.cuda.synchronize that closes the profiled calls
-        "syncs": max(0, sum(names.get(name, 0) for name in SYNC_EVENTS) - bool(device_events)) / calls,
-        "scalar_reads": names.get(SCALAR_READS, 0) / calls,
-        "python_ops": python_ops / calls,
-    }
+    return counts
 
 
 def npo_inputs(n: int, d: int, v: int, seq_len: int, hidden, weight, generator):
