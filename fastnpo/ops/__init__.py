@@ -9,6 +9,7 @@ DESIGNS.md (checked against README.md's `impl` paragraph by tests/test_design_st
     autograd.py  the autograd functions (two calls, and the single-call loss designs)
     one_pass.py  design="one_pass": chunks of whole sequences in one sweep, 6NDV (separable losses)
     chunked.py   impl="torch": the vocabulary-chunked PyTorch backend (fp32: the CPU path)
+    blocks.py    the block sizes of every vocabulary-chunked loop: one rule, a named budget per use
     matmuls.py   fp32-result library matmuls (one_pass, split) and where Triton runs
     naive.py     impl="naive": full logits, the correctness reference and benchmark baseline
     experimental/  designs never measured on a GPU and chosen by no default:

@@ -3,20 +3,21 @@
 Works on any device; it is the CPU path. Logits exist one [rows, chunk] block at a time, in
 fp32; the backward recomputes each block from hidden and weight, as the kernels do.
 Memory beyond inputs and gradients: O(CHUNK_ELEMENTS) + O(N * D) fp32 for dH.
+Block sizes: ops/blocks.py's rule at its CPU budget, CHUNKED_BYTES.
 """
 
 import torch
 
-# About 16 MiB of fp32 logits per block: big enough for efficient matmuls, small enough
-# that the block (and its exp) never dominate memory.
-CHUNK_ELEMENTS = 1 << 22
-MIN_VOCAB_CHUNK = 256
+from .blocks import CHUNKED_BYTES, MIN_COLUMNS, vocab_blocks
+
+# Read at call time, so tests can shrink the blocks; train/memory_estimate.py reads CHUNK_ELEMENTS.
+CHUNK_ELEMENTS = CHUNKED_BYTES // 4
+MIN_VOCAB_CHUNK = MIN_COLUMNS
 
 
-def _blocks(num_rows: int, vocab_size: int) -> tuple[int, int]:
-    row_block = max(1, min(num_rows, CHUNK_ELEMENTS // MIN_VOCAB_CHUNK))
-    vocab_chunk = max(MIN_VOCAB_CHUNK, CHUNK_ELEMENTS // row_block)
-    return row_block, min(vocab_chunk, vocab_size)
+def blocks(num_rows: int, vocab_size: int) -> tuple[int, int]:
+    """(row block, vocabulary block) of this path's loops."""
+    return vocab_blocks(num_rows, vocab_size, budget_bytes=4 * CHUNK_ELEMENTS, min_columns=MIN_VOCAB_CHUNK)
 
 
 def add_target_logits_(target: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, v0: int) -> None:
@@ -50,7 +51,7 @@ def chunked_forward(
     running_max = rows.new_full((n,), float("-inf"))
     running_sum = rows.new_zeros(n)
     target = rows.new_zeros(n)
-    row_block, vocab_chunk = _blocks(n, vocab_size)
+    row_block, vocab_chunk = blocks(n, vocab_size)
     for v0 in range(0, vocab_size, vocab_chunk):
         w = weight[v0 : v0 + vocab_chunk].float()
         for r0 in range(0, n, row_block):
@@ -87,7 +88,7 @@ def chunked_backward(
     dh = rows.new_zeros(n, dim) if compute_dh else None
     dw = rows.new_zeros(vocab_size, dim) if compute_dw else None
     neg_lse = -lse[:, None]
-    row_block, vocab_chunk = _blocks(n, vocab_size)
+    row_block, vocab_chunk = blocks(n, vocab_size)
     for v0 in range(0, vocab_size, vocab_chunk):
         w = weight[v0 : v0 + vocab_chunk].float()
         for r0 in range(0, n, row_block):

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # about 16 MiB of fp32 logits per block
+from .blocks import CHUNKED_BYTES, vocab_blocks
 
 
 class TargetLogits(Protocol):
@@ -28,9 +28,12 @@ class TargetLogits(Protocol):
 
 
 def vocab_chunk(num_rows: int, vocab_size: int, chunk_size: int | None) -> int:
+    """Vocabulary columns per block: chunk_size, else the width of ops/blocks.py's rule at the CPU
+    budget. Every block takes every row (a TargetLogits sees whole rows), so past the rule's row
+    split (16384 rows) a block outgrows the budget: the rule's floor of 256 columns stands."""
     if chunk_size is not None:
-        return max(1, min(int(chunk_size), vocab_size))
-    return max(1, min(vocab_size, max(256, CHUNK_ELEMENTS // max(1, num_rows))))
+        return min(int(chunk_size), vocab_size)
+    return vocab_blocks(num_rows, vocab_size, budget_bytes=CHUNKED_BYTES)[1]
 
 
 def label_columns(labels: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,14 +28,13 @@ from typing import NamedTuple
 import torch
 
 from .backends import resolve_impl
+from .blocks import STATISTICS_BYTES, vocab_blocks
 from .checks import check_hidden_and_weight, check_labels
 from .logprobs import IGNORE_INDEX, aligned_labels
 
 STATISTICS_IMPLS = ("auto", "triton", "torch", "naive")
-# fp32 elements of one logits block on the chunked path (8 MiB); the block and its exp are the only
-# [rows, vocab]-shaped temporaries, so the extra memory is about two blocks whatever N and V are.
-CHUNK_ELEMENTS = 1 << 21
-MIN_VOCAB_CHUNK = 256
+# fp32 elements of one logits block on the chunked path; read at call time, so tests can shrink it.
+CHUNK_ELEMENTS = STATISTICS_BYTES // 4
 
 
 class TokenStatistics(NamedTuple):
@@ -46,12 +45,6 @@ class TokenStatistics(NamedTuple):
     second_moment: torch.Tensor  # fp32: sum_v p_v (log p_v)^2
     is_argmax: torch.Tensor  # bool: the label is the (first) argmax of the logits
     variance: torch.Tensor  # fp32: second_moment - mean^2, computed stably (>= 0)
-
-
-def _blocks(num_rows: int, vocab_size: int, chunk_elements: int) -> tuple[int, int]:
-    row_block = max(1, min(num_rows, chunk_elements // MIN_VOCAB_CHUNK))
-    vocab_chunk = max(MIN_VOCAB_CHUNK, chunk_elements // row_block)
-    return row_block, min(vocab_chunk, vocab_size)
 
 
 def rescale_sums(s, a, b, delta):
@@ -86,7 +79,8 @@ def chunked_statistics(
     run_max = rows.new_full((n,), float("-inf"))
     s, a, b, target = (rows.new_zeros(n) for _ in range(4))
     arg = torch.zeros(n, dtype=torch.long, device=rows.device)
-    row_block, vocab_chunk = _blocks(n, vocab_size, chunk_elements or CHUNK_ELEMENTS)
+    budget_bytes = 4 * (chunk_elements or CHUNK_ELEMENTS)
+    row_block, vocab_chunk = vocab_blocks(n, vocab_size, budget_bytes=budget_bytes)
     # The logits block and its exp live in two buffers reused by every block: no allocation (and, for
     # large blocks, no fresh pages to fault in) per block.
     buffers = rows.new_empty(2, row_block * vocab_chunk)

@@ -20,6 +20,7 @@ from ..data import collate
 from ..losses import dpo_from_logprobs, nll_from_logprobs
 from ..modeling import SequenceLogprobModel, output_weight
 from ..ops import IGNORE_INDEX, aligned_labels
+from ..ops.blocks import JVP_COLUMNS
 from ..refcache import reference_logprobs
 from . import preference as pref
 
@@ -41,9 +42,9 @@ class ObjectiveConfig:
     dpo_average_logprobs: bool = False
 
 
-def _plain_sequence_logprobs(hidden, weight, labels, chunk: int = 8192):
+def _plain_sequence_logprobs(hidden, weight, labels, chunk: int = JVP_COLUMNS):
     """Summed target log-probs [B] in plain torch ops (so forward-mode AD flows through them),
-    one vocabulary chunk of logits at a time, never the full [B, T, V]."""
+    one vocabulary chunk of logits at a time (ops/blocks.py's fixed JVP width), never the full [B, T, V]."""
     targets = aligned_labels(labels, True, IGNORE_INDEX)
     mask = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)

@@ -75,7 +75,7 @@ def backward_syncs(impl, n, d, v):
 
 def number_of_blocks(impl, n, v):
     if impl == "torch":
-        row_block, vocab_chunk = chunked._blocks(n, v)
+        row_block, vocab_chunk = chunked.blocks(n, v)
     else:
         row_block, vocab_chunk = split.blocks(n, v)
     return -(-n // row_block) * -(-v // vocab_chunk)

@@ -31,28 +31,26 @@ The matmuls' fp32-result contract is ops/matmuls.py's (matmul_mode, Matmuls).
 
 import torch
 
+from ..blocks import MIN_COLUMNS, MIN_SPLIT_COLUMNS, SPLIT_BLOCK_BYTES, SPLIT_BUFFER_BYTES, vocab_blocks
 from ..chunked import add_target_logits_, softmax_gradient_
 from ..matmuls import Matmuls, triton_runs_on
 
-BLOCK_BYTES = 32 * 2**20  # one fp32 [rows, Vb] logits block: fits the H100 / H200 L2 (50 / 60 MB)
-MIN_VOCAB_BLOCK = 256  # narrower blocks make the matmuls inefficient; more rows are split instead
-
-# The split design's dlogits buffer: large, because every block costs three launches and a pass of
-# the matmuls over the block's weight rows, and 256 MiB is small next to the [V, D] gradient itself.
-SPLIT_BUFFER_BYTES = 256 * 2**20
-MIN_SPLIT_COLUMNS = 2048  # the dH matmul's K: narrower blocks would split rows instead
+# Module knobs (ops/blocks.py gives the reasons), read at call time so tests can shrink the blocks.
+BLOCK_BYTES = SPLIT_BLOCK_BYTES
+MIN_VOCAB_BLOCK = MIN_COLUMNS
 
 
-def blocks(num_rows: int, vocab_size: int, block_bytes: int = BLOCK_BYTES) -> tuple[int, int]:
-    """(row block, vocabulary block) with row block x vocab block x 4 bytes <= block_bytes."""
-    elements = max(block_bytes // 4, MIN_VOCAB_BLOCK)
-    vocab_block = min(vocab_size, max(MIN_VOCAB_BLOCK, elements // max(num_rows, 1)))
-    row_block = max(1, min(num_rows, elements // vocab_block))
-    return row_block, vocab_block
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+def blocks(num_rows: int, vocab_size: int, block_bytes: int | None = None) -> tuple[int, int]:
+    """(row block, vocabulary block) of the torch block loop: fp32 blocks of <= block_bytes
+    (default BLOCK_BYTES), rows filling the budget when the vocabulary is narrower than a block."""
+    return vocab_blocks(
+        num_rows,
+        vocab_size,
+        budget_bytes=BLOCK_BYTES if block_bytes is None else block_bytes,
+        min_columns=MIN_VOCAB_BLOCK,
+        rows_fill_narrow_vocab=True,
+        widen_split_blocks=False,
+    )
 
 
 def split_blocks(
@@ -65,12 +63,17 @@ def split_blocks(
     whose width is a multiple of `multiple` (the kernel's widest column tile: no ragged tile but the
     vocabulary's last) unless one block holds it all.
     """
-    elements = max((SPLIT_BUFFER_BYTES if budget is None else budget) // element_bytes, multiple)
-    min_columns = min(_round_up(vocab_size, multiple), max(MIN_SPLIT_COLUMNS, multiple))
-    row_block = max(1, min(num_rows, elements // min_columns))
-    widest = max(multiple, elements // row_block // multiple * multiple)
-    num_blocks = -(-vocab_size // widest)
-    return row_block, min(vocab_size, _round_up(-(-vocab_size // num_blocks), multiple))
+    return vocab_blocks(
+        num_rows,
+        vocab_size,
+        budget_bytes=SPLIT_BUFFER_BYTES if budget is None else budget,
+        element_bytes=element_bytes,
+        min_columns=multiple,
+        split_columns=MIN_SPLIT_COLUMNS,
+        multiple=multiple,
+        rows_fill_narrow_vocab=True,
+        even=True,
+    )
 
 
 def split_kernels(device: torch.device):
