@@ -5,10 +5,11 @@
     python benchmarks/bench_memory_plan.py --device cpu --smoke        # the same code path, a micro Llama
 
 Each case runs in a fresh subprocess: a randomly initialised Llama of the named shape (nothing is
-downloaded) built directly on the device in bf16, fastnpo's own wrap_model / build_optimizer /
-train_step (NPO+RT, the fused log-prob op, AdamW), two steps on full-length rows (no padding), and
-torch.cuda.max_memory_allocated over the whole run (weights, gradients, optimizer state, the step)
-against the plan's "peak allocated" (fastnpo.train.memory_estimate.estimate) for the same settings.
+downloaded) built directly on the device in bf16, fastnpo's own Trainer.around_model (wrap_model /
+build_optimizer) and Trainer.step (NPO+RT, the fused log-prob op, AdamW), two steps on full-length
+rows (no padding), and torch.cuda.max_memory_allocated over the whole run (weights, gradients,
+optimizer state, the step) against the plan's "peak allocated" (fastnpo.train.memory_estimate.estimate)
+for the same settings.
 The CUDA context and allocator reserve are reported beside it, not compared (the plan adds a
 fixed 1 GiB + 5% for them).
 
@@ -78,12 +79,9 @@ def worker(case: list, device_name: str) -> dict:
 
     from fastnpo import distributed
     from fastnpo.config import load_structured
-    from fastnpo.methods import METHODS
     from fastnpo.train.config import Config
     from fastnpo.train.memory_plan import hf_config
-    from fastnpo.train.optimizers import StepInBackward
-    from fastnpo.train.setup import build_optimizer, wrap_model
-    from fastnpo.train.step import StepContext, train_step
+    from fastnpo.train.trainer import Trainer
 
     _name, model, optim, checkpointing, rows, length, in_backward, offload = case
     info = distributed.setup(device_name, offload=offload)  # offload: FSDP2 over a group of one
@@ -120,13 +118,10 @@ def worker(case: list, device_name: str) -> dict:
         def lookup(self, set_name, index):
             return torch.full((len(index),), -50.0), None
 
-    train_model = wrap_model(config, net, None, info)
-    optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
     from types import SimpleNamespace
 
-    hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
     tokenizer = SimpleNamespace(pad_token_id=0)
-    ctx = StepContext(config, METHODS["npo_rt"], info, train_model, tokenizer, Ref(), None, in_backward=hooks)
+    trainer = Trainer.around_model(config, info, net, tokenizer, ref=Ref(), steps_per_epoch=10)
     generator = torch.Generator().manual_seed(1)
 
     def batch():
@@ -142,7 +137,7 @@ def worker(case: list, device_name: str) -> dict:
         torch.cuda.synchronize()
     for _ in range(2):
         t0 = time.perf_counter()
-        out = train_step(ctx, batch(), optimizer, scheduler)
+        out = trainer.step(batch())
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - t0)

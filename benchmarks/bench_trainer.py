@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""fastnpo's REAL trainer step (fastnpo.train.train -> step.train_step) on the batch of
+"""fastnpo's REAL trainer step (fastnpo.train.train -> Trainer.step) on the batch of
 configs/tofu_llama32_1b_npo_rt.yaml, model.loss_design=one_pass against two_call (issue 24 item 7).
 
     .venv/bin/python benchmarks/bench_trainer.py --smoke            # CPU: micro model, 1 + 2 steps (~20 s)
@@ -32,7 +32,7 @@ fastnpo.tiny (1024 ids) with a Llama-3-style chat template this script writes (`
 <|end_header_id|>question<|eot_id|>...`, the markers single tokens); the output header says so. The token
 ids stay below 1024, the model's vocabulary is the shape's (128256), so the head's cost is Llama's.
 
-Per contender, from a wrapper around fastnpo.train.loop.train_step (the device synchronised around each
+Per contender, from a wrapper around fastnpo.train.trainer.Trainer.step (the device synchronised around each
 step): median / min / max step ms over the timed steps (after the warm-up steps), input tokens per step
 (padding excluded) and tokens/s, the peak memory the trainer logs (metrics.jsonl's peak_memory_mib: CUDA
 max_memory_allocated of the step, model and optimizer included; CPU the process's peak resident set, as
@@ -235,8 +235,9 @@ def write_model_folder(folder: Path, tokenizer, shape: dict, dtype: str) -> None
 
 
 def run_contender(design: str, args, folder: Path, device: torch.device, dtype: str, log) -> dict:
-    from fastnpo.train import load_config, loop, train
+    from fastnpo.train import load_config, train
     from fastnpo.train import setup as train_setup
+    from fastnpo.train import trainer as train_trainer
 
     probe = 1 if device.type == "cuda" else 0
     steps = args.warmup + args.steps + probe
@@ -261,7 +262,7 @@ def run_contender(design: str, args, folder: Path, device: torch.device, dtype: 
     }
     config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     records, profile = [], {}
-    original_step, original_load = loop.train_step, loop.load_model
+    original_step, original_load = train_trainer.Trainer.step, train_trainer.load_model
 
     def load_model(config, device):
         # Random weights drawn on the GPU (seconds, not a minute of CPU init for 4.5e9 parameters);
@@ -276,31 +277,31 @@ def run_contender(design: str, args, folder: Path, device: torch.device, dtype: 
                 random_init=True,
             )
 
-    def timed_step(ctx, batch, optimizer, scheduler):
+    def timed_step(trainer, batch):
         index = len(records)
-        tokens = sum(len(item["input_ids"]) for name in ctx.method.sets for item in batch.get(name) or ())
+        tokens = sum(len(item["input_ids"]) for name in trainer.method.sets for item in batch.get(name) or ())
         synchronize(device)
         if index < args.warmup + args.steps:
             started = time.perf_counter()
-            result = original_step(ctx, batch, optimizer, scheduler)
+            result = original_step(trainer, batch)
             synchronize(device)
             records.append({"ms": (time.perf_counter() - started) * 1e3, "tokens": tokens})
             return result
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            result = original_step(ctx, batch, optimizer, scheduler)
+            result = original_step(trainer, batch)
             synchronize(device)
         profile.update(trace_counts(prof, 1))
         records.append({"ms": None, "tokens": tokens})
         return result
 
     clean_memory(device)
-    loop.train_step, loop.load_model = timed_step, load_model
+    train_trainer.Trainer.step, train_trainer.load_model = timed_step, load_model
     started = time.perf_counter()
     try:
         train(config)
     finally:
-        loop.train_step, loop.load_model = original_step, original_load
+        train_trainer.Trainer.step, train_trainer.load_model = original_step, original_load
     total_s = time.perf_counter() - started
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[args.warmup : args.warmup + args.steps]
@@ -489,7 +490,7 @@ def main(argv=None) -> tuple[Path, Path]:
             f"max_length 512, AdamW; model.random_init, model.dtype {dtype}",
             *(f"model {s}" for s in shapes),
             f"timing: median of {args.steps} steps after {args.warmup} warm-up, one train() per contender in this "
-            "process, the device synchronised around each step (wrapper of fastnpo.train.loop.train_step)",
+            "process, the device synchronised around each step (wrapper of fastnpo.train.trainer.Trainer.step)",
             f"floor: 6 x matmul weights x input tokens at {rate / 1e12:.2f} TFLOP/s ({rate_what}, this run)",
             "peak_mib: the trainer's metrics.jsonl peak_memory_mib, max over the timed steps ("
             + (

@@ -256,9 +256,82 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> dict:
-    from .train.memory_plan import run_plan as plan
+    """Print the plan (unless --json) and return it; result["fits"] decides the exit status."""
+    from .config import load_structured
+    from .train.config import Config
+    from .train.memory_plan import plan
 
-    return plan(args)  # prints the table unless --json
+    config = load_structured(Config, args.config, args.overrides)
+    result = plan(
+        config,
+        model=args.model,
+        gpu_gib=args.gpu_memory,
+        gpus=args.gpus,
+        nodes=args.nodes,
+        intra_node_gbps=args.intra_node_gbps,
+        inter_node_gbps=args.inter_node_gbps,
+    )
+    if not args.json:
+        print(format_plan(result))
+    return result
+
+
+def format_plan(result: dict) -> str:
+    """`fastnpo plan`'s table of a memory_plan.plan() result."""
+    from .train.communication import format_communication
+
+    s, shape = result["settings"], result["shape"]
+    world = (
+        f"{s['gpus']} GPU{'s' if s['gpus'] > 1 else ''} x {result['gpu_memory_gib']:.1f} GiB "
+        f"({result['gpu_memory_source']})"
+    )
+    fsdp = "FSDP2" if s["sharded"] else "no FSDP"
+    trainable = result["trainable_params"]
+    lines = [
+        f"fastnpo plan: {result['model']} ({shape['params'] / 1e9:.2f} B parameters, "
+        f"{trainable / 1e9:.3g} B trainable), {world}, {fsdp}",
+        f"  {result['method']}, model.dtype={s['dtype']} ({result['dtype_source']}), "
+        f"mixed_precision={s['mixed_precision']}, "
+        f"micro-batch {s['rows']} rows x {s['seq_len']} tokens, activation checkpointing "
+        f"{'on' if s['activation_checkpointing'] else 'off'}",
+        "",
+        f"  {'component (per GPU)':<34}{'GiB':>8}",
+    ]
+    for name, gib in result["components_gib"].items():
+        if gib or name in ("parameters", "gradients", "optimizer state", "activations", "fused log-prob op"):
+            lines.append(f"  {name:<34}{gib:>8.2f}")
+    a = result["activations_gib"]
+    lines.append(
+        f"    (activations: {a['with_checkpointing']:.2f} with checkpointing, {a['without_checkpointing']:.2f} without)"
+    )
+    lines.append(f"  {'reference cache (GPU)':<34}{0.0:>8.2f}   fp32 per example, kept in host memory")
+    lines.append(f"  {'CUDA context, NCCL, fragmentation':<34}{result['overhead_gib']:>8.2f}")
+    if result["host_memory_gib"]:
+        lines.append(f"  {'CPU memory per process (offload)':<34}{result['host_memory_gib']:>8.2f}   not GPU memory")
+    lines.append("")
+    lines.append(f"  peak allocated at '{result['peak_phase']}': {result['allocated_gib']:.2f} GiB")
+    for phase, gib in result["phases_gib"].items():
+        lines.append(f"    {phase:<40}{gib:>8.2f}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines.append(
+        f"  total {result['total_gib']:.2f} GiB of {result['gpu_memory_gib']:.1f} GiB: {verdict} "
+        f"({result['headroom_gib']:+.2f} GiB)"
+    )
+    for item in result["suggestions"]:
+        lines.append(f"  {item}" if item.startswith("budget:") else f"  would fit: {item}")
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    if result["hybrid"]:
+        h = result["hybrid"]
+        lines.append(
+            f"  hybrid sharding: {h['replicas']} replicas x {h['shard_size']} shards; memory per GPU as sharded over "
+            f"{h['shard_size']}"
+        )
+    if result["communication"]:
+        lines.append("")
+        where = f"{result['nodes']} node(s) x {result['gpus_per_node']} GPUs"
+        lines.append(f"  {where}, " + format_communication(result["communication"]).replace("\n", "\n  "))
+    return "\n".join(lines)
 
 
 def run_train(args):

@@ -1,10 +1,13 @@
-"""A causal LM seen as a per-sequence log-prob function: backbone -> hidden -> fused log-prob op.
+"""A causal LM seen as a per-example log-prob function: backbone -> hidden -> fused log-prob op.
 
-`SequenceLogprobModel` wraps a Hugging Face causal LM so that the fused log-prob computation
-runs inside the ROOT module's forward. Under FSDP2 that matters: the root's pre-forward hook
-gathers the lm_head weight, and its gradient is reduce-scattered like any other parameter
-(calling the backbone directly, or using lm_head.weight.full_tensor() outside the root
-forward, silently skips that reduction).
+The one forward every route shares: final_hidden_and_weight (backbone and lm_head weight), then
+example_logprobs (per-example log-probs, optionally a per-token term from the same token
+log-probs) or one_pass_loss (a whole separable loss, gradients in the forward).
+`SequenceLogprobModel` runs them inside the ROOT module's forward (the trainer, the reference pass,
+evaluation); the Hugging Face patch runs them inside the patched forward. Under FSDP2 that matters:
+the root's pre-forward hook gathers the lm_head weight, and its gradient is reduce-scattered like
+any other parameter (calling the backbone directly, or using lm_head.weight.full_tensor() outside
+the root forward, silently skips that reduction).
 """
 
 from dataclasses import dataclass, field
@@ -12,8 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .ops import IGNORE_INDEX, aligned_labels, packed_sequence_logprobs, sequence_logprobs
+from .ops import IGNORE_INDEX, aligned_labels, example_loss, target_owner, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,13 +163,120 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
     )
 
 
+LOSS_DESIGNS = ("auto", "one_pass", "two_call")
+
+
+def uses_one_pass(loss_design: str, device: torch.device, separable: bool = True) -> bool:
+    """Whether a loss of per-example log-probs runs in the one-pass design (ops.example_loss: both
+    gradients in the forward) rather than as token log-probs whose backward computes them.
+    "auto": one_pass on CUDA when the loss is a sum of per-example terms (separable), else
+    two_call. The rule the trainer (model.loss_design), the HF patch and UnlearningTrainer share."""
+    if loss_design not in LOSS_DESIGNS:
+        raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
+    if loss_design == "auto":
+        return device.type == "cuda" and separable
+    return loss_design == "one_pass"
+
+
+def head_operands(causal_lm: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, the lm_head weight [V, D]) in one dtype and on one device, as the fused op takes them."""
+    weight = output_weight(causal_lm)
+    if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
+        weight = weight.to(hidden.dtype)
+    if weight.device != hidden.device:  # device_map: the backbone may end elsewhere than the head
+        hidden = hidden.to(weight.device)
+    return hidden, weight
+
+
+def final_hidden_and_weight(causal_lm: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the backbone's last hidden states [R, L, D], the lm_head weight [V, D]) as head_operands
+    gives them: what every route hands the fused op. inputs: the backbone's keyword arguments."""
+    outputs = decoder(causal_lm)(**inputs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return head_operands(causal_lm, hidden)
+
+
+def row_owner(targets: torch.Tensor) -> torch.Tensor:
+    """[R, L]: the owner of each target when row r is example r (-1 where a position has no target)."""
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
+    return torch.where(targets != IGNORE_INDEX, rows, -1)
+
+
+def example_logprobs(
+    hidden, weight, targets, owner=None, num_examples=None, *, impl="auto", filter_eps="auto", token_term=None
+):
+    """(logps [E] fp32, counts [E] int64, token_term's value or None): the summed target log-probs
+    of each example, from hidden [R, L, D] and targets [R, L] (aligned_labels: IGNORE_INDEX where a
+    position predicts nothing). owner [R, L]: the example of each target (-1 none), num_examples E;
+    None: row r is example r (its log-probs summed along the row). token_term(token_logps, hidden,
+    weight, targets, owner) -> tensor: a per-token term computed from the same token log-probs.
+    No boolean indexing: the call makes no host sync of its own."""
+    if owner is None:
+        tokens = token_logprobs(hidden, weight, targets, impl=impl, filter_eps=filter_eps)
+        logps, counts = tokens.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+        owner = row_owner(targets)
+    else:
+        owned = torch.where(owner >= 0, targets, IGNORE_INDEX)
+        tokens = token_logprobs(hidden, weight, owned, impl=impl, filter_eps=filter_eps)
+        # Unowned positions add an exact 0.0 to example 0 (their token log-prob is 0).
+        index = owner.clamp(min=0).flatten()
+        logps = tokens.new_zeros(num_examples).index_add(0, index, tokens.flatten())
+        counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device)
+        counts = counts.index_add(0, index, (owner >= 0).long().flatten())
+    term = None if token_term is None else token_term(tokens, hidden, weight, targets, owner)
+    return logps, counts, term
+
+
+def one_pass_loss(
+    hidden,
+    weight,
+    targets,
+    owner,
+    num_examples,
+    sequence_loss,
+    *,
+    impl="auto",
+    host_owner=None,
+    upstream_is_one=False,
+):
+    """sequence_loss(logps [E], counts [E]) -> scalar, a SUM OF PER-EXAMPLE TERMS, from ONE call of
+    the one-pass design (ops.example_loss): the logits, the loss and both gradients chunk by chunk in
+    this forward; the backward only scales them. Arguments as in example_logprobs (owner required);
+    host_owner: the same owner on the host, so the op finds its rows and chunks without a sync."""
+    index = owner.clamp(min=0).flatten()
+    counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device)
+    counts = counts.index_add(0, index, (owner >= 0).long().flatten())
+
+    def loss(logps):
+        return sequence_loss(logps, counts)
+
+    with torch.autocast(hidden.device.type, enabled=False):  # the design picks its own precisions
+        return example_loss(
+            hidden.flatten(0, 1),
+            weight,
+            targets.flatten(),
+            (owner if host_owner is None else host_owner).flatten(),
+            num_examples,
+            loss,
+            impl=impl,
+            design="one_pass",
+            upstream_is_one=upstream_is_one,
+        )
+
+
 class SequenceLogprobModel(nn.Module):
-    """forward(batch) -> (summed log-probs [E], target-token counts [E], logits) of each example.
+    """forward(batch) -> (summed log-probs [E], target-token counts [E], extra) of each example: the
+    one forward from a causal LM to per-example log-probs that the trainer, the reference pass and
+    evaluation share (the HF patch runs the same example_logprobs / one_pass_loss on its hidden
+    states).
 
     A batch is either padded (`input_ids`, `attention_mask`, `labels` [B, T]: E = B) or packed
     by data.collate_packed (`input_ids`, `position_ids`, `labels`, `segment_ids`, `index`:
     E = number of examples). Packed rows have no attention_mask: with use_cache=False,
     transformers builds the block-diagonal causal mask from the restarting position_ids.
+
+    The fused op runs inside the ROOT module's forward: under FSDP2 the root's pre-forward hook
+    gathers the lm_head weight, and its gradient is reduce-scattered like any other parameter.
     """
 
     def __init__(self, causal_lm: nn.Module, *, impl: str = "auto"):
@@ -177,35 +288,74 @@ class SequenceLogprobModel(nn.Module):
         self.impl = impl
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        return decoder(self.lm)(**inputs, use_cache=False).last_hidden_state
+        return self.hidden_and_weight(batch)[0]
 
-    def forward(self, batch: dict, logits_rows: slice | None = None):
-        """(logps [E], counts [E], logits): logits are the full [rows, T, V] logits of the
-        padded batch's `logits_rows` (only NPO+KL asks, for its KL term), else None."""
-        hidden = self.hidden_states(batch)
-        weight = output_weight(self.lm)
-        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
-            weight = weight.to(hidden.dtype)
-        labels = batch["labels"]
-        targets = aligned_labels(labels, True, IGNORE_INDEX)
-        logits = None if logits_rows is None else (hidden[logits_rows] @ weight.T).float()
-        if "segment_ids" not in batch:
-            logps = sequence_logprobs(hidden, weight, labels, impl=self.impl)
-            return logps, (targets != IGNORE_INDEX).sum(dim=1), logits
-        logps, counts = packed_sequence_logprobs(hidden, weight, batch, impl=self.impl)
-        return logps, counts, logits
+    def hidden_and_weight(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return final_hidden_and_weight(self.lm, {**inputs, "use_cache": False})
+
+    def forward(self, batch: dict, logits_rows: slice | None = None, token_term=None, sequence_loss=None):
+        """(logps [E], counts [E], extra); extra is, by what is asked:
+        - logits_rows: the full [rows, T, V] fp32 logits of those rows of a padded batch (NPO+KL's KL term);
+        - token_term(token_logps, hidden, weight, targets, owner) -> tensor: its value, computed from
+          the same token log-probs (a method's per-token forget term); owner [R, L] is each target's
+          example (-1 elsewhere);
+        - else None.
+        sequence_loss(logps [E], counts [E]) -> scalar, a sum of per-example terms: the call returns
+        one_pass_loss's loss instead of the tuple. batch["target_owner"], target_owner(batch) on the
+        host, lets it find its rows and chunks without a device sync."""
+        hidden, weight = self.hidden_and_weight(batch)
+        targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
+        packed = "segment_ids" in batch
+        examples = batch["index"].numel() if packed else hidden.shape[0]
+        if sequence_loss is not None:
+            return one_pass_loss(
+                hidden,
+                weight,
+                targets,
+                target_owner(batch),
+                examples,
+                sequence_loss,
+                impl=self.impl,
+                host_owner=batch.get("target_owner"),
+                upstream_is_one=True,  # the trainer back-propagates this loss alone
+            )
+        owner = target_owner(batch) if packed or token_term is not None else None
+        logps, counts, term = example_logprobs(
+            hidden, weight, targets, owner, examples, impl=self.impl, token_term=token_term
+        )
+        if logits_rows is not None:
+            return logps, counts, (hidden[logits_rows] @ weight.T).float()
+        return logps, counts, term
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    strip: bool = True,
+    decode=None,
+    stopping_criteria=None,
+    desc: str = "",
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy answers (decoded, stripped) to tokenized prompts, batched with left padding."""
+    """Greedy answers to tokenized prompts, batched with left padding (pad token, else eos), decoded
+    without special tokens. strip=False keeps surrounding whitespace (a caller that cuts at stop
+    words first, as MUSE's evaluation does). decode(token ids) -> str replaces the default decoding;
+    stopping_criteria(prompt_width) -> transformers.StoppingCriteriaList (or None) ends a batch early."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if decode is None:
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
     texts = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
@@ -217,6 +367,7 @@ def greedy_generate(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=None if stopping_criteria is None else stopping_criteria(width),
         )
-        texts += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+        texts += [decode(row) for row in generated[:, width:].tolist()]
+    return [t.strip() for t in texts] if strip else texts

@@ -47,10 +47,10 @@ def build_tiny_llama(vocab_size: int, *, seed: int | None = None, **overrides):
 @contextlib.contextmanager
 def interrupted_in_step(step: int):
     """Inside: the trainer's loop raises KeyboardInterrupt (as Ctrl-C would) at the start of its
-    `step`-th step; fastnpo.train.loop.train_step is restored on leaving."""
-    from fastnpo.train import loop
+    `step`-th step; fastnpo.train.trainer.Trainer.step is restored on leaving."""
+    from fastnpo.train.trainer import Trainer
 
-    real_step, calls = loop.train_step, []
+    real_step, calls = Trainer.step, []
 
     def stop(*args, **kwargs):
         calls.append(1)
@@ -58,11 +58,11 @@ def interrupted_in_step(step: int):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    loop.train_step = stop
+    Trainer.step = stop
     try:
         yield
     finally:
-        loop.train_step = real_step
+        Trainer.step = real_step
 
 
 # The single-sweep designs' tests (test_one_pass.py, test_fused_epilogue.py) share their references.

@@ -18,10 +18,10 @@ from fastnpo.methods import (
     PrepareInputs,
     RMUState,
     TermInputs,
-    example_of_positions,
     rmu_control_vector,
 )
 from fastnpo.modeling import SequenceLogprobModel
+from fastnpo.ops import example_of_positions
 
 VOCAB, PAD, SEED = 64, 0, 3
 # (prompt length, answer length incl. EOS): prompts and answers of different lengths, so the two

@@ -240,11 +240,3 @@ def scored_positions(skip: int, example_of_target: torch.Tensor, forget_rows: sl
     (all but the first `skip` of each example)."""
     in_forget = (example_of_target >= forget_rows.start) & (example_of_target < forget_rows.stop)
     return in_forget & (target_ranks(example_of_target) > skip) if skip else in_forget
-
-
-def example_of_positions(batch: dict) -> torch.Tensor:
-    """[R, L]: the example (its place in the micro-batch) of each attended position, -1 on padding."""
-    if "segment_ids" in batch:
-        return batch["segment_ids"]
-    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)[:, None]
-    return torch.where(batch["attention_mask"] > 0, rows, -1)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..modeling import greedy_generate
 from ..tofu import attacks
 from ..tofu import privacy as privacy_metrics
 from .data import MuseData, load_muse
@@ -131,56 +132,23 @@ class _StopWhenAllHaveStopword(StoppingCriteria):
         return torch.tensor([all(done)] * input_ids.shape[0], device=input_ids.device)
 
 
-@torch.no_grad()
-def generate_raw(
-    lm,
-    tokenizer,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    stopwords=(),
-    desc: str = "",
-    progress: bool = True,
-) -> list[str]:
-    """Greedy continuations of tokenised prompts (left padding), decoded without special tokens and
-    NOT stripped (stop-word truncation must see the leading whitespace: open-unlearning cuts, then
-    strips). fastnpo.modeling.greedy_generate strips its output, so it cannot be used here."""
-    device = next(lm.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        criteria = (
-            StoppingCriteriaList([_StopWhenAllHaveStopword(tokenizer, width, tuple(stopwords))]) if stopwords else None
-        )
-        out = lm.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=criteria,
-        )
-        texts += [_decode(tokenizer, row) for row in out[:, width:].tolist()]
-    return texts
-
-
 def _knowmem(lm, tokenizer, qa, icl, config: MuseEvalConfig, desc: str) -> dict:
     shots = [{"question": q, "answer": a} for q, a in zip(icl["question"], icl["answer"], strict=True)]
     prompts = [_encode(tokenizer, knowmem_prompt(shots, q, config.template)) for q in qa["question"]]
-    raw = generate_raw(
+    stopwords = tuple(config.stopwords)
+    raw = greedy_generate(
         lm,
         tokenizer,
         prompts,
         max_new_tokens=config.knowmem_max_new_tokens,
         batch_size=config.knowmem_batch_size,
-        stopwords=config.stopwords,
+        strip=False,  # stop-word truncation must see the leading whitespace: open-unlearning cuts, then strips
+        decode=lambda ids: _decode(tokenizer, ids),
+        stopping_criteria=(
+            (lambda width: StoppingCriteriaList([_StopWhenAllHaveStopword(tokenizer, width, stopwords)]))
+            if stopwords
+            else None
+        ),
         desc=desc,
         progress=config.progress,
     )
@@ -314,12 +282,14 @@ def _verbmem(lm, tokenizer, data: MuseData, config: MuseEvalConfig) -> tuple[flo
     """forget_verbmem_ROUGE, its per-example details, and the verbmem items (prompt + gold
     continuation tokens), which extraction strength scores next."""
     prompts, items = _verbmem_items(tokenizer, data.verbmem, config.max_length)
-    raw = generate_raw(
+    raw = greedy_generate(
         lm,
         tokenizer,
         prompts,
         max_new_tokens=config.verbmem_max_new_tokens,
         batch_size=config.verbmem_batch_size,
+        strip=False,
+        decode=lambda ids: _decode(tokenizer, ids),
         desc="forget verbmem",
         progress=config.progress,
     )

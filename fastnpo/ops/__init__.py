@@ -16,7 +16,7 @@ DESIGNS.md (checked against README.md's `impl` paragraph by tests/test_design_st
                  split.py (impl="split", formerly "cublas"), epilogue.py (design="epilogue")
     checks.py    input checks that name the argument
     logprobs.py  the public token_logprobs / sequence_logprobs
-    packed.py    per-example log-probs of packed rows
+    packed.py    which example each position belongs to; per-example log-probs of packed rows
     statistics.py  per-token log p(label), mean / second moment of log p, argmax (forward only, no logits)
     ce_u.py      CE-U's per-token loss (vocabulary-chunked autograd function, no full logits)
     undial.py    UNDIAL's per-token loss toward the adjusted reference distribution (same scheme)
@@ -28,7 +28,7 @@ from .ce_u import ce_u_token_losses
 from .designs import DESIGNS, resolve_design
 from .logprobs import IGNORE_INDEX, aligned_labels, sequence_logprobs, token_logprobs
 from .naive import naive_token_logprobs
-from .packed import packed_sequence_logprobs
+from .packed import example_of_positions, packed_sequence_logprobs, target_owner
 from .statistics import TokenStatistics, token_statistics
 from .undial import undial_token_losses
 
@@ -40,6 +40,7 @@ __all__ = [
     "aligned_labels",
     "ce_u_token_losses",
     "example_loss",
+    "example_of_positions",
     "fused_sequence_loss",
     "naive_token_logprobs",
     "packed_sequence_logprobs",
@@ -47,6 +48,7 @@ __all__ = [
     "resolve_filter_eps",
     "resolve_impl",
     "sequence_logprobs",
+    "target_owner",
     "token_logprobs",
     "token_logprobs_flat",
     "token_statistics",

@@ -1,8 +1,26 @@
-"""Per-example log-probs of packed rows (several examples per row, data.collate_packed)."""
+"""Which example each position of a batch belongs to, and per-example log-probs of packed rows
+(several examples per row, data.collate_packed)."""
 
 import torch
 
 from .logprobs import IGNORE_INDEX, aligned_labels, token_logprobs
+
+
+def example_of_positions(batch: dict) -> torch.Tensor:
+    """[R, L]: the example (its place in the batch) of each attended position, -1 on padding. A
+    padded batch (attention_mask) holds one example per row; a packed one says it in segment_ids."""
+    if "segment_ids" in batch:
+        return batch["segment_ids"]
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)[:, None]
+    return torch.where(batch["attention_mask"] > 0, rows, -1)
+
+
+def target_owner(batch: dict) -> torch.Tensor:
+    """[R, L]: the example whose target each position predicts, -1 where none (prompt, padding, an
+    example's last position); aligned with the hidden states like aligned_labels(labels, True)."""
+    targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
+    owner = aligned_labels(example_of_positions(batch), True, -1)
+    return torch.where(targets != IGNORE_INDEX, owner, -1)
 
 
 def packed_sequence_logprobs(
@@ -32,7 +50,5 @@ def packed_sequence_logprobs(
     keep = (targets != IGNORE_INDEX) & (target_segments >= 0)
     seg = target_segments[keep]
     logps = tokens.new_zeros(num_examples).index_add(0, seg, tokens[keep])
-    counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device).index_add(
-        0, seg, torch.ones_like(seg)
-    )
+    counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device).index_add(0, seg, torch.ones_like(seg))
     return logps, counts

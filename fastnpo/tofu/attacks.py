@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..data import collate
-from ..modeling import decoder, output_weight
+from ..modeling import final_hidden_and_weight
 from ..ops import IGNORE_INDEX, aligned_labels, token_logprobs, token_statistics
 from . import privacy
 
@@ -22,9 +22,7 @@ STATISTICS_IMPL = {"split": "auto", "cublas": "auto"}
 
 def _hidden_and_weight(lm, batch: dict):
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-    hidden = decoder(lm)(**inputs, use_cache=False).last_hidden_state
-    weight = output_weight(lm)
-    return hidden, weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight
+    return final_hidden_and_weight(lm, {**inputs, "use_cache": False})
 
 
 @torch.no_grad()

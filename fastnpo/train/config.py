@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from ..config import ConfigError, load_structured, require, require_finite, to_yaml
 from ..data import DataConfig
 from ..methods import METHODS, MethodConfig
-from ..modeling import DTYPES, LoraConfig
+from ..modeling import DTYPES, LOSS_DESIGNS, LoraConfig
 from ..ops import IMPLS
 from .optimizers import OPTIMIZERS, STATE_DTYPES
 from .sharding import DistributedConfig
@@ -64,8 +64,9 @@ class ModelConfig:
         dtypes = ("auto", *DTYPES)
         require(self.dtype in dtypes, "model.dtype", f"must be one of {dtypes}", self.dtype)
         require(self.impl in IMPLS, "model.impl", f"must be one of {IMPLS}", self.impl)
-        designs = ("auto", "one_pass", "two_call")
-        require(self.loss_design in designs, "model.loss_design", f"must be one of {designs}", self.loss_design)
+        require(
+            self.loss_design in LOSS_DESIGNS, "model.loss_design", f"must be one of {LOSS_DESIGNS}", self.loss_design
+        )
         # LoraConfig is shared with other routes; its values only matter here when it is on.
         if self.lora.enabled:
             require(self.lora.r >= 1, "model.lora.r", "must be >= 1", self.lora.r)

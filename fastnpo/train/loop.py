@@ -2,23 +2,20 @@
 `fastnpo cache-ref`).
 
 1. check the output folder and the data before any work (output.py);
-2. load the model; the reference log-probs: one pass of the initial model over every example a
-   loss needs, cached on disk by content (refcache/); no reference model is kept afterwards
-   (except the frozen copy of a method that needs the reference's full distribution); what the
-   method builds once (Method.prepare, setup.prepare_method: e.g. frozen layers, or the
-   reference's final hidden states of the forget answer tokens) is built from the initial model;
-3. wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
-4. the steps (step.py), logged (logging.py) and checkpointed every run.checkpoint_every steps;
-   with eval.every_epoch, an evaluation after each epoch and the best epoch kept
-   (evaluation.py);
-5. a final Hugging Face export.
+2. Trainer.build (trainer.py): load the model; the reference log-probs: one pass of the initial
+   model over every example a loss needs, cached on disk by content (refcache/); no reference
+   model is kept afterwards (except the frozen copy of a method that needs the reference's full
+   distribution); what the method builds once (Method.prepare, setup.prepare_method: e.g. frozen
+   layers, or the reference's final hidden states of the forget answer tokens) is built from the
+   initial model; wrap (LoRA, activation checkpointing, FSDP2), optimizer, schedule, resume;
+3. the steps (Trainer.step, step.py), logged (logging.py) and checkpointed every
+   run.checkpoint_every steps; with eval.every_epoch, an evaluation after each epoch and the best
+   epoch kept (evaluation.py);
+4. a final Hugging Face export.
 """
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import set_seed
 
 from .. import distributed
 from ..methods import method_for
@@ -27,27 +24,20 @@ from ..profiling import reset_peak_memory
 from ..refcache import cache_path, item_logprobs
 from . import checkpoint
 from .config import Config, ConfigError
-from .evaluation import EpochEvaluation
 from .logging import RunLogger, console, mark_finished, write_run_files
-from .optimizers import StepInBackward
 from .output import OutputFolder, OutputLock, prepare_output_dir
 from .setup import (
-    build_optimizer,
     cached_reference_logprobs,
     check_model_sources,
     check_offload,
     check_optimizer,
-    frozen_reference,
     load_data,
-    load_example_weights,
     load_model,
     load_tokenizer,
-    prepare_method,
     reference_cache_dir,
     resolve_model_dtype,
-    wrap_model,
 )
-from .step import StepContext, TrainingDiverged, train_step
+from .trainer import Trainer
 
 __all__ = ["TrainingInterrupted", "build_reference_cache", "train"]
 
@@ -100,21 +90,22 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
         # config.yaml keeps the user's config; a resume on another world size trains with the
         # grad_accum that keeps the checkpoint's global batch.
         user_config, config = config, checkpoint.keep_global_batch(config, info, plan.resume_from, log)
-        run = _build(config, info, plan.resume_from, log, evaluator)
-        if on_epoch_end is not None and run.trainee.sharded:
+        trainer = Trainer.build(config, info, resume_from=plan.resume_from, evaluator=evaluator, log=log)
+        if on_epoch_end is not None and trainer.model.sharded:
             raise ConfigError("on_epoch_end needs the unsharded model: run in one process without optim.offload")
         # Every input is checked and loaded: only now may the old run (run.overwrite) make way.
         folder = OutputFolder(plan, info)
         folder.begin()
         try:
-            write_run_files(plan.out, user_config, run.run_info, info)
-            result = _steps(config, info, run, folder, on_epoch_end, log)
+            write_run_files(plan.out, user_config, trainer.run_info, info)
+            epoch_reports = _steps(trainer, folder, on_epoch_end)
+            result = _finish(trainer, folder, epoch_reports, log)
         except KeyboardInterrupt as interrupt:
             # This run's checkpoints: looked up before abandon() may put an old run back.
             steps = checkpoint.checkpoint_steps(plan.out / "checkpoints")
             newest = plan.out / "checkpoints" / f"step_{steps[-1]}" if steps else None
             folder.abandon()
-            raise TrainingInterrupted(run.step, run.total_steps, newest, config.run.resume) from interrupt
+            raise TrainingInterrupted(trainer.steps_done, trainer.total_steps, newest, config.run.resume) from interrupt
         except BaseException:
             folder.abandon()
             raise
@@ -122,162 +113,66 @@ def _train(config: Config, info: distributed.ProcessInfo, on_epoch_end, evaluato
         return result
 
 
-@dataclass
-class _Run:
-    """What the steps need, built and checked before the output folder is touched."""
-
-    method: object
-    trainee: object
-    tokenizer: object
-    ref: object
-    example_weights: object
-    state: object  # what the method built once (Method.prepare)
-    batches: object
-    optimizer: object
-    scheduler: object
-    total_steps: int
-    step: int  # the steps done: where the run starts, then (_steps) where it has got to
-    run_info: dict
-    evaluation: EpochEvaluation | None = None
-
-
-def _build(config: Config, info: distributed.ProcessInfo, resume_from, log, evaluator=None) -> _Run:
-    method = method_for(config.method.name)
-    set_seed(config.run.seed)
-    tokenizer = load_tokenizer(config)
-    evaluation = None
-    if config.eval.every_epoch:  # refuses bad evaluation input before any work
-        evaluation = EpochEvaluation.build(config, info, evaluator, tokenizer, log)
-        set_seed(config.run.seed)  # whatever the evaluator drew, the run starts from the seed
-    micro_per_step = config.optim.grad_accum * info.world_size
-    sets, batches = load_data(config, tokenizer, method, micro_per_step)  # raises on bad data, before any work
-    example_weights = load_example_weights(config, sets["forget"])
-
-    model = load_model(config, info.device)
-    reference = frozen_reference(config, model) if method.live_reference else None
-    ref, cache_hit = None, None
-    if method.ref_sets:
-        ref, cache_hit = cached_reference_logprobs(config, model, tokenizer, sets, method.ref_sets, info, log)
-    state = prepare_method(config, method, model, sets["forget"], tokenizer.pad_token_id)  # before any wrapping
-    if method.describe(state):
-        log(method.describe(state))
-    trainee = wrap_model(config, model, reference, info)
-    steps_per_epoch = len(batches)
-    if evaluation is not None:
-        evaluation.prepare(trainee, lambda: load_model(config, "cpu"))
-    optimizer, scheduler, total_steps = build_optimizer(config, trainee.parameters, steps_per_epoch)
-    step = 0
-    if resume_from is not None:
-        resume_from, step = checkpoint.resume_run_state(
-            resume_from,
-            trainee.wrapper,
-            optimizer,
-            scheduler,
-            batches,
-            info,
-            log,
-            load_method=lambda saved: method.load_state_dict(state, saved),
-        )
-        log(f"resumed from {resume_from} at step {step}")
-    if evaluation is not None:
-        evaluation.resume(step, steps_per_epoch)
-    run_info = {
-        "reference_cache_hit": cache_hit,
-        "world_size": info.world_size,
-        "fsdp": trainee.sharded,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "resumed_from_step": step,
-        "cache_key": ref.key if ref is not None else None,
-    }
-    return _Run(
-        method,
-        trainee,
-        tokenizer,
-        ref,
-        example_weights,
-        state,
-        batches,
-        optimizer,
-        scheduler,
-        total_steps,
-        step,
-        run_info,
-        evaluation,
-    )
-
-
-def _steps(config: Config, info, run: _Run, folder: OutputFolder, on_epoch_end, log) -> dict:
-    """The steps from run.step to the end, checkpoints, the export."""
-    out, trainee, batches = Path(config.run.output_dir), run.trainee, run.batches
-    optimizer, scheduler = run.optimizer, run.scheduler
-    step, total_steps, steps_per_epoch = run.step, run.total_steps, len(batches)
-    in_backward = StepInBackward(trainee.parameters, optimizer) if config.optim.in_backward else None
-    context = StepContext(
-        config,
-        run.method,
-        info,
-        trainee,
-        run.tokenizer,
-        run.ref,
-        run.example_weights,
-        run.state,
-        in_backward,
-    )
+def _steps(trainer: Trainer, folder: OutputFolder, on_epoch_end) -> list[dict]:
+    """The steps from where the trainer is to the end, logged; the epoch reports; a checkpoint
+    every run.checkpoint_every steps (not after the last: the export follows)."""
+    config, info = trainer.config, trainer.info
+    steps_per_epoch = len(trainer.batches)
     logger = RunLogger(
-        config, info, run.method.sets, total_steps=total_steps, steps_per_epoch=steps_per_epoch, step=step
+        config,
+        info,
+        trainer.method.sets,
+        total_steps=trainer.total_steps,
+        steps_per_epoch=steps_per_epoch,
+        step=trainer.steps_done,
     )
     epoch_reports = []
-    trainee.wrapper.train()
-    while step < total_steps:
+    trainer.model.wrapper.train()
+    while trainer.steps_done < trainer.total_steps:
         started = time.perf_counter()
         reset_peak_memory(info.device)
-        try:
-            result = train_step(context, batches.next_items(), optimizer, scheduler)
-        except TrainingDiverged as error:
-            raise TrainingDiverged(f"step {step + 1}: {error}") from None
-        step += 1
-        run.step = step  # for TrainingInterrupted
-        logger.step(result, step=step, lr=float(scheduler.get_last_lr()[0]), started=started)
-        if (on_epoch_end is not None or run.evaluation is not None) and step % steps_per_epoch == 0:
-            epoch = step // steps_per_epoch
-            report = on_epoch_end(epoch, trainee.hf) if on_epoch_end is not None else None
-            if run.evaluation is not None:
-                report = {**(report or {}), **run.evaluation.epoch_end(epoch, trainee, run.tokenizer)}
+        result = trainer.step(trainer.batches.next_items())
+        step = trainer.steps_done
+        logger.step(result, step=step, lr=trainer.lr, started=started)
+        if (on_epoch_end is not None or trainer.evaluation is not None) and step % steps_per_epoch == 0:
+            report = _epoch_report(trainer, step // steps_per_epoch, on_epoch_end)
             if report is not None:
-                epoch_reports.append({"epoch": epoch, **report})
-                logger.epoch(epoch_reports[-1])
-            trainee.wrapper.train()
-        if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < total_steps:
-            checkpoint.save_run_state(
-                out / "checkpoints",
-                step,
-                trainee.wrapper,
-                optimizer,
-                scheduler,
-                batches,
-                info,
-                keep=config.run.keep_checkpoints,
-                method_state=run.method.state_dict(run.state),
-            )
+                epoch_reports.append(report)
+                logger.epoch(report)
+            trainer.model.wrapper.train()
+        if config.run.checkpoint_every and step % config.run.checkpoint_every == 0 and step < trainer.total_steps:
+            trainer.save_checkpoint(Path(config.run.output_dir) / "checkpoints", keep=config.run.keep_checkpoints)
             folder.commit()
     logger.close()
-    if in_backward is not None:
-        in_backward.remove()
+    trainer.close()
+    return epoch_reports
 
+
+def _epoch_report(trainer: Trainer, epoch: int, on_epoch_end) -> dict | None:
+    """on_epoch_end's report and the evaluation's (eval.every_epoch), merged; None without either."""
+    report = on_epoch_end(epoch, trainer.model.hf) if on_epoch_end is not None else None
+    if trainer.evaluation is not None:
+        report = {**(report or {}), **trainer.evaluation.epoch_end(epoch, trainer.model, trainer.tokenizer)}
+    return {"epoch": epoch, **report} if report is not None else None
+
+
+def _finish(trainer: Trainer, folder: OutputFolder, epoch_reports: list[dict], log) -> dict:
+    """The export (run.export), then train()'s summary."""
+    config, out = trainer.config, Path(trainer.config.run.output_dir)
     final = out / "final"
     if config.run.export:
-        checkpoint.export_hf(trainee.wrapper, trainee.hf, run.tokenizer, final, info, lora=config.model.lora.enabled)
+        trainer.export(final)
         log(f"exported {final}")
-    distributed.barrier(info)
+    distributed.barrier(trainer.info)
     folder.commit()
+    evaluation = trainer.evaluation
     return {
         "epochs": epoch_reports,
         "output_dir": str(out),
-        "steps": step,
-        "reference_cache_hit": run.run_info["reference_cache_hit"],
+        "steps": trainer.steps_done,
+        "reference_cache_hit": trainer.run_info["reference_cache_hit"],
         "final": str(final) if config.run.export else None,
-        **({"best": run.evaluation.best} if run.evaluation is not None and config.eval.keep_best else {}),
+        **({"best": evaluation.best} if evaluation is not None and config.eval.keep_best else {}),
     }
 
 

@@ -18,10 +18,9 @@ from torch import nn
 from ..data import build_unlearning_data
 from ..distributed import ProcessInfo
 from ..files import check_model_source
-from ..methods import Method, PrepareInputs, example_of_positions
+from ..methods import Method, PrepareInputs
 from ..modeling import SequenceLogprobModel, add_lora, checkpoint_dtype, load_causal_lm, output_weight
 from ..modeling import load_tokenizer as load_tokenizer_from
-from ..ops import IGNORE_INDEX, aligned_labels, example_loss, token_logprobs
 from ..refcache import item_target_hidden_states, reference_logprobs
 from . import sharding
 from .config import Config, ConfigError, default_cache_dir
@@ -208,62 +207,6 @@ def frozen_reference(config: Config, model: nn.Module) -> SequenceLogprobModel:
     return SequenceLogprobModel(copy.deepcopy(model).eval().requires_grad_(False), impl=config.model.impl)
 
 
-def target_owner(batch: dict) -> torch.Tensor:
-    """[R, L]: the micro-batch example whose target each position predicts, -1 where none (prompt,
-    padding, an example's last position)."""
-    targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
-    owner = aligned_labels(example_of_positions(batch), True, -1)
-    return torch.where(targets != IGNORE_INDEX, owner, -1)
-
-
-class TrainLogprobModel(SequenceLogprobModel):
-    """SequenceLogprobModel whose forward can also hand the token log-probs to a method's forget
-    term (token_term), or compute a whole loss of per-example log-probs in the one-pass design
-    (sequence_loss), inside the forward: under FSDP2 the lm_head weight is gathered, and its
-    gradient reduced, only in the root module's forward."""
-
-    def forward(self, batch: dict, logits_rows: slice | None = None, token_term=None, sequence_loss=None):
-        """Without token_term and sequence_loss: SequenceLogprobModel.forward.
-
-        token_term: (logps [E], counts [E], token_term(token_logps, hidden, weight, targets, owner)),
-        the token log-probs from the fused op once for every row, their per-example sums the usual
-        logps; owner [R, L] is the micro-batch example of each target (-1 elsewhere).
-        sequence_loss(logps [E], counts [E]) -> scalar, a SUM OF PER-EXAMPLE TERMS (Method.separable):
-        the loss from ops.example_loss's one-pass design, which computes both gradients in this call
-        (the backward only scales them). batch["target_owner"], target_owner(batch) kept on the host
-        by the caller, lets the op find its rows and chunks without a device sync."""
-        if token_term is None and sequence_loss is None:
-            return super().forward(batch, logits_rows=logits_rows)
-        hidden = self.hidden_states(batch)
-        weight = output_weight(self.lm)
-        if weight.dtype != hidden.dtype:  # under autocast the backbone hands back bf16
-            weight = weight.to(hidden.dtype)
-        targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
-        owner = target_owner(batch)
-        examples = batch["index"].numel() if "segment_ids" in batch else hidden.shape[0]
-        # Unowned positions add 0 to example 0: no boolean indexing, so no device sync.
-        counts = torch.zeros(examples, dtype=torch.long, device=hidden.device).index_add(
-            0, owner.clamp(min=0).flatten(), (owner >= 0).long().flatten()
-        )
-        if sequence_loss is not None:
-            with torch.autocast(hidden.device.type, enabled=False):  # the design picks its own precisions
-                return example_loss(
-                    hidden.flatten(0, 1),
-                    weight,
-                    targets.flatten(),
-                    batch.get("target_owner", owner).flatten(),
-                    examples,
-                    lambda logps: sequence_loss(logps, counts),
-                    impl=self.impl,
-                    design="one_pass",
-                    upstream_is_one=True,  # the step back-propagates this loss alone
-                )
-        tokens = token_logprobs(hidden, weight, targets, impl=self.impl)
-        keep = owner >= 0
-        logps = tokens.new_zeros(examples).index_add(0, owner[keep], tokens[keep])
-        return logps, counts, token_term(tokens, hidden, weight, targets, owner)
-
-
 @dataclasses.dataclass
 class TrainModel:
     """The model as the loop sees it. `hf` is the Hugging Face model (PEFT-wrapped with LoRA)
@@ -271,7 +214,7 @@ class TrainModel:
     when `sharded`; `reference` is the frozen copy a live_reference method needs, or None."""
 
     hf: nn.Module
-    wrapper: TrainLogprobModel
+    wrapper: SequenceLogprobModel
     reference: SequenceLogprobModel | None
     parameters: list[nn.Parameter]
     sharded: bool
@@ -288,7 +231,7 @@ def wrap_model(config: Config, model: nn.Module, reference: SequenceLogprobModel
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    wrapper = TrainLogprobModel(model, impl=config.model.impl)
+    wrapper = SequenceLogprobModel(model, impl=config.model.impl)
     offload = config.optim.offload
     sharded = offload or sharding.use_fsdp(config.distributed, info)
     if sharded:

@@ -18,14 +18,15 @@ from .. import distributed
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
-from ..methods import Method, TermInputs, example_of_positions, scored_count
-from ..ops import IGNORE_INDEX
+from ..methods import Method, MethodConfig, TermInputs, scored_count
+from ..modeling import uses_one_pass
+from ..ops import IGNORE_INDEX, example_of_positions, target_owner
 from ..ops.checks import values_checked_by_caller
-from .config import Config, ConfigError
+from .config import ConfigError
 from .optimizers import StepInBackward
-from .setup import TrainModel, target_owner
+from .setup import TrainModel
 
-__all__ = ["StepContext", "StepResult", "TrainingDiverged", "example_of_positions", "train_step"]
+__all__ = ["StepContext", "StepResult", "TrainingDiverged", "train_step"]
 
 
 class TrainingDiverged(ValueError):
@@ -36,19 +37,24 @@ class TrainingDiverged(ValueError):
 class StepContext:
     """What every step reads and no step changes."""
 
-    config: Config
     method: Method
+    method_config: MethodConfig
     info: ProcessInfo
     model: TrainModel
-    tokenizer: object
-    ref: object | None  # the cached reference log-probs (refcache), when the method has ref_sets
-    example_weights: torch.Tensor | None  # by forget example index (run.example_weights)
+    pad_token_id: int
+    grad_accum: int  # optim.grad_accum
+    max_grad_norm: float  # optim.max_grad_norm (0: no clipping)
+    loss_design: str  # model.loss_design
+    packing: bool  # data.packing
+    pack_tokens: int  # data.pack_tokens
+    ref: object | None = None  # the cached reference log-probs (refcache), when the method has ref_sets
+    example_weights: torch.Tensor | None = None  # by forget example index (run.example_weights)
     state: object | None = None  # what the method built once (Method.prepare), e.g. frozen layers
     in_backward: StepInBackward | None = None  # optim.in_backward: the optimizer steps inside the backward
 
     @property
     def micro_per_step(self) -> int:
-        return self.config.optim.grad_accum * self.info.world_size
+        return self.grad_accum * self.info.world_size
 
 
 @dataclass
@@ -122,10 +128,10 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
         counts[f"{name}_examples"] = len(global_batch[name])
         counts[f"{name}_tokens"] = target_tokens(global_batch[name])
         counts[f"{name}_positions"] = sum(len(item["input_ids"]) for item in global_batch[name])
-        counts[f"{name}_scored"] = scored_tokens(global_batch[name], ctx.config.method)
+        counts[f"{name}_scored"] = scored_tokens(global_batch[name], ctx.method_config)
     result = StepResult(global_counts=counts, logp_sums={name: 0.0 for name in sets})
     per_set = {name: split_micro_batches(global_batch.get(name), ctx.micro_per_step) for name in sets}
-    for micro in range(ctx.config.optim.grad_accum):
+    for micro in range(ctx.grad_accum):
         slot = micro * ctx.info.world_size + ctx.info.rank
         parts = {name: per_set[name][slot] for name in sets}
         # A ragged last batch can leave this micro-batch without some set (or without any). It
@@ -144,10 +150,10 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
                 "check the data."
             )
         scheduler.step()
-        ctx.method.after_step(ctx.config.method, ctx.state, result)
+        ctx.method.after_step(ctx.method_config, ctx.state, result)
         return result
     # max_grad_norm 0 measures without clipping (an infinite limit scales by exactly 1).
-    limit = ctx.config.optim.max_grad_norm or math.inf
+    limit = ctx.max_grad_norm or math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters, limit)
     result.collect(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm, ctx.info)
     # The norm is global (reduced across ranks), so every rank takes this branch together.
@@ -161,7 +167,7 @@ def train_step(ctx: StepContext, global_batch: dict, optimizer, scheduler) -> St
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    ctx.method.after_step(ctx.config.method, ctx.state, result)  # host floats after collect: no device sync
+    ctx.method.after_step(ctx.method_config, ctx.state, result)  # host floats after collect: no device sync
     return result
 
 
@@ -176,7 +182,7 @@ def micro_batch_backward(
     for name in sets:
         rows[name] = slice(start, start + len(parts[name]))
         start += len(parts[name])
-    host = collate_micro_batch([it for name in sets for it in parts[name]], ctx.config, ctx.tokenizer)
+    host = collate_micro_batch([it for name in sets for it in parts[name]], ctx)
     batch = to_device(host, ctx.info.device)
     # Input tokens (padding excluded) of the real examples, for tokens/s.
     result.tokens += sum(len(it["input_ids"]) for name in sets if name not in empty for it in parts[name])
@@ -188,7 +194,7 @@ def micro_batch_backward(
     local = {}
     for name in sets:
         items = [] if name in empty else parts[name]
-        local[name] = {unit: local_count(unit, items, ctx.config.method) for unit in UNITS}
+        local[name] = {unit: local_count(unit, items, ctx.method_config) for unit in UNITS}
 
     def share(term) -> float:
         set_name, unit = term.normalizer.split("_")
@@ -201,7 +207,7 @@ def micro_batch_backward(
 
     autocast = torch.autocast(ctx.info.device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast)
     with values_checked_by_caller(), autocast:
-        if uses_one_pass(ctx.config, method, ctx.info.device):
+        if uses_one_pass(ctx.loss_design, ctx.info.device, method.separable):
             batch["target_owner"] = target_owner(host)  # stays on the host: the op's rows without a sync
             loss, terms, logps = one_pass_forward(ctx, batch, rows, ref_logps, weights, step_loss)
         else:
@@ -218,15 +224,6 @@ def micro_batch_backward(
 UNITS = ("examples", "tokens", "positions", "scored")
 
 
-def uses_one_pass(config: Config, method: Method, device: torch.device) -> bool:
-    """model.loss_design resolved: "auto" is the one-pass design on CUDA for the methods whose loss
-    is a sum of per-example terms (Method.separable), the two-call path elsewhere."""
-    design = config.model.loss_design
-    if design == "auto":
-        return device.type == "cuda" and method.separable
-    return design == "one_pass"
-
-
 def one_pass_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_logps: dict, weights, step_loss):
     """(loss, terms, log-probs by set) from ONE call of the one-pass design (ops.example_loss): the
     logits, the loss and both gradients chunk by chunk, inside the wrapper's forward; the loss
@@ -237,7 +234,7 @@ def one_pass_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
     def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
         logps = {name: logps_all[r] for name, r in rows.items()}
         counts = {name: counts_all[r] for name, r in rows.items()}
-        terms = ctx.method.terms(ctx.config.method, TermInputs(logps, counts, ref_logps, weights, state=ctx.state))
+        terms = ctx.method.terms(ctx.method_config, TermInputs(logps, counts, ref_logps, weights, state=ctx.state))
         seen.update(terms=terms, logps=logps)
         return step_loss(terms)
 
@@ -254,7 +251,7 @@ def two_call_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
     with method.capture(state, ctx.model.hf):
         if method.token_level:  # the forget term from per-token values, inside the wrapper's forward
             term = partial(
-                method.forget_term, ctx.config.method, state, forget_rows=rows["forget"], example_index=batch["index"]
+                method.forget_term, ctx.method_config, state, forget_rows=rows["forget"], example_index=batch["index"]
             )
             logps_all, counts_all, token_term = ctx.model.wrapper(batch, token_term=term)
         else:
@@ -269,7 +266,7 @@ def two_call_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
         attended = batch["segment_ids"] >= 0 if "segment_ids" in batch else batch["attention_mask"] > 0
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
     inputs = TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations, state)
-    return method.terms(ctx.config.method, inputs), logps
+    return method.terms(ctx.method_config, inputs), logps
 
 
 def to_device(tree, device: torch.device):
@@ -298,10 +295,10 @@ def local_count(unit: str, items: list[dict], method_config) -> int:
     return target_tokens(items)
 
 
-def collate_micro_batch(items: list[dict], config: Config, tokenizer) -> dict:
-    if config.data.packing:
-        return collate_packed(items, config.data.pack_tokens, tokenizer.pad_token_id)
-    return collate(items, tokenizer.pad_token_id)
+def collate_micro_batch(items: list[dict], ctx: StepContext) -> dict:
+    if ctx.packing:
+        return collate_packed(items, ctx.pack_tokens, ctx.pad_token_id)
+    return collate(items, ctx.pad_token_id)
 
 
 def forget_weights(weights_by_index: torch.Tensor, forget_index: torch.Tensor) -> torch.Tensor:

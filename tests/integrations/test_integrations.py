@@ -101,14 +101,15 @@ class ShapeSpy(TorchDispatchMode):
 # ============================================================================== the patch
 
 
+@pytest.mark.parametrize("loss_design", ["two_call", "one_pass"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_patched_loss_and_gradients_equal_stock(arch):
+def test_patched_loss_and_gradients_equal_stock(arch, loss_design):
     stock = tiny_model(arch)
     model = copy.deepcopy(stock)
     batch = random_batch()
     expected = stock(**batch)
     expected.loss.backward()
-    handle = patch_model(model)
+    handle = patch_model(model, loss_design=loss_design)
     got = model(**batch)
     assert got.logits is None
     got.loss.backward()
@@ -203,7 +204,8 @@ def test_unpatch_restores_stock_behaviour():
     assert model(**batch).logits is not None
 
 
-def test_plain_trainer_with_patch_matches_stock_under_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("loss_design", ["two_call", "one_pass"])
+def test_plain_trainer_with_patch_matches_stock_under_gradient_accumulation(tmp_path, loss_design):
     """The patched model inside an unmodified transformers.Trainer: same losses, same weights,
     with gradient accumulation over micro-batches of different token counts (num_items_in_batch)."""
     rows = []
@@ -235,7 +237,7 @@ def test_plain_trainer_with_patch_matches_stock_under_gradient_accumulation(tmp_
 
     stock_losses, stock = run(tiny_model(), tmp_path / "stock")
     model = tiny_model()
-    patch_model(model)
+    patch_model(model, loss_design=loss_design)  # one_pass: the Trainer scales the loss (upstream gradient != 1)
     losses, model = run(model, tmp_path / "patched")
     assert losses == pytest.approx(stock_losses, rel=1e-5)
     for (name, p), (_, q) in zip(model.named_parameters(), stock.named_parameters(), strict=True):
@@ -497,6 +499,79 @@ def test_unlearning_trainer_gradient_accumulation(tmp_path, tokenizer):
     metrics = trainer.evaluate(data)  # the eval loop goes through the same loss
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_npo"], rel=1e-6)
     assert metrics["eval_loss"] < first["loss"]  # one NPO step lowered the forget log-probs
+
+
+def count_one_pass_calls(monkeypatch) -> list:
+    """Each call of the one-pass design's sweep, recorded (whether it computed the weight gradient)."""
+    from fastnpo.ops import autograd
+
+    calls, real = [], autograd.one_pass_sequence_loss
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("compute_dw", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "one_pass_sequence_loss", counted)
+    return calls
+
+
+def test_patch_loss_design_picks_the_route(monkeypatch):
+    """one_pass runs the one-pass design; two_call and auto on the CPU do not; asking for the
+    per-sequence log-probs always takes the token log-probs."""
+    calls = count_one_pass_calls(monkeypatch)
+    batch = random_batch()
+    for design, expected in [("one_pass", 1), ("two_call", 0), ("auto", 0)]:
+        model = tiny_model()
+        patch_model(model, loss_design=design)
+        model(**batch).loss.backward()
+        assert len(calls) == expected, design
+        calls.clear()
+        model(**batch, return_sequence_logprobs=True).loss.backward()
+        assert calls == [], design
+    with pytest.raises(ValueError, match="loss_design must be one of"):
+        patch_model(tiny_model(), loss_design="fused")
+
+
+@pytest.mark.parametrize("method", ["npo", "ga", "graddiff", "npo_rt", "simnpo"])
+def test_unlearning_trainer_one_pass_trains_like_two_call(monkeypatch, tmp_path, tokenizer, method):
+    """The separable methods through the one-pass design (the loss and both gradients in the
+    patched forward) give the two-call path's losses and parameters after 3 steps (SGD: Adam
+    would turn the 1e-7 rounding differences of near-zero gradients into whole steps; no clipping,
+    which would hide an error that scales the whole gradient)."""
+    calls = count_one_pass_calls(monkeypatch)
+    model = qa_model(tokenizer)
+    data = unlearning_data(tokenizer, model)
+    trained = {}
+    for design in ("two_call", "one_pass"):
+        copied = copy.deepcopy(model)
+        trainer = UnlearningTrainer(
+            copied,
+            training_args(tmp_path / design, optim="sgd", learning_rate=0.05, max_grad_norm=0.0),
+            method=method,
+            loss_design=design,
+            train_dataset=data,
+        )
+        trainer.train()
+        trained[design] = (copied, [log for log in trainer.state.log_history if "loss" in log])
+        assert len(calls) == (3 if design == "one_pass" else 0), design
+    (two_call, two_call_logs), (one_pass, one_pass_logs) = trained["two_call"], trained["one_pass"]
+    for before, after in zip(two_call_logs, one_pass_logs, strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6)
+        assert after["logps/forget"] == pytest.approx(before["logps/forget"], rel=1e-5)
+    initial = dict(model.named_parameters())
+    for (name, p), (_, q) in zip(one_pass.named_parameters(), two_call.named_parameters(), strict=True):
+        # the updates, not the weights: a 1% error in a gradient must show
+        torch.testing.assert_close(p - initial[name], q - initial[name], atol=1e-7, rtol=2e-3, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(one_pass.parameters(), model.parameters(), strict=True))
+
+
+def test_unlearning_trainer_refuses_one_pass_for_a_coupled_loss(tmp_path, tokenizer):
+    model = qa_model(tokenizer)
+    data = unlearning_data(tokenizer, model)
+    with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'idkdpo'"):
+        UnlearningTrainer(model, training_args(tmp_path), method="idkdpo", loss_design="one_pass", train_dataset=data)
+    with pytest.raises(ValueError, match="loss_design must be one of"):
+        UnlearningTrainer(model, training_args(tmp_path), method="npo", loss_design="fast", train_dataset=data)
 
 
 def test_unlearning_trainer_bad_inputs(tmp_path, tokenizer):

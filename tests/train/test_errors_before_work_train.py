@@ -145,10 +145,11 @@ def test_ctrl_c_says_one_line_with_the_step_and_the_resume_command_and_exits_130
 
 
 def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeypatch, capsys, python_sigint):
-    from fastnpo.train import loop
+    from fastnpo.train import trainer
+    from fastnpo.train.trainer import Trainer
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = Trainer.step
 
     def interrupted_on_the_second(*args, **kwargs):
         calls["n"] += 1
@@ -156,7 +157,7 @@ def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", interrupted_on_the_second)
+    monkeypatch.setattr(Trainer, "step", interrupted_on_the_second)
     args = ["train", "--config", str(REPO / "configs" / "tiny_cpu.yaml")]
     argv = args + tiny_overrides(tiny, tmp_path / "run", **{"method.name": "npo", "run.resume": "false"})
     assert cli.main(argv) == 130
@@ -168,7 +169,7 @@ def test_ctrl_c_before_a_checkpoint_and_before_the_steps(tiny, tmp_path, monkeyp
     def interrupted_in_setup(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "load_model", interrupted_in_setup)
+    monkeypatch.setattr(trainer, "load_model", interrupted_in_setup)
     assert cli.main(argv) == 130
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastnpo")]
     assert len(err) == 1 and err[0].startswith("fastnpo train: interrupted before the first step"), err

@@ -10,9 +10,9 @@ from helpers import tiny_config
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
+from fastnpo.modeling import uses_one_pass
 from fastnpo.train import train
 from fastnpo.train.config import ConfigError
-from fastnpo.train.step import uses_one_pass
 
 REPO = Path(__file__).resolve().parents[2]
 SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
@@ -94,10 +94,10 @@ def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch
 def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
     for method, expected in [("npo_rt", True), ("simnpo", True), ("idkdpo", False), ("undial", False)]:
         config = config_for(tiny, tmp_path, **{"method.name": method})
-        assert uses_one_pass(config, METHODS[method], CUDA) is expected
-        assert uses_one_pass(config, METHODS[method], CPU) is False
+        assert uses_one_pass(config.model.loss_design, CUDA, METHODS[method].separable) is expected
+        assert uses_one_pass(config.model.loss_design, CPU, METHODS[method].separable) is False
     config = config_for(tiny, tmp_path, **{"model.loss_design": "two_call"})
-    assert uses_one_pass(config, METHODS["npo"], CUDA) is False
+    assert uses_one_pass(config.model.loss_design, CUDA, METHODS["npo"].separable) is False
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fastnpo.cli import build_parser
+from fastnpo.cli import build_parser, format_plan, run_plan
 from fastnpo.config import ConfigError, load_structured
 from fastnpo.train.config import Config
 from fastnpo.train.memory_estimate import GIB, Settings, estimate
-from fastnpo.train.memory_plan import KNOWN_MODELS, format_plan, model_shape, plan, run_plan
+from fastnpo.train.memory_plan import KNOWN_MODELS, model_shape, plan
 from fastnpo.train.optimizers import STEP_TEMPORARIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -262,7 +262,7 @@ def measure_worker() -> dict:
     """In a fresh process: one warm-up step of a micro model (loads every code path); then, for
     activation checkpointing off and on, the small Llama's first step (AdamW creates its state)
     and the peak of its second step above the resident set before the model was built.
-    fastnpo's own wrap_model, build_optimizer and train_step."""
+    fastnpo's own Trainer (Trainer.around_model: wrap_model, build_optimizer; Trainer.step)."""
     import ctypes
     import gc
     from types import SimpleNamespace
@@ -273,11 +273,9 @@ def measure_worker() -> dict:
     from fastnpo import distributed
     from fastnpo.config import load_structured
     from fastnpo.distributed import ProcessInfo
-    from fastnpo.methods import METHODS, RMUState
+    from fastnpo.methods import RMUState
     from fastnpo.profiling import peak_memory_during
-    from fastnpo.train.optimizers import StepInBackward
-    from fastnpo.train.setup import build_optimizer, wrap_model
-    from fastnpo.train.step import StepContext, train_step
+    from fastnpo.train.trainer import Trainer
 
     torch.manual_seed(0)
     info = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -321,13 +319,8 @@ def measure_worker() -> dict:
         if method == "rmu":  # as the trainer does: frozen copies and the trained subset, before wrapping
             rmu = RMUState(config.method, model, seed=0)
             rmu.select_trainable(model)
-        train_model = wrap_model(config, model, None, info)
-        optimizer, scheduler, _ = build_optimizer(config, train_model.parameters, 10)
-        hooks = StepInBackward(train_model.parameters, optimizer) if in_backward else None
         tokenizer = SimpleNamespace(pad_token_id=0)
-        ctx = StepContext(
-            config, METHODS[method], info, train_model, tokenizer, Ref(), None, state=rmu, in_backward=hooks
-        )
+        trainer = Trainer.around_model(config, info, model, tokenizer, ref=Ref(), state=rmu, steps_per_epoch=10)
         generator = torch.Generator().manual_seed(1)
 
         def batch():
@@ -338,12 +331,12 @@ def measure_worker() -> dict:
             return {"forget": items[:ROWS], "retain": items[ROWS:]}
 
         for _ in range(steps):
-            train_step(ctx, batch(), optimizer, scheduler)
+            trainer.step(batch())
         if not measure:
             return None
         clean()
         held = rss() - start
-        _, extra = peak_memory_during(lambda: train_step(ctx, batch(), optimizer, scheduler), "cpu")
+        _, extra = peak_memory_during(lambda: trainer.step(batch()), "cpu")
         return held, extra
 
     def rss() -> int:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fastnpo.cli import build_parser, main
+from fastnpo.cli import build_parser, main, run_plan
 from fastnpo.config import ConfigError, load_structured
 from fastnpo.train import memory_plan
 from fastnpo.train.config import Config, load_config
-from fastnpo.train.memory_plan import EXIT_DOES_NOT_FIT, run_plan
+from fastnpo.train.memory_plan import EXIT_DOES_NOT_FIT
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(

@@ -96,7 +96,7 @@ def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, mo
         train(tiny_config(tiny, tmp_path / "bad_run", **extra(tmp_path, **{"data.forget": bad})))
     assert not lock_path(tmp_path / "bad_run").exists()
 
-    from fastnpo.train import loop
+    from fastnpo.train.trainer import Trainer
 
     held = []
 
@@ -104,7 +104,7 @@ def test_the_lock_goes_after_a_run_a_failure_and_an_interrupt(tiny, tmp_path, mo
         held.append(lock_path(tmp_path / "stopped").exists())
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train_step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tiny, tmp_path / "stopped", **extra(tmp_path)))
     assert held == [True]  # held while the run wrote, gone after

@@ -17,7 +17,8 @@ from helpers import SYNCING_OPS, tiny_config
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastnpo.train import loop, step, train
+from fastnpo.train import step, train
+from fastnpo.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "_fastnpo_on_device"
@@ -35,7 +36,7 @@ def tagged(tree) -> bool:
 
 
 def caller() -> str:
-    """"transformers" when the sync comes from inside transformers' code, else "fastnpo"."""
+    """ "transformers" when the sync comes from inside transformers' code, else "fastnpo"."""
     inside = any("/transformers/" in frame.filename for frame in traceback.extract_stack())
     return "transformers" if inside else "fastnpo"
 
@@ -58,17 +59,17 @@ class DeviceSyncs(TorchDispatchMode):
 def syncs_per_step(tiny, out, monkeypatch, **extra) -> list[list[str]]:
     """The syncs of each step after the first (whose optimizer states are created in it)."""
     per_step = []
-    original_step, original_to_device = loop.train_step, step.to_device
+    original_step, original_to_device = Trainer.step, step.to_device
 
     def to_device(tree, device):  # a tagged COPY: the host originals stay untagged
         moved = original_to_device(tree, device)
         return tag(pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, moved))
 
-    def counted_step(ctx, batch, optimizer, scheduler):
+    def counted_step(trainer, batch):
         # Optimizer states on the device; their step counts stay on the host (torch's default
         # unless capturable / fused), so reading them is no sync.
-        states = [{k: v for k, v in state.items() if k != "step"} for state in optimizer.state.values()]
-        tag([*ctx.model.wrapper.parameters(), *ctx.model.wrapper.buffers(), *states])
+        states = [{k: v for k, v in state.items() if k != "step"} for state in trainer.optimizer.state.values()]
+        tag([*trainer.model.wrapper.parameters(), *trainer.model.wrapper.buffers(), *states])
         counter, host_reads = DeviceSyncs(), []
         with pytest.MonkeyPatch.context() as reads:
             for method in ("tolist", "cpu", "numpy", "item"):
@@ -81,11 +82,11 @@ def syncs_per_step(tiny, out, monkeypatch, **extra) -> list[list[str]]:
 
                 reads.setattr(torch.Tensor, method, read)
             with counter:
-                result = original_step(ctx, batch, optimizer, scheduler)
+                result = original_step(trainer, batch)
         per_step.append(counter.syncs + host_reads)
         return result
 
-    monkeypatch.setattr(loop, "train_step", counted_step)
+    monkeypatch.setattr(Trainer, "step", counted_step)
     monkeypatch.setattr(step, "to_device", to_device)
     extra = {"run.export": False, "optim.max_steps": 3, **extra}
     train(tiny_config(tiny, out, **extra))

@@ -827,13 +827,14 @@ def test_offload_state_lives_in_cpu_memory_as_dtensor_shards(tiny, tmp_path, off
     from torch.distributed.tensor import DTensor
 
     from fastnpo import distributed
-    from fastnpo.train.setup import build_optimizer, load_model, wrap_model
+    from fastnpo.train.setup import load_model, load_tokenizer
+    from fastnpo.train.trainer import Trainer
 
     config = tiny_config(tiny, tmp_path / "run", **OFFLOAD)
     info = distributed.setup("cpu", offload=True)
     try:
-        trainee = wrap_model(config, load_model(config, info.device), None, info)
-        optimizer, _, _ = build_optimizer(config, trainee.parameters, 1)
+        trainer = Trainer.around_model(config, info, load_model(config, info.device), load_tokenizer(config))
+        trainee, optimizer = trainer.model, trainer.optimizer
         assert trainee.sharded and optimizer.param_groups[0]["fused"] is True
         assert all(isinstance(p, DTensor) and p.to_local().device.type == "cpu" for p in trainee.parameters)
     finally:

@@ -10,8 +10,9 @@ import torch
 from helpers import tiny_config
 from test_train import final_weights, write_jsonl
 
-from fastnpo.train import loop, train
+from fastnpo.train import train
 from fastnpo.train.config import ConfigError
+from fastnpo.train.trainer import Trainer
 
 
 def metrics_steps(out) -> list[int]:
@@ -25,7 +26,7 @@ def snapshot(root) -> dict:
 
 def crash_at(monkeypatch, failing_step: int):
     """Make the loop's step `failing_step` (1-based) raise, as a crash mid-run would."""
-    real, calls = loop.train_step, {"n": 0}
+    real, calls = Trainer.step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -33,7 +34,7 @@ def crash_at(monkeypatch, failing_step: int):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(Trainer, "step", step)
 
 
 # ----------------------------------------------------------------------------- item 6

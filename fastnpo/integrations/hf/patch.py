@@ -19,8 +19,18 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ...modeling import check_supported, decoder, output_weight
-from ...ops import IGNORE_INDEX, IMPLS, aligned_labels, fused_sequence_loss, token_logprobs
+from ...modeling import (
+    LOSS_DESIGNS,
+    check_supported,
+    decoder,
+    example_logprobs,
+    head_operands,
+    one_pass_loss,
+    output_weight,
+    row_owner,
+    uses_one_pass,
+)
+from ...ops import IGNORE_INDEX, IMPLS, aligned_labels
 from ...ops.checks import check_hidden_and_weight, check_labels
 
 __all__ = ["FusedCausalLMOutput", "PatchHandle", "is_patched", "patch_model", "unpatch_model"]
@@ -82,7 +92,7 @@ class FusedCausalLMOutput(CausalLMOutputWithPast):
 class PatchHandle:
     """What patch_model did to one model; ``undo()`` (or leaving a ``with`` block) reverts it."""
 
-    def __init__(self, model, original, previous, positional, impl, return_sequence_logprobs, filter_eps):
+    def __init__(self, model, original, previous, positional, impl, return_sequence_logprobs, filter_eps, loss_design):
         self.model = model
         self.original = original  # the forward we delegate to (bound)
         self.previous = previous  # the instance-level forward we replaced, if any
@@ -90,6 +100,7 @@ class PatchHandle:
         self.impl = impl
         self.return_sequence_logprobs = return_sequence_logprobs
         self.filter_eps = filter_eps
+        self.loss_design = loss_design
         self.installed = None
         self.active = True
 
@@ -136,6 +147,7 @@ def patch_model(
     impl: str = "auto",
     return_sequence_logprobs: bool = False,
     filter_eps="auto",
+    loss_design: str = "auto",
 ) -> PatchHandle:
     """Make a Hugging Face causal LM compute its loss with fastnpo's fused op, without logits.
 
@@ -152,6 +164,10 @@ def patch_model(
         model inside is patched). Refused: logit softcapping / scaling, a bias or a LoRA adapter on
         the lm_head, a model without an output embedding. Tied embeddings are fine.
     impl, filter_eps: as in fastnpo.token_logprobs ("auto": triton on CUDA, chunked torch on CPU).
+    loss_design: how the plain loss (no sequence log-probs asked) is computed, as the trainer's
+        model.loss_design: "one_pass" (ops.example_loss: logits, loss and both gradients in one
+        sweep of the forward, exact: filter_eps unused), "two_call" (token log-probs, gradients in
+        the backward), "auto" (one_pass on CUDA, two_call elsewhere).
 
     Returns a PatchHandle: ``handle.undo()``, ``unpatch_model(model)`` or ``with patch_model(m):``
     restore the stock forward. Patching a patched model updates its settings and returns the same
@@ -160,12 +176,14 @@ def patch_model(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if loss_design not in LOSS_DESIGNS:
+        raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     target = unwrap(model)
     handle = target.__dict__.get(_ATTR)
     if handle is not None:
-        handle.impl, handle.filter_eps = impl, filter_eps
+        handle.impl, handle.filter_eps, handle.loss_design = impl, filter_eps, loss_design
         handle.return_sequence_logprobs = return_sequence_logprobs
         handle.active = True  # re-activates a patch that was undone while wrapped by someone else
         return handle
@@ -189,6 +207,7 @@ def patch_model(
         impl,
         return_sequence_logprobs,
         filter_eps,
+        loss_design,
     )
 
     # Keep the stock signature: Trainer picks dataset columns and loss kwargs from it, and
@@ -221,6 +240,7 @@ def _patched_forward(self, *args, **kwargs):
     handle = self.__dict__.get(_ATTR)
     want = kwargs.pop("return_sequence_logprobs", None)
     token_term = kwargs.pop("fastnpo_token_term", None)
+    sequence_loss = kwargs.pop("fastnpo_sequence_loss", None)
     if handle is None:  # a copy made without the handle: behave like the class
         return type(self).forward(self, *args, **kwargs)
     if len(args) > len(handle.positional):
@@ -232,13 +252,17 @@ def _patched_forward(self, *args, **kwargs):
     if not handle.active or kwargs.get("labels") is None or not _is_zero(kwargs.get("logits_to_keep")):
         return handle.original(**kwargs)
     want = handle.return_sequence_logprobs if want is None else bool(want)
-    return _loss_forward(self, handle, kwargs, want or token_term is not None, token_term)
+    return _loss_forward(self, handle, kwargs, want or token_term is not None, token_term, sequence_loss)
 
 
-def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool, token_term=None):
-    """token_term: None, or fn(token_logps [B, T], hidden [B, T, D], weight [V, D], targets [B, T])
-    -> tensor, computed here, inside the forward (under FSDP the lm_head weight is gathered only
-    there): the per-token methods' forget term (UnlearningTrainer)."""
+def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool, token_term=None, sequence_loss=None):
+    """The loss from the final hidden states through modeling's shared head functions (the same
+    the trainer and the reference pass run). token_term: None, or fn(token_logps [B, T], hidden
+    [B, T, D], weight [V, D], targets [B, T], owner [B, T]) -> tensor, computed here, inside the
+    forward (under FSDP the lm_head weight is gathered only there): the per-token methods' forget
+    term (UnlearningTrainer). sequence_loss: None, or fn(logps [B], counts [B]) -> scalar, a sum of
+    per-example terms that replaces the cross-entropy and runs in the one-pass design
+    (UnlearningTrainer's separable methods)."""
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -254,21 +278,19 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
             "output_router_logits (the MoE load-balancing loss) is not supported by the fastnpo patch; "
             "set config.output_router_logits=False or unpatch the model"
         )
-    weight = _head_weight(model)
+    _head_weight(model)  # refuses an adapter or a quantized head on every call: either can be added later
     outputs = decoder(model)(**kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    if weight.dtype != hidden.dtype:  # autocast hands back bf16 hidden states
-        weight = weight.to(hidden.dtype)
-    if weight.device != hidden.device:  # device_map: the backbone may end elsewhere than the head
-        hidden = hidden.to(weight.device)
+    hidden, weight = head_operands(model, hidden)
     if shift_labels is not None:
         targets = shift_labels.to(hidden.device).long()
     else:
         targets = aligned_labels(labels.to(hidden.device), True, ignore_index)
     check_hidden_and_weight(hidden, weight, exact_dim=3)
     check_labels(targets, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    batch, length, dim = hidden.shape
-    mask = targets != ignore_index
+    if ignore_index != IGNORE_INDEX:  # the shared head functions know one "no target" value
+        targets = targets.masked_fill(targets == ignore_index, IGNORE_INDEX)
+    mask = targets != IGNORE_INDEX
     if num_items is None:
         denominator = mask.sum()
     elif isinstance(num_items, torch.Tensor):
@@ -277,27 +299,22 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
         denominator = num_items
 
     sequence_logps = token_counts = None
-    if want_sequences:
-        tokens = token_logprobs(
-            hidden, weight, targets, ignore_index=ignore_index, impl=handle.impl, filter_eps=handle.filter_eps
-        )
-        sequence_logps = tokens.sum(dim=1)
-        token_counts = mask.sum(dim=1)
-        loss = -sequence_logps.sum() / denominator
-        if token_term is not None:
-            token_term = token_term(tokens, hidden, weight, targets)
+    examples = targets.shape[0]
+    if sequence_loss is None and not want_sequences and uses_one_pass(handle.loss_design, hidden.device):
+
+        def sequence_loss(logps, counts):  # the token-mean cross-entropy is a sum of per-row terms
+            return -logps.sum() / denominator
+
+    if sequence_loss is not None:
+        owner = row_owner(targets)
+        loss = one_pass_loss(hidden, weight, targets, owner, examples, sequence_loss, impl=handle.impl)
     else:
-        loss = fused_sequence_loss(
-            hidden.reshape(batch * length, dim),
-            weight,
-            targets.reshape(-1),
-            length,
-            lambda logps: -logps.sum() / denominator,
-            ignore_index=ignore_index,
-            impl=handle.impl,
-            filter_eps=handle.filter_eps,
-            design="two_sweep",
+        sequence_logps, token_counts, token_term = example_logprobs(
+            hidden, weight, targets, impl=handle.impl, filter_eps=handle.filter_eps, token_term=token_term
         )
+        loss = -sequence_logps.sum() / denominator
+        if not want_sequences:
+            sequence_logps = token_counts = None
     out = FusedCausalLMOutput(
         loss=loss,
         logits=None,

@@ -8,17 +8,9 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer
 
-from ...methods import (
-    METHOD_FIELDS,
-    METHODS,
-    MethodConfig,
-    PrepareInputs,
-    TermInputs,
-    example_of_positions,
-    method_for,
-)
-from ...modeling import SequenceLogprobModel, output_weight
-from ...ops import IGNORE_INDEX
+from ...methods import METHOD_FIELDS, METHODS, MethodConfig, PrepareInputs, TermInputs, method_for
+from ...modeling import LOSS_DESIGNS, SequenceLogprobModel, output_weight, uses_one_pass
+from ...ops import IGNORE_INDEX, example_of_positions
 from ...refcache import item_target_hidden_states
 from .data import (
     PREFIXES,
@@ -166,6 +158,7 @@ class UnlearningTrainer(Trainer):
         retain_coeff: float = 1.0,
         average_logprobs: bool = False,
         impl: str = "auto",
+        loss_design: str = "auto",
         data_collator=None,
         train_dataset=None,
         eval_dataset=None,
@@ -177,6 +170,14 @@ class UnlearningTrainer(Trainer):
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in METHOD_FIELDS}
         config = _method_config(method, beta, forget_coeff, retain_coeff, average_logprobs, options)
         self.method_config, self.method = config, method_for(config.name)
+        if loss_design not in LOSS_DESIGNS:
+            raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
+        if loss_design == "one_pass" and not self.method.separable:
+            raise ValueError(
+                f"loss_design='one_pass' needs a loss that is a sum of per-example terms; method "
+                f"{config.name!r}'s is not: use loss_design='auto' or 'two_call'"
+            )
+        self.loss_design = loss_design
         self.patch_handle = patch_model(model, impl=impl)
         if self.method.lora_conflict and unwrap(model) is not model and type(model).__module__.startswith("peft"):
             raise ValueError(f"{self.method.lora_conflict}: pass the model without LoRA adapters")
@@ -257,11 +258,47 @@ class UnlearningTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         del num_items_in_batch  # every term is a micro-batch mean (see the class docstring)
-        name, method, state = self.method_config.name, self.method, self.method_state
+        name, method = self.method_config.name, self.method
         for column in _required_columns(name):
             if column not in inputs:
                 raise _missing_column(column, name)
         batch, rows = self._joint_batch(inputs)
+        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].float() for s in method.ref_sets}
+        weights = inputs.get("weight")
+        weights = None if weights is None else weights.float()
+        if uses_one_pass(self.loss_design, batch["input_ids"].device, method.separable):
+            outputs, loss, terms, logps = self._one_pass_loss(model, batch, rows, ref_logps, weights)
+        else:
+            outputs, terms, logps = self._two_call_terms(model, batch, rows, ref_logps, weights)
+            loss = sum(term.coeff * term.value for term in terms.values())
+        mode = "train" if model.training else "eval"
+        for key, term in terms.items():
+            self._fastnpo_metrics[mode][key].append(float(term.value.detach()))
+        for set_name in method.sets:
+            self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
+        return (loss, outputs) if return_outputs else loss
+
+    def _one_pass_loss(self, model, batch, rows, ref_logps, weights):
+        """(outputs, loss, terms, log-probs by set) from the patched forward in the one-pass design
+        (the method's loss is a sum of per-example terms): its loss closure is evaluated once per
+        chunk and last on the complete log-probs; the terms and log-probs kept are that last call's."""
+        seen = {}
+
+        def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
+            logps = {s: logps_all[r] for s, r in rows.items()}
+            counts = {s: counts_all[r] for s, r in rows.items()}
+            terms = self.method.terms(self.method_config, TermInputs(logps, counts, ref_logps, weights))
+            seen.update(terms=terms, logps=logps)
+            return sum(term.coeff * term.value for term in terms.values())
+
+        outputs = model(**batch, use_cache=False, fastnpo_sequence_loss=loss_of)
+        return outputs, outputs.loss, seen["terms"], seen["logps"]
+
+    def _two_call_terms(self, model, batch, rows, ref_logps, weights):
+        """(outputs, terms, log-probs by set) from the per-example log-probs of the patched forward
+        (gradients in the backward), with what else the method's forward needs (per-token terms,
+        activations)."""
+        method, state = self.method, self.method_state
         example_index = None
         if self.examples is not None:  # each row's example in what the method prepared (-1: none)
             forget = rows["forget"]
@@ -281,29 +318,16 @@ class UnlearningTrainer(Trainer):
             )
         logps = {s: sequence_logps[r] for s, r in rows.items()}
         counts = {s: outputs.token_counts[r] for s, r in rows.items()}
-        ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].to(sequence_logps) for s in method.ref_sets}
-        weights = inputs.get("weight")
-        weights = None if weights is None else weights.to(sequence_logps)
         token_term = outputs.token_term if method.token_level else None
-        terms = method.terms(
-            self.method_config, TermInputs(logps, counts, ref_logps, weights, None, token_term, activations)
-        )
-        loss = sum(term.coeff * term.value for term in terms.values())
-        mode = "train" if model.training else "eval"
-        for key, term in terms.items():
-            self._fastnpo_metrics[mode][key].append(float(term.value.detach()))
-        for set_name in method.sets:
-            self._fastnpo_metrics[mode][f"logps/{set_name}"].append(float(logps[set_name].detach().mean()))
-        return (loss, outputs) if return_outputs else loss
+        inputs = TermInputs(logps, counts, ref_logps, weights, None, token_term, activations)
+        return outputs, method.terms(self.method_config, inputs), logps
 
     def _token_term(self, forget_rows: slice, example_index: torch.Tensor | None = None):
         """The method's token-level forget term, as a function the patched forward calls;
         example_index: each row's example in what the method prepared (Method.forget_term)."""
         config, method, state = self.method_config, self.method, self.method_state
 
-        def term(token_logps, hidden, weight, targets):
-            rows = torch.arange(targets.shape[0], device=targets.device)[:, None]
-            owner = torch.where(targets != IGNORE_INDEX, rows, -1)
+        def term(token_logps, hidden, weight, targets, owner):
             return method.forget_term(
                 config, state, token_logps, hidden, weight, targets, owner, forget_rows, example_index
             )
