@@ -238,17 +238,25 @@ def one_pass_loss(
     impl="auto",
     host_owner=None,
     upstream_is_one=False,
+    token_level=False,
 ):
     """sequence_loss(logps [E], counts [E]) -> scalar, a SUM OF PER-EXAMPLE TERMS, from ONE call of
     the one-pass design (ops.example_loss): the logits, the loss and both gradients chunk by chunk in
     this forward; the backward only scales them. Arguments as in example_logprobs (owner required);
-    host_owner: the same owner on the host, so the op finds its rows and chunks without a sync."""
+    host_owner: the same owner on the host, so the op finds its rows and chunks without a sync.
+    token_level: sequence_loss(logps, counts, token_logps [R, L]), a sum of per-example AND per-token
+    terms (a token-weighted mean with detached weights)."""
     index = owner.clamp(min=0).flatten()
     counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device)
     counts = counts.index_add(0, index, (owner >= 0).long().flatten())
+    if token_level:
 
-    def loss(logps):
-        return sequence_loss(logps, counts)
+        def loss(logps, token_logps):
+            return sequence_loss(logps, counts, token_logps.view(targets.shape))
+    else:
+
+        def loss(logps):
+            return sequence_loss(logps, counts)
 
     with torch.autocast(hidden.device.type, enabled=False):  # the design picks its own precisions
         return example_loss(
@@ -261,6 +269,7 @@ def one_pass_loss(
             impl=impl,
             design="one_pass",
             upstream_is_one=upstream_is_one,
+            token_level=token_level,
         )
 
 
@@ -294,7 +303,9 @@ class SequenceLogprobModel(nn.Module):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         return final_hidden_and_weight(self.lm, {**inputs, "use_cache": False})
 
-    def forward(self, batch: dict, logits_rows: slice | None = None, token_term=None, sequence_loss=None):
+    def forward(
+        self, batch: dict, logits_rows: slice | None = None, token_term=None, sequence_loss=None, token_loss=None
+    ):
         """(logps [E], counts [E], extra); extra is, by what is asked:
         - logits_rows: the full [rows, T, V] fp32 logits of those rows of a padded batch (NPO+KL's KL term);
         - token_term(token_logps, hidden, weight, targets, owner) -> tensor: its value, computed from
@@ -302,23 +313,25 @@ class SequenceLogprobModel(nn.Module):
           example (-1 elsewhere);
         - else None.
         sequence_loss(logps [E], counts [E]) -> scalar, a sum of per-example terms: the call returns
-        one_pass_loss's loss instead of the tuple. batch["target_owner"], target_owner(batch) on the
-        host, lets it find its rows and chunks without a device sync."""
+        one_pass_loss's loss instead of the tuple. token_loss(logps [E], counts [E], token_logps [R, L])
+        -> scalar, a sum of per-example and per-token terms: the same, token-level. batch["target_owner"],
+        target_owner(batch) on the host, lets it find its rows and chunks without a device sync."""
         hidden, weight = self.hidden_and_weight(batch)
         targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
         packed = "segment_ids" in batch
         examples = batch["index"].numel() if packed else hidden.shape[0]
-        if sequence_loss is not None:
+        if sequence_loss is not None or token_loss is not None:
             return one_pass_loss(
                 hidden,
                 weight,
                 targets,
                 target_owner(batch),
                 examples,
-                sequence_loss,
+                sequence_loss if token_loss is None else token_loss,
                 impl=self.impl,
                 host_owner=batch.get("target_owner"),
                 upstream_is_one=True,  # the trainer back-propagates this loss alone
+                token_level=token_loss is not None,
             )
         owner = target_owner(batch) if packed or token_term is not None else None
         logps, counts, term = example_logprobs(

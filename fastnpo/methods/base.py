@@ -101,9 +101,14 @@ class Method:
     lora_conflict: str = ""  # why the method cannot train LoRA adapters ("" if it can)
     # Its loss is a sum of per-example terms of the per-sequence log-probs alone (the cached
     # reference's and the example weights included): the one-pass design (model.loss_design) can
-    # compute its gradients chunk by chunk. Not so for pairs of examples (IdkDPO), per-token
-    # terms, activations or a live reference's distribution.
+    # compute its gradients chunk by chunk. Not so for pairs of examples (IdkDPO), activations or
+    # a live reference's distribution.
     separable: bool = False
+    # A token-level method whose token_values are elementwise in the token log-probs alone (weights
+    # detached), the rest of its loss separable: the one-pass design computes it too, each chunk's
+    # tokens adding their own gradient (token_forget_term). Not CE-U or UNDIAL (their per-token
+    # values read the whole distribution over the vocabulary).
+    token_separable: bool = False
     # MethodConfig: the shared keys this method resolves its own way, and the keys only it reads.
     defaults: ClassVar[dict] = {"beta": 0.1}
     parameters: ClassVar[dict] = {}
@@ -156,6 +161,18 @@ class Method:
         reference = self.reference_rows(state, owner, scored, example_index)
         values = self.token_values(config, token_logps, hidden, weight, targets, scored, reference)
         return masked_token_mean(values, scored)
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether the one-pass design can compute this method's loss (separable or token_separable)."""
+        return self.separable or self.token_separable
+
+    def token_forget_term(self, config, token_logps, scored, scored_count: int) -> torch.Tensor:
+        """forget_term for a token_separable method from the token log-probs alone, the scored
+        positions and their number found once by the caller (the one-pass design evaluates the
+        loss once per chunk: counting them here would be a device sync each time)."""
+        values = self.token_values(config, token_logps, None, None, None, scored)
+        return torch.where(scored, values, 0.0).sum() / max(1, scored_count)
 
     def reference_rows(self, state, owner, scored, example_index):
         """What token_values needs of `state` for the scored positions (None: nothing)."""

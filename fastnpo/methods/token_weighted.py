@@ -1,6 +1,7 @@
 """Token-weighted gradient ascent: wga and satimp. Each forget term is the token-mean over the
 forget answer tokens of -w NLL = w log p with a detached weight w per token, + retain_coeff x
-retain NLL. The token log-probs come from the fused op once per micro-batch (token_level).
+retain NLL. The token log-probs come from the fused op once per micro-batch (token_level); the
+weights are elementwise in them, so the one-pass design computes the loss too (token_separable).
 
 - wga (WGA, Wang et al. 2025, arXiv 2502.19301): w = p^wga_beta; wga_beta 1 (the paper and
   open-unlearning).
@@ -22,6 +23,7 @@ class WGA(Method):
     sets = ("forget", "retain")
     retain_nll = True
     token_level = True
+    token_separable = True
     parameters: ClassVar[dict] = {"wga_beta": 1.0}
 
     def check(self, config) -> None:
@@ -36,6 +38,7 @@ class SatImp(Method):
     sets = ("forget", "retain")
     retain_nll = True
     token_level = True
+    token_separable = True
     parameters: ClassVar[dict] = {"satimp_beta1": 5.0, "satimp_beta2": 1.0}
 
     def check(self, config) -> None:

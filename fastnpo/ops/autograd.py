@@ -247,6 +247,7 @@ def example_loss(
     design: str | None = None,
     chunk_bytes: int | None = None,
     upstream_is_one: bool = False,
+    token_level: bool = False,
     fused=None,
 ) -> torch.Tensor:
     """fused_sequence_loss for rows of any layout: hidden [N, D], targets [N] (aligned: targets[i]
@@ -260,16 +261,21 @@ def example_loss(
     caller promises to back-propagate this loss alone (loss.backward(), upstream gradient 1): the
     backward then returns the stored gradients without checking the upstream value (a sync).
     design: as in fused_sequence_loss, default "one_pass" (fused: its deprecated spelling).
+    token_level: the loss is loss_from_logprobs(per-example log-probs [E], token log-probs [N], 0
+    where a row has no example), a sum of per-example AND per-token terms (a token-weighted mean
+    with detached weights); designs "one_pass" and "two_call" only.
     The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
     design = resolve_design(design, fused, "one_pass")
     _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs)
+    if token_level and design not in ("one_pass", "two_call"):
+        raise ValueError(f"token_level: a token-level loss runs in design 'one_pass' or 'two_call', got {design!r}")
     if design == "two_call" or resolve_impl(impl, hidden.device) == "naive":
         owner = owner.to(hidden.device)
         unowned = torch.full_like(targets, IGNORE_ROW)
         kept = torch.where(owner >= 0, targets, unowned)
         token_logps = token_logprobs_flat(hidden, weight, kept, IGNORE_ROW, impl, filter_eps)
         sequence_logps = token_logps.new_zeros(num_examples).index_add(0, owner.clamp(min=0), token_logps)
-        return loss_from_logprobs(sequence_logps)
+        return loss_from_logprobs(sequence_logps, token_logps) if token_level else loss_from_logprobs(sequence_logps)
     row_ids = (owner >= 0).nonzero()[:, 0]
     sequence_ids = owner[row_ids]
     bounds = None
@@ -279,6 +285,14 @@ def example_loss(
             budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
             bounds = one_pass.chunk_rows(sequence_ids, num_examples, vocab_size, budget)
         row_ids, sequence_ids = _to_device(row_ids, hidden.device), _to_device(sequence_ids, hidden.device)
+    if token_level:  # the design sees the kept rows' token log-probs; the closure gets every row's
+        every_row, loss_of_rows = hidden.shape[0], loss_from_logprobs
+
+        def loss_from_logprobs(sequence_logps, kept_token_logps):
+            return loss_of_rows(
+                sequence_logps, kept_token_logps.new_zeros(every_row).index_copy(0, row_ids, kept_token_logps)
+            )
+
     return _fused_loss(
         hidden,
         weight,
@@ -293,6 +307,7 @@ def example_loss(
         chunk_bytes=chunk_bytes,
         bounds=bounds,
         upstream_is_one=upstream_is_one,
+        token_level=token_level,
     )
 
 
@@ -348,12 +363,14 @@ def _fused_loss(
     chunk_bytes,
     bounds=None,
     upstream_is_one=False,
+    token_level=False,
 ) -> torch.Tensor:
     """The loss over the kept rows (row_ids, their labels and sequences) through a single-call design;
-    bounds: the one-pass design's chunk boundaries when the caller found them on the host."""
+    bounds: the one-pass design's chunk boundaries when the caller found them on the host;
+    token_level: one_pass_sequence_loss's (the one-pass design only)."""
     impl = resolve_impl(impl, hidden.device)
     if design == "one_pass":
-        run = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds)
+        run = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds, token_level=token_level)
     elif design == "epilogue":
         check_device(hidden.device)
         run = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)

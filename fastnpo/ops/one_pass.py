@@ -179,13 +179,19 @@ def epilogue_kernels(device: torch.device, operand_dtype: torch.dtype):
     return sequence_epilogue
 
 
-def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps: torch.Tensor) -> torch.Tensor:
-    """d loss / d sequence_logps with the sequences not yet seen at their placeholder 0 (exact for the
-    seen ones when the loss is separable)."""
+def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps, sequences, token_logps=None, rows=None):
+    """d loss / d (each of the chunk's token log-probs), with the sequences and tokens not yet seen
+    at their placeholder 0 (exact for the seen ones when the loss is separable): the gradient of
+    the chunk's sequences' sums, plus, for a token-level loss (token_logps: the kept rows' values so
+    far), the gradient of the chunk's own tokens (`rows`, a slice of the kept rows)."""
     with torch.enable_grad():
         leaf = sequence_logps.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(loss_from_logprobs(leaf), leaf)
-    return grad
+        if token_logps is None:
+            (grad,) = torch.autograd.grad(loss_from_logprobs(leaf), leaf)
+            return grad[sequences]
+        tokens = token_logps.detach().requires_grad_()
+        grad, token_grad = torch.autograd.grad(loss_from_logprobs(leaf, tokens), (leaf, tokens))
+    return grad[sequences] + token_grad[rows]
 
 
 def _write_(ops: Matmuls, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -245,6 +251,7 @@ def one_pass_sequence_loss(
     compute_dw: bool,
     chunk_bytes: int | None = None,
     bounds: list[int] | None = None,
+    token_level: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(loss, dH [N, D] in hidden's dtype or None, dW [V, D] in weight's dtype or None) of
     loss_from_logprobs(per-sequence summed log-probs), in one sweep of chunks of whole sequences.
@@ -253,6 +260,9 @@ def one_pass_sequence_loss(
     sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
     chunk_bytes: fp32 logits per chunk (default: chunk_budget's rule, read at call time).
     bounds: chunk_rows's boundaries when the caller found them on the host (then no sync at all).
+    token_level: the loss is loss_from_logprobs(sequence log-probs, token log-probs of the kept rows
+    [n]), separable per sequence AND per token (a sum of per-token terms, e.g. a token-weighted mean
+    with detached weights); each chunk's tokens then add their own gradient to their sequences'.
     Everything is validated and sized before the loop (one .tolist() in chunk_rows); the loop itself
     makes no host sync of its own (the closure's, if any, are the caller's).
     """
@@ -269,9 +279,11 @@ def one_pass_sequence_loss(
     # is sequential) drift by several ulps of the sum; pairwise fp32 sums (the two-call path) do not.
     sequence_sums = torch.zeros(num_sequences, dtype=torch.float64, device=hidden.device)
     dh, dw = _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw)
+    token_values = torch.zeros(row_ids.numel(), dtype=torch.float32, device=hidden.device) if token_level else None
 
-    def run_chunk(ids: torch.Tensor, targets: torch.Tensor, sequences: torch.Tensor, first: bool) -> None:
+    def run_chunk(chunk: slice, first: bool) -> None:
         # A function so that the chunk's buffers are freed on return, before the next chunk's exist.
+        ids, targets, sequences = row_ids[chunk], labels[chunk], sequence_ids[chunk]
         rows = ops.operand(hidden.index_select(0, ids))
         logits = ops.mm(rows, w.T)
         if kernels is None:
@@ -280,9 +292,11 @@ def one_pass_sequence_loss(
             lse, target = kernels.row_statistics(logits, targets)
             token_logps = target - lse
         sequence_sums.index_add_(0, sequences, token_logps.double())
+        if token_values is not None:
+            token_values[chunk] = token_logps
         if dh is None and dw is None:
             return
-        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float())[sequences]
+        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float(), sequences, token_values, chunk)
         if kernels is None:
             dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
         else:  # one more read of the logits, the dlogits written in place over them (a view)
@@ -294,5 +308,7 @@ def one_pass_sequence_loss(
             (_write_ if first else _accumulate_)(ops, dw, dlogits.T, rows)
 
     for r0, r1 in itertools.pairwise(bounds):
-        run_chunk(row_ids[r0:r1], labels[r0:r1], sequence_ids[r0:r1], r0 == 0)
+        run_chunk(slice(r0, r1), r0 == 0)
+    if token_values is not None:
+        return loss_from_logprobs(sequence_sums.float(), token_values), dh, dw
     return loss_from_logprobs(sequence_sums.float()), dh, dw

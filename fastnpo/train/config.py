@@ -47,8 +47,9 @@ class ModelConfig:
     loss_design: how a step computes the loss's gradients. "two_call": the fused token log-probs,
     then autograd through the method's loss (any method). "one_pass": ONE call computes the
     logits, the loss and both gradients chunk by chunk (ops.example_loss: 6NDV FLOPs, no
-    recompute), for the methods whose loss is a sum of per-example terms (Method.separable; the
-    list is in docs/trainer.md) on padded or packed batches. "auto" (the default):
+    recompute), for the methods whose loss is a sum of per-example terms (Method.separable) or
+    also of per-token terms elementwise in the token log-probs (Method.token_separable: WGA,
+    SatImp; the list is in docs/trainer.md) on padded or packed batches. "auto" (the default):
     one_pass on CUDA where the method allows, else two_call."""
 
     name_or_path: str = ""
@@ -273,10 +274,13 @@ def check_config(config: Config) -> None:
     needs_retain = "retain" in METHODS[config.method.name].sets
     require(bool(d.retain) or not needs_retain, "data.retain", f"is required by method {config.method.name}", d.retain)
     if m.loss_design == "one_pass":
-        separable = [name for name, method in METHODS.items() if method.separable]
-        message = f"needs a loss that is a sum of per-example terms ({', '.join(separable)}); use auto or two_call"
+        separable = [name for name, method in METHODS.items() if method.one_pass]
+        message = (
+            f"needs a loss that is a sum of per-example or per-token terms ({', '.join(separable)}); "
+            "use auto or two_call"
+        )
         require(
-            METHODS[config.method.name].separable,
+            METHODS[config.method.name].one_pass,
             "model.loss_design",
             message,
             f"one_pass with method.name={config.method.name}",

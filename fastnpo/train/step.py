@@ -18,7 +18,7 @@ from .. import distributed
 from ..data import collate, collate_packed
 from ..distributed import ProcessInfo
 from ..losses import kl_from_logits
-from ..methods import Method, MethodConfig, TermInputs, scored_count
+from ..methods import Method, MethodConfig, TermInputs, scored_count, scored_positions
 from ..modeling import uses_one_pass
 from ..ops import IGNORE_INDEX, example_of_positions, target_owner
 from ..ops.checks import values_checked_by_caller
@@ -207,9 +207,10 @@ def micro_batch_backward(
 
     autocast = torch.autocast(ctx.info.device.type, dtype=torch.bfloat16, enabled=ctx.model.autocast)
     with values_checked_by_caller(), autocast:
-        if uses_one_pass(ctx.loss_design, ctx.info.device, method.separable):
+        if uses_one_pass(ctx.loss_design, ctx.info.device, method.one_pass):
             batch["target_owner"] = target_owner(host)  # stays on the host: the op's rows without a sync
-            loss, terms, logps = one_pass_forward(ctx, batch, rows, ref_logps, weights, step_loss)
+            scored = local["forget"][method.token_unit] if method.token_separable else None
+            loss, terms, logps = one_pass_forward(ctx, batch, rows, ref_logps, weights, step_loss, scored)
         else:
             terms, logps = two_call_forward(ctx, batch, rows, ref_logps, weights)
             loss = step_loss(terms)
@@ -224,21 +225,31 @@ def micro_batch_backward(
 UNITS = ("examples", "tokens", "positions", "scored")
 
 
-def one_pass_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_logps: dict, weights, step_loss):
+def one_pass_forward(
+    ctx: StepContext, batch: dict, rows: dict[str, slice], ref_logps: dict, weights, step_loss, scored_count=None
+):
     """(loss, terms, log-probs by set) from ONE call of the one-pass design (ops.example_loss): the
     logits, the loss and both gradients chunk by chunk, inside the wrapper's forward; the loss
     carries them to the backward. The closure is evaluated once per chunk and last on the
-    complete log-probs: the terms and log-probs kept are that last call's."""
-    seen = {}
+    complete log-probs: the terms and log-probs kept are that last call's. scored_count: a
+    token_separable method's number of scored forget targets in this micro-batch (host): its
+    forget term then comes from the token log-probs, each chunk's tokens adding their gradient."""
+    method, config, seen = ctx.method, ctx.method_config, {}
+    scored = None
+    if scored_count is not None:  # where the forget term scores, found once on the host
+        skip = method.skipped_targets(config)
+        scored = to_device(scored_positions(skip, batch["target_owner"], rows["forget"]), ctx.info.device)
 
-    def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
+    def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor, token_logps=None) -> torch.Tensor:
         logps = {name: logps_all[r] for name, r in rows.items()}
         counts = {name: counts_all[r] for name, r in rows.items()}
-        terms = ctx.method.terms(ctx.method_config, TermInputs(logps, counts, ref_logps, weights, state=ctx.state))
+        token_term = None if scored is None else method.token_forget_term(config, token_logps, scored, scored_count)
+        inputs = TermInputs(logps, counts, ref_logps, weights, token_term=token_term, state=ctx.state)
+        terms = method.terms(config, inputs)
         seen.update(terms=terms, logps=logps)
         return step_loss(terms)
 
-    loss = ctx.model.wrapper(batch, sequence_loss=loss_of)
+    loss = ctx.model.wrapper(batch, **{"sequence_loss" if scored is None else "token_loss": loss_of})
     return loss, seen["terms"], seen["logps"]
 
 

@@ -23,6 +23,7 @@ from helpers import (
     assert_as_good_as_torch,
     fused_loss_fn,
     sequence_logprobs_plain,
+    token_logprobs_plain,
     value_and_grads,
 )
 
@@ -479,3 +480,54 @@ def test_example_loss_names_the_bad_argument(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         example_loss(args["hidden"], args["weight"], args["targets"], args["owner"], args["num_examples"], args["loss"])
+
+
+def token_weighted_closure(ref_logps, t):
+    """A WGA-style token-level loss: a token-weighted mean with detached weights p^0.7 over the tokens
+    of the even sequences, plus an NPO term over the odd ones (two_call: per-example and per-token)."""
+
+    def loss(logps, token_logps):
+        tokens = token_logps.view(-1, t)
+        forget = torch.zeros_like(tokens, dtype=torch.bool)
+        forget[0::2] = True
+        weighted = torch.exp(0.7 * tokens.detach()) * tokens
+        token_term = torch.where(forget, weighted, 0.0).sum() / 7.0
+        return token_term + losses.npo_from_logprobs(logps[1::2], ref_logps[1::2], beta=BETA)
+
+    return loss
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk; one sequence per chunk
+@pytest.mark.parametrize("upstream", [1.0, -0.6])
+def test_token_level_loss_matches_float64(dtype, tol, chunk_bytes, upstream):
+    """example_loss(token_level=True): each chunk's tokens add their own gradient; the one-pass and
+    two-call designs both match float64 (several chunks, a sequence without targets, a padded row)."""
+    from fastnpo.ops import example_loss
+
+    b, t, d, v = 4, 9, 24, 67
+    torch.manual_seed(3)
+    hidden, weight, labels = make_batch(b, t, d, v, dtype)
+    owner = torch.where(labels != IGNORE, torch.arange(b * t) // t, -1)
+    targets = labels.clamp(min=0)
+    ref_logps = torch.randn(b) * 3 - 20
+    loss_fn = token_weighted_closure(ref_logps, t)
+
+    def plain(h, w, logits_dtype):
+        tokens = token_logprobs_plain(h, w, labels, logits_dtype)
+        return loss_fn(tokens.view(b, t).sum(dim=1), tokens)
+
+    ref = value_and_grads(lambda h, w: plain(h, w, torch.float64), hidden.double(), weight.double(), upstream)
+    same = value_and_grads(lambda h, w: plain(h, w, torch.float32), hidden, weight, upstream)
+    for design in ("one_pass", "two_call"):
+
+        def ours(h, w, design=design):
+            return example_loss(
+                h, w, targets, owner, b, loss_fn, design=design, chunk_bytes=chunk_bytes, token_level=True
+            )
+
+        got = value_and_grads(ours, hidden, weight, upstream)
+        for value, like, want, name in zip(got, same, ref, ("loss", "dH", "dW"), strict=True):
+            assert_as_good_as_torch(value, like, want, tol, f"{design} {name}")
+    with pytest.raises(ValueError, match="token_level"):
+        example_loss(hidden, weight, targets, owner, b, loss_fn, design="epilogue", token_level=True)

@@ -1,6 +1,7 @@
 """The trainer's two loss designs (model.loss_design): the one-pass design (ops.example_loss, the
 gradients computed in the forward call) against the two-call path (token log-probs, then autograd
-through the method's loss), for every method whose loss is a sum of per-example terms."""
+through the method's loss), for every method whose loss is a sum of per-example terms, and for the
+token-level ones whose per-token terms are elementwise in the token log-probs (WGA, SatImp)."""
 
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastnpo.train.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
+TOKEN_SEPARABLE = ["satimp", "wga"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
@@ -39,12 +41,20 @@ def trained(tiny, out, **extra) -> dict:
 
 def test_the_separable_methods_are_the_ones_the_issue_names():
     assert sorted(name for name, method in METHODS.items() if method.separable) == SEPARABLE
+    assert sorted(name for name, method in METHODS.items() if method.token_separable) == TOKEN_SEPARABLE
+    assert sorted(name for name, method in METHODS.items() if method.one_pass) == sorted(SEPARABLE + TOKEN_SEPARABLE)
 
 
-@pytest.mark.parametrize("method", SEPARABLE)
+# SatImp's default weight p^5 (1 - p) is ~0 on a random model: its forget term would not move anything.
+OPTIONS = {"satimp": {"method.satimp_beta1": 0.5}}
+
+
+@pytest.mark.parametrize("method", SEPARABLE + TOKEN_SEPARABLE)
 def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, method):
     weights = {
-        design: trained(tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design})
+        design: trained(
+            tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design, **OPTIONS.get(method, {})}
+        )
         for design in ("two_call", "one_pass")
     }
     moved = 0.0
@@ -54,10 +64,11 @@ def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, 
     assert moved > 1e-4  # three steps at lr 1e-3 moved the parameters: the comparison is not of two copies
 
 
+@pytest.mark.parametrize("method", ["npo_rt", "wga"])
 @pytest.mark.parametrize("extra", [{"data.packing": True, "data.pack_tokens": 128}, {"optim.grad_accum": 2}])
-def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_path, extra):
+def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_path, extra, method):
     weights = {
-        design: trained(tiny, tmp_path / design, **{"method.name": "npo_rt", "model.loss_design": design, **extra})
+        design: trained(tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design, **extra})
         for design in ("two_call", "one_pass")
     }
     for name, two_call in weights["two_call"].items():
@@ -92,12 +103,13 @@ def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch
 
 
 def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
-    for method, expected in [("npo_rt", True), ("simnpo", True), ("idkdpo", False), ("undial", False)]:
+    cases = [("npo_rt", True), ("simnpo", True), ("wga", True), ("idkdpo", False), ("undial", False), ("ceu", False)]
+    for method, expected in cases:
         config = config_for(tiny, tmp_path, **{"method.name": method})
-        assert uses_one_pass(config.model.loss_design, CUDA, METHODS[method].separable) is expected
-        assert uses_one_pass(config.model.loss_design, CPU, METHODS[method].separable) is False
+        assert uses_one_pass(config.model.loss_design, CUDA, METHODS[method].one_pass) is expected
+        assert uses_one_pass(config.model.loss_design, CPU, METHODS[method].one_pass) is False
     config = config_for(tiny, tmp_path, **{"model.loss_design": "two_call"})
-    assert uses_one_pass(config.model.loss_design, CUDA, METHODS["npo"].separable) is False
+    assert uses_one_pass(config.model.loss_design, CUDA, METHODS["npo"].one_pass) is False
 
 
 @pytest.mark.parametrize(
@@ -106,6 +118,7 @@ def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
         ({"model.loss_design": "onepass"}, r"model\.loss_design: must be one of \('auto', 'one_pass', 'two_call'\)"),
         ({"model.loss_design": "one_pass", "method.name": "idkdpo"}, r"model\.loss_design: needs a loss that is a sum"),
         ({"model.loss_design": "one_pass", "method.name": "npo_kl"}, r"one_pass with method\.name=npo_kl"),
+        ({"model.loss_design": "one_pass", "method.name": "ceu"}, r"one_pass with method\.name=ceu"),
     ],
 )
 def test_a_design_the_method_cannot_use_is_refused_naming_the_key(tiny, tmp_path, extra, match):

@@ -172,6 +172,7 @@ class UnlearningTrainer(Trainer):
         self.method_config, self.method = config, method_for(config.name)
         if loss_design not in LOSS_DESIGNS:
             raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
+        # WGA / SatImp's token-level one-pass route is fastnpo's own trainer's only (model.loss_design).
         if loss_design == "one_pass" and not self.method.separable:
             raise ValueError(
                 f"loss_design='one_pass' needs a loss that is a sum of per-example terms; method "
