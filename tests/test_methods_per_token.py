@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from fastnpo.config import ConfigError
-from fastnpo.methods import MethodConfig, rmu_control_vector, scored_targets, target_ranks
-from fastnpo.methods.ceu import ceu_loss
+from fastnpo.methods import METHODS, MethodConfig, rmu_control_vector, scored_targets, target_ranks
 from fastnpo.methods.rmu import rmu_activation_loss
-from fastnpo.methods.token_weighted import satimp_from_token_logprobs, wga_from_token_logprobs
-from fastnpo.ops import ce_u_token_losses, token_logprobs
+from fastnpo.methods.token_weighted import satimp_token_weights, wga_token_weights
+from fastnpo.ops import ce_u_token_losses, soft_target, target_owner, token_logprobs
 
 
 def naive_ceu(hidden, weight, labels, ignore_index=-100):
@@ -79,12 +78,16 @@ def test_ceu_op_batched_shape_all_ignored_and_bad_input():
 
 
 def tiny_lm(b=3, t=9, d=8, v=41):
-    """Hidden states, lm_head and Hugging Face labels (prompt -100, one padded row)."""
+    """Hidden states, lm_head and a padded batch as the collator builds it (prompt labels -100,
+    the last row's last two positions padding)."""
     hidden, weight = inputs(b * t, d, v, scale=2.0)
     labels = torch.randint(0, v, (b, t))
     labels[:, :3] = -100
-    labels[-1, -2:] = -100
-    return hidden, weight, labels
+    attention_mask = torch.ones(b, t, dtype=torch.long)
+    attention_mask[-1, -2:] = 0
+    labels[attention_mask == 0] = -100
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": attention_mask, "labels": labels}
+    return hidden, weight, batch
 
 
 def shifted(hidden, weight, labels):
@@ -93,55 +96,96 @@ def shifted(hidden, weight, labels):
     return hidden.view(b, t, -1), targets
 
 
+def fp32(*tensors):
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+WEIGHTED = {
+    "wga": (MethodConfig(name="wga", wga_beta=0.7), lambda p: p**0.7),
+    "satimp": (MethodConfig(name="satimp", satimp_beta1=3.0, satimp_beta2=0.5), lambda p: p**3.0 * (1 - p) ** 0.5),
+}
+
+
 @pytest.mark.parametrize("name", ["wga", "satimp"])
 def test_weighted_ga_equals_the_formula_with_stop_gradient_weights(name):
-    hidden, weight, labels = tiny_lm()
-    h3, targets = shifted(hidden, weight, labels)
+    hidden, weight, batch = tiny_lm()
+    h3, targets = shifted(hidden, weight, batch["labels"])
     mask = targets != -100
+    # Every other target the model's most likely token: p from about 1/V to near 1, so that both
+    # weight factors matter and the term is far above the tolerance (random targets alone give
+    # SatImp terms of about 1e-6).
+    likely = (h3 @ weight.T).argmax(-1).detach()
+    swap = mask & (torch.arange(targets.shape[1]) % 2 == 0)
+    targets = torch.where(swap, likely, targets)
+    batch["labels"][:, 1:] = targets[:, :-1]
+    config, weights_of = WEIGHTED[name]
     # The paper's formula on full logits in float64: -w * NLL, w from p with its gradient stopped.
     logp = (h3 @ weight.T).log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    p = logp.detach().exp()
-    w = p**0.7 if name == "wga" else p**3.0 * (1 - p) ** 0.5
-    want = (w * logp)[mask].mean()
+    want = (weights_of(logp.detach().exp()) * logp)[mask].mean()
     want_grads = torch.autograd.grad(want, (hidden, weight))
-    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    tokens = token_logprobs(h32.view(h3.shape), w32, targets, impl="torch")
-    if name == "wga":
-        got = wga_from_token_logprobs(tokens, mask, beta=0.7)
-    else:
-        got = satimp_from_token_logprobs(tokens, mask, beta1=3.0, beta2=0.5)
-    got_grads = torch.autograd.grad(got, (h32, w32))
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
-    for g, e in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-3)
+    method, owner, forget_rows = METHODS[name], target_owner(batch), slice(0, 3)
+    scored = scored_targets(config, owner, forget_rows)
+    assert torch.equal(scored, mask)
+    # Both designs' forget terms: the two-call one (forget_term, inside the wrapper's forward) and
+    # the one-pass one (token_forget_term, the scored positions and their count found on the host).
+    for design in ("two_call", "one_pass"):
+        h32, w32 = fp32(hidden, weight)
+        tokens = token_logprobs(h32.view(h3.shape), w32, targets, impl="torch")
+        if design == "two_call":
+            got = method.forget_term(config, None, tokens, h32.view(h3.shape), w32, targets, owner, forget_rows)
+        else:
+            got = method.token_forget_term(config, tokens, scored, int(scored.sum()))
+        got_grads = torch.autograd.grad(got, (h32, w32))
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+        for g, e in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-3)
 
 
-def test_weighted_ga_refuses_bad_parameters():
+def test_weighted_ga_refuses_bad_parameters_and_is_zero_without_a_forget_token():
+    with pytest.raises(ConfigError, match=r"method\.wga_beta"):
+        MethodConfig(name="wga", wga_beta=0.0)
+    with pytest.raises(ConfigError, match=r"method\.satimp_beta2"):
+        MethodConfig(name="satimp", satimp_beta2=-1.0)
     tokens = torch.full((2, 3), -1.0)
     with pytest.raises(ValueError, match="beta must be"):
-        wga_from_token_logprobs(tokens, beta=0)
+        wga_token_weights(tokens, beta=0)
     with pytest.raises(ValueError, match="beta2 must be"):
-        satimp_from_token_logprobs(tokens, beta2=-1)
-    with pytest.raises(ValueError, match="selects no token"):
-        wga_from_token_logprobs(tokens, torch.zeros(2, 3, dtype=torch.bool))
+        satimp_token_weights(tokens, beta2=-1)
+    # A micro-batch without forget rows (a stand-in set) scores no token: the term is 0, not NaN.
+    hidden, weight, batch = tiny_lm()
+    h3, targets = shifted(hidden, weight, batch["labels"])
+    h32, w32 = fp32(hidden, weight)
+    tokens = token_logprobs(h32.view(h3.shape), w32, targets, impl="torch")
+    got = METHODS["wga"].forget_term(
+        MethodConfig(name="wga"), None, tokens, h32.view(h3.shape), w32, targets, target_owner(batch), slice(0, 0)
+    )
+    assert float(got.detach()) == 0.0
 
 
 @pytest.mark.parametrize("ignore_first", [0, 1, 2])
-def test_ceu_loss_equals_the_formula_and_skips_the_first_answer_tokens(ignore_first):
-    hidden, weight, labels = tiny_lm()
-    h3, targets = shifted(hidden, weight, labels)
+def test_ceu_term_equals_the_formula_and_skips_the_first_answer_tokens(ignore_first, monkeypatch):
+    hidden, weight, batch = tiny_lm()
+    h3, targets = shifted(hidden, weight, batch["labels"])
     valid = targets != -100
     scored = valid & (valid.cumsum(-1) > ignore_first)
     want = naive_ceu(h3[scored], weight, targets[scored]).mean()
     want_grads = torch.autograd.grad(want, (hidden, weight))
-    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    got = ceu_loss(h32.view(h3.shape), w32, labels, ignore_first=ignore_first, chunk_size=7)
+    # The method picks the op's vocabulary block width itself (one block at this vocabulary):
+    # blocks of 7 columns so that the blockwise sums are what is checked.
+    widths = []
+    monkeypatch.setattr(soft_target, "vocab_chunk", lambda rows, vocab, size: widths.append(vocab) or 7)
+    config = MethodConfig(name="ceu", ceu_ignore_first=ignore_first)
+    h32, w32 = fp32(hidden, weight)
+    tokens = token_logprobs(h32.view(h3.shape), w32, targets, impl="torch")
+    owner = target_owner(batch)
+    got = METHODS["ceu"].forget_term(config, None, tokens, h32.view(h3.shape), w32, targets, owner, slice(0, 3))
     got_grads = torch.autograd.grad(got, (h32, w32))
+    assert widths == [41]
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
     for g, e in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-3)
-    with pytest.raises(ValueError, match="ignore_first"):
-        ceu_loss(h32.view(h3.shape), w32, labels, ignore_first=-1)
+    with pytest.raises(ConfigError, match=r"method\.ceu_ignore_first"):
+        MethodConfig(name="ceu", ceu_ignore_first=-1)
 
 
 def test_target_ranks_and_scored_targets_in_padded_and_packed_layouts():

@@ -1,4 +1,4 @@
-"""UNDIAL (arXiv 2402.10052): the vocabulary-chunked op, the loss, the method term and the cached
+"""UNDIAL (arXiv 2402.10052): the vocabulary-chunked op, the method's forget term and the cached
 reference against the formula written with full logits in float64."""
 
 from types import SimpleNamespace
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from fastnpo.config import ConfigError
 from fastnpo.methods import METHODS, MethodConfig, UndialReference, forget_token_term, loss_terms, method_for
-from fastnpo.methods.undial import undial_loss, undial_token_values
+from fastnpo.methods.undial import undial_token_values
 from fastnpo.modeling import decoder
-from fastnpo.ops import undial_token_losses
+from fastnpo.ops import soft_target, target_owner, token_logprobs, undial_token_losses
 from fastnpo.train.setup import prepare_method
 
 
@@ -124,19 +124,40 @@ def tiny_lm(b=3, t=9, d=8, v=41):
     return hidden, weight, ref_hidden, ref_weight, labels, targets
 
 
-def test_undial_loss_is_the_token_mean_of_the_formula():
+def test_method_forget_term_is_the_token_mean_of_the_formula(monkeypatch):
+    """Method.forget_term as the trainer calls it: the owner of each target from the padded batch,
+    the reference rows looked up by each row's example index in a cache built like `prepare`'s."""
     hidden, weight, ref_hidden, ref_weight, labels, targets = tiny_lm()
     mask = targets.reshape(-1) != -100
     want = naive_undial(hidden, weight, ref_hidden, ref_weight, targets.reshape(-1), 10.0)[mask].mean()
     want_grads = torch.autograd.grad(want, (hidden, weight))
+    # The method picks the op's vocabulary block width itself (one block at this vocabulary):
+    # blocks of 7 columns so that the blockwise sums are what is checked.
+    widths = []
+    monkeypatch.setattr(soft_target, "vocab_chunk", lambda rows, vocab, size: widths.append(vocab) or 7)
     h32, w32, rh32, rw32 = fp32(hidden, weight, ref_hidden, ref_weight)
-    got = undial_loss(h32.view(3, 9, -1), w32, rh32.view(3, 9, -1), rw32, labels, chunk_size=7)
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[-1, -2:] = 0
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": attention_mask, "labels": labels}
+    owner = target_owner(batch)
+    # Rows 0, 1, 2 are forget examples 5, 0, 2: the cache holds each example's target rows by index.
+    example_index = torch.tensor([5, 0, 2])
+    rh3 = rh32.detach().view(3, 9, -1)
+    state = UndialReference.from_rows({int(e): rh3[r][owner[r] >= 0] for r, e in enumerate(example_index)}, rw32)
+    config, method = MethodConfig(name="undial"), METHODS["undial"]
+    tokens = token_logprobs(h32.view(3, 9, -1), w32, targets, impl="torch")
+    args = (tokens, h32.view(3, 9, -1), w32, targets, owner)
+    got = method.forget_term(config, state, *args, slice(0, 3), example_index)
     got_grads = torch.autograd.grad(got, (h32, w32))
+    assert widths == [41]
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
     for g, e in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-3)
-    with pytest.raises(ValueError, match="no target token"):
-        undial_loss(h32.view(3, 9, -1), w32, rh32.view(3, 9, -1), rw32, torch.full((3, 9), -100))
+    # A micro-batch without forget rows (a stand-in set) scores no token: the term is 0, not NaN.
+    assert float(method.forget_term(config, state, *args, slice(0, 0), example_index).detach()) == 0.0
+    # Rows whose examples the cache does not hold (the data changed after the reference pass).
+    with pytest.raises(ValueError, match="forget example 1 has 0 cached reference answer tokens"):
+        method.forget_term(config, state, *args, slice(0, 3), torch.tensor([5, 1, 2]))
 
 
 def test_method_term_reads_the_reference_rows_of_the_scored_positions():

@@ -53,17 +53,6 @@ class SatImp(Method):
 # ----------------------------------------------------------------------------- the loss
 
 
-def _token_mean(values: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
-        mask = torch.ones_like(values, dtype=torch.bool)
-    if mask.shape != values.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal token_logps shape {tuple(values.shape)}")
-    count = int(mask.sum())
-    if count == 0:
-        raise ValueError("mask selects no token: the token-mean loss is undefined")
-    return torch.where(mask.bool(), values, 0.0).sum() / count
-
-
 def wga_token_weights(token_logps: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
     """WGA's token weights p^beta = exp(beta * log p), detached (stop-gradient)."""
     beta = check_positive("beta", beta)
@@ -76,21 +65,3 @@ def satimp_token_weights(token_logps: torch.Tensor, *, beta1: float = 5.0, beta2
     beta2 = check_positive("beta2", beta2)
     p = torch.exp(token_logps.detach().float())
     return p.pow(beta1) * (1.0 - p).clamp(min=0.0).pow(beta2)
-
-
-def wga_from_token_logprobs(token_logps: torch.Tensor, mask=None, *, beta: float = 1.0) -> torch.Tensor:
-    """Weighted gradient ascent (WGA; Wang et al. 2025, "Rethinking LLM Unlearning Objectives",
-    arXiv 2502.19301): the token-mean of -w * NLL = w * log p over the target tokens (mask), with
-    w = p^beta detached. Minimising it lowers the forget tokens' probabilities, the likely ones
-    most (GA with a confidence weight). beta = 1 in the paper and open-unlearning."""
-    return _token_mean(wga_token_weights(token_logps, beta=beta) * token_logps, mask)
-
-
-def satimp_from_token_logprobs(
-    token_logps: torch.Tensor, mask=None, *, beta1: float = 5.0, beta2: float = 1.0
-) -> torch.Tensor:
-    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning",
-    arXiv 2505.11953): the token-mean of -w * NLL with w = p^beta1 (1 - p)^beta2 detached: weight
-    the tokens by saturation (p^beta1) and importance ((1 - p)^beta2). beta1 = 5, beta2 = 1
-    (open-unlearning's defaults)."""
-    return _token_mean(satimp_token_weights(token_logps, beta1=beta1, beta2=beta2) * token_logps, mask)

@@ -14,8 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..config import require
-from ..ops import IGNORE_INDEX, aligned_labels, undial_token_losses
-from ..ops.checks import check_hidden_and_weight, check_labels
+from ..ops import undial_token_losses
 from .base import Method, PrepareInputs, target_ranks
 
 
@@ -130,36 +129,3 @@ def undial_token_values(
     values = undial_token_losses(hidden[scored], weight, ref_hidden, ref_weight, targets[scored], beta=beta)
     out = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
     return out.index_put(tuple(scored.nonzero().T), values)
-
-
-def undial_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float = 10.0,
-    shift: bool = True,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """UNDIAL (Dong et al., "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
-    Large Language Models", arXiv 2402.10052): the token-mean over the target tokens of the
-    cross-entropy toward the reference distribution with the label's logit lowered by beta,
-    q = softmax(ref_logits - beta onehot(y)) (detached), i.e. LSE(l) - sum_v q_v l_v per token,
-    from hidden states without full logits (ops.undial_token_losses). hidden and ref_hidden
-    [B, T, D] (the current and the reference model's final hidden states of the same tokens),
-    weight and ref_weight [V, D], labels [B, T] as in sequence_logprobs. beta 10: open-unlearning's
-    configs/trainer/UNDIAL.yaml. open-unlearning averages over every position (prompt and padding
-    included); this averages over the answer (target) tokens."""
-    check_hidden_and_weight(hidden, weight, exact_dim=3)
-    check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    targets = aligned_labels(labels, shift, ignore_index)
-    count = int((targets != ignore_index).sum())
-    if count == 0:
-        raise ValueError("labels has no target token (all are ignore_index): the token-mean loss is undefined")
-    tokens = undial_token_losses(
-        hidden, weight, ref_hidden, ref_weight, targets, beta=beta, ignore_index=ignore_index, chunk_size=chunk_size
-    )
-    return tokens.sum() / count
