@@ -43,6 +43,8 @@ SKIPPED_BLOCKS = {
     "tests/integrations/test_documented_routes.py runs it)",
     "FusedDPOTrainer(\n    model,": "a fragment on the reader's model and preference data (needs trl; "
     "tests/integrations/test_documented_routes.py runs it)",
+    "trainer = Trainer.build(config, info)": "needs the tiny setup (runs/tiny): test_trainer_block_runs_as_written "
+    "makes it and runs the block",
 }
 # Commands that never run here (GPU-only, hub-only, long benchmarks): prefix -> reason.
 SKIPPED_COMMANDS = {
@@ -157,3 +159,19 @@ def test_commands_run_as_written(path, tmp_path, monkeypatch, capsys):
                 [sys.executable, "-m", "fastnpo.cli", *args[1:]], capture_output=True, text=True, timeout=600
             )
             assert done.returncode == 0, f"{where} failed (rc {done.returncode}):\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.torchrun
+def test_trainer_block_runs_as_written(tmp_path):
+    """docs/trainer.md's Python block (the Trainer seam) in a new process, in a scratch copy of the
+    root after `fastnpo prepare-tiny`, as a reader runs it: it steps and exports."""
+    (block,) = [text for path, _, lang, text in BLOCKS if "Trainer.build(config, info)" in text]
+    for entry in REPO.iterdir():
+        if entry.name not in USER_STATE:
+            (tmp_path / entry.name).symlink_to(entry)
+    for command in (["-m", "fastnpo.cli", "prepare-tiny", "--out", "runs/tiny"], ["-c", block]):
+        done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    steps = [line.split()[0] for line in done.stdout.splitlines() if line[:1].isdigit()]
+    assert steps == ["1", "2"]
+    assert (tmp_path / "runs" / "by_hand" / "final" / "model.safetensors").is_file()
