@@ -515,6 +515,22 @@ def count_one_pass_calls(monkeypatch) -> list:
     return calls
 
 
+
+@pytest.mark.gpu
+def test_patched_one_pass_loss_on_cuda_equals_stock():
+    """loss_design="auto" on CUDA is the one-pass design (cuBLAS): the stock loss and gradients."""
+    stock = tiny_model().cuda()
+    model = copy.deepcopy(stock)
+    batch = {k: v.cuda() for k, v in random_batch().items()}
+    expected = stock(**batch)
+    expected.loss.backward()
+    patch_model(model)
+    got = model(**batch)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-4, rtol=1e-4)
+    for name, want in grads(stock).items():
+        torch.testing.assert_close(grads(model)[name], want, atol=1e-4, rtol=1e-3, msg=name)
+
 def test_patch_loss_design_picks_the_route(monkeypatch):
     """one_pass runs the one-pass design; two_call and auto on the CPU do not; asking for the
     per-sequence log-probs always takes the token log-probs."""

@@ -484,7 +484,7 @@ def test_example_loss_names_the_bad_argument(change, error, match):
 
 def token_weighted_closure(ref_logps, t):
     """A WGA-style token-level loss: a token-weighted mean with detached weights p^0.7 over the tokens
-    of the even sequences, plus an NPO term over the odd ones (two_call: per-example and per-token)."""
+    of the even sequences, plus an NPO term over the odd ones: separable per example and per token."""
 
     def loss(logps, token_logps):
         tokens = token_logps.view(-1, t)
@@ -497,21 +497,14 @@ def token_weighted_closure(ref_logps, t):
     return loss
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk; one sequence per chunk
-@pytest.mark.parametrize("upstream", [1.0, -0.6])
-def test_token_level_loss_matches_float64(dtype, tol, chunk_bytes, upstream):
-    """example_loss(token_level=True): each chunk's tokens add their own gradient; the one-pass and
-    two-call designs both match float64 (several chunks, a sequence without targets, a padded row)."""
+def check_token_level(b, t, d, v, dtype, tol, chunk_bytes, upstream, device="cpu"):
+    """example_loss(token_level=True), one-pass and two-call designs, against float64 and plain torch."""
     from fastnpo.ops import example_loss
 
-    b, t, d, v = 4, 9, 24, 67
-    torch.manual_seed(3)
-    hidden, weight, labels = make_batch(b, t, d, v, dtype)
-    owner = torch.where(labels != IGNORE, torch.arange(b * t) // t, -1)
+    hidden, weight, labels = make_batch(b, t, d, v, dtype, device)
+    owner = torch.where(labels != IGNORE, torch.arange(b * t, device=device) // t, -1)
     targets = labels.clamp(min=0)
-    ref_logps = torch.randn(b) * 3 - 20
-    loss_fn = token_weighted_closure(ref_logps, t)
+    loss_fn = token_weighted_closure(torch.randn(b, device=device) * 3 - 20, t)
 
     def plain(h, w, logits_dtype):
         tokens = token_logprobs_plain(h, w, labels, logits_dtype)
@@ -529,5 +522,26 @@ def test_token_level_loss_matches_float64(dtype, tol, chunk_bytes, upstream):
         got = value_and_grads(ours, hidden, weight, upstream)
         for value, like, want, name in zip(got, same, ref, ("loss", "dH", "dW"), strict=True):
             assert_as_good_as_torch(value, like, want, tol, f"{design} {name}")
+    return hidden, weight, targets, owner, loss_fn
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk; one sequence per chunk
+@pytest.mark.parametrize("upstream", [1.0, -0.6])
+def test_token_level_loss_matches_float64(dtype, tol, chunk_bytes, upstream):
+    """example_loss(token_level=True): each chunk's tokens add their own gradient; the one-pass and
+    two-call designs both match float64 (several chunks, a sequence without targets, a padded row)."""
+    from fastnpo.ops import example_loss
+
+    torch.manual_seed(3)
+    hidden, weight, targets, owner, loss_fn = check_token_level(4, 9, 24, 67, dtype, tol, chunk_bytes, upstream)
     with pytest.raises(ValueError, match="token_level"):
-        example_loss(hidden, weight, targets, owner, b, loss_fn, design="epilogue", token_level=True)
+        example_loss(hidden, weight, targets, owner, 4, loss_fn, design="epilogue", token_level=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_token_level_loss_on_cuda(dtype, tol):
+    # cuBLAS with out_dtype=float32 and the epilogue kernels (bf16 / fp16), chunks of ~3 sequences.
+    torch.manual_seed(3)
+    check_token_level(12, 160, 256, 5003, dtype, tol, 4 * 5003 * 3 * 160, upstream=0.9, device="cuda")

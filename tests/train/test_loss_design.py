@@ -124,3 +124,21 @@ def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
 def test_a_design_the_method_cannot_use_is_refused_naming_the_key(tiny, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         config_for(tiny, tmp_path, **extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["npo_rt", "wga"])
+def test_one_pass_on_cuda_trains_like_two_call(tiny, tmp_path, method):
+    """On CUDA (cuBLAS, the Triton epilogue kernels where the operands are low precision): auto takes
+    the one-pass design and trains where two_call does, to GPU reduction-order tolerance."""
+    weights = {
+        design: trained(
+            tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design, "run.device": "cuda"}
+        )
+        for design in ("two_call", "auto")
+    }
+    initial = load_file(Path(tiny["base"]) / "model.safetensors")
+    for name, two_call in weights["two_call"].items():
+        moved = float((two_call - initial[name]).abs().max())
+        assert moved > 1e-5, name
+        torch.testing.assert_close(weights["auto"][name], two_call, atol=0.01 * moved, rtol=0, msg=name)
