@@ -127,6 +127,7 @@ CHAT_TEMPLATE = (
 QUESTION_TOKENS, ANSWER_TOKENS = (15, 30), (30, 60)  # TOFU-like: questions ~15-30 tokens, answers ~30-60
 FIELDS = (
     "model",
+    "method",
     "contender",
     "steps_timed",
     "median_step_ms",
@@ -244,6 +245,7 @@ def run_contender(design: str, args, folder: Path, device: torch.device, dtype: 
     out = folder / "runs" / design
     overrides = {
         **RECIPE,
+        "method.name": args.method,
         "model.name_or_path": str(folder / "model"),
         "model.random_init": True,
         "model.dtype": dtype,
@@ -330,7 +332,7 @@ def matmul_rate(device: torch.device) -> tuple[float, str]:
     return rate, f"{str(dtype).removeprefix('torch.')} {n}^3 matmul, median"
 
 
-def summarise(model: str, results: dict, shape: dict, rate: float) -> list[dict]:
+def summarise(model: str, method: str, results: dict, shape: dict, rate: float) -> list[dict]:
     rows = []
     base = results.get("two_call")
     p = matmul_params(shape)
@@ -342,6 +344,7 @@ def summarise(model: str, results: dict, shape: dict, rate: float) -> list[dict]
         rows.append(
             {
                 "model": model,
+                "method": method,
                 "contender": design,
                 "steps_timed": len(r["times"]),
                 "median_step_ms": round(median, 2),
@@ -371,6 +374,7 @@ def write_outputs(out_dir: Path, stem: str, rows: list[dict], header: list[str])
     write_csv(csv_path, rows, FIELDS, header)
     shown = (
         "model",
+        "method",
         "contender",
         "median_step_ms",
         "max_step_ms",
@@ -385,7 +389,8 @@ def write_outputs(out_dir: Path, stem: str, rows: list[dict], header: list[str])
         "first_loss",
     )
     body = markdown_table(({f: fmt_cell(row[f]) for f in shown} for row in rows), shown)
-    write_markdown(md_path, "fastnpo trainer step: one_pass vs two_call (NPO+RT, TOFU batch)", header, [*body, ""])
+    title = f"fastnpo trainer step: one_pass vs two_call ({rows[0]['method'] if rows else '?'}, TOFU batch)"
+    write_markdown(md_path, title, header, [*body, ""])
     return csv_path, md_path
 
 
@@ -403,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default=None, help="model.dtype (default bfloat16 on CUDA, float32 on a CPU)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="loss designs, in the order they run")
+    parser.add_argument(
+        "--method",
+        default=RECIPE["method.name"],
+        help="method.name: the recipe's npo_rt, or another method the one-pass design computes (e.g. wga, the "
+        "token-level route)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune, allocator)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--smoke", action="store_true", help="micro model, 1 warm-up + 2 timed steps, CPU")
@@ -471,7 +482,7 @@ def main(argv=None) -> tuple[Path, Path]:
         for design in contenders:
             results[design] = run_contender(design, args, folder, device, dtype, log)
             gc.collect()
-        rows += summarise(model, results, shape, rate)
+        rows += summarise(model, args.method, results, shape, rate)
         for row in rows[-len(contenders) :]:
             log(str(row))
         header = [
@@ -486,7 +497,8 @@ def main(argv=None) -> tuple[Path, Path]:
             f"{ANSWER_TOKENS[0]}-{ANSWER_TOKENS[1]} (mean question/answer tokens of the last model's sets: "
             + ", ".join(f"{k} {q:.1f}/{a:.1f}" for k, (q, a) in lengths.items())
             + ")",
-            "recipe: configs/tofu_llama32_1b_npo_rt.yaml: NPO+RT, batch 16 forget + 16 retain, grad_accum 2, "
+            f"recipe: configs/tofu_llama32_1b_npo_rt.yaml's (method.name {args.method}): batch 16 forget + 16 retain, "
+            "grad_accum 2, "
             f"max_length 512, AdamW; model.random_init, model.dtype {dtype}",
             *(f"model {s}" for s in shapes),
             f"timing: median of {args.steps} steps after {args.warmup} warm-up, one train() per contender in this "

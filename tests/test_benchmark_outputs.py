@@ -106,12 +106,13 @@ def test_bench_statistics_smoke_mode_runs_and_writes_under_runs_by_default(tmp_p
 @pytest.mark.torchrun
 def test_bench_trainer_smoke_runs_both_loss_designs(tmp_path):
     """bench_trainer.py --smoke (issue 24 item 7): fastnpo.train.train on the micro model, one_pass and
-    two_call, writes a CSV with both contenders' finite step times and a header naming the machine."""
+    two_call, writes a CSV with both contenders' finite step times and a header naming the machine.
+    With --method wga: the token-level one-pass route (the GPU suite's smoke runs the default npo_rt)."""
     import math
     import subprocess
 
     done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_trainer.py"), "--smoke", "--out-dir", str(tmp_path)],
+        [sys.executable, str(BENCH / "bench_trainer.py"), "--smoke", "--method", "wga", "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -121,7 +122,7 @@ def test_bench_trainer_smoke_runs_both_loss_designs(tmp_path):
     header, rows = script("common").read_results_csv(tmp_path / "trainer_cpu_smoke.csv")
     assert any(line.startswith("machine: ") and "cores" in line for line in header), header
     assert any("NO Llama tokenizer" in line for line in header), header
-    assert [r["contender"] for r in rows] == ["two_call", "one_pass"], rows
+    assert [(r["method"], r["contender"]) for r in rows] == [("wga", "two_call"), ("wga", "one_pass")], rows
     for row in rows:
         assert math.isfinite(float(row["median_step_ms"])) and float(row["median_step_ms"]) > 0, row
         assert float(row["tokens_per_s"]) > 0 and row["host_syncs_per_step"] == "n/a", row
