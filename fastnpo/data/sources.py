@@ -105,7 +105,10 @@ def load_table(source: str, split: str, *, what: str = "data set", hub_split_is_
         if _local_file_is_empty(path, builder):
             raise ValueError(f"{what} {str(path)!r} is empty")
         try:
-            return datasets.load_dataset(builder, data_files=str(path))["train"]
+            # The packaged reader directly: load_dataset would first ping the hub to count the load
+            # (an HTTP HEAD even for a local file, a stall of seconds where there is no network).
+            read = datasets.Dataset.from_json if builder == "json" else datasets.Dataset.from_parquet
+            return read(str(path))
         except DatasetGenerationError as error:
             # datasets names the bad row only in a log line; find it and say it in the error.
             raise ValueError(f"{what} {str(path)!r}: {_json_problem(path, builder, error)}") from None

@@ -85,6 +85,30 @@ def test_load_local_forms(tmp_path):
         assert data["answer"] == [r["answer"] for r in rows], source
 
 
+
+def test_a_local_file_loads_without_a_network_call(tmp_path, monkeypatch):
+    """datasets.load_dataset pings the hub to count a load (an HTTP HEAD, even for a local file:
+    a ~5 s stall where there is no network); local files are read without it, every form."""
+    import socket
+
+    from datasets import config
+
+    calls = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: calls.append(args) or [])
+    monkeypatch.setattr(config, "HF_HUB_OFFLINE", False)  # as on a machine where nothing says offline
+    monkeypatch.setattr(config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    rows = make_rows(3)
+    write_jsonl(tmp_path / "forget10.jsonl", rows)
+    (tmp_path / "array.json").write_text(json.dumps(rows), encoding="utf-8")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "retain90.parquet"))
+    for source, split in [
+        (str(tmp_path / "forget10.jsonl"), "ignored"),
+        (str(tmp_path / "array.json"), "ignored"),
+        (str(tmp_path), "retain90"),
+    ]:
+        assert load_qa_split(source, split)["question"] == [r["question"] for r in rows], source
+    assert calls == []
+
 def test_load_hub_branch_calls_load_dataset_with_config_name(monkeypatch):
     rows = make_rows(3)
     calls = []
