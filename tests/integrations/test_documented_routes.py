@@ -20,6 +20,8 @@ from fastnpo.data import encode_qa
 from fastnpo.integrations.hf import UnlearningCollator, is_patched
 from fastnpo.tiny import build_tokenizer
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 REPO = Path(__file__).resolve().parents[2]
 ROUTE_MARKERS = ("fastnpo.integrations", "patch_model(", "from peft", "from trl")
 

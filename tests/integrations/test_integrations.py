@@ -28,6 +28,8 @@ from fastnpo.losses import dpo_from_logprobs, npo_from_logprobs, simnpo_from_log
 from fastnpo.methods import MethodConfig
 from fastnpo.tiny import build_tokenizer
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 VOCAB = 1009  # prime: B*T*V is distinctive, and no vocabulary chunk divides it
 COMMON = dict(
     vocab_size=VOCAB,

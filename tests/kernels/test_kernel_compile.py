@@ -99,6 +99,7 @@ def check_shared_memory(rows) -> None:
     assert not over, f"a config the pruner keeps does not fit: {over}"
 
 
+@pytest.mark.torchrun  # reads compile_results: the compile subprocess
 def test_sm90_bf16_every_kept_autotune_config_fits_shared_memory():
     rows = compile_results(90, "bfloat16")
     check_shared_memory(rows)
@@ -109,6 +110,7 @@ def test_sm90_bf16_every_kept_autotune_config_fits_shared_memory():
     ]
 
 
+@pytest.mark.torchrun  # reads compile_results: the compile subprocess
 def test_sm90_bf16_softmax_gradient_kernel_every_config_fits_and_one_is_spill_free():
     # The split backward's kernel: every config within sm_90's shared memory (none left to the pruner),
     # wgmma in each, no atomics, and at least one config that ptxas fits without spilling.
@@ -122,6 +124,7 @@ def test_sm90_bf16_softmax_gradient_kernel_every_config_fits_and_one_is_spill_fr
     assert any(r["spill_bytes"] == 0 for r in rows), rows
 
 
+@pytest.mark.torchrun  # reads compile_results: the compile subprocess
 def test_sm90_bf16_epilogue_kernels_every_config_fits_without_spills_or_atomics():
     # The one-pass epilogue: one compile per config (one launch each at the chunk's shape), every
     # config kept and within sm_90's shared memory, none spilling, no atomics (a row's reduction

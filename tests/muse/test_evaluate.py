@@ -13,6 +13,8 @@ from fastnpo.muse.evaluate import MuseEvalConfig, evaluate_muse, summary
 from fastnpo.muse.minimuse import TEMPLATE, generate_minimuse, knowmem_prompt, tokenizer_texts, write_minimuse
 from fastnpo.tiny import TinyModelSpec, build_tiny_model, build_tokenizer
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 SIZES = {"num_forget": 3, "num_retain": 2, "num_holdout": 3, "num_general": 4, "num_icl": 1}
 STOP = ("\n\n", "\nQuestion", "Question:")
 

@@ -11,6 +11,8 @@ from fastnpo.tiny import TinyModelSpec
 from fastnpo.tofu.evaluate import EvalConfig, Evaluator, add_forget_quality, summary
 from fastnpo.tofu.minitofu import prepare_tiny
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -24,6 +24,8 @@ from fastnpo.tofu.plots import (
     results_table,
 )
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,6 +12,8 @@ from test_train import final_weights
 
 from fastnpo.train import train
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 COMMON = {"optim.max_steps": 6, "run.checkpoint_every": 2, "method.name": "npo_rt"}
 
 

@@ -21,6 +21,8 @@ from fastnpo.train import train
 from fastnpo.train.config import ConfigError, load_config
 from fastnpo.train.evaluation import EpochEvaluator
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 

@@ -15,6 +15,8 @@ from fastnpo.modeling import uses_one_pass
 from fastnpo.train import train
 from fastnpo.train.config import ConfigError
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 REPO = Path(__file__).resolve().parents[2]
 SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
 TOKEN_SEPARABLE = ["satimp", "wga"]

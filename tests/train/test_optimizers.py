@@ -20,6 +20,8 @@ from fastnpo.train.config import Config, ConfigError, load_config
 from fastnpo.train.optimizers import STATE_DTYPES, KahanAdamW, StepInBackward
 from fastnpo.train.setup import build_optimizer
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS, LR = 200, 1e-5
 

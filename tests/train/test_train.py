@@ -21,6 +21,8 @@ from fastnpo.methods import METHODS
 from fastnpo.train import train
 from fastnpo.train.config import Config, ConfigError, load_config
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 # What a method needs on the 2-layer tiny model: RMU's defaults name layers 5-7 of a 7B model.
 METHOD_OVERRIDES = {"rmu": {"method.rmu_layer": 1, "method.rmu_update_layers": "[0,1]"}}
 RMU_TRAINED = ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight")

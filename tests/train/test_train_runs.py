@@ -14,6 +14,8 @@ from fastnpo.train import train
 from fastnpo.train.config import ConfigError
 from fastnpo.train.trainer import Trainer
 
+pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs them, the inner loop skips them
+
 
 def metrics_steps(out) -> list[int]:
     return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
