@@ -550,12 +550,17 @@ def test_patch_loss_design_picks_the_route(monkeypatch):
         patch_model(tiny_model(), loss_design="fused")
 
 
-@pytest.mark.parametrize("method", ["npo", "ga", "graddiff", "npo_rt", "simnpo"])
+# SatImp's default weight p^5 (1 - p) is ~0 on a random model: its forget term would not move anything.
+ONE_PASS_OPTIONS = {"satimp": {"satimp_beta1": 0.5}}
+
+
+@pytest.mark.parametrize("method", ["npo", "ga", "graddiff", "npo_rt", "simnpo", "wga", "satimp"])
 def test_unlearning_trainer_one_pass_trains_like_two_call(monkeypatch, tmp_path, tokenizer, method):
-    """The separable methods through the one-pass design (the loss and both gradients in the
-    patched forward) give the two-call path's losses and parameters after 3 steps (SGD: Adam
-    would turn the 1e-7 rounding differences of near-zero gradients into whole steps; no clipping,
-    which would hide an error that scales the whole gradient)."""
+    """The separable methods, and the token-level ones whose per-token terms are elementwise in the
+    token log-probs, through the one-pass design (the loss and both gradients in the patched
+    forward) give the two-call path's losses and parameters after 3 steps (SGD: Adam would turn the
+    1e-7 rounding differences of near-zero gradients into whole steps; no clipping, which would hide
+    an error that scales the whole gradient)."""
     calls = count_one_pass_calls(monkeypatch)
     model = qa_model(tokenizer)
     data = unlearning_data(tokenizer, model)
@@ -568,6 +573,7 @@ def test_unlearning_trainer_one_pass_trains_like_two_call(monkeypatch, tmp_path,
             method=method,
             loss_design=design,
             train_dataset=data,
+            **ONE_PASS_OPTIONS.get(method, {}),
         )
         trainer.train()
         trained[design] = (copied, [log for log in trainer.state.log_history if "loss" in log])
@@ -588,6 +594,8 @@ def test_unlearning_trainer_refuses_one_pass_for_a_coupled_loss(tmp_path, tokeni
     data = unlearning_data(tokenizer, model)
     with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'idkdpo'"):
         UnlearningTrainer(model, training_args(tmp_path), method="idkdpo", loss_design="one_pass", train_dataset=data)
+    with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'ceu'"):
+        UnlearningTrainer(model, training_args(tmp_path), method="ceu", loss_design="one_pass", train_dataset=data)
     with pytest.raises(ValueError, match="loss_design must be one of"):
         UnlearningTrainer(model, training_args(tmp_path), method="npo", loss_design="fast", train_dataset=data)
 

@@ -241,6 +241,7 @@ def _patched_forward(self, *args, **kwargs):
     want = kwargs.pop("return_sequence_logprobs", None)
     token_term = kwargs.pop("fastnpo_token_term", None)
     sequence_loss = kwargs.pop("fastnpo_sequence_loss", None)
+    token_loss = kwargs.pop("fastnpo_token_loss", None)
     if handle is None:  # a copy made without the handle: behave like the class
         return type(self).forward(self, *args, **kwargs)
     if len(args) > len(handle.positional):
@@ -252,17 +253,21 @@ def _patched_forward(self, *args, **kwargs):
     if not handle.active or kwargs.get("labels") is None or not _is_zero(kwargs.get("logits_to_keep")):
         return handle.original(**kwargs)
     want = handle.return_sequence_logprobs if want is None else bool(want)
-    return _loss_forward(self, handle, kwargs, want or token_term is not None, token_term, sequence_loss)
+    return _loss_forward(self, handle, kwargs, want or token_term is not None, token_term, sequence_loss, token_loss)
 
 
-def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool, token_term=None, sequence_loss=None):
+def _loss_forward(
+    model, handle: PatchHandle, kwargs: dict, want_sequences: bool, token_term=None, sequence_loss=None, token_loss=None
+):
     """The loss from the final hidden states through modeling's shared head functions (the same
     the trainer and the reference pass run). token_term: None, or fn(token_logps [B, T], hidden
     [B, T, D], weight [V, D], targets [B, T], owner [B, T]) -> tensor, computed here, inside the
     forward (under FSDP the lm_head weight is gathered only there): the per-token methods' forget
     term (UnlearningTrainer). sequence_loss: None, or fn(logps [B], counts [B]) -> scalar, a sum of
     per-example terms that replaces the cross-entropy and runs in the one-pass design
-    (UnlearningTrainer's separable methods)."""
+    (UnlearningTrainer's separable methods). token_loss: the same with the token log-probs too,
+    fn(logps [B], counts [B], token_logps [B, T]), a sum of per-example and per-token terms
+    (forward keyword fastnpo_token_loss: WGA, SatImp)."""
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -305,9 +310,10 @@ def _loss_forward(model, handle: PatchHandle, kwargs: dict, want_sequences: bool
         def sequence_loss(logps, counts):  # the token-mean cross-entropy is a sum of per-row terms
             return -logps.sum() / denominator
 
-    if sequence_loss is not None:
-        owner = row_owner(targets)
-        loss = one_pass_loss(hidden, weight, targets, owner, examples, sequence_loss, impl=handle.impl)
+    if sequence_loss is not None or token_loss is not None:
+        owner, level = row_owner(targets), token_loss is not None
+        loss_fn = token_loss if level else sequence_loss
+        loss = one_pass_loss(hidden, weight, targets, owner, examples, loss_fn, impl=handle.impl, token_level=level)
     else:
         sequence_logps, token_counts, token_term = example_logprobs(
             hidden, weight, targets, impl=handle.impl, filter_eps=handle.filter_eps, token_term=token_term

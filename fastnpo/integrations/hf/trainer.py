@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer
 
-from ...methods import METHOD_FIELDS, METHODS, MethodConfig, PrepareInputs, TermInputs, method_for
-from ...modeling import LOSS_DESIGNS, SequenceLogprobModel, output_weight, uses_one_pass
-from ...ops import IGNORE_INDEX, example_of_positions
+from ...methods import METHOD_FIELDS, METHODS, MethodConfig, PrepareInputs, TermInputs, method_for, scored_positions
+from ...modeling import LOSS_DESIGNS, SequenceLogprobModel, output_weight, row_owner, uses_one_pass
+from ...ops import IGNORE_INDEX, aligned_labels, example_of_positions
 from ...refcache import item_target_hidden_states
 from .data import (
     PREFIXES,
@@ -172,10 +172,9 @@ class UnlearningTrainer(Trainer):
         self.method_config, self.method = config, method_for(config.name)
         if loss_design not in LOSS_DESIGNS:
             raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
-        # WGA / SatImp's token-level one-pass route is fastnpo's own trainer's only (model.loss_design).
-        if loss_design == "one_pass" and not self.method.separable:
+        if loss_design == "one_pass" and not self.method.one_pass:
             raise ValueError(
-                f"loss_design='one_pass' needs a loss that is a sum of per-example terms; method "
+                f"loss_design='one_pass' needs a loss that is a sum of per-example or per-token terms; method "
                 f"{config.name!r}'s is not: use loss_design='auto' or 'two_call'"
             )
         self.loss_design = loss_design
@@ -267,7 +266,7 @@ class UnlearningTrainer(Trainer):
         ref_logps = {s: inputs[f"{column_prefix(s)}ref_logp"].float() for s in method.ref_sets}
         weights = inputs.get("weight")
         weights = None if weights is None else weights.float()
-        if uses_one_pass(self.loss_design, batch["input_ids"].device, method.separable):
+        if uses_one_pass(self.loss_design, batch["input_ids"].device, method.one_pass):
             outputs, loss, terms, logps = self._one_pass_loss(model, batch, rows, ref_logps, weights)
         else:
             outputs, terms, logps = self._two_call_terms(model, batch, rows, ref_logps, weights)
@@ -281,18 +280,26 @@ class UnlearningTrainer(Trainer):
 
     def _one_pass_loss(self, model, batch, rows, ref_logps, weights):
         """(outputs, loss, terms, log-probs by set) from the patched forward in the one-pass design
-        (the method's loss is a sum of per-example terms): its loss closure is evaluated once per
-        chunk and last on the complete log-probs; the terms and log-probs kept are that last call's."""
-        seen = {}
+        (the method's loss is a sum of per-example terms, or also of per-token ones: token_separable):
+        its loss closure is evaluated once per chunk and last on the complete log-probs; the terms
+        and log-probs kept are that last call's."""
+        method, config, seen = self.method, self.method_config, {}
+        scored = None
+        if method.token_separable:  # where the forget term scores and how often: once, not per chunk
+            owner = row_owner(aligned_labels(batch["labels"], True, IGNORE_INDEX))
+            scored = scored_positions(method.skipped_targets(config), owner, rows["forget"])
+            scored_count = int(scored.sum())
 
-        def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor) -> torch.Tensor:
+        def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor, token_logps=None) -> torch.Tensor:
             logps = {s: logps_all[r] for s, r in rows.items()}
             counts = {s: counts_all[r] for s, r in rows.items()}
-            terms = self.method.terms(self.method_config, TermInputs(logps, counts, ref_logps, weights))
+            token_term = None if scored is None else method.token_forget_term(config, token_logps, scored, scored_count)
+            terms = method.terms(config, TermInputs(logps, counts, ref_logps, weights, token_term=token_term))
             seen.update(terms=terms, logps=logps)
             return sum(term.coeff * term.value for term in terms.values())
 
-        outputs = model(**batch, use_cache=False, fastnpo_sequence_loss=loss_of)
+        keyword = "fastnpo_sequence_loss" if scored is None else "fastnpo_token_loss"
+        outputs = model(**batch, use_cache=False, **{keyword: loss_of})
         return outputs, outputs.loss, seen["terms"], seen["logps"]
 
     def _two_call_terms(self, model, batch, rows, ref_logps, weights):
