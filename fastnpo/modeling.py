@@ -169,8 +169,9 @@ LOSS_DESIGNS = ("auto", "one_pass", "two_call")
 def uses_one_pass(loss_design: str, device: torch.device, separable: bool = True) -> bool:
     """Whether a loss of per-example log-probs runs in the one-pass design (ops.example_loss: both
     gradients in the forward) rather than as token log-probs whose backward computes them.
-    "auto": one_pass on CUDA when the loss is a sum of per-example terms (separable), else
-    two_call. The rule the trainer (model.loss_design), the HF patch and UnlearningTrainer share."""
+    "auto": one_pass on CUDA when the loss allows it (separable: a sum of per-example terms, or of
+    per-example and per-token ones: Method.one_pass), else two_call. The rule the trainer
+    (model.loss_design), the HF patch and UnlearningTrainer share."""
     if loss_design not in LOSS_DESIGNS:
         raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
     if loss_design == "auto":
@@ -210,7 +211,7 @@ def example_logprobs(
     position predicts nothing). owner [R, L]: the example of each target (-1 none), num_examples E;
     None: row r is example r (its log-probs summed along the row). token_term(token_logps, hidden,
     weight, targets, owner) -> tensor: a per-token term computed from the same token log-probs.
-    No boolean indexing: the call makes no host sync of its own."""
+    The sums use no boolean indexing: no host sync beyond the fused op's own."""
     if owner is None:
         tokens = token_logprobs(hidden, weight, targets, impl=impl, filter_eps=filter_eps)
         logps, counts = tokens.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
