@@ -203,6 +203,12 @@ def row_owner(targets: torch.Tensor) -> torch.Tensor:
     return torch.where(targets != IGNORE_INDEX, rows, -1)
 
 
+def target_counts(owner: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """int64 [E]: each example's number of targets, from owner [R, L] (-1: none), without a sync."""
+    counts = torch.zeros(num_examples, dtype=torch.long, device=owner.device)
+    return counts.index_add(0, owner.clamp(min=0).flatten(), (owner >= 0).long().flatten())
+
+
 def example_logprobs(
     hidden, weight, targets, owner=None, num_examples=None, *, impl="auto", filter_eps="auto", token_term=None
 ):
@@ -220,10 +226,8 @@ def example_logprobs(
         owned = torch.where(owner >= 0, targets, IGNORE_INDEX)
         tokens = token_logprobs(hidden, weight, owned, impl=impl, filter_eps=filter_eps)
         # Unowned positions add an exact 0.0 to example 0 (their token log-prob is 0).
-        index = owner.clamp(min=0).flatten()
-        logps = tokens.new_zeros(num_examples).index_add(0, index, tokens.flatten())
-        counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device)
-        counts = counts.index_add(0, index, (owner >= 0).long().flatten())
+        logps = tokens.new_zeros(num_examples).index_add(0, owner.clamp(min=0).flatten(), tokens.flatten())
+        counts = target_counts(owner, num_examples)
     term = None if token_term is None else token_term(tokens, hidden, weight, targets, owner)
     return logps, counts, term
 
@@ -247,9 +251,7 @@ def one_pass_loss(
     host_owner: the same owner on the host, so the op finds its rows and chunks without a sync.
     token_level: sequence_loss(logps, counts, token_logps [R, L]), a sum of per-example AND per-token
     terms (a token-weighted mean with detached weights)."""
-    index = owner.clamp(min=0).flatten()
-    counts = torch.zeros(num_examples, dtype=torch.long, device=hidden.device)
-    counts = counts.index_add(0, index, (owner >= 0).long().flatten())
+    counts = target_counts(owner, num_examples)
     if token_level:
 
         def loss(logps, token_logps):

@@ -174,6 +174,25 @@ class Method:
         values = self.token_values(config, token_logps, None, None, None, scored)
         return torch.where(scored, values, 0.0).sum() / max(1, scored_count)
 
+    def one_pass_loss(self, config, rows, ref_logps, weights, combine, *, state=None, scored=None, scored_count=0):
+        """(loss_of, seen) for the one-pass design (one_pass methods): loss_of(logps [E], counts [E]
+        [, token_logps [R, L] when `scored` is given]) -> combine(the method's terms), the closure
+        the design evaluates once per chunk and last on the complete log-probs; `seen` keeps that
+        last call's "terms" and "logps" by set. rows: each set's examples; scored / scored_count: a
+        token_separable method's scored forget positions and their number (token_forget_term)."""
+        seen = {}
+
+        def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor, token_logps=None) -> torch.Tensor:
+            logps = {name: logps_all[r] for name, r in rows.items()}
+            counts = {name: counts_all[r] for name, r in rows.items()}
+            token_term = None if scored is None else self.token_forget_term(config, token_logps, scored, scored_count)
+            inputs = TermInputs(logps, counts, ref_logps, weights, token_term=token_term, state=state)
+            terms = self.terms(config, inputs)
+            seen.update(terms=terms, logps=logps)
+            return combine(terms)
+
+        return loss_of, seen
+
     def reference_rows(self, state, owner, scored, example_index):
         """What token_values needs of `state` for the scored positions (None: nothing)."""
         return None

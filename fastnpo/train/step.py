@@ -234,21 +234,14 @@ def one_pass_forward(
     complete log-probs: the terms and log-probs kept are that last call's. scored_count: a
     token_separable method's number of scored forget targets in this micro-batch (host): its
     forget term then comes from the token log-probs, each chunk's tokens adding their gradient."""
-    method, config, seen = ctx.method, ctx.method_config, {}
+    method, config = ctx.method, ctx.method_config
     scored = None
     if scored_count is not None:  # where the forget term scores, found once on the host
         skip = method.skipped_targets(config)
         scored = to_device(scored_positions(skip, batch["target_owner"], rows["forget"]), ctx.info.device)
-
-    def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor, token_logps=None) -> torch.Tensor:
-        logps = {name: logps_all[r] for name, r in rows.items()}
-        counts = {name: counts_all[r] for name, r in rows.items()}
-        token_term = None if scored is None else method.token_forget_term(config, token_logps, scored, scored_count)
-        inputs = TermInputs(logps, counts, ref_logps, weights, token_term=token_term, state=ctx.state)
-        terms = method.terms(config, inputs)
-        seen.update(terms=terms, logps=logps)
-        return step_loss(terms)
-
+    loss_of, seen = method.one_pass_loss(
+        config, rows, ref_logps, weights, step_loss, state=ctx.state, scored=scored, scored_count=scored_count
+    )
     loss = ctx.model.wrapper(batch, **{"sequence_loss" if scored is None else "token_loss": loss_of})
     return loss, seen["terms"], seen["logps"]
 

@@ -123,6 +123,11 @@ class _ExampleKeys:
         return torch.tensor(places, dtype=torch.long)
 
 
+def _weighted_sum(terms: dict) -> torch.Tensor:
+    """The loss of micro-batch-mean terms: each times its coefficient (see UnlearningTrainer)."""
+    return sum(term.coeff * term.value for term in terms.values())
+
+
 class UnlearningTrainer(Trainer):
     """transformers.Trainer minimising a fastnpo unlearning loss on cached reference log-probs.
 
@@ -270,7 +275,7 @@ class UnlearningTrainer(Trainer):
             outputs, loss, terms, logps = self._one_pass_loss(model, batch, rows, ref_logps, weights)
         else:
             outputs, terms, logps = self._two_call_terms(model, batch, rows, ref_logps, weights)
-            loss = sum(term.coeff * term.value for term in terms.values())
+            loss = _weighted_sum(terms)
         mode = "train" if model.training else "eval"
         for key, term in terms.items():
             self._fastnpo_metrics[mode][key].append(float(term.value.detach()))
@@ -283,21 +288,15 @@ class UnlearningTrainer(Trainer):
         (the method's loss is a sum of per-example terms, or also of per-token ones: token_separable):
         its loss closure is evaluated once per chunk and last on the complete log-probs; the terms
         and log-probs kept are that last call's."""
-        method, config, seen = self.method, self.method_config, {}
-        scored = None
+        method, config = self.method, self.method_config
+        scored, scored_count = None, 0
         if method.token_separable:  # where the forget term scores and how often: once, not per chunk
             owner = row_owner(aligned_labels(batch["labels"], True, IGNORE_INDEX))
             scored = scored_positions(method.skipped_targets(config), owner, rows["forget"])
             scored_count = int(scored.sum())
-
-        def loss_of(logps_all: torch.Tensor, counts_all: torch.Tensor, token_logps=None) -> torch.Tensor:
-            logps = {s: logps_all[r] for s, r in rows.items()}
-            counts = {s: counts_all[r] for s, r in rows.items()}
-            token_term = None if scored is None else method.token_forget_term(config, token_logps, scored, scored_count)
-            terms = method.terms(config, TermInputs(logps, counts, ref_logps, weights, token_term=token_term))
-            seen.update(terms=terms, logps=logps)
-            return sum(term.coeff * term.value for term in terms.values())
-
+        loss_of, seen = method.one_pass_loss(
+            config, rows, ref_logps, weights, _weighted_sum, scored=scored, scored_count=scored_count
+        )
         keyword = "fastnpo_sequence_loss" if scored is None else "fastnpo_token_loss"
         outputs = model(**batch, use_cache=False, **{keyword: loss_of})
         return outputs, outputs.loss, seen["terms"], seen["logps"]
