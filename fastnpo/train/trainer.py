@@ -24,7 +24,7 @@ from ..data import PairedBatches
 from ..distributed import ProcessInfo
 from ..methods import Method, method_for
 from . import checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .evaluation import EpochEvaluation
 from .optimizers import StepInBackward
 from .setup import (
@@ -188,9 +188,14 @@ class Trainer:
         Method.prepare (`state`: what it would build, made before this call since it may freeze
         parameters), no frozen reference copy (a live_reference method needs build()). `tokenizer`
         needs only pad_token_id to step."""
+        method = method_for(config.method.name)
+        if method.live_reference:  # refused before any wrapping: the step would need the frozen copy
+            raise ConfigError(
+                f"method.name: {config.method.name} needs a frozen reference model, which only "
+                "Trainer.build makes; Trainer.around_model cannot run it"
+            )
         trainee = wrap_model(config, model, None, info)
         optimizer, scheduler, total_steps = build_optimizer(config, trainee.parameters, steps_per_epoch)
-        method = method_for(config.method.name)
         return cls(config, info, method, trainee, tokenizer, optimizer, scheduler, total_steps, ref=ref, state=state)
 
     def step(self, global_batch: dict[str, list[dict]]) -> StepResult:

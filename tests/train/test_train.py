@@ -843,6 +843,20 @@ def test_offload_state_lives_in_cpu_memory_as_dtensor_shards(tiny, tmp_path, off
         distributed.teardown()
 
 
+def test_around_model_refuses_a_method_that_needs_the_frozen_reference(tiny, tmp_path):
+    from fastnpo import distributed
+    from fastnpo.train.setup import load_model, load_tokenizer
+    from fastnpo.train.trainer import Trainer
+
+    config = tiny_config(tiny, tmp_path / "run", **{"method.name": "npo_kl"})
+    info = distributed.setup("cpu")
+    try:
+        model = load_model(config, info.device)
+        with pytest.raises(ConfigError, match=r"method\.name: npo_kl needs a frozen reference.*Trainer\.build"):
+            Trainer.around_model(config, info, model, load_tokenizer(config))
+    finally:
+        distributed.teardown()
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
