@@ -244,18 +244,20 @@ def one_pass_loss(
     host_owner=None,
     upstream_is_one=False,
     token_level=False,
+    token_values="logprob",
 ):
     """sequence_loss(logps [E], counts [E]) -> scalar, a SUM OF PER-EXAMPLE TERMS, from ONE call of
     the one-pass design (ops.example_loss): the logits, the loss and both gradients chunk by chunk in
     this forward; the backward only scales them. Arguments as in example_logprobs (owner required);
     host_owner: the same owner on the host, so the op finds its rows and chunks without a sync.
-    token_level: sequence_loss(logps, counts, token_logps [R, L]), a sum of per-example AND per-token
-    terms (a token-weighted mean with detached weights)."""
+    token_level: sequence_loss(logps, counts, per-token values [R, L]), a sum of per-example AND
+    per-token terms (a token-weighted mean with detached weights); token_values: what those values
+    are, "logprob" (the token log-probs) or "ce_u" (CE-U's per-token losses: ops.example_loss)."""
     counts = target_counts(owner, num_examples)
     if token_level:
 
-        def loss(logps, token_logps):
-            return sequence_loss(logps, counts, token_logps.view(targets.shape))
+        def loss(logps, per_token):
+            return sequence_loss(logps, counts, per_token.view(targets.shape))
     else:
 
         def loss(logps):
@@ -273,6 +275,7 @@ def one_pass_loss(
             design="one_pass",
             upstream_is_one=upstream_is_one,
             token_level=token_level,
+            token_values=token_values,
         )
 
 
@@ -307,7 +310,13 @@ class SequenceLogprobModel(nn.Module):
         return final_hidden_and_weight(self.lm, {**inputs, "use_cache": False})
 
     def forward(
-        self, batch: dict, logits_rows: slice | None = None, token_term=None, sequence_loss=None, token_loss=None
+        self,
+        batch: dict,
+        logits_rows: slice | None = None,
+        token_term=None,
+        sequence_loss=None,
+        token_loss=None,
+        token_values: str = "logprob",
     ):
         """(logps [E], counts [E], extra); extra is, by what is asked:
         - logits_rows: the full [rows, T, V] fp32 logits of those rows of a padded batch (NPO+KL's KL term);
@@ -317,7 +326,8 @@ class SequenceLogprobModel(nn.Module):
         - else None.
         sequence_loss(logps [E], counts [E]) -> scalar, a sum of per-example terms: the call returns
         one_pass_loss's loss instead of the tuple. token_loss(logps [E], counts [E], token_logps [R, L])
-        -> scalar, a sum of per-example and per-token terms: the same, token-level. batch["target_owner"],
+        -> scalar, a sum of per-example and per-token terms: the same, token-level (token_values: what
+        its per-token values are, one_pass_loss's). batch["target_owner"],
         target_owner(batch) on the host, lets it find its rows and chunks without a device sync."""
         hidden, weight = self.hidden_and_weight(batch)
         targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
@@ -335,6 +345,7 @@ class SequenceLogprobModel(nn.Module):
                 host_owner=batch.get("target_owner"),
                 upstream_is_one=True,  # the trainer back-propagates this loss alone
                 token_level=token_loss is not None,
+                token_values=token_values,
             )
         owner = target_owner(batch) if packed or token_term is not None else None
         logps, counts, term = example_logprobs(

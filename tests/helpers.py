@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from fastnpo.ops.matmuls import Matmuls
+
 HAS_CUDA = torch.cuda.is_available()
 # Triton tests: CUDA tensors with compiled kernels on a GPU machine, CPU tensors under the
 # interpreter elsewhere (tiny shapes: the interpreter takes ~1 ms per program iteration).
@@ -197,3 +199,15 @@ def tiny_alternates(tiny) -> Path:
         ]
         path.write_text("".join(line + "\n" for line in lines))
     return path
+
+
+class LowPrecisionOperands(Matmuls):
+    """The CUDA path's matmuls, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
+    operands with fp32 results, so the dlogits are written in the input's dtype and dW is accumulated
+    by addmm_ in it, as cuBLAS does on the GPU (monkeypatch it over one_pass.Matmuls)."""
+
+    def __init__(self, like):
+        self.mode, self.dtype = "out_dtype", like.dtype
+
+    def mm(self, a, b):
+        return a.float() @ b.float()

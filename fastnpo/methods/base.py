@@ -104,11 +104,13 @@ class Method:
     # compute its gradients chunk by chunk. Not so for pairs of examples (IdkDPO), activations or
     # a live reference's distribution.
     separable: bool = False
-    # A token-level method whose token_values are elementwise in the token log-probs alone (weights
-    # detached), the rest of its loss separable: the one-pass design computes it too, each chunk's
-    # tokens adding their own gradient (token_forget_term). Not CE-U or UNDIAL (their per-token
-    # values read the whole distribution over the vocabulary).
+    # A token-level method whose per-token values the one-pass design's row statistics give (the rest
+    # of its loss separable): elementwise in the token log-probs alone, weights detached (WGA,
+    # SatImp), or CE-U's per-token loss (one_pass_token_values "ce_u": two more row statistics).
+    # Each chunk's tokens then add their own gradient (token_forget_term). Not UNDIAL (its values
+    # read the reference model's distribution).
     token_separable: bool = False
+    one_pass_token_values: str = "logprob"  # what the one-pass design hands token_forget_term (ops.TOKEN_VALUES)
     # MethodConfig: the shared keys this method resolves its own way, and the keys only it reads.
     defaults: ClassVar[dict] = {"beta": 0.1}
     parameters: ClassVar[dict] = {}
@@ -167,12 +169,17 @@ class Method:
         """Whether the one-pass design can compute this method's loss (separable or token_separable)."""
         return self.separable or self.token_separable
 
-    def token_forget_term(self, config, token_logps, scored, scored_count: int) -> torch.Tensor:
-        """forget_term for a token_separable method from the token log-probs alone, the scored
+    def token_forget_term(self, config, token_values, scored, scored_count: int) -> torch.Tensor:
+        """forget_term for a token_separable method from the per-token values the one-pass design
+        gives (one_pass_token_values: the token log-probs, or CE-U's per-token losses), the scored
         positions and their number found once by the caller (the one-pass design evaluates the
         loss once per chunk: counting them here would be a device sync each time)."""
-        values = self.token_values(config, token_logps, None, None, None, scored)
+        values = self.one_pass_values(config, token_values, scored)
         return torch.where(scored, values, 0.0).sum() / max(1, scored_count)
+
+    def one_pass_values(self, config, token_values, scored) -> torch.Tensor:
+        """token_values from what the one-pass design gives: by default the token log-probs alone."""
+        return self.token_values(config, token_values, None, None, None, scored)
 
     def one_pass_loss(self, config, rows, ref_logps, weights, combine, *, state=None, scored=None, scored_count=0):
         """(loss_of, seen) for the one-pass design (one_pass methods): loss_of(logps [E], counts [E]

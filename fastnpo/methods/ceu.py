@@ -2,7 +2,9 @@
 answer tokens of the cross-entropy toward the model's own distribution with the label removed
 (detached), from hidden states without full logits (ops.ce_u_token_losses). The first
 ceu_ignore_first (1: the paper's footnote, open-unlearning's default) answer tokens of each
-example are not scored, so the term is a mean over the "scored" tokens. No retain term."""
+example are not scored, so the term is a mean over the "scored" tokens. No retain term. The
+one-pass design computes the per-token losses and their gradient from its row statistics
+(one_pass_token_values "ce_u"), so CE-U is token_separable."""
 
 from typing import ClassVar
 
@@ -17,6 +19,8 @@ class CEU(Method):
     name, label = "ceu", "CE-U"
     token_level = True
     token_unit = "scored"
+    token_separable = True
+    one_pass_token_values = "ce_u"
     parameters: ClassVar[dict] = {"ceu_ignore_first": 1}
 
     def check(self, config) -> None:
@@ -27,6 +31,9 @@ class CEU(Method):
 
     def token_values(self, config, token_logps, hidden, weight, targets, scored, reference=None):
         return ceu_token_values(hidden, weight, targets, scored)
+
+    def one_pass_values(self, config, token_values, scored):
+        return token_values  # the one-pass design's "ce_u" values are the per-token losses themselves
 
 
 # ----------------------------------------------------------------------------- the loss

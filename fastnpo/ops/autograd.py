@@ -14,6 +14,7 @@ import torch
 
 from . import one_pass
 from .backends import Backend, backend_for, resolve_filter_eps, resolve_impl
+from .ce_u import ce_u_token_losses
 from .checks import check_hidden_and_weight
 from .designs import resolve_design
 from .experimental.epilogue import check_device, epilogue_sequence_loss
@@ -248,6 +249,7 @@ def example_loss(
     chunk_bytes: int | None = None,
     upstream_is_one: bool = False,
     token_level: bool = False,
+    token_values: str = "logprob",
     fused=None,
 ) -> torch.Tensor:
     """fused_sequence_loss for rows of any layout: hidden [N, D], targets [N] (aligned: targets[i]
@@ -263,19 +265,27 @@ def example_loss(
     design: as in fused_sequence_loss, default "one_pass" (fused: its deprecated spelling).
     token_level: the loss is loss_from_logprobs(per-example log-probs [E], token log-probs [N], 0
     where a row has no example), a sum of per-example AND per-token terms (a token-weighted mean
-    with detached weights); designs "one_pass" and "two_call" only.
+    with detached weights); designs "one_pass" and "two_call" only. token_values: what the per-token
+    values are, "logprob" (the token log-probs) or "ce_u" (CE-U's per-token loss, ce_u_token_losses;
+    one_pass_sequence_loss computes it and its gradient from two more row statistics).
     The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
     design = resolve_design(design, fused, "one_pass")
     _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs)
     if token_level and design not in ("one_pass", "two_call"):
         raise ValueError(f"token_level: a token-level loss runs in design 'one_pass' or 'two_call', got {design!r}")
+    if token_values not in one_pass.TOKEN_VALUES:
+        raise ValueError(f"token_values must be one of {one_pass.TOKEN_VALUES}, got {token_values!r}")
     if design == "two_call" or resolve_impl(impl, hidden.device) == "naive":
         owner = owner.to(hidden.device)
         unowned = torch.full_like(targets, IGNORE_ROW)
         kept = torch.where(owner >= 0, targets, unowned)
         token_logps = token_logprobs_flat(hidden, weight, kept, IGNORE_ROW, impl, filter_eps)
         sequence_logps = token_logps.new_zeros(num_examples).index_add(0, owner.clamp(min=0), token_logps)
-        return loss_from_logprobs(sequence_logps, token_logps) if token_level else loss_from_logprobs(sequence_logps)
+        if not token_level:
+            return loss_from_logprobs(sequence_logps)
+        if token_values == "ce_u":
+            return loss_from_logprobs(sequence_logps, ce_u_token_losses(hidden, weight, kept, ignore_index=IGNORE_ROW))
+        return loss_from_logprobs(sequence_logps, token_logps)
     row_ids = (owner >= 0).nonzero()[:, 0]
     sequence_ids = owner[row_ids]
     bounds = None
@@ -308,6 +318,7 @@ def example_loss(
         bounds=bounds,
         upstream_is_one=upstream_is_one,
         token_level=token_level,
+        token_values=token_values,
     )
 
 
@@ -364,13 +375,20 @@ def _fused_loss(
     bounds=None,
     upstream_is_one=False,
     token_level=False,
+    token_values="logprob",
 ) -> torch.Tensor:
     """The loss over the kept rows (row_ids, their labels and sequences) through a single-call design;
     bounds: the one-pass design's chunk boundaries when the caller found them on the host;
-    token_level: one_pass_sequence_loss's (the one-pass design only)."""
+    token_level, token_values: one_pass_sequence_loss's (the one-pass design only)."""
     impl = resolve_impl(impl, hidden.device)
     if design == "one_pass":
-        run = functools.partial(one_pass_sequence_loss, chunk_bytes=chunk_bytes, bounds=bounds, token_level=token_level)
+        run = functools.partial(
+            one_pass_sequence_loss,
+            chunk_bytes=chunk_bytes,
+            bounds=bounds,
+            token_level=token_level,
+            token_values=token_values,
+        )
     elif design == "epilogue":
         check_device(hidden.device)
         run = functools.partial(epilogue_sequence_loss, chunk_bytes=chunk_bytes)

@@ -72,6 +72,17 @@ complete vector. A non-separable closure (a batch softmax, a normalisation by th
 would get gradients that depend on the placeholders, silently wrong: only callers that know their
 loss is separable select this design (design="one_pass").
 
+CE-U (token_values="ce_u"): CE-U's per-token loss c = LSE(l) - sum_{v != y} q_v l_v, q the softmax
+over v != y (detached), is a per-token term the same chunks can compute: two more row statistics,
+the label-excluded log-sum-exp LSE' and mean logit sum q_v l_v, taken with the label's column masked
+out of the sums (never as all columns minus the label's, which cancels where p_y ~ 1, memorised
+data's regime), give c = LSE - mean. Its gradient, d c / d l = p - q off the label and p_y on it,
+and a sequence term's, g (onehot - p), are both multiples of (onehot - q): with p_v = (1 - p_y) q_v,
+dlogits = s (onehot - q), s = g_seq (1 - p_y) + g_tok p_y, 1 - p_y = exp(LSE' - LSE). Bounded
+whatever p_y, unlike the textbook p_y / (1 - p_y) (onehot - p). The kernels' without_label variants
+(the torch ops: _label_excluded_statistics_, _label_excluded_gradient) do this at the same bytes per
+logit, one more exp per element.
+
 Floors and predicted times at N = 8192, D = 4096, V = 128256 (bf16, T = 512, v1 and v2 of this
 design): benchmarks/README.md, "The one-pass design: floors and predictions".
 """
@@ -82,11 +93,13 @@ from collections.abc import Callable
 
 import torch
 
+from .blocks import CHUNKED_BYTES, vocab_blocks
 from .matmuls import Matmuls, triton_runs_on
 
 CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
 MIN_CHUNK_ROWS = 2048  # the default budget's floor in rows, whatever V: bounds the dW read-modify-writes
 MAX_CHUNK_BYTES = 4 * 2**30  # hard cap on one chunk's fp32 logits (a lone over-budget sequence included)
+TOKEN_VALUES = ("logprob", "ce_u")  # what a token-level loss's per-token values are (one_pass_sequence_loss)
 
 
 def chunk_budget(vocab_size: int, chunk_bytes: int | None) -> int:
@@ -179,19 +192,52 @@ def epilogue_kernels(device: torch.device, operand_dtype: torch.dtype):
     return sequence_epilogue
 
 
-def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps, sequences, token_logps=None, rows=None):
-    """d loss / d (each of the chunk's token log-probs), with the sequences and tokens not yet seen
-    at their placeholder 0 (exact for the seen ones when the loss is separable): the gradient of
-    the chunk's sequences' sums, plus, for a token-level loss (token_logps: the kept rows' values so
-    far), the gradient of the chunk's own tokens (`rows`, a slice of the kept rows)."""
+def _chunk_gradient(loss_from_logprobs: Callable, sequence_logps, sequences, token_values=None, rows=None):
+    """(d loss / d each chunk row's sequence log-prob, d loss / d each chunk row's own token value or
+    None), with the sequences and tokens not yet seen at their placeholder 0 (exact for the seen ones
+    when the loss is separable). token_values: a token-level loss's per-row values so far (the kept
+    rows'), `rows` the chunk's slice of them."""
     with torch.enable_grad():
         leaf = sequence_logps.detach().requires_grad_()
-        if token_logps is None:
+        if token_values is None:
             (grad,) = torch.autograd.grad(loss_from_logprobs(leaf), leaf)
-            return grad[sequences]
-        tokens = token_logps.detach().requires_grad_()
-        grad, token_grad = torch.autograd.grad(loss_from_logprobs(leaf, tokens), (leaf, tokens))
-    return grad[sequences] + token_grad[rows]
+            return grad[sequences], None
+        tokens = token_values.detach().requires_grad_()
+        # materialize_grads: a loss of the token values alone (CE-U without a retain term) leaves
+        # the sequence log-probs unused, with a zero gradient
+        loss = loss_from_logprobs(leaf, tokens)
+        grad, token_grad = torch.autograd.grad(loss, (leaf, tokens), materialize_grads=True)
+    return grad[sequences], token_grad[rows]
+
+
+def _label_excluded_statistics_(logits: torch.Tensor, labels: torch.Tensor):
+    """CE-U's row statistics with torch ops, in place: (target logit, lse, lse without the label,
+    mean logit under the label-excluded distribution q, row sums of exps), fp32 [n] each; leaves
+    exps = exp(logits - m') in `logits` (m' the label-excluded row max; the label's column 0) for
+    the gradient. The label's column is masked out BEFORE the sums: computing them as (all columns)
+    - (the label's) would cancel where p_y ~ 1, memorised data's regime. Needs V >= 2 (the callers
+    check). One temporary, a column block of the exps (xlogy), at a time."""
+    target = logits.gather(1, labels[:, None])[:, 0]
+    logits.scatter_(1, labels[:, None], float("-inf"))
+    top = logits.amax(dim=1)
+    logits.sub_(top[:, None]).exp_()
+    sums = logits.sum(dim=1)
+    # sum_v e_v (logit_v - m') = sum_v e_v log e_v: xlogy is 0 at the label's e = 0, not 0 * -inf
+    width = vocab_blocks(logits.shape[0], logits.shape[1], budget_bytes=CHUNKED_BYTES)[1]
+    spread = sum(torch.special.xlogy(block, block).sum(dim=1) for block in logits.split(width, dim=1))
+    lse_without = top + sums.log()
+    return target, torch.logaddexp(lse_without, target), lse_without, top + spread / sums, sums
+
+
+def _label_excluded_gradient(exps: torch.Tensor, sums: torch.Tensor, scale: torch.Tensor, labels, dtype):
+    """scale * (onehot(labels) - q), q = exps / sums (the label's exp 0), in `dtype`: in place in
+    exps when dtype is fp32, else written once into a new tensor."""
+    factor = (-scale / sums)[:, None]
+    if dtype == exps.dtype:
+        out = exps.mul_(factor)
+    else:
+        out = torch.mul(exps, factor, out=torch.empty(exps.shape, dtype=dtype, device=exps.device))
+    return out.scatter_(1, labels[:, None], scale[:, None].to(dtype))
 
 
 def _write_(ops: Matmuls, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -252,6 +298,7 @@ def one_pass_sequence_loss(
     chunk_bytes: int | None = None,
     bounds: list[int] | None = None,
     token_level: bool = False,
+    token_values: str = "logprob",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(loss, dH [N, D] in hidden's dtype or None, dW [V, D] in weight's dtype or None) of
     loss_from_logprobs(per-sequence summed log-probs), in one sweep of chunks of whole sequences.
@@ -260,9 +307,13 @@ def one_pass_sequence_loss(
     sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
     chunk_bytes: fp32 logits per chunk (default: chunk_budget's rule, read at call time).
     bounds: chunk_rows's boundaries when the caller found them on the host (then no sync at all).
-    token_level: the loss is loss_from_logprobs(sequence log-probs, token log-probs of the kept rows
+    token_level: the loss is loss_from_logprobs(sequence log-probs, per-token values of the kept rows
     [n]), separable per sequence AND per token (a sum of per-token terms, e.g. a token-weighted mean
     with detached weights); each chunk's tokens then add their own gradient to their sequences'.
+    token_values: what those per-token values are (TOKEN_VALUES): "logprob", the token log-probs;
+    "ce_u", CE-U's per-token loss LSE(l) - sum_{v != y} q_v l_v (q: softmax over v != y, detached),
+    whose gradient with the sequence term's is s (onehot - q), s = g_seq (1 - p_y) + g_tok p_y
+    (module docstring, "CE-U"); it needs a vocabulary of 2 or more.
     Everything is validated and sized before the loop (one .tolist() in chunk_rows); the loop itself
     makes no host sync of its own (the closure's, if any, are the caller's).
     """
@@ -270,6 +321,11 @@ def one_pass_sequence_loss(
         isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
     ):
         raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+    if token_values not in TOKEN_VALUES:
+        raise ValueError(f"token_values must be one of {TOKEN_VALUES}, got {token_values!r}")
+    ce_u = token_level and token_values == "ce_u"
+    if ce_u and weight.shape[0] < 2:
+        raise ValueError(f"weight must have a vocabulary of at least 2 tokens for CE-U, got {weight.shape[0]}")
     if bounds is None:
         bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], chunk_budget(weight.shape[0], chunk_bytes))
     ops = Matmuls(hidden)
@@ -279,28 +335,43 @@ def one_pass_sequence_loss(
     # is sequential) drift by several ulps of the sum; pairwise fp32 sums (the two-call path) do not.
     sequence_sums = torch.zeros(num_sequences, dtype=torch.float64, device=hidden.device)
     dh, dw = _gradient_buffers(hidden, weight, row_ids, compute_dh, compute_dw)
-    token_values = torch.zeros(row_ids.numel(), dtype=torch.float32, device=hidden.device) if token_level else None
+    per_token = torch.zeros(row_ids.numel(), dtype=torch.float32, device=hidden.device) if token_level else None
 
     def run_chunk(chunk: slice, first: bool) -> None:
         # A function so that the chunk's buffers are freed on return, before the next chunk's exist.
         ids, targets, sequences = row_ids[chunk], labels[chunk], sequence_ids[chunk]
         rows = ops.operand(hidden.index_select(0, ids))
         logits = ops.mm(rows, w.T)
-        if kernels is None:
+        if ce_u:  # the label-excluded statistics too: CE-U's value and its gradient's form
+            if kernels is None:
+                target, lse, lse_without, mean_without, sums = _label_excluded_statistics_(logits, targets)
+            else:
+                lse, target, lse_without, mean_without = kernels.row_statistics(logits, targets, without_label=True)
+        elif kernels is None:
             token_logps, sum_exp = _target_logprobs_(logits, targets)
         else:  # one read of the logits, which stay as they are
             lse, target = kernels.row_statistics(logits, targets)
+        if ce_u or kernels is not None:
             token_logps = target - lse
         sequence_sums.index_add_(0, sequences, token_logps.double())
-        if token_values is not None:
-            token_values[chunk] = token_logps
+        if per_token is not None:
+            per_token[chunk] = lse - mean_without if ce_u else token_logps
         if dh is None and dw is None:
             return
-        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float(), sequences, token_values, chunk)
-        if kernels is None:
-            dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
-        else:  # one more read of the logits, the dlogits written in place over them (a view)
-            dlogits = kernels.logits_gradient_(logits, targets, lse, grad, ops.dtype)
+        grad, token_grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float(), sequences, per_token, chunk)
+        if ce_u:  # both parts as a multiple of (onehot - q): bounded, whatever p_y (no p_y / (1 - p_y))
+            scale = grad * torch.exp(lse_without - lse) + token_grad * torch.exp(token_logps)
+            if kernels is None:
+                dlogits = _label_excluded_gradient(logits, sums, scale, targets, ops.dtype)
+            else:
+                dlogits = kernels.logits_gradient_(logits, targets, lse_without, scale, ops.dtype, without_label=True)
+        else:
+            if token_grad is not None:
+                grad = grad + token_grad
+            if kernels is None:
+                dlogits = _softmax_gradient(logits, sum_exp, grad, targets, ops.dtype)
+            else:  # one more read of the logits, the dlogits written in place over them (a view)
+                dlogits = kernels.logits_gradient_(logits, targets, lse, grad, ops.dtype)
         del logits  # the fp32 values are spent: dlogits is the buffer's only live use
         if dh is not None:  # the chunk's rows of dH, written once in dH's dtype
             dh.index_copy_(0, ids, _rows_product(ops, dlogits, w, dh.dtype))
@@ -309,6 +380,6 @@ def one_pass_sequence_loss(
 
     for r0, r1 in itertools.pairwise(bounds):
         run_chunk(slice(r0, r1), r0 == 0)
-    if token_values is not None:
-        return loss_from_logprobs(sequence_sums.float(), token_values), dh, dw
+    if per_token is not None:
+        return loss_from_logprobs(sequence_sums.float(), per_token), dh, dw
     return loss_from_logprobs(sequence_sums.float()), dh, dw

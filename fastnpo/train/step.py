@@ -242,7 +242,10 @@ def one_pass_forward(
     loss_of, seen = method.one_pass_loss(
         config, rows, ref_logps, weights, step_loss, state=ctx.state, scored=scored, scored_count=scored_count
     )
-    loss = ctx.model.wrapper(batch, **{"sequence_loss" if scored is None else "token_loss": loss_of})
+    if scored is None:
+        loss = ctx.model.wrapper(batch, sequence_loss=loss_of)
+    else:
+        loss = ctx.model.wrapper(batch, token_loss=loss_of, token_values=method.one_pass_token_values)
     return loss, seen["terms"], seen["logps"]
 
 

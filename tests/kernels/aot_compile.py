@@ -4,8 +4,9 @@
 
 The launch arguments come from the project's own launchers (logprobs_forward / logprobs_backward, the
 split design's backward, which launches softmax_gradient once per vocabulary block, and the
-one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient_ on one chunk of
-fp32 logits, the latter writing the bf16 / fp16 dlogits in place over them, called as
+one-pass design's epilogue, sequence_epilogue's row_statistics / logits_gradient_ (each plain and
+without_label=True, CE-U's variant, each row marked with its "variant") on one chunk of fp32 logits, the
+latter writing the bf16 / fp16 dlogits in place over them, called as
 one_pass_sequence_loss calls them where one_pass.epilogue_kernels takes them: bf16 / fp16
 operands on CUDA) called at a real shape on meta tensors, with the kernels swapped for a
 recorder; the JIT's own binder then specialises them as a real launch would (ints == 1 become
@@ -104,10 +105,18 @@ def captured_launches(dtype_name: str):
         chunk_labels, chunk_lse, chunk_grad = labels[:CHUNK_ROWS], lse[:CHUNK_ROWS], grad[:CHUNK_ROWS]
         launches += [
             (ep, "row_statistics_kernel", lambda: ep.row_statistics(logits, chunk_labels)),
+            # CE-U's variant (WITHOUT_LABEL: the label-excluded lse and mean as well): its own compile
+            (ep, "row_statistics_kernel", lambda: ep.row_statistics(logits, chunk_labels, without_label=True)),
             (
                 ep,
                 "logits_gradient_inplace_kernel",
                 lambda: ep.logits_gradient_(logits, chunk_labels, chunk_lse, chunk_grad, dtype),
+            ),
+            # CE-U's variant (WITHOUT_LABEL: the label-excluded softmax, the label's column grad)
+            (
+                ep,
+                "logits_gradient_inplace_kernel",
+                lambda: ep.logits_gradient_(logits, chunk_labels, chunk_lse, chunk_grad, dtype, without_label=True),
             ),
         ]
     out = []
@@ -246,6 +255,8 @@ def main(argv=None) -> int:
             kwargs = dict(call_kwargs, **config.all_kwargs())
             label = ",".join(f"{k}={v}" for k, v in config.all_kwargs().items() if v is not None)
             row = {"kernel": name, "arch": args.arch, "dtype": args.dtype, "config": label}
+            if "WITHOUT_LABEL" in call_kwargs:  # the epilogue kernels: the plain and CE-U variants
+                row["variant"] = "without_label" if call_kwargs["WITHOUT_LABEL"] else "default"
             try:
                 compiled, log = compile_one(autotuner.fn, call_args, kwargs, args.arch)
                 row.update(inspect(compiled, log), ok=True)

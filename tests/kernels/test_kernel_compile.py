@@ -4,8 +4,9 @@ The triton wheel ships ptxas, so a CPU machine can compile for a CUDA target: th
 compiled at a real shape (N=8192, D=4096, V=128256) with the launch arguments the project's own
 launchers pass (tests/kernels/aot_compile.py), for every autotune config: the fused forward and
 backward, the softmax-gradient kernel of the split design's backward, and the one-pass design's
-epilogue kernels (kernels/sequence_epilogue.py's row_statistics and in-place logits_gradient_, on a
-2048-row chunk of fp32 logits; bf16 / fp16 operands only, as one_pass runs them); the fused-epilogue
+epilogue kernels (kernels/sequence_epilogue.py's row_statistics and in-place logits_gradient_, each
+plain and CE-U's without_label=True, on a 2048-row chunk of fp32 logits; bf16 / fp16 operands only,
+as one_pass runs them); the fused-epilogue
 design's three GEMM kernels (kernels/epilogue_forward.py, kernels/epilogue_backward.py: sm_90 bf16, at the
 end of this file, in their own subprocess, ~30-50 s). Default run:
 sm_90 bf16 (one subprocess, ~35 s on 2 cores); every arch and dtype under the `slow` marker (fp32
@@ -132,9 +133,10 @@ def test_sm90_bf16_epilogue_kernels_every_config_fits_without_spills_or_atomics(
     from fastnpo.kernels.sequence_epilogue import INPLACE_CANDIDATES, STATISTICS_CANDIDATES
 
     rows = compile_results(90, "bfloat16")
+    # each kernel twice: the plain one and CE-U's without_label variant (WITHOUT_LABEL)
     for kernel, candidates in zip(EPILOGUE_KERNELS, (STATISTICS_CANDIDATES, INPLACE_CANDIDATES), strict=True):
         mine = [r for r in rows if r["kernel"] == kernel]
-        assert len(mine) == len(candidates), mine
+        assert sorted(r["variant"] for r in mine) == sorted(["default", "without_label"] * len(candidates)), mine
         assert all(r["ok"] and r["kept"] and r["shared"] <= r["shared_limit"] for r in mine), mine
         assert all(r["spill_bytes"] == 0 and not r["atomics"] for r in mine), mine
         assert not any(r["wgmma"] or r["mma"] for r in mine), mine

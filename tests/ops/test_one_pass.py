@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import (
     TRITON_DEVICE,
+    LowPrecisionOperands,
     assert_as_good_as_torch,
     fused_loss_fn,
     sequence_logprobs_plain,
@@ -30,7 +31,7 @@ from helpers import (
 import fastnpo
 from fastnpo import losses
 from fastnpo.kernels import sequence_epilogue
-from fastnpo.ops import fused_sequence_loss, matmuls, one_pass
+from fastnpo.ops import fused_sequence_loss, one_pass
 
 IGNORE = -100
 BETA = 0.37
@@ -179,18 +180,6 @@ def test_backward_scales_the_stored_gradients():
     scaled = value_and_grads(fn, hidden, weight, upstream=-2.5)
     torch.testing.assert_close(scaled[1], -2.5 * once[1])
     torch.testing.assert_close(scaled[2], -2.5 * once[2])
-
-
-class LowPrecisionOperands(matmuls.Matmuls):
-    """The CUDA path's matmuls, emulated on CPU (where torch.mm has no out_dtype): bf16 / fp16
-    operands with fp32 results, so the dlogits are written in the input's dtype and dW is accumulated
-    by addmm_ in it, as cuBLAS does on the GPU."""
-
-    def __init__(self, like):
-        self.mode, self.dtype = "out_dtype", like.dtype
-
-    def mm(self, a, b):
-        return a.float() @ b.float()
 
 
 def epilogue_launches(monkeypatch) -> list[str]:

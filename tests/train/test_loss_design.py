@@ -1,7 +1,8 @@
 """The trainer's two loss designs (model.loss_design): the one-pass design (ops.example_loss, the
 gradients computed in the forward call) against the two-call path (token log-probs, then autograd
 through the method's loss), for every method whose loss is a sum of per-example terms, and for the
-token-level ones whose per-token terms are elementwise in the token log-probs (WGA, SatImp)."""
+token-level ones whose per-token terms the one-pass design's row statistics give: elementwise in the
+token log-probs (WGA, SatImp), or CE-U's per-token loss (its label-excluded statistics)."""
 
 from pathlib import Path
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs t
 
 REPO = Path(__file__).resolve().parents[2]
 SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
-TOKEN_SEPARABLE = ["satimp", "wga"]
+TOKEN_SEPARABLE = ["ceu", "satimp", "wga"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
@@ -66,7 +67,7 @@ def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, 
     assert moved > 1e-4  # three steps at lr 1e-3 moved the parameters: the comparison is not of two copies
 
 
-@pytest.mark.parametrize("method", ["npo_rt", "wga"])
+@pytest.mark.parametrize("method", ["npo_rt", "wga", "ceu"])
 @pytest.mark.parametrize("extra", [{"data.packing": True, "data.pack_tokens": 128}, {"optim.grad_accum": 2}])
 def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_path, extra, method):
     weights = {
@@ -105,7 +106,7 @@ def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch
 
 
 def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
-    cases = [("npo_rt", True), ("simnpo", True), ("wga", True), ("idkdpo", False), ("undial", False), ("ceu", False)]
+    cases = [("npo_rt", True), ("simnpo", True), ("wga", True), ("idkdpo", False), ("undial", False), ("ceu", True)]
     for method, expected in cases:
         config = config_for(tiny, tmp_path, **{"method.name": method})
         assert uses_one_pass(config.model.loss_design, CUDA, METHODS[method].one_pass) is expected
@@ -120,7 +121,7 @@ def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
         ({"model.loss_design": "onepass"}, r"model\.loss_design: must be one of \('auto', 'one_pass', 'two_call'\)"),
         ({"model.loss_design": "one_pass", "method.name": "idkdpo"}, r"model\.loss_design: needs a loss that is a sum"),
         ({"model.loss_design": "one_pass", "method.name": "npo_kl"}, r"one_pass with method\.name=npo_kl"),
-        ({"model.loss_design": "one_pass", "method.name": "ceu"}, r"one_pass with method\.name=ceu"),
+        ({"model.loss_design": "one_pass", "method.name": "undial"}, r"one_pass with method\.name=undial"),
     ],
 )
 def test_a_design_the_method_cannot_use_is_refused_naming_the_key(tiny, tmp_path, extra, match):
@@ -129,7 +130,7 @@ def test_a_design_the_method_cannot_use_is_refused_naming_the_key(tiny, tmp_path
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["npo_rt", "wga"])
+@pytest.mark.parametrize("method", ["npo_rt", "wga", "ceu"])
 def test_one_pass_on_cuda_trains_like_two_call(tiny, tmp_path, method):
     """On CUDA (cuBLAS, the Triton epilogue kernels where the operands are low precision): auto takes
     the one-pass design and trains where two_call does, to GPU reduction-order tolerance."""

@@ -99,7 +99,14 @@ PACKED = {"data.packing": True, "data.pack_tokens": 128}
 
 @pytest.mark.parametrize(
     ("method", "grad_accum", "layout"),
-    [("npo_rt", 2, {}), ("simnpo", 1, PACKED), ("graddiff", 2, PACKED), ("wga", 2, {}), ("satimp", 1, PACKED)],
+    [
+        ("npo_rt", 2, {}),
+        ("simnpo", 1, PACKED),
+        ("graddiff", 2, PACKED),
+        ("wga", 2, {}),
+        ("satimp", 1, PACKED),
+        ("ceu", 2, PACKED),
+    ],
 )
 def test_the_one_pass_step_syncs_once(tiny, tmp_path, monkeypatch, method, grad_accum, layout):
     """fastnpo's own syncs: one per step (StepResult.collect: the statistics and the gradient norm

@@ -297,8 +297,11 @@ class UnlearningTrainer(Trainer):
         loss_of, seen = method.one_pass_loss(
             config, rows, ref_logps, weights, _weighted_sum, scored=scored, scored_count=scored_count
         )
-        keyword = "fastnpo_sequence_loss" if scored is None else "fastnpo_token_loss"
-        outputs = model(**batch, use_cache=False, **{keyword: loss_of})
+        if scored is None:
+            outputs = model(**batch, use_cache=False, fastnpo_sequence_loss=loss_of)
+        else:
+            values = method.one_pass_token_values
+            outputs = model(**batch, use_cache=False, fastnpo_token_loss=loss_of, fastnpo_token_values=values)
         return outputs, outputs.loss, seen["terms"], seen["logps"]
 
     def _two_call_terms(self, model, batch, rows, ref_logps, weights):

@@ -149,7 +149,7 @@ def epilogue_sequence_loss(
         sequence_sums.index_add_(0, sequences, token_logps.double())
         if not want_grads:
             continue
-        grad = _chunk_gradient(loss_from_logprobs, sequence_sums.float(), sequences)
+        grad, _ = _chunk_gradient(loss_from_logprobs, sequence_sums.float(), sequences)
         scale, label_grad = backward_scales(tile_max, lse, token_logps, grad)
         del tile_sum, target, lse
         if dh is not None:
