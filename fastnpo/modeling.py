@@ -169,8 +169,8 @@ LOSS_DESIGNS = ("auto", "one_pass", "two_call")
 def uses_one_pass(loss_design: str, device: torch.device, separable: bool = True) -> bool:
     """Whether a loss of per-example log-probs runs in the one-pass design (ops.example_loss: both
     gradients in the forward) rather than as token log-probs whose backward computes them.
-    "auto": one_pass on CUDA when the loss allows it (separable: a sum of per-example terms, or of
-    per-example and per-token ones: Method.one_pass), else two_call. The rule the trainer
+    "auto": one_pass on CUDA when the loss allows it (separable: a sum of per-example terms, of
+    per-example and per-token ones, or of per-pair ones: Method.one_pass), else two_call. The rule the trainer
     (model.loss_design), the HF patch and UnlearningTrainer share."""
     if loss_design not in LOSS_DESIGNS:
         raise ValueError(f"loss_design must be one of {LOSS_DESIGNS}, got {loss_design!r}")
@@ -245,6 +245,7 @@ def one_pass_loss(
     upstream_is_one=False,
     token_level=False,
     token_values="logprob",
+    groups=None,
 ):
     """sequence_loss(logps [E], counts [E]) -> scalar, a SUM OF PER-EXAMPLE TERMS, from ONE call of
     the one-pass design (ops.example_loss): the logits, the loss and both gradients chunk by chunk in
@@ -252,7 +253,9 @@ def one_pass_loss(
     host_owner: the same owner on the host, so the op finds its rows and chunks without a sync.
     token_level: sequence_loss(logps, counts, per-token values [R, L]), a sum of per-example AND
     per-token terms (a token-weighted mean with detached weights); token_values: what those values
-    are, "logprob" (the token log-probs) or "ce_u" (CE-U's per-token losses: ops.example_loss)."""
+    are, "logprob" (the token log-probs) or "ce_u" (CE-U's per-token losses: ops.example_loss).
+    groups: int64 [E] on the host, for a sum of per-GROUP terms (Method.example_groups: DPO's pairs):
+    the chunks then hold whole groups (ops.example_loss)."""
     counts = target_counts(owner, num_examples)
     if token_level:
 
@@ -276,6 +279,7 @@ def one_pass_loss(
             upstream_is_one=upstream_is_one,
             token_level=token_level,
             token_values=token_values,
+            groups=groups,
         )
 
 
@@ -317,6 +321,7 @@ class SequenceLogprobModel(nn.Module):
         sequence_loss=None,
         token_loss=None,
         token_values: str = "logprob",
+        example_groups=None,
     ):
         """(logps [E], counts [E], extra); extra is, by what is asked:
         - logits_rows: the full [rows, T, V] fp32 logits of those rows of a padded batch (NPO+KL's KL term);
@@ -327,7 +332,8 @@ class SequenceLogprobModel(nn.Module):
         sequence_loss(logps [E], counts [E]) -> scalar, a sum of per-example terms: the call returns
         one_pass_loss's loss instead of the tuple. token_loss(logps [E], counts [E], token_logps [R, L])
         -> scalar, a sum of per-example and per-token terms: the same, token-level (token_values: what
-        its per-token values are, one_pass_loss's). batch["target_owner"],
+        its per-token values are, one_pass_loss's). example_groups: one_pass_loss's groups (a sum of
+        per-group terms, DPO's pairs). batch["target_owner"],
         target_owner(batch) on the host, lets it find its rows and chunks without a device sync."""
         hidden, weight = self.hidden_and_weight(batch)
         targets = aligned_labels(batch["labels"], True, IGNORE_INDEX)
@@ -346,6 +352,7 @@ class SequenceLogprobModel(nn.Module):
                 upstream_is_one=True,  # the trainer back-propagates this loss alone
                 token_level=token_loss is not None,
                 token_values=token_values,
+                groups=example_groups,
             )
         owner = target_owner(batch) if packed or token_term is not None else None
         logps, counts, term = example_logprobs(

@@ -101,9 +101,13 @@ class Method:
     lora_conflict: str = ""  # why the method cannot train LoRA adapters ("" if it can)
     # Its loss is a sum of per-example terms of the per-sequence log-probs alone (the cached
     # reference's and the example weights included): the one-pass design (model.loss_design) can
-    # compute its gradients chunk by chunk. Not so for pairs of examples (IdkDPO), activations or
-    # a live reference's distribution.
+    # compute its gradients chunk by chunk. Not so for activations or a live reference's
+    # distribution; pairs of examples coupled in one term (IdkDPO, AltPO) are `pairs`.
     separable: bool = False
+    # Two sets whose i-th examples one term couples (DPO's loser and winner), the rest of the loss
+    # separable: the one-pass design then chunks whole pairs (example_groups), so both log-probs of
+    # a pair are complete when its gradient is taken.
+    pairs: tuple[str, str] | None = None
     # A token-level method whose per-token values the one-pass design's row statistics give (the rest
     # of its loss separable): elementwise in the token log-probs alone, weights detached (WGA,
     # SatImp), or CE-U's per-token loss (one_pass_token_values "ce_u": two more row statistics).
@@ -166,8 +170,29 @@ class Method:
 
     @property
     def one_pass(self) -> bool:
-        """Whether the one-pass design can compute this method's loss (separable or token_separable)."""
-        return self.separable or self.token_separable
+        """Whether the one-pass design can compute this method's loss (separable, token_separable or
+        separable over `pairs`)."""
+        return self.separable or self.token_separable or self.pairs is not None
+
+    def example_groups(self, rows: dict[str, slice]) -> torch.Tensor | None:
+        """The one-pass design's chunk units (ops.example_loss's groups), int64 [examples] on the host:
+        the i-th examples of the two `pairs` sets share group i, every other example a group of its
+        own after them; None when nothing is coupled. rows: each set's examples in the micro-batch."""
+        if self.pairs is None:
+            return None
+        loser, winner = (rows[name] for name in self.pairs)
+        count = loser.stop - loser.start
+        if winner.stop - winner.start != count:
+            raise ValueError(
+                f"method {self.name}: its {self.pairs[0]} and {self.pairs[1]} examples must be paired one to "
+                f"one, got {count} and {winner.stop - winner.start} in a micro-batch"
+            )
+        total = max(r.stop for r in rows.values())
+        groups = torch.full((total,), -1, dtype=torch.long)
+        groups[loser] = groups[winner] = torch.arange(count)
+        alone = groups < 0
+        groups[alone] = torch.arange(count, count + int(alone.sum()))
+        return groups
 
     def token_forget_term(self, config, token_values, scored, scored_count: int) -> torch.Tensor:
         """forget_term for a token_separable method from the per-token values the one-pass design

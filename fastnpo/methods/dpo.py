@@ -12,6 +12,9 @@ winner:
   from the model's own greedy answers, or the forget set's own `alternate` column); forget_coeff
   is open-unlearning's gamma (1), retain_coeff its alpha (1), beta 0.1 (configs/trainer/DPO.yaml);
   no NLL on the alternate answer (open-unlearning adds none).
+
+Each DPO term couples a forget example with its winner, so the loss is a sum of per-PAIR terms
+(`pairs`): the one-pass design computes it chunk by chunk over whole pairs (Method.example_groups).
 """
 
 from typing import ClassVar
@@ -40,11 +43,13 @@ class ForgetAnswerDPO(Method):
 
 class IdkDPO(ForgetAnswerDPO):
     name, label, term, winner = "idkdpo", "IdkDPO", "dpo", "idk"
+    pairs = ("forget", "idk")
     sets = ("forget", "idk", "retain")
     ref_sets = ("forget", "idk")
 
 
 class AltPO(ForgetAnswerDPO):
     name, label, term, winner = "altpo", "AltPO", "altpo", "alternate"
+    pairs = ("forget", "alternate")
     sets = ("forget", "alternate", "retain")
     ref_sets = ("forget", "alternate")

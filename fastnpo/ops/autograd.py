@@ -250,6 +250,7 @@ def example_loss(
     upstream_is_one: bool = False,
     token_level: bool = False,
     token_values: str = "logprob",
+    groups: torch.Tensor | None = None,
     fused=None,
 ) -> torch.Tensor:
     """fused_sequence_loss for rows of any layout: hidden [N, D], targets [N] (aligned: targets[i]
@@ -258,6 +259,12 @@ def example_loss(
     loss_from_logprobs are each example's sum. The kept rows' owners must be nondecreasing
     (padded rows: the row's number; packed rows: examples numbered row-major, as
     data.collate_packed numbers them): the one-pass designs chunk whole examples in that order.
+    groups: int64 [num_examples], the group (>= 0) of each example, for a loss that is a sum of
+    per-GROUP terms (DPO's pairs: a forget answer and its winner in one term): design "one_pass"
+    then chunks whole groups in group order (its rows gathered in that order, owners in any order),
+    so each term's examples are complete when its gradient is taken; found on the host (a device
+    groups or owner is copied there: one sync). Designs "two_call" and "two_sweep" need no grouping
+    (they see every log-prob before any gradient) and ignore it; "epilogue" refuses it.
     owner may be a host tensor while hidden is on a GPU: the kept rows and the one-pass chunks are
     then found on the host, and the call makes no device sync of its own. upstream_is_one: the
     caller promises to back-propagate this loss alone (loss.backward(), upstream gradient 1): the
@@ -270,7 +277,9 @@ def example_loss(
     one_pass_sequence_loss computes it and its gradient from two more row statistics).
     The trainer's one-pass route (train/step.py) calls this inside the model's forward."""
     design = resolve_design(design, fused, "one_pass")
-    _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs)
+    _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs, groups)
+    if groups is not None and design == "epilogue":
+        raise ValueError("groups: design 'epilogue' chunks whole examples only; use design='one_pass'")
     if token_level and design not in ("one_pass", "two_call"):
         raise ValueError(f"token_level: a token-level loss runs in design 'one_pass' or 'two_call', got {design!r}")
     if token_values not in one_pass.TOKEN_VALUES:
@@ -286,11 +295,15 @@ def example_loss(
         if token_values == "ce_u":
             return loss_from_logprobs(sequence_logps, ce_u_token_losses(hidden, weight, kept, ignore_index=IGNORE_ROW))
         return loss_from_logprobs(sequence_logps, token_logps)
-    row_ids = (owner >= 0).nonzero()[:, 0]
-    sequence_ids = owner[row_ids]
     bounds = None
+    if groups is not None and design == "one_pass":  # rows in group order, chunks of whole groups
+        row_ids, sequence_ids, bounds = _grouped_rows(owner.cpu(), groups.cpu(), weight.shape[0], chunk_bytes)
+        owner = owner.cpu()
+    else:
+        row_ids = (owner >= 0).nonzero()[:, 0]
+        sequence_ids = owner[row_ids]
     if owner.device.type == "cpu":  # found on the host: no device sync for the rows or the chunks
-        if design == "one_pass":
+        if design == "one_pass" and bounds is None:
             vocab_size = weight.shape[0]
             budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
             bounds = one_pass.chunk_rows(sequence_ids, num_examples, vocab_size, budget)
@@ -322,9 +335,23 @@ def example_loss(
     )
 
 
-def _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs) -> None:
+def _grouped_rows(owner: torch.Tensor, groups: torch.Tensor, vocab_size: int, chunk_bytes):
+    """(kept rows in group order, their examples, the one-pass chunk boundaries over whole groups),
+    all on the host: a stable sort keeps each example's rows in order within its group."""
+    row_ids = (owner >= 0).nonzero()[:, 0]
+    units = groups[owner[row_ids]]
+    order = torch.argsort(units, stable=True)
+    row_ids, units = row_ids[order], units[order]
+    num_groups = int(groups.max()) + 1 if groups.numel() else 0
+    budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
+    bounds = one_pass.chunk_rows(units, num_groups, vocab_size, budget, unit="example group")
+    return row_ids, owner[row_ids], bounds
+
+
+def _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_logprobs, groups=None) -> None:
     """example_loss's arguments, without a device sync: shapes, dtypes and devices; owner's values
-    (in range, kept rows in nondecreasing order) only where owner is on the host."""
+    (in range, kept rows in nondecreasing order unless grouped) only where owner is on the host;
+    groups' shape and dtype, and its values where it is on the host."""
     check_hidden_and_weight(hidden, weight, exact_dim=2)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
         raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
@@ -345,10 +372,18 @@ def _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_
         kept = owner[owner >= 0]
         if kept.numel() and int(kept.max()) >= num_examples:
             raise ValueError(f"owner holds example {int(kept.max())}, but num_examples is {num_examples}")
-        if kept.numel() > 1 and bool((kept[1:] < kept[:-1]).any()):
+        if groups is None and kept.numel() > 1 and bool((kept[1:] < kept[:-1]).any()):
             raise ValueError("owner: the kept rows' examples must be nondecreasing (whole examples in order)")
     elif owner.device != hidden.device:
         raise ValueError(f"owner is on {owner.device}: it must be on hidden's device ({hidden.device}) or the host")
+    if groups is None:
+        return
+    if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise TypeError(f"groups must be an integer tensor [num_examples], got {getattr(groups, 'dtype', groups)!r}")
+    if groups.shape != (num_examples,):
+        raise ValueError(f"groups must have shape [{num_examples}] (one per example), got {tuple(groups.shape)}")
+    if groups.device.type == "cpu" and groups.numel() and int(groups.min()) < 0:
+        raise ValueError(f"groups must be >= 0, got {int(groups.min())}")
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

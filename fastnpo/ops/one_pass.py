@@ -116,10 +116,12 @@ def chunk_rows(
     vocab_size: int,
     chunk_bytes: int,
     max_bytes: int | None = None,
+    unit: str = "sequence",
 ) -> list[int]:
     """Boundaries [0, r1, ..., n] in the kept rows of chunks of whole sequences whose fp32 logits fit
     chunk_bytes, or one sequence alone where it does not. sequence_ids: the kept rows' sequences,
-    nondecreasing (rows are kept in order).
+    nondecreasing (rows are kept in order); or their groups of sequences (autograd.example_loss's
+    groups, unit="example group": whole groups per chunk), as the refusal then names them.
 
     A sequence whose fp32 logits alone exceed max(chunk_bytes, max_bytes) (default MAX_CHUNK_BYTES,
     read at call time) is refused with a ValueError naming it and its length: one pass cannot split
@@ -145,10 +147,10 @@ def chunk_rows(
             end = ends[sequence]
             if end - start > max_alone:
                 raise ValueError(
-                    f"labels: sequence {sequence} has {end - start} target tokens; their fp32 logits "
+                    f"labels: {unit} {sequence} has {end - start} target tokens; their fp32 logits "
                     f"({end - start} x {vocab_size} x 4 B = {(end - start) * vocab_size * 4 / 2**30:.2f} GiB) "
                     f"exceed the one-pass cap of {cap} B (max(chunk_bytes, one_pass.MAX_CHUNK_BYTES)) and one "
-                    "pass cannot split a sequence: use design='two_sweep', shorter sequences or a larger "
+                    f"pass cannot split one {unit}: use design='two_sweep', shorter sequences or a larger "
                     "MAX_CHUNK_BYTES"
                 )
         bounds.append(end)
@@ -303,8 +305,9 @@ def one_pass_sequence_loss(
     """(loss, dH [N, D] in hidden's dtype or None, dW [V, D] in weight's dtype or None) of
     loss_from_logprobs(per-sequence summed log-probs), in one sweep of chunks of whole sequences.
 
-    hidden [N, D], weight [V, D]; row_ids: the kept rows (ascending), labels their targets,
-    sequence_ids their sequences (< num_sequences); the loss must be separable (module docstring).
+    hidden [N, D], weight [V, D]; row_ids: the kept rows (ascending, or in whatever order `bounds`
+    chunks them: example_loss's groups), labels their targets, sequence_ids their sequences
+    (< num_sequences); the loss must be separable over the chunks (module docstring).
     chunk_bytes: fp32 logits per chunk (default: chunk_budget's rule, read at call time).
     bounds: chunk_rows's boundaries when the caller found them on the host (then no sync at all).
     token_level: the loss is loss_from_logprobs(sequence log-probs, per-token values of the kept rows

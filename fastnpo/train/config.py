@@ -49,7 +49,8 @@ class ModelConfig:
     logits, the loss and both gradients chunk by chunk (ops.example_loss: 6NDV FLOPs, no
     recompute), for the methods whose loss is a sum of per-example terms (Method.separable) or
     also of per-token terms the design's row statistics give (Method.token_separable: WGA,
-    SatImp, CE-U; the list is in docs/trainer.md) on padded or packed batches. "auto" (the default):
+    SatImp, CE-U) or of per-pair terms (Method.pairs: IdkDPO, AltPO; the list is in
+    docs/trainer.md) on padded or packed batches. "auto" (the default):
     one_pass on CUDA where the method allows, else two_call."""
 
     name_or_path: str = ""

@@ -243,7 +243,7 @@ def one_pass_forward(
         config, rows, ref_logps, weights, step_loss, state=ctx.state, scored=scored, scored_count=scored_count
     )
     if scored is None:
-        loss = ctx.model.wrapper(batch, sequence_loss=loss_of)
+        loss = ctx.model.wrapper(batch, sequence_loss=loss_of, example_groups=method.example_groups(rows))
     else:
         loss = ctx.model.wrapper(batch, token_loss=loss_of, token_values=method.one_pass_token_values)
     return loss, seen["terms"], seen["logps"]

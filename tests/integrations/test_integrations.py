@@ -554,13 +554,17 @@ def test_patch_loss_design_picks_the_route(monkeypatch):
 ONE_PASS_OPTIONS = {"satimp": {"satimp_beta1": 0.5}}
 
 
-@pytest.mark.parametrize("method", ["npo", "ga", "graddiff", "npo_rt", "simnpo", "wga", "satimp", "ceu"])
+@pytest.mark.parametrize("method", ["npo", "ga", "graddiff", "npo_rt", "simnpo", "wga", "satimp", "ceu", "idkdpo"])
 def test_unlearning_trainer_one_pass_trains_like_two_call(monkeypatch, tmp_path, tokenizer, method):
     """The separable methods, and the token-level ones whose per-token terms are elementwise in the
     token log-probs, through the one-pass design (the loss and both gradients in the patched
     forward) give the two-call path's losses and parameters after 3 steps (SGD: Adam would turn the
     1e-7 rounding differences of near-zero gradients into whole steps; no clipping, which would hide
-    an error that scales the whole gradient)."""
+    an error that scales the whole gradient). Chunks of ~8 target rows: several per step, so a pair
+    split across chunks (IdkDPO) or a gradient taken before its example is complete would show."""
+    from fastnpo.ops import one_pass
+
+    monkeypatch.setattr(one_pass, "chunk_budget", lambda vocab_size, chunk_bytes: 4 * vocab_size * 8)
     calls = count_one_pass_calls(monkeypatch)
     model = qa_model(tokenizer)
     data = unlearning_data(tokenizer, model)
@@ -592,8 +596,8 @@ def test_unlearning_trainer_one_pass_trains_like_two_call(monkeypatch, tmp_path,
 def test_unlearning_trainer_refuses_one_pass_for_a_coupled_loss(tmp_path, tokenizer):
     model = qa_model(tokenizer)
     data = unlearning_data(tokenizer, model)
-    with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'idkdpo'"):
-        UnlearningTrainer(model, training_args(tmp_path), method="idkdpo", loss_design="one_pass", train_dataset=data)
+    with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'rmu'"):
+        UnlearningTrainer(model, training_args(tmp_path), method="rmu", loss_design="one_pass", train_dataset=data)
     with pytest.raises(ValueError, match=r"loss_design='one_pass'.*'undial'"):
         UnlearningTrainer(model, training_args(tmp_path), method="undial", loss_design="one_pass", train_dataset=data)
     with pytest.raises(ValueError, match="loss_design must be one of"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_alternates, tiny_config
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.end_to_end  # whole runs in process: `make test` runs t
 REPO = Path(__file__).resolve().parents[2]
 SEPARABLE = ["finetune", "ga", "graddiff", "npo", "npo_rt", "simnpo"]
 TOKEN_SEPARABLE = ["ceu", "satimp", "wga"]
+PAIRED = ["altpo", "idkdpo"]  # sums of per-pair terms: chunks of whole pairs
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
@@ -45,19 +46,21 @@ def trained(tiny, out, **extra) -> dict:
 def test_the_separable_methods_are_the_ones_the_issue_names():
     assert sorted(name for name, method in METHODS.items() if method.separable) == SEPARABLE
     assert sorted(name for name, method in METHODS.items() if method.token_separable) == TOKEN_SEPARABLE
-    assert sorted(name for name, method in METHODS.items() if method.one_pass) == sorted(SEPARABLE + TOKEN_SEPARABLE)
+    assert sorted(name for name, method in METHODS.items() if method.pairs) == PAIRED
+    assert sorted(name for name, method in METHODS.items() if method.one_pass) == sorted(
+        SEPARABLE + TOKEN_SEPARABLE + PAIRED
+    )
 
 
 # SatImp's default weight p^5 (1 - p) is ~0 on a random model: its forget term would not move anything.
 OPTIONS = {"satimp": {"method.satimp_beta1": 0.5}}
 
 
-@pytest.mark.parametrize("method", SEPARABLE + TOKEN_SEPARABLE)
+@pytest.mark.parametrize("method", [*SEPARABLE, *TOKEN_SEPARABLE, *PAIRED])
 def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, method):
+    options = {**OPTIONS.get(method, {}), **({"data.alternate": tiny_alternates(tiny)} if method == "altpo" else {})}
     weights = {
-        design: trained(
-            tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design, **OPTIONS.get(method, {})}
-        )
+        design: trained(tiny, tmp_path / design, **{"method.name": method, "model.loss_design": design, **options})
         for design in ("two_call", "one_pass")
     }
     moved = 0.0
@@ -67,7 +70,7 @@ def test_one_pass_trains_to_the_parameters_of_the_two_call_path(tiny, tmp_path, 
     assert moved > 1e-4  # three steps at lr 1e-3 moved the parameters: the comparison is not of two copies
 
 
-@pytest.mark.parametrize("method", ["npo_rt", "wga", "ceu"])
+@pytest.mark.parametrize("method", ["npo_rt", "wga", "ceu", "idkdpo"])
 @pytest.mark.parametrize("extra", [{"data.packing": True, "data.pack_tokens": 128}, {"optim.grad_accum": 2}])
 def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_path, extra, method):
     weights = {
@@ -106,7 +109,7 @@ def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch
 
 
 def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
-    cases = [("npo_rt", True), ("simnpo", True), ("wga", True), ("idkdpo", False), ("undial", False), ("ceu", True)]
+    cases = [("npo_rt", True), ("simnpo", True), ("wga", True), ("idkdpo", True), ("undial", False), ("ceu", True)]
     for method, expected in cases:
         config = config_for(tiny, tmp_path, **{"method.name": method})
         assert uses_one_pass(config.model.loss_design, CUDA, METHODS[method].one_pass) is expected
@@ -119,7 +122,7 @@ def test_auto_is_one_pass_on_cuda_for_separable_methods_only(tiny, tmp_path):
     ("extra", "match"),
     [
         ({"model.loss_design": "onepass"}, r"model\.loss_design: must be one of \('auto', 'one_pass', 'two_call'\)"),
-        ({"model.loss_design": "one_pass", "method.name": "idkdpo"}, r"model\.loss_design: needs a loss that is a sum"),
+        ({"model.loss_design": "one_pass", "method.name": "rmu"}, r"model\.loss_design: needs a loss that is a sum"),
         ({"model.loss_design": "one_pass", "method.name": "npo_kl"}, r"one_pass with method\.name=npo_kl"),
         ({"model.loss_design": "one_pass", "method.name": "undial"}, r"one_pass with method\.name=undial"),
     ],

@@ -106,6 +106,7 @@ PACKED = {"data.packing": True, "data.pack_tokens": 128}
         ("wga", 2, {}),
         ("satimp", 1, PACKED),
         ("ceu", 2, PACKED),
+        ("idkdpo", 2, {}),
     ],
 )
 def test_the_one_pass_step_syncs_once(tiny, tmp_path, monkeypatch, method, grad_accum, layout):

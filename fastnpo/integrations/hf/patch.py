@@ -243,6 +243,7 @@ def _patched_forward(self, *args, **kwargs):
     sequence_loss = kwargs.pop("fastnpo_sequence_loss", None)
     token_loss = kwargs.pop("fastnpo_token_loss", None)
     token_values = kwargs.pop("fastnpo_token_values", "logprob")
+    groups = kwargs.pop("fastnpo_example_groups", None)
     if handle is None:  # a copy made without the handle: behave like the class
         return type(self).forward(self, *args, **kwargs)
     if len(args) > len(handle.positional):
@@ -254,7 +255,7 @@ def _patched_forward(self, *args, **kwargs):
     if not handle.active or kwargs.get("labels") is None or not _is_zero(kwargs.get("logits_to_keep")):
         return handle.original(**kwargs)
     want = handle.return_sequence_logprobs if want is None else bool(want)
-    extras = (token_term, sequence_loss, token_loss, token_values)
+    extras = (token_term, sequence_loss, token_loss, token_values, groups)
     return _loss_forward(self, handle, kwargs, want or token_term is not None, *extras)
 
 
@@ -267,6 +268,7 @@ def _loss_forward(
     sequence_loss=None,
     token_loss=None,
     token_values="logprob",
+    groups=None,
 ):
     """The loss from the final hidden states through modeling's shared head functions (the same
     the trainer and the reference pass run). token_term: None, or fn(token_logps [B, T], hidden
@@ -277,7 +279,9 @@ def _loss_forward(
     (UnlearningTrainer's separable methods). token_loss: the same with the token log-probs too,
     fn(logps [B], counts [B], token_logps [B, T]), a sum of per-example and per-token terms
     (forward keyword fastnpo_token_loss: WGA, SatImp, CE-U); token_values: what its per-token values
-    are (forward keyword fastnpo_token_values: "logprob", or "ce_u" for CE-U's per-token losses)."""
+    are (forward keyword fastnpo_token_values: "logprob", or "ce_u" for CE-U's per-token losses).
+    groups: int64 [B], a sequence_loss of per-group terms (forward keyword fastnpo_example_groups:
+    IdkDPO's and AltPO's pairs, Method.example_groups): the chunks hold whole groups."""
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -323,7 +327,7 @@ def _loss_forward(
     if sequence_loss is not None or token_loss is not None:
         owner, level = row_owner(targets), token_loss is not None
         loss_fn = token_loss if level else sequence_loss
-        per_token = dict(token_level=level, token_values=token_values)
+        per_token = dict(token_level=level, token_values=token_values, groups=groups)
         loss = one_pass_loss(hidden, weight, targets, owner, examples, loss_fn, impl=handle.impl, **per_token)
     else:
         sequence_logps, token_counts, token_term = example_logprobs(

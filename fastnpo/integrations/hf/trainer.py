@@ -298,7 +298,8 @@ class UnlearningTrainer(Trainer):
             config, rows, ref_logps, weights, _weighted_sum, scored=scored, scored_count=scored_count
         )
         if scored is None:
-            outputs = model(**batch, use_cache=False, fastnpo_sequence_loss=loss_of)
+            groups = method.example_groups(rows)
+            outputs = model(**batch, use_cache=False, fastnpo_sequence_loss=loss_of, fastnpo_example_groups=groups)
         else:
             values = method.one_pass_token_values
             outputs = model(**batch, use_cache=False, fastnpo_token_loss=loss_of, fastnpo_token_values=values)
