@@ -20,6 +20,7 @@ from .designs import resolve_design
 from .experimental.epilogue import check_device, epilogue_sequence_loss
 from .naive import naive_token_logprobs
 from .one_pass import one_pass_sequence_loss
+from .transfer import to_device
 
 
 def _scatter_rows(compact: torch.Tensor | None, row_ids: torch.Tensor, like: torch.Tensor):
@@ -307,14 +308,14 @@ def example_loss(
             vocab_size = weight.shape[0]
             budget = one_pass.chunk_budget(vocab_size, chunk_bytes)
             bounds = one_pass.chunk_rows(sequence_ids, num_examples, vocab_size, budget)
-        row_ids, sequence_ids = _to_device(row_ids, hidden.device), _to_device(sequence_ids, hidden.device)
-    if token_level:  # the design sees the kept rows' token log-probs; the closure gets every row's
-        every_row, loss_of_rows = hidden.shape[0], loss_from_logprobs
+        row_ids, sequence_ids = to_device((row_ids, sequence_ids), hidden.device)
+    loss_of_kept = loss_from_logprobs
+    if token_level:  # the design sees the kept rows' per-token values; the caller's closure every row's
+        every_row = hidden.shape[0]
 
-        def loss_from_logprobs(sequence_logps, kept_token_logps):
-            return loss_of_rows(
-                sequence_logps, kept_token_logps.new_zeros(every_row).index_copy(0, row_ids, kept_token_logps)
-            )
+        def loss_of_kept(sequence_logps, kept_values):
+            every = kept_values.new_zeros(every_row).index_copy(0, row_ids, kept_values)
+            return loss_from_logprobs(sequence_logps, every)
 
     return _fused_loss(
         hidden,
@@ -323,7 +324,7 @@ def example_loss(
         targets[row_ids].contiguous(),
         sequence_ids.contiguous(),
         num_examples,
-        loss_from_logprobs,
+        loss_of_kept,
         design=design,
         impl=impl,
         filter_eps=filter_eps,
@@ -384,14 +385,6 @@ def _check_example_rows(hidden, weight, targets, owner, num_examples, loss_from_
         raise ValueError(f"groups must have shape [{num_examples}] (one per example), got {tuple(groups.shape)}")
     if groups.device.type == "cpu" and groups.numel() and int(groups.min()) < 0:
         raise ValueError(f"groups must be >= 0, got {int(groups.min())}")
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to CUDA through pinned memory without blocking (a plain copy
-    from pageable memory waits for the device)."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _fused_loss(

@@ -22,6 +22,7 @@ from ..methods import Method, MethodConfig, TermInputs, scored_count, scored_pos
 from ..modeling import uses_one_pass
 from ..ops import IGNORE_INDEX, example_of_positions, target_owner
 from ..ops.checks import values_checked_by_caller
+from ..ops.transfer import to_device
 from .config import ConfigError
 from .optimizers import StepInBackward
 from .setup import TrainModel
@@ -274,20 +275,6 @@ def two_call_forward(ctx: StepContext, batch: dict, rows: dict[str, slice], ref_
         kl = kl_from_logits(logits, ref_logits, attended[logits_rows])
     inputs = TermInputs(logps, counts, ref_logps, weights, kl, token_term, activations, state)
     return method.terms(ctx.method_config, inputs), logps
-
-
-def to_device(tree, device: torch.device):
-    """Tensors of a dict / tuple (None kept) on `device`; on CUDA through pinned memory without
-    blocking, so that the copies do not wait for the GPU to drain (a plain .to() syncs)."""
-    if isinstance(tree, dict):
-        return {key: to_device(value, device) for key, value in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(to_device(value, device) for value in tree)
-    if tree is None or tree.device == device:
-        return tree
-    if device.type == "cuda":
-        return tree.pin_memory().to(device, non_blocking=True)
-    return tree.to(device)
 
 
 def local_count(unit: str, items: list[dict], method_config) -> int:
