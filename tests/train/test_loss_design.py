@@ -4,11 +4,12 @@ through the method's loss), for every method whose loss is a sum of per-example 
 token-level ones whose per-token terms the one-pass design's row statistics give: elementwise in the
 token log-probs (WGA, SatImp), or CE-U's per-token loss (its label-excluded statistics)."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_alternates, tiny_config
+from helpers import LowPrecisionOperands, tiny_alternates, tiny_config
 from safetensors.torch import load_file
 
 from fastnpo.methods import METHODS
@@ -79,6 +80,38 @@ def test_one_pass_agrees_on_packed_rows_and_accumulated_micro_batches(tiny, tmp_
     }
     for name, two_call in weights["two_call"].items():
         torch.testing.assert_close(weights["one_pass"][name], two_call, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("method", ["npo_rt", "wga", "ceu", "idkdpo"])
+def test_one_pass_through_the_epilogue_kernels_trains_like_two_call(tiny, tmp_path, monkeypatch, method):
+    """A bf16 model with the CUDA path's low-precision operands emulated (helpers.LowPrecisionOperands),
+    so the one-pass chunks run kernels/sequence_epilogue.py (CE-U: its without_label variants) under
+    the Triton interpreter: each step's loss and gradient norm equal two_call's to bf16 tolerance,
+    and after 2 AdamW steps the parameters differ by at most 2 lr a step (AdamW moves a parameter by
+    ~lr whatever its gradient's size, so a near-zero gradient whose sign rounding flips moves it the
+    other way) plus a bf16 rounding."""
+    from fastnpo.kernels import sequence_epilogue
+    from fastnpo.ops import one_pass
+
+    monkeypatch.setattr(one_pass, "Matmuls", LowPrecisionOperands)
+    launched = []
+    real = sequence_epilogue.row_statistics
+    monkeypatch.setattr(sequence_epilogue, "row_statistics", lambda *a, **k: launched.append(k) or real(*a, **k))
+    extra = {"method.name": method, "model.dtype": "bfloat16", "optim.max_steps": 2}
+    runs = {}
+    for design in ("two_call", "one_pass"):
+        train(config_for(tiny, tmp_path / design, **{**extra, "model.loss_design": design}))
+        lines = (tmp_path / design / "metrics.jsonl").read_text().splitlines()
+        weights = load_file(tmp_path / design / "final" / "model.safetensors")
+        runs[design] = ([json.loads(line) for line in lines], weights)
+    assert launched and all(k.get("without_label", False) == (method == "ceu") for k in launched)
+    (two_call, two_call_weights), (ours, our_weights) = runs["two_call"], runs["one_pass"]
+    assert len(ours) == len(two_call) == 2
+    for mine, theirs in zip(ours, two_call, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-2, abs=1e-3)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=3e-2)
+    for name, weight in two_call_weights.items():
+        torch.testing.assert_close(our_weights[name].float(), weight.float(), atol=2 * 2 * 1e-3, rtol=2**-8, msg=name)
 
 
 def test_the_one_pass_route_runs_the_one_pass_design(tiny, tmp_path, monkeypatch):
