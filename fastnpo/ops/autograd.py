@@ -298,8 +298,8 @@ def example_loss(
         return loss_from_logprobs(sequence_logps, token_logps)
     bounds = None
     if groups is not None and design == "one_pass":  # rows in group order, chunks of whole groups
-        row_ids, sequence_ids, bounds = _grouped_rows(owner.cpu(), groups.cpu(), weight.shape[0], chunk_bytes)
         owner = owner.cpu()
+        row_ids, sequence_ids, bounds = _grouped_rows(owner, groups.cpu(), weight.shape[0], chunk_bytes)
     else:
         row_ids = (owner >= 0).nonzero()[:, 0]
         sequence_ids = owner[row_ids]

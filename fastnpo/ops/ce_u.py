@@ -18,6 +18,12 @@ from .checks import check_hidden_and_weight, check_labels
 from .soft_target import label_columns, soft_target_token_losses
 
 
+def check_ce_u_vocabulary(weight: torch.Tensor) -> None:
+    """CE-U's target is the distribution over the tokens other than the label: it needs V >= 2."""
+    if weight.shape[0] < 2:
+        raise ValueError(f"weight must have a vocabulary of at least 2 tokens for CE-U, got {weight.shape[0]}")
+
+
 class _OwnDistributionWithoutLabel:
     """CE-U's target logits: the block's own logits with the label's set to -inf."""
 
@@ -48,8 +54,7 @@ def ce_u_token_losses(
     """
     check_hidden_and_weight(hidden, weight)
     check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index)
-    if weight.shape[0] < 2:
-        raise ValueError(f"weight must have a vocabulary of at least 2 tokens for CE-U, got {weight.shape[0]}")
+    check_ce_u_vocabulary(weight)
     return soft_target_token_losses(
         hidden,
         weight,

@@ -94,6 +94,7 @@ from collections.abc import Callable
 import torch
 
 from .blocks import CHUNKED_BYTES, vocab_blocks
+from .ce_u import check_ce_u_vocabulary
 from .matmuls import Matmuls, triton_runs_on
 
 CHUNK_BYTES = 2**30  # fp32 logits of one chunk: large matmuls (K = rows of the dW update), few dW roundings
@@ -327,8 +328,8 @@ def one_pass_sequence_loss(
     if token_values not in TOKEN_VALUES:
         raise ValueError(f"token_values must be one of {TOKEN_VALUES}, got {token_values!r}")
     ce_u = token_level and token_values == "ce_u"
-    if ce_u and weight.shape[0] < 2:
-        raise ValueError(f"weight must have a vocabulary of at least 2 tokens for CE-U, got {weight.shape[0]}")
+    if ce_u:
+        check_ce_u_vocabulary(weight)
     if bounds is None:
         bounds = chunk_rows(sequence_ids, num_sequences, weight.shape[0], chunk_budget(weight.shape[0], chunk_bytes))
     ops = Matmuls(hidden)
